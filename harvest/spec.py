@@ -1,0 +1,151 @@
+"""The harvest spec: one dataclass that `cache_spec.yaml` and the `harvest run` flags map onto 1:1.
+
+Every field here is either part of the cache's identity (it changes the bytes on disk, so it is in
+the fingerprint) or a runtime knob (`RUNTIME_FIELDS`: how fast, where, not what).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SpecError
+
+STORAGE_DTYPES = ("bfloat16", "float32", "float16")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+COMPRESSIONS = ("none", "blosc-zstd")
+HOOKS = ("resid_post", "resid_pre", "resid_mid")
+SPECIAL_TOKEN_POLICIES = ("exclude", "include")
+BOS_POLICIES = ("auto", "always", "never")
+
+# Fields that do not change the cached data: a resume may change them freely.
+RUNTIME_FIELDS = frozenset({"out", "batch_size", "device"})
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class CacheSpec:
+    model: str = _f("gemma-3-270m", "Hub id, local Hugging Face folder, .gguf file, or embedded name (gemma-3-270m).")
+    dataset: str = _f("sotu", "Hub dataset id, local .txt/.jsonl/.parquet file or folder, or embedded name (sotu).")
+    dataset_config: str | None = _f(None, "Hub dataset configuration name, if the dataset has several.")
+    split: str = _f("train", "Dataset split.")
+    text_column: str = _f("text", "Column holding the document text.")
+    context: int = _f(1024, "Tokens per context window (the reference uses 2048).")
+    tokens: int = _f(20_480, "Token budget: rounded UP to whole context windows.")
+    layers: str = _f("all", "Blocks to cache: 'all' or a comma list such as '0,3,5'.")
+    hook: str = _f("resid_post", "Hook point per block: resid_post (paper), resid_pre or resid_mid.")
+    dtype: str = _f("bfloat16", "Storage dtype: bfloat16 (default), float32, or float16 (errors on overflow).")
+    model_dtype: str = _f("float32", "dtype the model runs in: float32, bfloat16 or float16.")
+    lens: str = _f("none", "Tuned lens applied before storing: 'none' (lenses come in a later release).")
+    special_tokens: str = _f("exclude", "exclude: keep=False for BOS/EOS/PAD (default); include: keep every token (reference).")
+    prepend_bos: str = _f("auto", "Start each window with BOS: auto (where the tokenizer adds one), always, never.")
+    batch_size: int = _f(4, "Context windows per forward pass.")
+    chunk_tokens: int = _f(4096, "Tokens per inner chunk (the unit of random reads); aim for 4-8 MB per layer.")
+    shard_tokens: int = _f(65_536, "Tokens per shard file (one file per layer and shard); a multiple of chunk_tokens.")
+    shuffle_tokens: int = _f(131_072, "Write-shuffle window: tokens buffered, permuted and flushed together.")
+    compression: str = _f("none", "none (fastest reads) or blosc-zstd (level 1, byte shuffle; for slow storage).")
+    seed: int = _f(0, "Seed of the write-shuffle permutations.")
+    device: str = _f("auto", "auto (cuda if present), cpu, cuda or cuda:N.")
+    out: str = _f("caches/gemma-3-270m-sotu", "Output folder of the cache.")
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CacheSpec":
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"spec file {p} not found: pass --spec with an existing YAML file")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SpecError(f"spec file {p} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax")
+        if not isinstance(raw, dict):
+            raise SpecError(f"spec file {p} must be a mapping of field: value")
+        return cls().replace(**raw)
+
+    def replace(self, **overrides: Any) -> "CacheSpec":
+        """A copy with the given fields changed; None values are ignored (unset CLI flags)."""
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise SpecError(f"unknown spec field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(names))}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "layers" in given and isinstance(given["layers"], (list, tuple)):
+            given["layers"] = ",".join(str(int(x)) for x in given["layers"])
+        if "layers" in given:
+            given["layers"] = str(given["layers"])
+        return dataclasses.replace(self, **given)
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self) -> "CacheSpec":
+        """Checks that need no model or data; raises SpecError naming the field and the fix."""
+        for name, allowed in [("dtype", STORAGE_DTYPES), ("model_dtype", MODEL_DTYPES), ("compression", COMPRESSIONS),
+                              ("hook", HOOKS), ("special_tokens", SPECIAL_TOKEN_POLICIES), ("prepend_bos", BOS_POLICIES)]:
+            if getattr(self, name) not in allowed:
+                raise SpecError(f"{name} = {getattr(self, name)!r} is not supported: use one of {', '.join(allowed)}")
+        for name in ["context", "tokens", "batch_size", "chunk_tokens", "shard_tokens", "shuffle_tokens"]:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise SpecError(f"{name} = {v!r} must be a positive integer")
+        if self.context < 2:
+            raise SpecError(f"context = {self.context} is too short: use at least 2 tokens")
+        if self.shard_tokens % self.chunk_tokens:
+            raise SpecError(f"shard_tokens = {self.shard_tokens} must be a multiple of chunk_tokens = {self.chunk_tokens}")
+        unit = math.lcm(self.shard_tokens, self.context)
+        if self.shuffle_tokens % unit:
+            lo = max(unit, self.shuffle_tokens // unit * unit)
+            raise SpecError(f"shuffle_tokens = {self.shuffle_tokens} must be a multiple of both shard_tokens and context "
+                            f"(lcm {unit}): use e.g. {lo}")
+        if self.lens != "none":
+            raise SpecError(f"lens = {self.lens!r}: tuned lenses are not available in this release; use lens: none")
+        self.layer_list(None)  # syntax check
+        return self
+
+    def layer_list(self, n_layers: int | None) -> list[int] | None:
+        """Parsed `layers`; with n_layers, resolved and range-checked. None means all (unknown count)."""
+        text = str(self.layers).strip().lower()
+        if text == "all":
+            return None if n_layers is None else list(range(n_layers))
+        try:
+            layers = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+        except ValueError:
+            raise SpecError(f"layers = {self.layers!r} is not 'all' or a comma list of block indices such as '0,3,5'")
+        if not layers:
+            raise SpecError("layers is empty: use 'all' or a comma list such as '0,3,5'")
+        if len(set(layers)) != len(layers) or layers != sorted(layers):
+            raise SpecError(f"layers = {self.layers!r} must be increasing without repeats, e.g. '0,3,5'")
+        if n_layers is not None:
+            bad = [l for l in layers if not 0 <= l < n_layers]
+            if bad:
+                raise SpecError(f"layer(s) {bad} out of range: the model has {n_layers} blocks (0..{n_layers - 1})")
+        return layers
+
+    def n_sequences(self) -> int:
+        return -(-self.tokens // self.context)
+
+    # ---- identity -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine the cached bytes."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """A stable hash of everything that determines a cache's data."""
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def spec_fields() -> list[dataclasses.Field]:
+    return list(fields(CacheSpec))

@@ -1,0 +1,1 @@
+"""Stage 2: cache -> TopK multi-layer SAEs (issue #3; not built yet). Reads the cache only through harvest.open_cache / harvest.ChunkReader."""
