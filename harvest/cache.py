@@ -342,6 +342,10 @@ class CacheWriter(Cache):
         if acts.shape != (len(self.layers), stop - start, self.layout.d_model):
             raise ValueError(f"block {b}: acts shape {acts.shape} does not match the layout")
         try:
+            # Files of a block not in the manifest are leftovers of a crash: remove them, or zarr would
+            # read-modify-write them (and fail on a torn shard index).
+            for f in self.block_files(b):
+                f.unlink(missing_ok=True)
             arr = self._group["acts"]
             for li in range(len(self.layers)):
                 arr[li, start:stop] = acts[li]

@@ -362,16 +362,17 @@ def _compute_block(b: int, bridge: Any, windows: np.ndarray, layout: Layout, spe
     for i in range(0, len(seqs), spec.batch_size):
         ids = torch.from_numpy(seqs[i : i + spec.batch_size].astype(np.int64)).to(device)
         x = forward_layers(bridge, ids, list(layout.layers), spec.hook).flatten(1, 2)  # [L, B*ctx, d]
-        kept = torch.from_numpy(is_kept[i : i + spec.batch_size].reshape(-1)).to(device)
-        stats = stats.merge(LayerStats.of(x[:, kept]))
         if spec.dtype == "float16":
             peak = x.abs().amax(dim=(1, 2))
             if (peak > FLOAT16_MAX).any():
                 l = int(torch.argmax(peak))
                 raise StorageError(f"layer {layout.layers[l]} reaches |x| = {peak[l]:.3g}, beyond float16's maximum "
                                    f"{FLOAT16_MAX:.0f}: use --dtype bfloat16 (default) or float32")
+        stored = x.to(torch_dtype)
+        kept = torch.from_numpy(is_kept[i : i + spec.batch_size].reshape(-1)).to(device)
+        stats = stats.merge(LayerStats.of(stored[:, kept]))  # statistics of the values as stored
         src = slice(i * ctx, i * ctx + x.shape[1])
-        buf.index_copy_(1, dest[src], x.to(torch_dtype).cpu())
+        buf.index_copy_(1, dest[src], stored.cpu())
         advance(x.shape[1])
     src_pos = perm  # the source position of every cache position, in cache order
     seq = (first_seq + src_pos // ctx).astype(np.int32)
