@@ -138,8 +138,12 @@ def load_tokenizer(source: ModelSource) -> Any:
 
 def load_bridge(source: ModelSource, tokenizer: Any, device: str, dtype: torch.dtype) -> Any:
     """TransformerBridge over the Hugging Face model, raw HF numerics (no weight folding)."""
+    import transformers
     from transformer_lens import TransformerBridge
     from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one that matters
+    transformers.utils.logging.set_verbosity_error()
 
     try:
         hf = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).eval()

