@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # everything here is local; unset it to use Hub names
-harvest run --spec cache_spec.yaml "$@"
+harvest run --spec cache_spec.yaml
 harvest info caches/gemma-3-270m-sotu
