@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .cache import (FLOAT16_MAX, STORAGE_DTYPES, CacheWriter, Layout, create_cache, open_cache, to_storage)
-from .errors import CacheError, StorageError, UserError
+from .errors import CacheError, SpecError, StorageError, UserError
 from .models import ModelSource, load_bridge, load_config, load_tokenizer, resolve_device, resolve_model
 from .spec import CacheSpec, fingerprint
 from .stats import LayerStats
@@ -314,6 +314,9 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
         if todo:
             device = resolve_device(spec.device)
             bridge = load_bridge(model, tokenizer, device, TORCH_DTYPES[spec.model_dtype])
+            missing = [h for h in (f"blocks.{l}.hook_{spec.hook}" for l in layers) if h not in bridge.hook_dict]
+            if missing:
+                raise SpecError(f"{model.name!r} has no hook point {missing[0]}: use --hook resid_post")
             windows = writer.windows().numpy()
             special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
             my_tokens = sum(layout.block_range(b)[1] - layout.block_range(b)[0] for b in todo)
