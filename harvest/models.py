@@ -49,6 +49,14 @@ def _folder_identity(folder: Path) -> dict[str, Any]:
     return {"config_sha256": hashlib.sha256(cfg).hexdigest(), "weights": weights}
 
 
+def _quiet_transformers() -> None:
+    """Our own progress bars and one-line errors are what users should see."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def convert_gguf(gguf: Path, sha256: str) -> Path:
     """Dequantize a GGUF file into a Hugging Face folder once; later calls return the cached folder."""
     out = home() / "models" / f"{gguf.stem}-{sha256[:12]}"
@@ -60,6 +68,7 @@ def convert_gguf(gguf: Path, sha256: str) -> Path:
     Console(stderr=True).print(f"[dim]converting {gguf.name} to a Hugging Face folder (once, ~1 min) -> {out}[/]")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    _quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -138,12 +147,10 @@ def load_tokenizer(source: ModelSource) -> Any:
 
 def load_bridge(source: ModelSource, tokenizer: Any, device: str, dtype: torch.dtype) -> Any:
     """TransformerBridge over the Hugging Face model, raw HF numerics (no weight folding)."""
-    import transformers
     from transformer_lens import TransformerBridge
     from transformers import AutoModelForCausalLM
 
-    transformers.utils.logging.disable_progress_bar()  # our own progress bar is the one that matters
-    transformers.utils.logging.set_verbosity_error()
+    _quiet_transformers()
 
     try:
         hf = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).eval()

@@ -99,7 +99,10 @@ class ChunkReader:
         return self.epoch(0)
 
     def epoch(self, epoch: int = 0) -> Iterator[Chunk]:
-        order = self.order(epoch)
+        return self.iter_chunks(self.order(epoch))
+
+    def iter_chunks(self, order: Sequence[int]) -> Iterator[Chunk]:
+        """The given chunks, in the given order, with `prefetch` reads in flight."""
         n_bufs = len(self._bufs)
         with ThreadPoolExecutor(self.prefetch, thread_name_prefix="chunk-reader") as pool:
             pending: deque[Future] = deque()

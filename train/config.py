@@ -1,0 +1,102 @@
+"""TrainConfig: the `train run` flags, the `--config` YAML and the run's config.json, one to one."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harvest.errors import SpecError
+
+# Fields that may change when a run is resumed (they do not change the result).
+RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "prefetch"})
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    cache: str = _f("caches/gemma-3-270m-sotu", "Harvested cache folder.")
+    layers: str = _f("all", "'all' trains the multi-layer SAE on every cached layer; a layer number trains a single-layer SAE.")
+    expansion_factor: int = _f(64, "n_latents = expansion_factor * d_model (paper: 64).")
+    k: int = _f(32, "Latents kept per vector by TopK (paper: 32).")
+    tokens: int = _f(0, "Training tokens (each gives one vector per layer); 0 = one pass over the training split. More than the cache means epochs.")
+    batch_tokens: int = _f(131_072, "Tokens per optimizer step (x layers vectors for the MLSAE; paper: 131,072).")
+    lr: float = _f(1e-4, "Adam learning rate (paper: 1e-4).")
+    lr_scaling: bool = _f(False, "Use Gao et al.'s lr = 2e-4 / sqrt(n_latents / 2^14) instead of --lr.")
+    warmup_steps: int = _f(0, "Linear lr warm-up steps (paper: none).")
+    dead_tokens: int = _f(10_000_000, "A latent is dead after this many training tokens without firing.")
+    k_aux: int = _f(256, "AuxK: dead latents used to reconstruct the residual.")
+    aux_coef: float = _f(1 / 32, "AuxK loss coefficient.")
+    eval_tokens: int = _f(65_536, "Held-out tokens: the cache's last chunks, never trained on (at most half the cache).")
+    round_chunks: int = _f(32, "Shuffle buffer: chunks read and permuted together on the device.")
+    include_special: bool = _f(False, "Also train on BOS/EOS/PAD tokens (the reference code does).")
+    seed: int = _f(0, "Seed of initialization and data order.")
+    device: str = _f("auto", "auto (cuda when present), cpu, cuda or cuda:N.")
+    checkpoint_every: int = _f(200, "Steps between resumable checkpoints.")
+    log_every: int = _f(10, "Steps between lines of metrics.jsonl.")
+    prefetch: int = _f(8, "Chunk reads in flight.")
+    out: str = _f("", "Run folder; default runs/<cache name>-<layers>-x<expansion>-k<k>.")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise SpecError(f"config file {p} not found: pass --config with an existing YAML file")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise SpecError(f"config file {p} must be a mapping of field: value")
+        return cls().replace(**raw)
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        names = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise SpecError(f"unknown config field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(names))}")
+        given = {k: (str(v) if k == "layers" else v) for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **given)
+
+    def validate(self) -> "TrainConfig":
+        for name in ["expansion_factor", "k", "batch_tokens", "k_aux", "round_chunks", "checkpoint_every",
+                     "log_every", "prefetch", "dead_tokens"]:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise SpecError(f"{name} = {v!r} must be a positive integer")
+        if self.tokens < 0 or self.eval_tokens < 0 or self.warmup_steps < 0:
+            raise SpecError("tokens, eval_tokens and warmup_steps must be >= 0")
+        if not self.lr > 0:
+            raise SpecError(f"lr = {self.lr} must be positive")
+        if self.layers != "all":
+            try:
+                int(self.layers)
+            except ValueError:
+                raise SpecError(f"layers = {self.layers!r}: use 'all' (multi-layer SAE) or one layer number")
+        return self
+
+    def layer_list(self, cached: tuple[int, ...]) -> list[int]:
+        if self.layers == "all":
+            return list(cached)
+        layer = int(self.layers)
+        if layer not in cached:
+            raise SpecError(f"layer {layer} is not in the cache (it holds layers {list(cached)}): choose one of those")
+        return [layer]
+
+    def default_out(self) -> str:
+        name = Path(self.cache).name
+        tag = "mlsae" if self.layers == "all" else f"layer{self.layers}"
+        return str(Path("runs") / f"{name}-{tag}-x{self.expansion_factor}-k{self.k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(fields(TrainConfig))

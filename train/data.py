@@ -1,0 +1,124 @@
+"""Cache -> shuffled minibatches on the training device, exactly resumable.
+
+The stream is cut into rounds: round r of an epoch reads the next `round_chunks` chunks of this rank's
+seeded chunk order (whole-chunk reads, several in flight), drops tokens whose `keep` is False, adds the
+tokens carried over from the previous round, permutes them on the device with a permutation seeded
+by (seed, rank, epoch, round) and yields full minibatches; the remainder (< one batch) is carried on.
+A round's state is therefore a few integers plus the carried cache positions, which is what a
+checkpoint stores: a resume re-reads the round's chunks (and the carry's chunks) and skips the batches
+already consumed, giving the same minibatches bit for bit. The stream never ends: epochs repeat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from harvest import Cache, ChunkReader
+
+
+@dataclass
+class StreamState:
+    epoch: int = 0
+    round: int = 0
+    batches_done: int = 0  # batches of the current round already consumed
+    carry: list[int] = field(default_factory=list)  # cache positions carried INTO the current round
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Batch:
+    acts: torch.Tensor  # [n_layers, batch_tokens, d] on the training device, cache dtype
+    positions: torch.Tensor  # [batch_tokens] cache positions (int64, CPU)
+
+
+def split_chunks(cache: Cache, eval_tokens: int) -> tuple[list[int], list[int]]:
+    """(train chunks, held-out chunks): the held-out set is the last whole chunks of the cache."""
+    chunks = cache.complete_chunks()
+    n_eval = -(-eval_tokens // cache.layout.chunk_tokens) if eval_tokens > 0 else 0
+    if n_eval >= len(chunks):
+        n_eval = max(0, len(chunks) - 1)
+    return chunks[: len(chunks) - n_eval], chunks[len(chunks) - n_eval :]
+
+
+class MinibatchStream:
+    def __init__(self, cache: Cache, chunks: Sequence[int], layers: Sequence[int], batch_tokens: int,
+                 round_chunks: int, device: str, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 include_special: bool = False, prefetch: int = 8):
+        self.cache, self.layout = cache, cache.layout
+        self.batch_tokens, self.device, self.seed = batch_tokens, torch.device(device), seed
+        self.include_special = include_special
+        self.rank = rank
+        self.reader = ChunkReader(cache, layers=layers, seed=seed, prefetch=prefetch, rank=rank,
+                                  world_size=world_size, chunks=chunks, pin_memory=self.device.type == "cuda")
+        order_len = len(self.reader.order(0))
+        if order_len == 0:
+            raise ValueError("no training chunks for this rank")
+        self.round_chunks = max(1, min(round_chunks, order_len))
+        self.rounds_per_epoch = -(-order_len // self.round_chunks)
+        self.state = StreamState()
+
+    def _round_chunks(self, epoch: int, r: int) -> np.ndarray:
+        return self.reader.order(epoch)[r * self.round_chunks : (r + 1) * self.round_chunks]
+
+    def _kept_rows(self, acts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Copy rows out of the reader's reusable buffer onto the device (indexing on the device)."""
+        if self.device.type == "cpu":
+            return acts[:, rows]  # advanced indexing copies
+        return acts.to(self.device)[:, rows.to(self.device)]
+
+    def _carry_from_disk(self, carry: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """On resume only: re-read the carried tokens (normally they are handed over in memory)."""
+        L, d = len(self.reader.layers), self.layout.d_model
+        parts = [torch.empty((L, 0, d), dtype=self.cache.dtype, device=self.device)]
+        pos_t = torch.as_tensor(carry, dtype=torch.int64)
+        positions = [pos_t[:0]]
+        for c in torch.unique(pos_t // self.layout.chunk_tokens).tolist():
+            pos = pos_t[pos_t // self.layout.chunk_tokens == c]
+            ch = self.reader.read_chunk(c)
+            parts.append(self._kept_rows(ch.acts, pos - ch.start))
+            positions.append(pos)
+        return torch.cat(parts, dim=1), torch.cat(positions)
+
+    def _load(self, chunk_ids: Sequence[int], carry: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectors [L, n, d] on the device and their cache positions: the carry, then the round's kept tokens."""
+        parts, positions = [carry[0]], [carry[1]]
+        for ch in self.reader.iter_chunks(chunk_ids):
+            rows = torch.arange(len(ch.keep)) if self.include_special else ch.keep.nonzero().squeeze(1)
+            parts.append(self._kept_rows(ch.acts, rows))
+            positions.append(rows.to(torch.int64) + ch.start)
+        return torch.cat(parts, dim=1), torch.cat(positions)
+
+    def _next(self, st: StreamState) -> tuple[int, int]:
+        nxt = st.round + 1
+        return st.epoch + (nxt == self.rounds_per_epoch), nxt % self.rounds_per_epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        st = self.state
+        loaded = self._load(self._round_chunks(st.epoch, st.round), self._carry_from_disk(st.carry))
+        pool = ThreadPoolExecutor(1, thread_name_prefix="round-loader")  # reads round r+1 during round r
+        try:
+            while True:
+                acts, positions = loaded
+                perm = torch.from_numpy(np.random.default_rng([self.seed, self.rank, st.epoch, st.round])
+                                        .permutation(len(positions)))
+                n_batches = len(perm) // self.batch_tokens
+                rest = perm[n_batches * self.batch_tokens :]
+                nxt = StreamState(*self._next(st), 0, positions[rest].tolist())
+                future = pool.submit(self._load, self._round_chunks(nxt.epoch, nxt.round),
+                                     (acts[:, rest.to(acts.device)], positions[rest]))
+                for i in range(st.batches_done, n_batches):
+                    sel = perm[i * self.batch_tokens : (i + 1) * self.batch_tokens]
+                    st.batches_done = i + 1  # a checkpoint taken after this batch's step resumes after it
+                    yield Batch(acts[:, sel.to(acts.device)], positions[sel])
+                del acts, loaded
+                self.state = st = nxt
+                loaded = future.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
