@@ -62,6 +62,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads."""
+    t = os.times()
+    return t.user + t.system
+
+
+def cpu_share(cpu_s: float, wall_s: float) -> float:
+    """Fraction of torch's threads' worth of CPU this process got: well below 1 means other load competed."""
+    return cpu_s / max(wall_s * torch.get_num_threads(), 1e-9)
+
+
 def fmt_rate(x: float, unit: str) -> str:
     return f"{x:,.1f} {unit}" if x < 100 else f"{x:,.0f} {unit}"
 
@@ -102,6 +113,7 @@ class ForwardResult:
     tokenize_s: float
     forward_s: float  # forward_layers over all windows
     full_s: float  # full forward (logits) over all windows
+    cpu_share: float  # CPU time / (wall x torch threads) while timing
 
     @property
     def forward_tps(self) -> float:
@@ -151,20 +163,22 @@ def measure_forward(spec: CacheSpec) -> ForwardResult:
     full(warm)
     sync(device)
 
-    t = time.perf_counter()
+    # Interleaved batch by batch, so load from other processes hits both paths alike.
+    forward_s = full_s = 0.0
+    c0, w0 = cpu_seconds(), time.perf_counter()
     for ids in batches():
+        t = time.perf_counter()
         FORWARD_LAYERS(bridge, ids, layers, spec.hook)
-    sync(device)
-    forward_s = time.perf_counter() - t
-
-    t = time.perf_counter()
-    for ids in batches():
+        sync(device)
+        forward_s += time.perf_counter() - t
+        t = time.perf_counter()
         full(ids)
-    sync(device)
-    full_s = time.perf_counter() - t
+        sync(device)
+        full_s += time.perf_counter() - t
+    share = cpu_share(cpu_seconds() - c0, time.perf_counter() - w0)
 
     res = ForwardResult(device, len(windows), windows.size, len(layers), cfg.hidden_size, resolve_s, load_s,
-                        tokenize_s, forward_s, full_s)
+                        tokenize_s, forward_s, full_s, share)
     del bridge
     gc.collect()
     if device.startswith("cuda"):
@@ -237,6 +251,7 @@ class HarvestResult:
     timers: dict[str, float]
     summary_tps: float
     bytes_on_disk: int
+    cpu_share: float  # whole harvest() call
 
     @property
     def loop_tps(self) -> float:
@@ -248,13 +263,14 @@ def measure_harvest(spec: CacheSpec) -> HarvestResult:
     shutil.rmtree(out, ignore_errors=True)
     timers = Timers()
     with instrument(timers):
-        t = time.perf_counter()
+        c0, t = cpu_seconds(), time.perf_counter()
         summary = hrun.harvest(spec, show_progress=False, log=lambda s: None)
         end = time.perf_counter()
+        share = cpu_share(cpu_seconds() - c0, end - t)
     first = timers.first_block_at if timers.first_block_at is not None else end
     return HarvestResult(summary.path, summary.tokens_this_run, summary.blocks_this_run, spec.chunk_tokens,
                          spec.shard_tokens, spec.shuffle_tokens, end - t, first - t, end - first,
-                         dict(timers.total), summary.tokens_per_s, summary.bytes_on_disk)
+                         dict(timers.total), summary.tokens_per_s, summary.bytes_on_disk, share)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,11 +377,14 @@ def read_with_reader(reader: ChunkReader) -> int:
 
 
 def read_sequential(files: list[Path], buf: bytearray) -> int:
+    """Each file whole into one reusable buffer (as big as the largest file), in order, on one thread."""
     view, nbytes = memoryview(buf), 0
     for f in files:
         with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(view):
-                nbytes += n
+            got = 0
+            while n := fh.readinto(view[got:]):
+                got += n
+            nbytes += got
     return nbytes
 
 
@@ -383,7 +402,7 @@ def measure_reads(cache_path: Path, repeats: int, prefetch: int, note: str) -> R
     files = acts_files(cache)
     all_files = [f for f in cache.path.rglob("*") if f.is_file()]
     reader = ChunkReader(cache, seed=0, prefetch=prefetch)
-    buf = bytearray(16 << 20)
+    buf = bytearray(max(f.stat().st_size for f in files))
     runs: dict[str, Callable[[], int]] = {"reader": lambda: read_with_reader(reader),
                                           "sequential": lambda: read_sequential(files, buf)}
     gbps: dict[str, list[float]] = {}
@@ -462,7 +481,8 @@ def main() -> None:
         print(f"tokenize         {fwd.tokenize_s:8.2f} s")
         print(f"forward_layers   {fwd.forward_s:8.2f} s  {fmt_rate(fwd.forward_tps, 'tok/s')}  (stops after the last block)")
         print(f"full forward     {fwd.full_s:8.2f} s  {fmt_rate(fwd.full_tps, 'tok/s')}  (+ final norm + unembed -> logits)")
-        print(f"speedup of skipping norm+unembed: x{fwd.full_s / fwd.forward_s:.2f}", flush=True)
+        print(f"speedup of skipping norm+unembed: x{fwd.full_s / fwd.forward_s:.2f}  (timed interleaved batch by "
+              f"batch after a 1-window warm-up; CPU share {fwd.cpu_share:.2f})", flush=True)
         rows += [("forward-only (forward_layers)", fmt_rate(fwd.forward_tps, "tok/s")),
                  ("full forward (logits)", fmt_rate(fwd.full_tps, "tok/s")),
                  ("speedup, skip norm+unembed", f"x{fwd.full_s / fwd.forward_s:.2f}")]
@@ -485,7 +505,11 @@ def main() -> None:
         print(f"    exposed write wait {exposed:8.2f} s  (loop - compute; includes the last block's write + "
               f"final open/size)")
         print(f"  background writes    {t.get('write_block', 0):8.2f} s  (on the writer thread, overlapped)")
+        in_run = t.get("forward", 0) / hv.loop_s
+        print(f"in-run ratio forward_layers / loop: {in_run:.3f}  (same run, so immune to load elsewhere; "
+              f"CPU share {hv.cpu_share:.2f})")
         rows += [("harvest loop", fmt_rate(hv.loop_tps, "tok/s")),
+                 ("harvest in-run forward / loop", f"{in_run:.3f}"),
                  ("harvest wall incl. setup", fmt_rate(hv.n_tokens / hv.wall_s, "tok/s"))]
         if fwd is not None and fwd.n_tokens == hv.n_tokens:
             ratio = hv.loop_tps / fwd.forward_tps
@@ -502,6 +526,8 @@ def main() -> None:
               "      queue back-pressure) and the final block's un-overlapped write. Summary.tokens_per_s\n"
               "      divides by a wall time that includes model loading, so it understates steady-state speed.\n"
               "      The loop's first forward runs on a freshly loaded model (no warm-up), unlike (1).\n"
+              "      (1) and (2) run at different times: where the CPU shares differ, other load skewed one of\n"
+              "      them, and the in-run ratio (forward time inside the harvest / loop time) is the sounder.\n"
               "      Timers wrap harvest functions without changing them. On a CPU the writer thread competes\n"
               "      with the forward for cores, so overlap is not free there.", flush=True)
 
@@ -535,8 +561,9 @@ def main() -> None:
             rows.append((f"reader / sequential, {temp}", f"{rb / sb:.2f} best, {rm / sm:.2f} median  (>= 0.8)"))
         print("note: the reader reads one chunk of every layer per item, in a seeded random chunk order, with\n"
               "      several chunks in flight; the sequential read streams every acts shard file in order on one\n"
-              "      thread with readinto. Cold runs evict the cache's files (fsync + POSIX_FADV_DONTNEED) before\n"
-              "      each repeat; the reader's parsed shard indexes stay in memory, as in a long-lived reader.")
+              "      thread, each file whole into one reusable buffer of the largest file's size. Cold runs evict\n"
+              "      the cache's files (fsync + POSIX_FADV_DONTNEED) before each repeat; the reader's parsed shard\n"
+              "      indexes stay in memory, as in a long-lived reader.")
 
     print(f"\n== summary ==  (load average now {os.getloadavg()[0]:.2f})")
     width = max(len(k) for k, _ in rows) if rows else 0

@@ -57,8 +57,9 @@ def run(spec: Optional[Path] = typer.Option(None, "--spec", help="YAML spec file
         console.print(f"{s.path}: already complete ({s.tokens_total:,} tokens), nothing to do")
         return
     console.print(f"[bold green]done[/] {s.path}: {s.tokens_total:,} tokens x {len(s.layers)} layers, "
-                  f"{_human(s.bytes_on_disk)} on disk; this run {s.tokens_this_run:,} tokens in {s.seconds:.1f} s "
-                  f"({s.tokens_this_run / max(s.seconds, 1e-9):,.0f} tok/s){' (resumed)' if s.resumed else ''}")
+                  f"{_human(s.bytes_on_disk)} on disk; this run harvested {s.tokens_this_run:,} tokens in {s.loop_seconds:.1f} s "
+                  f"({s.tokens_per_s:,.0f} tok/s), {s.seconds:.1f} s in all with loading and tokenizing"
+                  f"{' (resumed)' if s.resumed else ''}")
 
 
 @app.command()
@@ -72,7 +73,7 @@ def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
     console.print(f"[bold]{path}[/]  fingerprint {cache.fingerprint}")
     console.print(f"model {meta['model']['name']} ({meta['model']['architecture']}), dataset {meta['spec']['dataset']}, "
                   f"hook {meta['spec']['hook']}")
-    console.print(f"shape [layers={len(lay.layers)}, tokens={lay.n_tokens:,}, d={lay.d_model}] = "
+    console.print(f"shape \\[layers={len(lay.layers)}, tokens={lay.n_tokens:,}, d={lay.d_model}] = "
                   f"{lay.n_sequences:,} windows x {lay.context}; dtype {lay.dtype}, compression {lay.compression}")
     console.print(f"chunks {lay.chunk_tokens} tokens, shards {lay.shard_tokens}, shuffle blocks {lay.block_tokens}; "
                   f"size on disk {_human(cache.size_on_disk())}")

@@ -176,8 +176,9 @@ class Summary:
     tokens_this_run: int
     blocks_total: int
     blocks_this_run: int
-    seconds: float
-    tokens_per_s: float
+    seconds: float  # everything: resolving, tokenizing, loading the model, harvesting
+    loop_seconds: float  # forward passes and writes only
+    tokens_per_s: float  # this process's harvested tokens / loop_seconds
     bytes_on_disk: int
     resumed: bool
     layers: list[int] = field(default_factory=list)
@@ -309,7 +310,7 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
         log(f"resuming {out}: {len(done)}/{layout.n_blocks} blocks already complete")
 
     # -- the loop --------------------------------------------------------------------------------
-    tokens_this_run = 0
+    tokens_this_run, t_loop = 0, time.time()
     try:
         if todo:
             device = resolve_device(spec.device)
@@ -323,7 +324,7 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
             columns = [TextColumn(f"harvest{f' rank 0/{dist.world_size}' if dist.world_size > 1 else ''}"),
                        BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                        TextColumn("{task.fields[rate]:>8.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
-            t_loop = time.time()
+            t_loop = time.time()  # after model loading
             with Progress(*columns, disable=not show_progress) as bar:
                 task = bar.add_task("", total=my_tokens, rate=0.0)
                 bg = BackgroundWriter(writer)
@@ -341,11 +342,11 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
         if created[0] and dist.rank == 0 and not writer.complete_blocks():
             shutil.rmtree(out, ignore_errors=True)  # nothing of value was written by this run: leave no trace
         raise
-    seconds = time.time() - t0
+    now = time.time()
     cache = open_cache(out)
     return Summary(str(out), layout.n_tokens, tokens_this_run * dist.world_size, layout.n_blocks,
-                   layout.n_blocks - len(done), seconds, tokens_this_run / max(seconds, 1e-9), cache.size_on_disk(),
-                   resumed, list(layers))
+                   layout.n_blocks - len(done), now - t0, now - t_loop, tokens_this_run / max(now - t_loop, 1e-9),
+                   cache.size_on_disk(), resumed, list(layers))
 
 
 def _compute_block(b: int, bridge: Any, windows: np.ndarray, layout: Layout, spec: CacheSpec, special: np.ndarray,

@@ -1,0 +1,361 @@
+"""The TopK (multi-layer) sparse autoencoder: config, encode, sparse decode, forward, save, load.
+
+One SAE, shared weights, applied to every (token, layer) vector independently: the layer is just
+another batch axis, so nothing here knows about layers (method.md Sec. 2). This is the only module
+that knows the SAE's parameters:
+
+    W_enc [n_latents, d]   encoder rows
+    W_dec [n_latents, d]   decoder directions, one unit-norm ROW per latent (the method's "columns";
+                           stored as rows so that gathering k of them per vector reads contiguous memory)
+    b_pre [d]              pre-encoder bias, also the decoder's output bias (standardized space)
+
+Speed (bench/sae_step.py): the encoder matmul W_enc x is the only dense operation. Everything after it
+touches k entries per vector, forward AND backward, through two autograd Functions:
+  _TopKEncode    dense pre-activations in row chunks, TopK + ReLU; its backward builds the encoder
+                 gradient from the k selected entries only (a sparse [n_latents, N] @ [N, d] product);
+  _SparseDecode  sum of k gathered decoder rows (embedding_bag); its backward gets the gradient wrt the
+                 values from k dot products per vector (sampled dense-dense product, SDDMM) and the
+                 decoder gradient as a sparse [n_latents, N] @ [N, d] product.
+AuxK uses only the dead latents; it is computed densely over that column subset (see _TopKEncode).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+STD_EPS = 1e-5  # x~ = (x - mean) / (std + STD_EPS), as the reference
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "sae_config.json"
+
+# torch warns once per process that CSR support is "beta"; we use two long-stable CSR ops only.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+@dataclass
+class SaeConfig:
+    d_model: int
+    n_latents: int
+    k: int
+    k_aux: int = 256  # dead latents used by AuxK (OpenAI: d_model // 2 or so; the reference 256)
+    aux_coef: float = 1 / 32
+    dead_tokens: int = 10_000_000  # a latent is dead after this many TOKENS without firing
+
+    def __post_init__(self) -> None:
+        if self.d_model < 1 or self.n_latents < 1:
+            raise ValueError(f"d_model and n_latents must be positive, got {self.d_model}, {self.n_latents}")
+        if not 0 < self.k < self.n_latents:
+            raise ValueError(f"k must be in 1..n_latents-1 (n_latents={self.n_latents}), got k={self.k}")
+        if self.k_aux < 0 or self.aux_coef < 0 or self.dead_tokens < 1:
+            raise ValueError(f"need k_aux >= 0, aux_coef >= 0, dead_tokens >= 1; got {self.k_aux}, "
+                             f"{self.aux_coef}, {self.dead_tokens}")
+
+    @classmethod
+    def from_expansion(cls, d_model: int, expansion_factor: int, k: int, **kw) -> "SaeConfig":
+        """n_latents = expansion_factor * d_model (the paper's R; default 64)."""
+        return cls(d_model=d_model, n_latents=expansion_factor * d_model, k=k, **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SaeConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class TopK(NamedTuple):
+    values: Tensor  # [..., k] post-ReLU activations (>= 0)
+    indices: Tensor  # [..., k] int64 latent ids
+
+
+class SaeOutput(NamedTuple):
+    x_hat: Tensor  # [..., d] reconstruction in MODEL space
+    values: Tensor  # [..., k]
+    indices: Tensor  # [..., k]
+    x_tilde: Tensor  # [..., d] standardized input (no grad)
+    x_hat_tilde: Tensor  # [..., d] reconstruction in standardized space (incl. b_pre)
+    mean: Tensor  # [..., 1] per-vector mean over features
+    std: Tensor  # [..., 1] per-vector population std over features
+    aux_recon: Tensor | None  # [..., d] W_dec z_aux without bias (standardized space); None: no dead latent
+
+
+def standardize(x: Tensor, eps: float = STD_EPS) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-vector standardization over the last (feature) axis: (x~, mean, std), std the population std.
+
+    Undo with `x~ * std + mean` (not `* (std + eps)`: the reference multiplies back by std alone, which
+    differs by a relative 1e-5 / std, negligible for residual streams)."""
+    mean = x.mean(-1, keepdim=True)
+    xc = x - mean
+    std = xc.pow(2).mean(-1, keepdim=True).sqrt()
+    return xc / (std + eps), mean, std
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse primitives: k (latent, weight) pairs per vector; never a dense [N, n_latents] matrix
+
+
+def gather_rows(W: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    """out[n] = sum_i w[n, i] * W[idx[n, i]]  ([N, k] x [M, d] -> [N, d]); a fused gather-sum."""
+    return F.embedding_bag(idx, W, per_sample_weights=w.to(W.dtype), mode="sum")
+
+
+def row_dots(A: Tensor, W: Tensor, idx: Tensor) -> Tensor:
+    """out[n, i] = A[n] . W[idx[n, i]]  ([N, d], [M, d], [N, k] -> [N, k]).
+
+    The entries of A @ W.T at k positions per row: a sampled dense-dense product (SDDMM) over a CSR
+    pattern whose row pointers are just 0, k, 2k, ... (rows of idx are already grouped by n). Measured
+    here 5-8x faster than gathering W[idx] ([N, k, d]) and reducing."""
+    n, k = idx.shape
+    crow = torch.arange(0, n * k + 1, k, device=idx.device, dtype=idx.dtype)
+    pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(n * k, device=A.device, dtype=A.dtype),
+                                      size=(n, W.shape[0]), check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, A, W.to(A.dtype).t()).values().view(n, k)
+
+
+def scatter_rows(idx: Tensor, w: Tensor, X: Tensor, n_rows: int) -> Tensor:
+    """G[j] = sum over (n, i) with idx[n, i] == j of w[n, i] * X[n]  ([N, k], [N, k], [N, d] -> [n_rows, d]).
+
+    The transpose of gather_rows: a sparse [n_rows, N] @ dense [N, d] product with N*k nonzeros. This is
+    the gradient of W in both the encoder (w = grad of the kept pre-activations, X = input) and the
+    decoder (w = values, X = grad of the output): the cost is N*k*d, not N*n_rows*d."""
+    n, k = idx.shape
+    cols = torch.arange(n, device=idx.device).repeat_interleave(k)
+    S = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), cols]), w.reshape(-1).to(X.dtype), (n_rows, n))
+    return torch.sparse.mm(S, X)
+
+
+# ---------------------------------------------------------------------------------------------
+# autograd Functions
+
+
+class _TopKEncode(torch.autograd.Function):
+    """(x~, b_pre, W_enc) -> ReLU(TopK(W_enc (x~ - b_pre))) as (values [N, k], indices [N, k]), and
+    optionally the AuxK activations of the dead latents, dense over that column subset only
+    ([N, n_dead], zero outside each row's top k_aux).
+
+    Forward computes the pre-activations in row chunks (a chunk of [rows, n_latents] stays in cache
+    for the TopK that follows, and the full [N, n_latents] matrix never exists). Backward uses only the
+    selected entries: grad W_enc = S^T (x~ - b_pre) with S the sparse gradient of the pre-activations;
+    grad b_pre = -(column sums of S) W_enc, a vector-matrix product.
+
+    AuxK densely over the dead columns: 4 products of N x n_dead x d in all (dead rows of W_enc's
+    gradient here, the aux decode and its two gradients in TopKSae) cost less than sparse ops with
+    k_aux (256) entries per row until n_dead approaches n_latents (sparse ops run at a small fraction of
+    the matmul's FLOP rate here), and few latents are dead in a healthy run."""
+
+    @staticmethod
+    def forward(ctx, x_tilde: Tensor, b_pre: Tensor, W_enc: Tensor, k: int, dead: Tensor | None,
+                k_aux: int, chunk: int):
+        xc = x_tilde - b_pre
+        n = xc.shape[0]
+        values = xc.new_empty(n, k)
+        indices = torch.empty(n, k, dtype=torch.long, device=xc.device)
+        aux = xc.new_zeros(n, len(dead)) if dead is not None else None
+        # inside an autocast region (CUDA bf16) only this matmul runs in low precision: it is the one
+        # dense op; selection on bf16 values is fine, the kept values are returned in full precision.
+        for s in range(0, n, chunk):
+            pre = xc[s:s + chunk] @ W_enc.t()
+            v, i = pre.topk(k, dim=1, sorted=False)
+            values[s:s + chunk], indices[s:s + chunk] = v, i
+            if aux is not None:
+                pd = pre.index_select(1, dead)
+                if k_aux < len(dead):
+                    v, i = pd.topk(k_aux, dim=1, sorted=False)
+                    aux[s:s + chunk].scatter_(1, i, v.to(aux.dtype))
+                else:
+                    aux[s:s + chunk] = pd
+        values.relu_()
+        if aux is not None:
+            aux.relu_()  # ReLU also zeroes the unselected entries' gradient (they are exactly 0)
+        ctx.save_for_backward(xc, W_enc, values, indices, dead, aux)
+        ctx.mark_non_differentiable(indices)
+        return values, indices, aux
+
+    @staticmethod
+    def backward(ctx, g_values: Tensor, _g_indices, g_aux: Tensor | None):
+        xc, W_enc, values, indices, dead, aux = ctx.saved_tensors
+        n_latents = W_enc.shape[0]
+        g = g_values * (values > 0)  # ReLU; sparse [N, k] gradient of the pre-activations
+        g_x = g_b = g_W = None
+        if g_aux is not None and aux is not None:
+            g_aux = g_aux * (aux > 0)
+            W_dead = W_enc.index_select(0, dead)
+        else:
+            g_aux = None
+        if ctx.needs_input_grad[2]:
+            g_W = scatter_rows(indices, g, xc, n_latents)
+            if g_aux is not None:
+                g_W.index_add_(0, dead, g_aux.t() @ xc)
+        if ctx.needs_input_grad[1]:
+            col = torch.zeros(n_latents, device=g.device, dtype=g.dtype).index_add_(0, indices.reshape(-1), g.reshape(-1))
+            g_b = -(col @ W_enc)
+            if g_aux is not None:
+                g_b -= g_aux.sum(0) @ W_dead
+        if ctx.needs_input_grad[0]:
+            g_x = gather_rows(W_enc, indices, g)
+            if g_aux is not None:
+                g_x += g_aux @ W_dead
+        return g_x, g_b, g_W, None, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """(values [N, k], indices [N, k], W_dec [M, d]) -> sum_i values[n, i] W_dec[indices[n, i]]  [N, d]."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(values, indices, W_dec)
+        return gather_rows(W_dec, indices, values)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        values, indices, W_dec = ctx.saved_tensors
+        g_values = row_dots(g, W_dec, indices).to(values.dtype) if ctx.needs_input_grad[0] else None
+        g_W = scatter_rows(indices, values, g, W_dec.shape[0]).to(W_dec.dtype) if ctx.needs_input_grad[2] else None
+        return g_values, None, g_W
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    return _SparseDecode.apply(values, indices, W_dec)
+
+
+# ---------------------------------------------------------------------------------------------
+# the module
+
+
+class TopKSae(nn.Module):
+    def __init__(self, cfg: SaeConfig, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 generator: torch.Generator | None = None, chunk_rows: int = 1024):
+        super().__init__()
+        self.cfg = cfg
+        self.chunk_rows = chunk_rows  # rows of pre-activations computed at once (memory ~ rows x n_latents)
+        # random unit directions; the encoder starts as the decoder's transpose (both unit norm: on
+        # standardized inputs, |x~| = sqrt(d), pre-activations start O(1))
+        W = torch.randn(cfg.n_latents, cfg.d_model, generator=generator, dtype=torch.float32,
+                        device=generator.device if generator is not None else "cpu")
+        W /= W.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(W.to(device=device, dtype=dtype))
+        self.W_dec = nn.Parameter(W.to(device=device, dtype=dtype).clone())
+        self.b_pre = nn.Parameter(torch.zeros(cfg.d_model, device=device, dtype=dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    # -- encode / decode ---------------------------------------------------------------------
+
+    def _encode_flat(self, x_tilde: Tensor, dead: Tensor | None = None):
+        k_aux = min(self.cfg.k_aux, len(dead)) if dead is not None else 0
+        if k_aux == 0:
+            dead = None
+        return _TopKEncode.apply(x_tilde, self.b_pre, self.W_enc, self.cfg.k, dead, k_aux, self.chunk_rows)
+
+    def encode(self, x: Tensor) -> TopK:
+        """x [..., d] (model space) -> TopK(values [..., k], indices [..., k])."""
+        lead = x.shape[:-1]
+        x_tilde, _, _ = standardize(x.reshape(-1, x.shape[-1]).to(self.W_enc.dtype))
+        values, indices, _ = self._encode_flat(x_tilde)
+        return TopK(values.view(*lead, -1), indices.view(*lead, -1))
+
+    def decode(self, values: Tensor, indices: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
+        """Latents [..., k] -> reconstruction [..., d]: in standardized space (b_pre included), or in
+        model space when the input's `mean` and `std` ([..., 1], from `standardize`) are given."""
+        lead, k = values.shape[:-1], values.shape[-1]
+        x_hat = sparse_decode(values.reshape(-1, k), indices.reshape(-1, k), self.W_dec) + self.b_pre
+        x_hat = x_hat.view(*lead, -1)
+        if mean is not None and std is not None:
+            x_hat = x_hat * std + mean
+        return x_hat
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SaeOutput:
+        """x [..., d] -> SaeOutput. `dead_mask` [n_latents] bool (from DeadLatents): when any latent is
+        dead, also the AuxK reconstruction from the top k_aux dead latents."""
+        lead, d = x.shape[:-1], x.shape[-1]
+        x_tilde, mean, std = standardize(x.reshape(-1, d).to(self.W_enc.dtype))
+        dead = dead_mask.nonzero().squeeze(1) if dead_mask is not None else None
+        values, indices, aux = self._encode_flat(x_tilde, dead if dead is not None and len(dead) else None)
+        x_hat_tilde = sparse_decode(values, indices, self.W_dec) + self.b_pre
+        x_hat = x_hat_tilde * std + mean
+        aux_recon = None
+        if aux is not None:
+            aux_recon = (aux @ self.W_dec.index_select(0, dead)).view(*lead, d)  # no bias (OpenAI)
+        return SaeOutput(x_hat.view(*lead, d), values.view(*lead, -1), indices.view(*lead, -1),
+                         x_tilde.view(*lead, d), x_hat_tilde.view(*lead, d), mean.view(*lead, 1),
+                         std.view(*lead, 1), aux_recon)
+
+    # -- training-time maintenance ------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_b_pre(self, x: Tensor, iters: int = 100, chunk_rows: int = 65536) -> None:
+        """b_pre = geometric median of the STANDARDIZED vectors of x [..., d] (the first batch)."""
+        x_tilde, _, _ = standardize(x.reshape(-1, x.shape[-1]).to(device=self.device, dtype=torch.float32))
+        self.b_pre.copy_(geometric_median(x_tilde, iters=iters, chunk_rows=chunk_rows).to(self.b_pre.dtype))
+
+    @torch.no_grad()
+    def renormalize_decoder_(self) -> None:
+        """Decoder rows back to unit norm: call after every optimizer step."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny))
+
+    @torch.no_grad()
+    def remove_parallel_grads_(self) -> None:
+        """Remove from each decoder row's gradient its component along the row: call before the
+        optimizer step (Adam rescales gradients, so the step itself would otherwise keep changing norms)."""
+        g, W = self.W_dec.grad, self.W_dec
+        if g is None:
+            return
+        coef = (g * W).sum(1, keepdim=True) / (W * W).sum(1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+        g.sub_(coef * W)
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> None:
+        """Writes folder/sae.safetensors (W_enc, W_dec, b_pre) and folder/sae_config.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({n: p.detach().contiguous().cpu() for n, p in self.named_parameters()}, str(folder / WEIGHTS_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
+        folder = Path(folder)
+        cfg = SaeConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
+        tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+        sae = cls(cfg, device="meta")
+        sae.load_state_dict(tensors, assign=True)
+        return sae
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> TopKSae:
+    """The public loader: a run folder (or any folder holding sae.safetensors + sae_config.json)."""
+    return TopKSae.load(path, device)
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-7, chunk_rows: int = 65536) -> Tensor:
+    """Weiszfeld's algorithm: argmin_y sum_i |points_i - y|  for points [N, d].
+
+    Distances come from |p|^2 - 2 p.y + |y|^2 (two matrix-vector products per iteration, no [N, d]
+    temporary), accumulated in float64; a point that coincides with y gets weight 1/eps instead of inf.
+    Stops early when y moves less than tol (relative to the points' spread)."""
+    p = points
+    sq = torch.cat([c.pow(2).sum(1, dtype=torch.float64) for c in p.split(chunk_rows)])
+    y = p.mean(0, dtype=torch.float64)
+    scale = (sq.mean() - y.pow(2).sum()).clamp_min(0).sqrt().item() or 1.0
+    eps = 1e-12 * scale
+    for _ in range(iters):
+        y32 = y.to(p.dtype)
+        d2 = torch.cat([(c @ y32).double() for c in p.split(chunk_rows)]).mul_(-2).add_(sq).add_(y.pow(2).sum())
+        w = d2.clamp_min_(0).sqrt_().clamp_min_(eps).reciprocal_()
+        num = sum((wc.to(p.dtype) @ c).double() for wc, c in zip(w.split(chunk_rows), p.split(chunk_rows)))
+        y_new = num / w.sum()
+        moved = (y_new - y).norm().item()
+        y = y_new
+        if moved < tol * scale:
+            break
+    return y.to(points.dtype)
