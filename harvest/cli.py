@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
+from .flags import with_dataclass_flags
 from .spec import CacheSpec, spec_fields
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest per-layer residual streams into a sharded zarr cache.")
 console = Console()
 err_console = Console(stderr=True)
-
-
-def _with_spec_flags(fn: Callable) -> Callable:
-    """Give `fn` one optional flag per CacheSpec field (--tokens, --model, ...), passed as **overrides."""
-    params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
-    for f in spec_fields():
-        base = {"int": int, "str": str, "str | None": str}[str(f.type)]
-        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[base],
-                                        default=typer.Option(None, f"--{f.name.replace('_', '-')}",
-                                                             help=f.metadata["help"] + f" [spec default: {f.default}]",
-                                                             show_default=False)))
-    fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    return fn
 
 
 def _human(n: float) -> str:
@@ -43,7 +30,7 @@ def _human(n: float) -> str:
 
 
 @app.command()
-@_with_spec_flags
+@with_dataclass_flags(spec_fields())
 def run(spec: Optional[Path] = typer.Option(None, "--spec", help="YAML spec file (cache_spec.yaml); flags override it."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
     """Harvest (or resume) a cache. Same spec and --out again = resume; finished caches are left as they are."""

@@ -84,7 +84,11 @@ class MinibatchStream:
             ch = self.reader.read_chunk(c)
             parts.append(self._kept_rows(ch.acts, pos - ch.start))
             positions.append(pos)
-        return torch.cat(parts, dim=1), torch.cat(positions)
+        acts, got = torch.cat(parts, dim=1), torch.cat(positions)
+        # back to the carry's own order, which the next permutation depends on
+        by_pos = torch.argsort(got)
+        rows = by_pos[torch.searchsorted(got[by_pos], pos_t)]
+        return acts[:, rows.to(acts.device)], got[rows]
 
     def _load(self, chunk_ids: Sequence[int], carry: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectors [L, n, d] on the device and their cache positions: the carry, then the round's kept tokens."""

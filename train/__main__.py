@@ -1,0 +1,5 @@
+"""`python -m train ...` (what `torchrun -m train run ...` calls)."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,95 @@
+"""`train run | sweep`: parse, call, print. Every TrainConfig field is a flag of the same name."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from harvest.errors import SpecError, UserError
+from harvest.flags import with_dataclass_flags
+from train.config import TrainConfig, config_fields
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train TopK multi-layer SAEs (and single-layer baselines) from a harvested cache.")
+console = Console()
+err_console = Console(stderr=True)
+SWEPT = ("expansion_factor", "k", "layers")
+
+
+def _base(config: Optional[Path], overrides: dict[str, Any]) -> TrainConfig:
+    return (TrainConfig.from_yaml(config) if config else TrainConfig()).replace(**overrides)
+
+
+def _print(summaries: list[dict]) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for s in summaries:
+        final, initial = s["held_out"], s["held_out_initial"] or {}
+        console.print(f"[bold green]done[/] {s['out']}: {s['steps']:,} steps, {s['tokens']:,} tokens, "
+                      f"{s['tokens_per_s']:,.0f} tok/s; held-out FVU {final['fvu_mean']:.4f} "
+                      f"(per-feature {final['fvu_feature_mean']:.4f}), initially {initial.get('fvu_mean', float('nan')):.4f}; "
+                      f"dead {final['dead_fraction']:.1%}")
+        table = Table("layer", "FVU", "FVU per-feature", "MSE", "L0")
+        for i, l in enumerate(final["layers"]):
+            table.add_row(str(l), f"{final['fvu'][i]:.4f}", f"{final['fvu_feature'][i]:.4f}",
+                          f"{final['mse'][i]:.4g}", f"{final['l0'][i]:.1f}")
+        console.print(table)
+
+
+@app.command()
+@with_dataclass_flags(config_fields(), short={"k": "-k"})
+def run(config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig fields; flags override it."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
+    """Train one SAE: `--layers all` (multi-layer SAE) or `--layers L` (single-layer baseline). The same
+    command again resumes from the last checkpoint."""
+    from train.loop import train
+
+    _print(train([_base(config, overrides)], show_progress=not quiet))
+
+
+@app.command()
+@with_dataclass_flags(config_fields(), exclude=SWEPT + ("out",))
+def sweep(expansion_factor: str = typer.Option("64", "--expansion-factor", help="Comma list, e.g. 16,32,64."),
+          k: str = typer.Option("32", "-k", "--k", help="Comma list, e.g. 16,32,64."),
+          layers: str = typer.Option("all", "--layers", help="Comma list of 'all' and/or layer numbers, e.g. all,0,3."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Parent folder of the run folders (default runs/)."),
+          config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig fields."),
+          quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
+    """Train every combination in ONE pass over the cache: each chunk is read once and feeds every SAE."""
+    from train.loop import train
+
+    try:
+        xs = [int(v) for v in expansion_factor.split(",")]
+        ks = [int(v) for v in k.split(",")]
+    except ValueError:
+        raise SpecError("--expansion-factor and -k take comma lists of integers, e.g. 16,32,64")
+    base = _base(config, overrides)
+    configs = []
+    for x, kk, ls in itertools.product(xs, ks, [v.strip() for v in layers.split(",")]):
+        c = base.replace(expansion_factor=x, k=kk, layers=ls)
+        if out is not None:
+            c = c.replace(out=str(out / Path(c.default_out()).name))
+        configs.append(c)
+    _print(train(configs, show_progress=not quiet))
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:
+        err_console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: rerun the same command to resume from the last checkpoint")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

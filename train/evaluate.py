@@ -1,0 +1,38 @@
+"""Held-out reconstruction metrics of one SAE on cache chunks: pooled FVU (both definitions), MSE, L0, dead."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from harvest import Cache, ChunkReader
+from train.objectives import FIRE_THRESHOLD, FvuAccumulator
+from train.sae import TopKSae
+
+
+@torch.no_grad()
+def evaluate(sae: TopKSae, cache: Cache, chunks: Sequence[int], layers: Sequence[int], device: str,
+             include_special: bool = False, rows: int = 8192) -> dict[str, Any]:
+    """Metrics of `sae` on the kept tokens of `chunks`, per layer (in the order of `layers`)."""
+    n_layers, n_latents = len(layers), sae.cfg.n_latents
+    acc = FvuAccumulator.zeros(n_layers, cache.layout.d_model, device)
+    l0 = torch.zeros(n_layers, dtype=torch.float64, device=device)
+    fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
+    reader = ChunkReader(cache, layers=layers, chunks=chunks)
+    for chunk in reader.iter_chunks(chunks):
+        keep = torch.ones_like(chunk.keep) if include_special else chunk.keep
+        x_all = chunk.acts[:, keep.nonzero().squeeze(1)]
+        for s in range(0, x_all.shape[1], rows):
+            x = x_all[:, s : s + rows].to(device=device, dtype=torch.float32)
+            out = sae(x)
+            acc.update(x, out.x_hat)
+            active = out.values > FIRE_THRESHOLD
+            l0 += active.sum((1, 2)).double()
+            fired[out.indices[active]] = True
+    res = acc.compute()
+    n = acc.n.clamp_min(1)
+    return {"tokens": int(acc.n[0].item()) if n_layers else 0, "layers": list(layers), "fvu": res.fvu,
+            "fvu_feature": res.fvu_feature, "mse": res.mse, "fvu_mean": res.fvu_mean,
+            "fvu_feature_mean": res.fvu_feature_mean, "l0": (l0 / n).tolist(),
+            "dead_fraction": 1.0 - fired.float().mean().item()}
