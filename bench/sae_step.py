@@ -93,7 +93,8 @@ def bench(args, device: str, dead_frac: float) -> None:
     n_tokens = args.vectors // args.layers
     batches = [synthetic_batch(args.layers, n_tokens, args.d_model, device, gen) for _ in range(2)]
     sae.init_b_pre(batches[0])
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10, betas=(0.9, 0.999))
+    # fused Adam: one kernel over all parameters (CPU and CUDA); the for-loop default took ~20 ms here
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10, betas=(0.9, 0.999), fused=True)
     tracker = DeadLatents(cfg.n_latents, cfg.dead_tokens, device)
     n_dead = round(dead_frac * cfg.n_latents)
     dead_mask = None
@@ -155,7 +156,7 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=32)
     ap.add_argument("--vectors", type=int, default=4096, help="vectors per step (tokens x layers)")
     ap.add_argument("--layers", type=int, default=8, help="layers per minibatch (the batch is [layers, vectors/layers, d])")
-    ap.add_argument("--dead", default="0,0.01,0.1", help="comma-separated fractions of forced-dead latents")
+    ap.add_argument("--dead", default="0,0.01,0.05,0.1", help="comma-separated fractions of forced-dead latents")
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
     ap.add_argument("--repeats", type=int, default=5, help="timed blocks; best and median reported")
     ap.add_argument("--device", default="auto", help="auto (cpu, and cuda when available) | cpu | cuda")

@@ -147,8 +147,11 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     start_step, stream_states = 0, None
     for cfg, layers in zip(configs, layers_of):
         out = Path(cfg.out or cfg.default_out())
-        sae_cfg = SaeConfig.from_expansion(cache.layout.d_model, cfg.expansion_factor, cfg.k, k_aux=cfg.k_aux,
-                                           aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens)
+        try:
+            sae_cfg = SaeConfig.from_expansion(cache.layout.d_model, cfg.expansion_factor, cfg.k, k_aux=cfg.k_aux,
+                                               aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens)
+        except ValueError as e:
+            raise SpecError(f"{e}: lower -k or raise --expansion-factor")
         lr = _lr(cfg, sae_cfg.n_latents)
         record = _run_record(cfg, cache, layers, sae_cfg, lr, list(eval_chunks), steps, dist.world_size)
         state = _check_out(out, record)

@@ -144,34 +144,43 @@ class _TopKEncode(torch.autograd.Function):
     optionally the AuxK activations of the dead latents, dense over that column subset only
     ([N, n_dead], zero outside each row's top k_aux).
 
-    Forward computes the pre-activations in row chunks (a chunk of [rows, n_latents] stays in cache
-    for the TopK that follows, and the full [N, n_latents] matrix never exists). Backward uses only the
-    selected entries: grad W_enc = S^T (x~ - b_pre) with S the sparse gradient of the pre-activations;
-    grad b_pre = -(column sums of S) W_enc, a vector-matrix product.
+    Forward computes the pre-activations in row chunks of at most `chunk` rows (memory: the full
+    [N, n_latents] matrix of a large batch need never exist). Backward uses only the selected entries:
+    grad W_enc = S^T (x~ - b_pre) with S the sparse gradient of the pre-activations; grad b_pre =
+    -(column sums of S) W_enc, a vector-matrix product.
 
-    AuxK densely over the dead columns: 4 products of N x n_dead x d in all (dead rows of W_enc's
+    AuxK densely over the dead columns: 4 products of N x n_dead x d in all (the dead rows of W_enc's
     gradient here, the aux decode and its two gradients in TopKSae) cost less than sparse ops with
-    k_aux (256) entries per row until n_dead approaches n_latents (sparse ops run at a small fraction of
-    the matmul's FLOP rate here), and few latents are dead in a healthy run."""
+    k_aux (256) entries per row until n_dead approaches ~1/3 of n_latents (sparse gathers run far below
+    the matmul's FLOP rate), and few latents are dead in a healthy run."""
 
     @staticmethod
     def forward(ctx, x_tilde: Tensor, b_pre: Tensor, W_enc: Tensor, k: int, dead: Tensor | None,
                 k_aux: int, chunk: int):
         ctx.set_materialize_grads(False)  # an unused aux output then costs nothing in backward
         xc = x_tilde - b_pre
-        n = xc.shape[0]
+        n, n_dead = xc.shape[0], 0 if dead is None else len(dead)
+        W, order = W_enc, None
+        if n_dead:
+            # dead latents first: their pre-activations are then the leading columns of the same
+            # matmul (a view), instead of a strided gather from it (measured: 10 ms at 10% dead)
+            live = torch.ones(W_enc.shape[0], dtype=torch.bool, device=W_enc.device).index_fill_(0, dead, False)
+            order = torch.cat([dead, live.nonzero().squeeze(1)])
+            W = W_enc.index_select(0, order)
         values = xc.new_empty(n, k)
         indices = torch.empty(n, k, dtype=torch.long, device=xc.device)
-        aux = xc.new_zeros(n, len(dead)) if dead is not None else None
+        aux = xc.new_zeros(n, n_dead) if n_dead else None
         # inside an autocast region (CUDA bf16) only this matmul runs in low precision: it is the one
         # dense op; selection on bf16 values is fine, the kept values are returned in full precision.
         for s in range(0, n, chunk):
-            pre = xc[s:s + chunk] @ W_enc.t()
+            pre = xc[s:s + chunk] @ W.t()
             v, i = pre.topk(k, dim=1, sorted=False)
-            values[s:s + chunk], indices[s:s + chunk] = v, i
+            values[s:s + chunk] = v
+            indices[s:s + chunk] = i if order is None else order[i]
             if aux is not None:
-                pd = pre.index_select(1, dead)
-                if k_aux < len(dead):
+                pd = pre[:, :n_dead]
+                # exact shortcut: with at most k_aux positive entries per row, ReLU(TopK) keeps them all
+                if k_aux < n_dead and int((pd > 0).sum(1).max()) > k_aux:
                     v, i = pd.topk(k_aux, dim=1, sorted=False)
                     aux[s:s + chunk].scatter_(1, i, v.to(aux.dtype))
                 else:
@@ -240,10 +249,12 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
 
 class TopKSae(nn.Module):
     def __init__(self, cfg: SaeConfig, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 generator: torch.Generator | None = None, chunk_rows: int = 1024):
+                 generator: torch.Generator | None = None, chunk_rows: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.chunk_rows = chunk_rows  # rows of pre-activations computed at once (memory ~ rows x n_latents)
+        # rows of pre-activations computed at once: bounds memory to ~2^25 floats (128 MB in fp32);
+        # smaller chunks did not run faster here (TopK and the matmul both prefer long runs)
+        self.chunk_rows = chunk_rows or max(1, 2**25 // cfg.n_latents)
         # random unit directions; the encoder starts as the decoder's transpose (both unit norm: on
         # standardized inputs, |x~| = sqrt(d), pre-activations start O(1))
         # drawn on the CPU (or the generator's device) so that a seed gives the same SAE on any device;

@@ -1,0 +1,227 @@
+"""Training from a cache: data stream, learning, exact resume after kill -9, sweeps, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harvest import open_cache
+from harvest.run import harvest
+from harvest.spec import CacheSpec
+from train import load_sae
+from train.config import TrainConfig
+from train.data import MinibatchStream, split_chunks
+from train.evaluate import evaluate
+from train.loop import train
+
+CACHE = dict(context=32, tokens=32 * 512, chunk_tokens=256, shard_tokens=1024, shuffle_tokens=4096, batch_size=8)
+FAST = dict(expansion_factor=4, k=4, batch_tokens=512, eval_tokens=2048, round_chunks=6, lr=3e-3, log_every=5)
+
+
+@pytest.fixture(scope="module")
+def tcache(neox_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tcache") / "cache"
+    harvest(CacheSpec(model=str(neox_dir), dataset="sotu", out=str(out), **CACHE), show_progress=False)
+    return out
+
+
+def cfg(tcache: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(cache=str(tcache), out=str(out), **{**FAST, **kw})
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "sae.safetensors"))
+
+
+def test_stream_covers_every_kept_training_token_once_per_epoch_with_diverse_batches(tcache):
+    cache = open_cache(tcache)
+    train_chunks, eval_chunks = split_chunks(cache, 2048)
+    assert len(eval_chunks) == 8 and set(train_chunks).isdisjoint(eval_chunks)
+    keep = cache.read_tokens("keep").numpy()
+    expected = sorted(p for c in train_chunks for p in range(*cache.layout.chunk_range(c)) if keep[p])
+    stream = MinibatchStream(cache, train_chunks, [0, 2], 500, round_chunks=5, device="cpu", seed=1)
+    seen, seqs = [], []
+    seq_all = cache.read_tokens("seq").numpy()
+    for batch in stream:
+        assert batch.acts.shape == (2, 500, 32)
+        seen += batch.positions.tolist()
+        seqs.append(len(set(seq_all[batch.positions.numpy()])))
+        if stream.state.epoch == 1:
+            break
+    first_epoch = seen[: len(expected) - len(expected) % 500]
+    assert len(set(first_epoch)) == len(first_epoch)  # no token twice within an epoch
+    assert set(first_epoch) <= set(expected)
+    assert len(set(expected) - set(first_epoch)) < 500  # at most the last partial batch is carried over
+    assert min(seqs) > 100  # a 500-token batch draws on far more than a handful of the 512 sequences
+    batch = next(iter(MinibatchStream(cache, train_chunks, [0, 2], 500, 5, "cpu", seed=1)))
+    pos = batch.positions[:7]
+    for i, layer in enumerate([0, 2]):  # the vectors are the cache's vectors at those positions
+        want = torch.stack([cache.read(layer, p, p + 1)[0] for p in pos.tolist()])
+        assert torch.equal(batch.acts[i, :7], want)
+
+
+def test_training_lowers_held_out_fvu_and_reported_fvu_recomputes(tcache, tmp_path):
+    out = tmp_path / "run"
+    [s] = train([cfg(tcache, out, tokens=512 * 120)], show_progress=False)
+    assert s["held_out"]["fvu_mean"] < 0.6 * s["held_out_initial"]["fvu_mean"]
+    assert all(l0 <= 4 for l0 in s["held_out"]["l0"])
+    record = json.loads((out / "config.json").read_text())
+    assert record["cache"]["fingerprint"] == open_cache(tcache).fingerprint and record["layers"] == [0, 1, 2]
+    sae = load_sae(out)
+    again = evaluate(sae, open_cache(tcache), record["eval_chunks"], record["layers"], "cpu")
+    assert again["fvu"] == pytest.approx(s["held_out"]["fvu"], rel=1e-6)
+    assert again["fvu_feature"] == pytest.approx(s["held_out"]["fvu_feature"], rel=1e-6)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 0 and lines[-1]["step"] == 119 and lines[-1]["loss"] < lines[0]["loss"]
+    x = torch.randn(2, 3, 32)  # any leading shape
+    assert sae.decode(*sae.encode(x)).shape == (2, 3, 32)
+    # the decoder rows stayed unit norm through training
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.n_latents))
+
+
+def test_single_layer_sae_and_sweep_in_one_pass_equal_separate_runs(tcache, tmp_path):
+    common = dict(tokens=512 * 20)
+    [a] = train([cfg(tcache, tmp_path / "a", layers="1", **common)], show_progress=False)
+    [b] = train([cfg(tcache, tmp_path / "b", k=8, **common)], show_progress=False)
+    sweep = train([cfg(tcache, tmp_path / "sa", layers="1", **common), cfg(tcache, tmp_path / "sb", k=8, **common)],
+                  show_progress=False)
+    assert [s["layers"] for s in sweep] == [[1], [0, 1, 2]]
+    for single, swept in [("a", "sa"), ("b", "sb")]:
+        w1, w2 = weights(tmp_path / single), weights(tmp_path / swept)
+        for name in w1:
+            assert torch.equal(w1[name], w2[name]), name
+    assert a["held_out"]["layers"] == [1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(tcache: Path, out: Path, **kw) -> list[str]:
+    args = ["run", "--quiet", "--cache", str(tcache), "--out", str(out)]
+    for k, v in {**FAST, **kw}.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return args
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tcache, tmp_path):
+    kw = dict(tokens=512 * 80, checkpoint_every=4, expansion_factor=16, dead_tokens=1024)  # AuxK active
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-m", "train", *_cli(tcache, ref, **kw)], env=_env(), check=True, timeout=300)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "train", *_cli(tcache, out, **kw)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "checkpoint.pt").exists() and torch.load(out / "checkpoint.pt", weights_only=False)["step"] >= 20:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-800:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming at step" in done.stdout + done.stderr
+    w_ref, w = weights(ref), weights(out)
+    for name in w_ref:
+        assert torch.equal(w_ref[name], w[name]), name
+    lines = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert max(l["auxk"] for l in lines) > 0, "the test should exercise AuxK (dead latents)"
+
+
+def test_two_ranks_under_torchrun_finish(tcache, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "train",
+           *_cli(tcache, out, tokens=512 * 30, checkpoint_every=7)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 30 and s["held_out"]["fvu_mean"] < s["held_out_initial"]["fvu_mean"]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 30
+
+
+def _run_cli(argv, capsys):
+    from train.cli import main
+
+    old, sys.argv = sys.argv, ["train", *map(str, argv)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_line_error(result, *fragments):
+    code, out, err = result
+    assert code == 2 and "Traceback" not in err, err
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_bad_input_gives_one_line_errors(tcache, tmp_path, capsys):
+    out = tmp_path / "r"
+    _one_line_error(_run_cli(_cli(tmp_path / "nope", out), capsys), "not a cache")
+    _one_line_error(_run_cli(_cli(tcache, out, layers=7), capsys), "layer 7 is not in the cache")
+    _one_line_error(_run_cli(_cli(tcache, out, k=200), capsys), "k must be")
+    assert _run_cli(_cli(tcache, out, tokens=512 * 3), capsys)[0] == 0
+    _one_line_error(_run_cli(_cli(tcache, out, tokens=512 * 3, lr=0.5, k=3), capsys), "other settings", "k: 4 -> 3",
+                    "lr: 0.003 -> 0.5")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    _one_line_error(_run_cli(_cli(tcache, other), capsys), "holds no training run")
+    # an incomplete cache
+    cache = open_cache(tcache)
+    bad = tmp_path / "incomplete"
+    import shutil
+
+    shutil.copytree(tcache, bad)
+    (bad / "manifest" / "block-000001.json").unlink()
+    _one_line_error(_run_cli(_cli(bad, tmp_path / "r2"), capsys), "incomplete", "harvest run")
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tcache, tmp_path, capsys, monkeypatch):
+    import train.loop
+
+    out = tmp_path / "nan"
+    real = train.loop.training_loss
+    calls = {"n": 0}
+
+    def poisoned(x, o, aux_coef, layer_dim=0):
+        calls["n"] += 1
+        parts = real(x, o, aux_coef, layer_dim)
+        if calls["n"] == 7:  # the 7th step's loss is NaN
+            return parts._replace(loss=parts.loss * float("nan"))
+        return parts
+
+    monkeypatch.setattr(train.loop, "training_loss", poisoned)
+    _one_line_error(_run_cli(_cli(tcache, out, tokens=512 * 20, checkpoint_every=5), capsys), "loss became nan",
+                    "step 6", "lower --lr")
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert not (out / "summary.json").exists()
