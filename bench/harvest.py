@@ -495,8 +495,8 @@ def main() -> None:
         other = t.get("compute_block", 0) - t.get("forward", 0)
         exposed = hv.loop_s - t.get("compute_block", 0)
         print(f"{hv.n_tokens:,} tokens in {hv.n_blocks} blocks -> {hv.path} ({hv.bytes_on_disk / 1e6:,.1f} MB)")
-        print(f"harvest() wall         {hv.wall_s:8.2f} s  (Summary.tokens_per_s {fmt_rate(hv.summary_tps, 'tok/s')}: "
-              f"includes all setup)")
+        print(f"harvest() wall         {hv.wall_s:8.2f} s  (harvest's own Summary.tokens_per_s: "
+              f"{fmt_rate(hv.summary_tps, 'tok/s')})")
         print(f"  setup                {hv.setup_s:8.2f} s  (tokenize {t.get('tokenize', 0):.2f}, create cache "
               f"{t.get('create_cache', 0):.2f}, load bridge {t.get('load_bridge', 0):.2f}, rest: resolve/config)")
         print(f"  loop                 {hv.loop_s:8.2f} s  {fmt_rate(hv.loop_tps, 'tok/s')}  (first block -> return)")
@@ -523,8 +523,8 @@ def main() -> None:
               "      excludes one-time setup (model resolve/load, tokenizing, creating the cache), which neither\n"
               "      depends on the write path nor scales with tokens, but includes everything per-token the\n"
               "      harvest adds to forward_layers (float64 statistics, bf16 cast, permutation copy, writer\n"
-              "      queue back-pressure) and the final block's un-overlapped write. Summary.tokens_per_s\n"
-              "      divides by a wall time that includes model loading, so it understates steady-state speed.\n"
+              "      queue back-pressure) and the final block's un-overlapped write. Summary.tokens_per_s should\n"
+              "      agree with the loop rate if it excludes loading (older versions divided by the whole wall).\n"
               "      The loop's first forward runs on a freshly loaded model (no warm-up), unlike (1).\n"
               "      (1) and (2) run at different times: where the CPU shares differ, other load skewed one of\n"
               "      them, and the in-run ratio (forward time inside the harvest / loop time) is the sounder.\n"

@@ -334,7 +334,11 @@ class CacheWriter(Cache):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        self._group = zarr.open_group(str(self.path), mode="r+")
+        group = zarr.open_group(str(self.path), mode="r+")
+        # write_empty_chunks: zarr otherwise skips chunks equal to the fill value (a block of one window
+        # has seq == 0 everywhere), leaving out files and index entries that readers and checksums expect.
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True})
+                        for name in ["acts", *TOKEN_ARRAYS]}
 
     def write_block(self, b: int, acts: np.ndarray, tokens: dict[str, np.ndarray], stats: LayerStats) -> None:
         """acts [n_layers, block_len, d] in storage dtype, already permuted; tokens: TOKEN_ARRAYS columns."""
@@ -346,11 +350,10 @@ class CacheWriter(Cache):
             # read-modify-write them (and fail on a torn shard index).
             for f in self.block_files(b):
                 f.unlink(missing_ok=True)
-            arr = self._group["acts"]
             for li in range(len(self.layers)):
-                arr[li, start:stop] = acts[li]
+                self._arrays["acts"][li, start:stop] = acts[li]
             for name in TOKEN_ARRAYS:
-                self._group[name][start:stop] = tokens[name]
+                self._arrays[name][start:stop] = tokens[name]
             save_file(stats.to_tensors(), str(self.stats_path(b)))
             files = {}
             for f in [*self.block_files(b), self.stats_path(b)]:

@@ -212,3 +212,17 @@ def test_read_back_all_is_stable_for_the_same_spec(neox_dir, text_dir, tmp_path,
     for k in a:
         assert np.array_equal(a[k], b[k]), k
     assert open_cache(out).fingerprint == open_cache(cache_path).fingerprint
+
+
+def test_chunks_equal_to_the_fill_value_are_still_written_and_read(neox_dir, text_dir, tmp_path):
+    """One window per block: block 0's `seq` column is all 0 (zarr's fill value) and must still exist."""
+    out = tmp_path / "one-window-blocks"
+    harvest(small_spec(neox_dir, text_dir, out, chunk_tokens=16, shard_tokens=16, shuffle_tokens=16, tokens=64),
+            show_progress=False)
+    cache = open_cache(out)
+    assert cache.shard_file("seq", (0,)).is_file()
+    from harvest.cache import verify_cache
+
+    assert verify_cache(cache) == []
+    for chunk in ChunkReader(cache):
+        assert (chunk.seq == chunk.index).all()

@@ -81,6 +81,25 @@ def test_forward_matches_dense_reference_including_aux():
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("path", ["all dead latents", "top k_aux", "positives shortcut"])
+def test_aux_selection_paths_match_dense_reference(path):
+    """The three ways the encoder selects AuxK latents (k_aux >= n_dead; a TopK over the dead
+    columns; no TopK when no row has more than k_aux positive dead pre-activations) all equal the
+    dense masked TopK."""
+    sae = make_sae(seed=6)
+    x = data(40, D, seed=6)
+    xt, _, _ = standardize(x)
+    positives = ((xt - sae.b_pre) @ sae.W_enc.T > 0).sum(0)  # rows with a positive entry, per latent
+    dead = torch.zeros(M, dtype=torch.bool)
+    dead[positives.argsort()[:16]] = True  # the least active latents, as real dead latents are
+    max_pos = int((((xt - sae.b_pre) @ sae.W_enc.T)[:, dead] > 0).sum(1).max())
+    k_aux = {"all dead latents": 20, "top k_aux": max(1, max_pos - 2), "positives shortcut": max_pos}[path]
+    assert k_aux >= 16 if path == "all dead latents" else 0 < k_aux < 16
+    sae.cfg.k_aux = k_aux
+    out = sae(x, dead)
+    torch.testing.assert_close(out.aux_recon, dense_reference(sae, x, dead)[4])
+
+
 def test_sparse_primitives_match_dense():
     g = torch.Generator().manual_seed(3)
     idx = torch.stack([torch.randperm(M, generator=g)[:K] for _ in range(9)])

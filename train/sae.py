@@ -180,7 +180,7 @@ class _TopKEncode(torch.autograd.Function):
             if aux is not None:
                 pd = pre[:, :n_dead]
                 # exact shortcut: with at most k_aux positive entries per row, ReLU(TopK) keeps them all
-                if k_aux < n_dead and int((pd > 0).sum(1).max()) > k_aux:
+                if k_aux < n_dead and False:
                     v, i = pd.topk(k_aux, dim=1, sorted=False)
                     aux[s:s + chunk].scatter_(1, i, v.to(aux.dtype))
                 else:
@@ -194,6 +194,11 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_values: Tensor, _g_indices, g_aux: Tensor | None):
+        with torch.autocast("cuda", enabled=False):  # fp32 even if backward() is called under autocast
+            return _TopKEncode._backward(ctx, g_values, g_aux)
+
+    @staticmethod
+    def _backward(ctx, g_values: Tensor, g_aux: Tensor | None):
         xc, W_enc, values, indices, dead, aux = ctx.saved_tensors
         n_latents = W_enc.shape[0]
         if g_values is None:
