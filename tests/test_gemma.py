@@ -63,3 +63,31 @@ def test_gemma_windows_start_with_bos_and_mask_specials(gemma_cache):
     for chunk in reader:
         s, e = chunk.start, chunk.start + chunk.acts.shape[1]
         assert torch.equal(chunk.acts[1].view(torch.int16), cache.read(17, s, e).view(torch.int16))
+
+
+@pytest.fixture(scope="module")
+def gemma_train_cache(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gemma-train") / "cache"
+    spec = CacheSpec(model="gemma-3-270m", dataset="sotu", context=256, tokens=4096, batch_size=4, chunk_tokens=256,
+                     shard_tokens=1024, shuffle_tokens=4096, out=str(out))
+    harvest(spec, show_progress=False)
+    return out
+
+
+def test_mlsae_trains_on_the_gemma_cache(gemma_train_cache, tmp_path):
+    from train import load_sae
+    from train.config import TrainConfig
+    from train.evaluate import evaluate
+    from train.loop import train
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(cache=str(gemma_train_cache), out=str(out), expansion_factor=2, k=16, batch_tokens=256,
+                      tokens=256 * 60, eval_tokens=768, round_chunks=8, lr=1e-3, log_every=10)
+    [s] = train([cfg], show_progress=False)
+    init, final = s["held_out_initial"], s["held_out"]
+    assert final["tokens"] > 700 and len(final["fvu"]) == 18
+    assert final["fvu_feature_mean"] < 0.5 * init["fvu_feature_mean"]
+    assert final["fvu_mean"] < 0.5 * init["fvu_mean"]
+    record = __import__("json").loads((out / "config.json").read_text())
+    again = evaluate(load_sae(out), open_cache(gemma_train_cache), record["eval_chunks"], list(range(18)), "cpu")
+    assert again["fvu"] == pytest.approx(final["fvu"], rel=1e-6)

@@ -180,7 +180,7 @@ class _TopKEncode(torch.autograd.Function):
             if aux is not None:
                 pd = pre[:, :n_dead]
                 # exact shortcut: with at most k_aux positive entries per row, ReLU(TopK) keeps them all
-                if k_aux < n_dead and False:
+                if k_aux < n_dead and int((pd > 0).sum(1).max()) > k_aux:
                     v, i = pd.topk(k_aux, dim=1, sorted=False)
                     aux[s:s + chunk].scatter_(1, i, v.to(aux.dtype))
                 else:
