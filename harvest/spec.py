@@ -41,7 +41,7 @@ class CacheSpec:
     split: str = _f("train", "Dataset split.")
     text_column: str = _f("text", "Column holding the document text.")
     context: int = _f(1024, "Tokens per context window (the reference uses 2048).")
-    tokens: int = _f(20_480, "Token budget: rounded UP to whole context windows.")
+    tokens: int = _f(40_960, "Token budget: rounded UP to whole context windows.")
     layers: str = _f("all", "Blocks to cache: 'all' or a comma list such as '0,3,5'.")
     hook: str = _f("resid_post", "Hook point per block: resid_post (paper), resid_pre or resid_mid.")
     dtype: str = _f("bfloat16", "Storage dtype: bfloat16 (default), float32, or float16 (errors on overflow).")

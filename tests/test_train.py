@@ -225,3 +225,14 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tcache,
                     "step 6", "lower --lr")
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 5
     assert not (out / "summary.json").exists()
+
+
+def test_train_config_yaml_names_every_field():
+    from train.config import config_fields
+
+    root = Path(__file__).parent.parent
+    text = (root / "train_config.yaml").read_text()
+    loaded = TrainConfig.from_yaml(root / "train_config.yaml")
+    for f in config_fields():
+        assert f"\n{f.name}:" in text, f"train_config.yaml lacks {f.name}"
+    assert loaded.expansion_factor == 8 and loaded.validate()

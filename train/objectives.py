@@ -101,7 +101,7 @@ class DeadLatents:
         return hits > 0
 
     def update(self, fired: Tensor, n_tokens: int) -> None:
-        self.tokens_since_fired.add_(1).masked_fill_(fired.to(self.tokens_since_fired.device), 0)
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired.to(self.tokens_since_fired.device), 0)
 
     @property
     def mask(self) -> Tensor:
