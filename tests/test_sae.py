@@ -131,9 +131,11 @@ def test_sparse_decode_forward_backward_vs_dense():
                                                                               W.detach().requires_grad_()))
 
 
-def test_topk_encode_gradcheck():
+@pytest.mark.parametrize("k", [K, 30])
+def test_topk_encode_gradcheck(k):
     """Every gradient of the encode Function (x~, b_pre, W_enc; main and aux outputs) by finite
-    differences: tiny shapes, float64, random data whose TopK selection is stable under the probe."""
+    differences: tiny shapes, float64, random data whose TopK selection is stable under the probe.
+    With k = 30 of 48 some kept pre-activations are negative: ReLU must stop their gradient."""
     sae = make_sae(seed=4)
     xt, _, _ = standardize(data(6, D, seed=5))
     dead = torch.arange(0, M, 4)
@@ -141,9 +143,11 @@ def test_topk_encode_gradcheck():
               sae.W_enc.detach().clone().requires_grad_())
 
     def f(x, b, W):
-        values, _, aux = _TopKEncode.apply(x, b, W, K, dead, 5, 4)  # chunk of 4 rows: chunking exercised
+        values, _, aux = _TopKEncode.apply(x, b, W, k, dead, 5, 4)  # chunk of 4 rows: chunking exercised
         return values, aux
 
+    values = f(*inputs)[0]
+    assert (values == 0).any() == (k == 30)
     assert torch.autograd.gradcheck(f, inputs)
 
 
