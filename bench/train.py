@@ -2,7 +2,7 @@
 
     python bench/train.py --cache caches/gemma-3-270m-sotu [--expansion-factor 8] [-k 32] [--batch-tokens 256]
                           [--steps 20] [--layers all|L] [--device auto] [--eval-tokens 0] [--dead-tokens N]
-                          [--sweep-expansion 4,8] [--sweep-k 16,32]
+                          [--sweep-expansion 4,8] [--sweep-k 16,32] [--repeats 1] [--out DIR]
 
 Everything runs on the SAME cache, the same shapes (d = the cache's d_model, n_latents = expansion_factor
 x d, k) and the same batches (batch_tokens tokens x n_layers vectors):
@@ -21,9 +21,12 @@ x d, k) and the same batches (batch_tokens tokens x n_layers vectors):
      the data waits vs the step time inside the training runs.
 
 Dead latents: TrainConfig.dead_tokens (paper: 10M tokens) never kills a latent in a run this short, so AuxK
-would never run; --dead-tokens (default 2 x batch_tokens: a latent idle for two batches is dead) gives a
-realistic few % of dead latents from step 2 on, identically in (1), (2) and (3).
+would never run; --dead-tokens (default 4 x batch_tokens: a latent idle for four batches is dead) gives a
+realistic few % of dead latents (about 4% here) from step 4 on, identically in (1), (2) and (3).
 Timers wrap train.loop functions without changing what they do, and are removed afterwards.
+Other processes sharing the CPU skew wall times: every timing comes with its CPU share (process CPU time /
+(wall x torch threads)); --repeats N alternates the measurements N times and keeps the best of each.
+Run outputs go to a temporary folder (removed afterwards) unless --out is given.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
 sys.path.insert(0, str(_BENCH_DIR.parent))
 
 import argparse  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -85,6 +90,20 @@ def cpu_share(cpu_s: float, wall_s: float) -> float:
 
 def fmt_rate(x: float, unit: str) -> str:
     return f"{x:,.1f} {unit}" if x < 100 else f"{x:,.0f} {unit}"
+
+
+def settle(timeout: float = 120.0) -> float:
+    """Wait for background reads a closed stream left running, so they do not load the next measurement.
+
+    MinibatchStream reads round r+1 on a 'round-loader' thread while round r is consumed; closing the stream
+    (or train() returning) shuts its pool down without waiting, so a read in progress goes on. Returns the
+    seconds waited."""
+    gc.collect()  # close unreferenced stream generators first
+    t = time.perf_counter()
+    for th in threading.enumerate():
+        if th is not threading.current_thread() and th.name.startswith(("round-loader", "chunk-reader")):
+            th.join(max(0.0, timeout - (time.perf_counter() - t)))
+    return time.perf_counter() - t
 
 
 def autocast_for(device: str) -> Any:
@@ -163,6 +182,7 @@ class StepResult:
     n_pool: int
     replays_train: bool  # the pool covers every step: exactly train()'s batches, in order
     step_s: list[float]  # timed steps 1..steps-1
+    cpu_s: float  # CPU time of the timed steps
     dead: list[float]  # dead fraction entering each timed step
     last_loss: float
     read_s: float  # reading the pool (not timed in the rate)
@@ -176,18 +196,29 @@ class StepResult:
     def vectors_per_s(self) -> float:
         return len(self.step_s) * self.vectors_per_step / self.total_s
 
+    @property
+    def median_vectors_per_s(self) -> float:
+        return self.vectors_per_step / statistics.median(self.step_s)
 
-def measure_step(sh: Shapes, cfg: TrainConfig, steps: int, pool_bytes: float, tmp: Path) -> StepResult:
-    n_layers = len(sh.layers)
+
+def read_pool(sh: Shapes, cfg: TrainConfig, steps: int, pool_bytes: float) -> tuple[list[torch.Tensor], float]:
+    """The first batches train() will see (same stream, same seed), kept in the cache dtype on the device."""
     itemsize = torch.empty((), dtype=sh.cache.dtype).element_size()
-    batch_bytes = n_layers * cfg.batch_tokens * sh.d_model * itemsize
+    batch_bytes = len(sh.layers) * cfg.batch_tokens * sh.d_model * itemsize
     n_pool = max(2, min(steps, int(pool_bytes // batch_bytes)))
     t = time.perf_counter()
     it = iter(make_stream(sh, cfg))
-    pool = [next(it).acts for _ in range(n_pool)]  # cache dtype (bf16) on the device: half the memory of fp32
+    pool = [next(it).acts for _ in range(n_pool)]  # bf16: half the memory of fp32
     it.close()
+    sync(sh.device)
     read_s = time.perf_counter() - t
+    settle()
+    return pool, read_s
 
+
+def measure_step(sh: Shapes, cfg: TrainConfig, steps: int, pool: list[torch.Tensor], read_s: float,
+                 tmp: Path) -> StepResult:
+    n_layers, n_pool = len(sh.layers), len(pool)
     run = make_run(sh, cfg, tmp / "in-memory")
     dist, autocast = Dist(), autocast_for(sh.device)
     x = pool[0].float()  # the loop: batch.acts.float(), then index_select of the run's layers
@@ -206,7 +237,7 @@ def measure_step(sh: Shapes, cfg: TrainConfig, steps: int, pool_bytes: float, tm
         cpu_s += cpu_seconds() - c0
     share = cpu_share(cpu_s, sum(step_s))
     return StepResult(n_layers, run.sae.cfg.n_latents, n_layers * cfg.batch_tokens, n_pool, n_pool >= steps,
-                      step_s, dead, parts[0] if parts else float("nan"), read_s, share)
+                      step_s, cpu_s, dead, parts[0] if parts else float("nan"), read_s, share)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +249,7 @@ class Trace:
     """Timestamps and seconds collected inside one train() call."""
     device: str
     steps: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of every _step call
+    step_cpu: list[float] = field(default_factory=list)  # process CPU time at the end of every _step call
     waits: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of every next(batches)
     evals: list[float] = field(default_factory=list)
     init_s: float = 0.0
@@ -235,6 +267,7 @@ def instrument(trace: Trace) -> Iterator[None]:
             return ORIG["_step"](*a, **kw)  # ends with .tolist(): synchronized
         finally:
             trace.steps.append((t, time.perf_counter()))
+            trace.step_cpu.append(cpu_seconds())
 
     def evaluate(*a: Any, **kw: Any) -> Any:
         t = time.perf_counter()
@@ -300,13 +333,21 @@ class TrainResult:
     checkpoints_in_loop: int
     step_in_loop_s: float  # _step calls inside loop_s
     wait_in_loop_s: float  # next(batches) inside loop_s
+    loop_step_s: list[float]  # wall time of each of steps 1..steps-1 (end of one step to the end of the next)
+    loop_cpu_s: float  # process CPU time inside loop_s (all threads: the background round reads too)
+    cpu_s: float
     cpu_share: float
+    leftover_s: float  # a round read still running after train() returned (waited for, not in wall_s)
     summaries: list[dict]
     metrics_last: list[dict]
 
     @property
     def loop_tokens_per_s(self) -> float:
         return (self.steps - 1) * self.batch_tokens / self.loop_s
+
+    @property
+    def median_tokens_per_s(self) -> float:
+        return self.batch_tokens / statistics.median(self.loop_step_s)
 
 
 def run_train(configs: list[TrainConfig], device: str) -> TrainResult:
@@ -315,11 +356,14 @@ def run_train(configs: list[TrainConfig], device: str) -> TrainResult:
         c0, t0 = cpu_seconds(), time.perf_counter()
         summaries = tloop.train(configs, show_progress=False, log=lambda s: None)
         end = time.perf_counter()
-        share = cpu_share(cpu_seconds() - c0, end - t0)
+        cpu_s = cpu_seconds() - c0
+    leftover = settle()
     n_runs = len(configs)
     steps = len(trace.steps) // n_runs
     step0_end = trace.steps[n_runs - 1][1]
     last_end = trace.steps[-1][1]
+    ends = [trace.steps[i * n_runs + n_runs - 1][1] for i in range(steps)]
+    cpus = [trace.step_cpu[i * n_runs + n_runs - 1] for i in range(steps)]
     in_loop = lambda iv: step0_end <= iv[0] and iv[1] <= last_end  # noqa: E731
     metrics_last = []
     for c in configs:
@@ -331,23 +375,26 @@ def run_train(configs: list[TrainConfig], device: str) -> TrainResult:
         step0_end - first_wait[1], last_end - step0_end, end - last_end, sum(trace.evals), trace.init_s,
         sum(b - a for a, b in trace.checkpoints), sum(1 for iv in trace.checkpoints if in_loop(iv)),
         sum(b - a for a, b in trace.steps if in_loop((a, b))), sum(b - a for a, b in trace.waits if in_loop((a, b))),
-        share, summaries, metrics_last)
+        [b - a for a, b in zip(ends, ends[1:])], cpus[-1] - cpus[0],
+        cpu_s, cpu_share(cpu_s, end - t0), leftover, summaries, metrics_last)
 
 
 def print_train(tr: TrainResult, label: str) -> None:
     other = tr.loop_s - tr.step_in_loop_s - tr.wait_in_loop_s
-    print(f"{label}: train() wall {tr.wall_s:7.2f} s  (CPU share {tr.cpu_share:.2f})")
-    print(f"  setup (open cache, keep counts, SAEs, stream)   {tr.setup_s:7.2f} s")
-    print(f"  first batch (first round read)                  {tr.first_batch_s:7.2f} s")
-    print(f"  step 0 (b_pre init {tr.init_s:.2f} s, initial eval, step 0) {tr.step0_s:7.2f} s")
-    print(f"  loop, steps 1..{tr.steps - 1}                            {tr.loop_s:7.2f} s  "
-          f"{fmt_rate(tr.loop_tokens_per_s, 'tok/s')}")
-    print(f"    _step calls                                   {tr.step_in_loop_s:7.2f} s")
-    print(f"    waiting for batches (next(batches))           {tr.wait_in_loop_s:7.2f} s")
-    print(f"    rest (float cast, index_select, metrics, {tr.checkpoints_in_loop} ckpt) {other:7.2f} s")
-    print(f"  tail (final checkpoint, final eval, save)       {tr.tail_s:7.2f} s")
-    print(f"  held-out evaluations, all                       {tr.eval_s:7.2f} s;  checkpoints, all "
-          f"{tr.checkpoint_s:.2f} s")
+    line = lambda name, s, extra="": print(f"  {name:<52s}{s:7.2f} s{extra}")  # noqa: E731
+    print(f"{label}: train() wall {tr.wall_s:.2f} s, CPU {tr.cpu_s:.2f} s  (CPU share {tr.cpu_share:.2f})")
+    line("setup (open cache, keep counts, SAEs, stream)", tr.setup_s)
+    line("first batch (first round read)", tr.first_batch_s)
+    line(f"step 0 (b_pre init {tr.init_s:.2f} s, initial eval, step 0)", tr.step0_s)
+    line(f"loop: steps 1..{tr.steps - 1}", tr.loop_s, f"  {fmt_rate(tr.loop_tokens_per_s, 'tok/s')}  (median step "
+                                                   f"{fmt_rate(tr.median_tokens_per_s, 'tok/s')}; CPU share "
+                                                   f"{cpu_share(tr.loop_cpu_s, tr.loop_s):.2f})")
+    line("  _step calls", tr.step_in_loop_s)
+    line("  waiting for batches (next(batches))", tr.wait_in_loop_s)
+    line(f"  rest (float cast, index_select, metrics, {tr.checkpoints_in_loop} ckpt)", other)
+    line("tail (final checkpoint, final eval, save)", tr.tail_s)
+    line("held-out evaluations, all (in step 0 and tail)", tr.eval_s, f";  checkpoints, all {tr.checkpoint_s:.2f} s")
+    line("after train() returned: a round read still running", tr.leftover_s, "  (not in the wall; waited for)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +427,7 @@ def measure_stream(sh: Shapes, cfg: TrainConfig, n_batches: int) -> StreamResult
         del x
     it.close()
     share = cpu_share(cpu_seconds() - c0, time.perf_counter() - w0)
+    settle()
     return StreamResult(n_batches, times[0], times[1:], share)
 
 
@@ -398,20 +446,22 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--eval-tokens", type=int, default=0,
                    help="held-out tokens of every train() call (0: none; the evaluations are timed either way)")
-    p.add_argument("--dead-tokens", type=int, help="TrainConfig.dead_tokens (default 2 x batch tokens)")
+    p.add_argument("--dead-tokens", type=int, help="TrainConfig.dead_tokens (default 4 x batch tokens)")
     p.add_argument("--round-chunks", type=int, default=TrainConfig.round_chunks)
     p.add_argument("--prefetch", type=int, default=TrainConfig.prefetch)
     p.add_argument("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep-expansion", help="two expansion factors (default: expansion_factor/2, expansion_factor)")
     p.add_argument("--sweep-k", help="two k (default: k/2, k)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="repeat (1)+(2) and (3), alternating; the best of each is reported (other load skews timings)")
     p.add_argument("--pool-gb", type=float, default=2.0, help="memory for the in-memory batches of (1)")
     p.add_argument("--out", help="scratch folder for run outputs (default: a temporary folder, removed)")
     p.add_argument("--skip", choices=["step", "train", "sweep"], action="append", default=[],
                    help="skip a measurement (repeatable)")
     args = p.parse_args()
     if args.dead_tokens is None:
-        args.dead_tokens = 2 * args.batch_tokens
+        args.dead_tokens = 4 * args.batch_tokens
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     args.sweep_expansion = ints(args.sweep_expansion) if args.sweep_expansion else sorted(
         {max(1, args.expansion_factor // 2), args.expansion_factor})
@@ -449,10 +499,27 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
           f"load average {os.getloadavg()[0]:.2f} (other processes skew timings); {tree_note()}", flush=True)
     rows: list[tuple[str, str]] = []
 
-    st = None
-    if "step" not in args.skip:
-        print("\n== 1. bare training step on in-memory batches (train.loop._step) ==", flush=True)
-        st = measure_step(sh, cfg, args.steps, args.pool_gb * 1e9, tmp)
+    st = tr = None
+    pool, read_s = read_pool(sh, cfg, args.steps, args.pool_gb * 1e9) if "step" not in args.skip else ([], 0.0)
+    sts: list[StepResult] = []
+    trs: list[TrainResult] = []
+    for r in range(args.repeats):  # (1) and (2) alternate, so that load from elsewhere hits both alike
+        if "step" not in args.skip:
+            sts.append(measure_step(sh, cfg, args.steps, pool, read_s, tmp))
+        if "train" not in args.skip:
+            trs.append(run_train([base_config(args, str(tmp / f"train-{r}"))], sh.device))
+        if args.repeats > 1:
+            print(f"# repeat {r + 1}/{args.repeats}: "
+                  + (f"in-memory {fmt_rate(sts[-1].vectors_per_s / n_layers, 'tok/s')} (CPU share "
+                     f"{sts[-1].cpu_share:.2f})  " if sts else "")
+                  + (f"train loop {fmt_rate(trs[-1].loop_tokens_per_s, 'tok/s')} (CPU share "
+                     f"{cpu_share(trs[-1].loop_cpu_s, trs[-1].loop_s):.2f})" if trs else ""), flush=True)
+    del pool
+    best = " (the best of --repeats)" if args.repeats > 1 else ""
+
+    if sts:
+        st = max(sts, key=lambda x: x.vectors_per_s)
+        print(f"\n== 1. bare training step on in-memory batches (train.loop._step){best} ==", flush=True)
         ms = [1e3 * s for s in st.step_s]
         print(f"{st.n_pool} batches read into memory in {st.read_s:.2f} s ("
               + ("exactly train()'s batches, in order" if st.replays_train else
@@ -465,10 +532,9 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
         rows += [("in-memory step", f"{fmt_rate(st.vectors_per_s, 'vectors/s')} = "
                                     f"{fmt_rate(st.vectors_per_s / n_layers, 'tok/s')}")]
 
-    tr = None
-    if "train" not in args.skip:
-        print("\n== 2. train.loop.train from the cache, one SAE ==", flush=True)
-        tr = run_train([cfg], sh.device)
+    if trs:
+        tr = max(trs, key=lambda x: x.loop_tokens_per_s)
+        print(f"\n== 2. train.loop.train from the cache, one SAE{best} ==", flush=True)
         print_train(tr, "one SAE")
         m, s = tr.metrics_last[0], tr.summaries[0]
         print(f"metrics.jsonl, last line: tokens_per_s {m.get('tokens_per_s', float('nan')):,.0f}, loss "
@@ -479,65 +545,106 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
         rows.append(("train from cache (loop)", fmt_rate(tr.loop_tokens_per_s, "tok/s")))
         if st is not None:
             ratio = tr.loop_tokens_per_s * n_layers / st.vectors_per_s
-            print(f"train-from-cache / in-memory step throughput: {ratio:.3f}  (target >= 0.9; CPU shares "
-                  f"{tr.cpu_share:.2f} / {st.cpu_share:.2f})")
+            med = tr.median_tokens_per_s * n_layers / st.median_vectors_per_s
+            n = len(st.step_s)
+            cpu_ratio = (st.cpu_s / n) / (tr.loop_cpu_s / (tr.steps - 1))
+            loop_share = cpu_share(tr.loop_cpu_s, tr.loop_s)
+            print(f"train-from-cache / in-memory step throughput: {ratio:.3f}  (target >= 0.9; from total times; "
+                  f"CPU shares {loop_share:.2f} / {st.cpu_share:.2f})")
+            print(f"  same from median step times (robust to load spikes): {med:.3f}  (median step "
+                  f"{1e3 * statistics.median(tr.loop_step_s):.1f} ms in the loop, "
+                  f"{1e3 * statistics.median(st.step_s):.1f} ms in memory)")
+            print(f"  CPU time per step, in memory / in the loop (all threads): {cpu_ratio:.3f}  "
+                  f"({st.cpu_s / n:.3f} s / {tr.loop_cpu_s / (tr.steps - 1):.3f} s; < 1: the data path costs CPU)")
             same = st.replays_train and abs(st.last_loss - m.get("loss", float("nan"))) <= 1e-6 * abs(st.last_loss)
             print(f"same work: last-step loss in-memory {st.last_loss:.6f} vs train() {m.get('loss', float('nan')):.6f}"
                   f" -> {'identical batches and numerics' if same else 'DIFFERENT (see the pool note in 1)'}",
                   flush=True)
-            rows.append(("train from cache / in-memory step", f"{ratio:.3f}  (target >= 0.9)"))
+            rows += [("train from cache / in-memory step", f"{ratio:.3f}  (target >= 0.9)"),
+                     ("  same, median steps / CPU per step", f"{med:.3f} / {cpu_ratio:.3f}")]
 
     if "sweep" not in args.skip:
         grid = [(e, k) for e in args.sweep_expansion for k in args.sweep_k]
         print(f"\n== 3. sweep of {len(grid)} SAEs (expansion x k = {grid}): one pass vs one after another ==",
               flush=True)
-        configs = [base_config(args, str(tmp / f"sweep-x{e}-k{k}"), expansion_factor=e, k=k) for e, k in grid]
-        sw = run_train(configs, sh.device)
-        print_train(sw, f"one pass, {len(grid)} SAEs")
-        sep = []
-        for e, k in grid:
-            sep.append(run_train([base_config(args, str(tmp / f"alone-x{e}-k{k}"), expansion_factor=e, k=k)],
-                                 sh.device))
-            print(f"alone x{e} k{k}: wall {sep[-1].wall_s:6.2f} s (setup {sep[-1].setup_s:.2f}, first batch "
-                  f"{sep[-1].first_batch_s:.2f}, step 0 {sep[-1].step0_s:.2f}, loop {sep[-1].loop_s:.2f}: steps "
-                  f"{sep[-1].step_in_loop_s:.2f} + waits {sep[-1].wait_in_loop_s:.2f}, tail {sep[-1].tail_s:.2f}, "
-                  f"evals {sep[-1].eval_s:.2f}; CPU share {sep[-1].cpu_share:.2f})", flush=True)
+        sws: list[TrainResult] = []
+        seps: list[list[TrainResult]] = [[] for _ in grid]
+        for r in range(args.repeats):  # one pass, then the same configs one after another; alternating
+            sws.append(run_train([base_config(args, str(tmp / f"sweep{r}-x{e}-k{k}"), expansion_factor=e, k=k)
+                                  for e, k in grid], sh.device))
+            for i, (e, k) in enumerate(grid):
+                seps[i].append(run_train([base_config(args, str(tmp / f"alone{r}-x{e}-k{k}"), expansion_factor=e,
+                                                      k=k)], sh.device))
+            if args.repeats > 1:
+                print(f"# repeat {r + 1}/{args.repeats}: one pass {sws[-1].wall_s:.2f} s (CPU share "
+                      f"{sws[-1].cpu_share:.2f}), separately {sum(x[-1].wall_s for x in seps):.2f} s (CPU shares "
+                      f"{', '.join(f'{x[-1].cpu_share:.2f}' for x in seps)})", flush=True)
+        sw = min(sws, key=lambda x: x.wall_s)
+        sep = [min(x, key=lambda y: y.wall_s) for x in seps]
+        print_train(sw, f"one pass, {len(grid)} SAEs{best}")
+        for (e, k), x in zip(grid, sep):
+            print(f"alone x{e} k{k}{best}: wall {x.wall_s:6.2f} s (setup {x.setup_s:.2f}, first batch "
+                  f"{x.first_batch_s:.2f}, step 0 {x.step0_s:.2f}, loop {x.loop_s:.2f}: steps {x.step_in_loop_s:.2f} "
+                  f"+ waits {x.wait_in_loop_s:.2f}, tail {x.tail_s:.2f}, evals {x.eval_s:.2f}; CPU {x.cpu_s:.2f} s, "
+                  f"share {x.cpu_share:.2f})", flush=True)
         sep_wall = sum(r.wall_s for r in sep)
+        sep_cpu = sum(r.cpu_s for r in sep)
         sep_noeval = sum(r.wall_s - r.eval_s for r in sep)
         print(f"wall: one pass {sw.wall_s:.2f} s, separately {sep_wall:.2f} s -> ratio sweep/separate "
               f"{sw.wall_s / sep_wall:.3f}  (target <= 0.5 when reading the cache dominates)")
         print(f"wall without held-out evaluations: one pass {sw.wall_s - sw.eval_s:.2f} s, separately "
               f"{sep_noeval:.2f} s -> ratio {(sw.wall_s - sw.eval_s) / sep_noeval:.3f}")
+        print(f"CPU time: one pass {sw.cpu_s:.2f} s, separately {sep_cpu:.2f} s -> ratio {sw.cpu_s / sep_cpu:.3f}  "
+              f"(less sensitive to light load; heavy load inflates it too: OpenMP threads spin)")
+        shares = [sw.cpu_share] + [x.cpu_share for x in sep]
+        if max(shares) - min(shares) > 0.15:
+            print(f"  (CPU shares range {min(shares):.2f}..{max(shares):.2f}: other load skewed the wall times; "
+                  f"trust the CPU-time ratio more, or use --repeats)")
         rows += [("sweep wall, one pass / separate", f"{sw.wall_s:.2f} / {sep_wall:.2f} s = "
-                                                     f"{sw.wall_s / sep_wall:.3f}  (target <= 0.5 if data-bound)")]
+                                                     f"{sw.wall_s / sep_wall:.3f}  (target <= 0.5 if data-bound)"),
+                 ("sweep CPU time, one pass / separate",
+                  f"{sw.cpu_s:.2f} / {sep_cpu:.2f} s = {sw.cpu_s / sep_cpu:.3f}")]
 
         # what dominates: the data path alone vs the SAE compute alone
         print("\n-- what dominates: data vs SAE compute --", flush=True)
-        ds = measure_stream(sh, cfg, args.steps)
-        rest_mean = statistics.mean(ds.rest_s) if ds.rest_s else float("nan")
-        print(f"MinibatchStream alone, {ds.n_batches} batches (+ .float(), index_select, as the loop): "
+        ds = min((measure_stream(sh, cfg, args.steps) for _ in range(args.repeats)), key=lambda x: x.total_s)
+        rest_mean = statistics.mean(ds.rest_s) if ds.rest_s else 0.0
+        print(f"MinibatchStream alone, {ds.n_batches} batches (+ .float(), index_select, as the loop){best}: "
               f"{ds.total_s:.2f} s = first batch {ds.first_s:.2f} s (first round read) + "
               f"{1e3 * rest_mean:.1f} ms per later batch  (CPU share {ds.cpu_share:.2f})")
-        sweep_steps = sw.step_in_loop_s / (sw.steps - 1)
-        print(f"SAE compute: in-loop _step time per step of the {len(grid)}-SAE sweep {1e3 * sweep_steps:.1f} ms"
-              + (f"; bare step of (1) {1e3 * statistics.median(st.step_s):.1f} ms (median)" if st else ""))
-        data_total = ds.total_s
-        compute_one = (statistics.mean(st.step_s) * args.steps) if st else None
-        compute_sweep = sweep_steps * args.steps
-        if compute_one is not None:
-            print(f"over {args.steps} steps: data alone {data_total:.2f} s vs compute of one SAE {compute_one:.2f} s "
-                  f"(data/compute {data_total / compute_one:.3f}) vs compute of the sweep {compute_sweep:.2f} s "
-                  f"(data/compute {data_total / compute_sweep:.3f})")
-        wait_frac = sw.wait_in_loop_s / max(sw.loop_s, 1e-9)
-        fixed = sum(r.setup_s + r.first_batch_s for r in sep) - (sw.setup_s + sw.first_batch_s)
-        print(f"inside the sweep's loop: waiting for batches {sw.wait_in_loop_s:.2f} s ({wait_frac:.1%} of the loop), "
-              f"_step {sw.step_in_loop_s:.2f} s; separate runs repeat setup + first read: {fixed:.2f} s more in all")
-        dominant = "SAE compute" if (compute_one or compute_sweep) > data_total else "reading the cache"
-        print(f"-> on this machine ({sh.device}) for this model and shapes, {dominant} dominates: a sweep saves at "
-              f"most the repeated data work (setup + reads), so sweep/separate ~ "
-              f"{(sw.wall_s) / sep_wall:.2f} here, not <= 0.5", flush=True)
-        rows += [("data alone / compute (one SAE)",
-                  f"{data_total / compute_one:.3f}" if compute_one else "n/a"),
+        round_chunks = min(args.round_chunks, len(sh.train_chunks))
+        per_round = round_chunks * lay.chunk_tokens / args.batch_tokens
+        steady = ds.first_s / per_round + rest_mean
+        print(f"  a round is {round_chunks} chunks = ~{per_round:.0f} batches: amortized over a long run, the data "
+              f"path costs ~{1e3 * steady:.1f} ms per step (round read / batches per round + later batch)")
+        if st is not None:
+            one_step, src = statistics.mean(st.step_s), "bare step of (1), mean"
+        elif tr is not None:
+            one_step, src = tr.step_in_loop_s / (tr.steps - 1), "in-loop _step of (2), mean"
+        else:
+            one_step, src = sw.step_in_loop_s / (sw.steps - 1) / len(grid), "the sweep's in-loop _step / SAEs"
+        sweep_step = sw.step_in_loop_s / (sw.steps - 1)
+        data, c_one, c_sweep = ds.total_s, one_step * args.steps, sweep_step * args.steps
+        who = f"one x{args.expansion_factor} k{args.k} SAE" if st or tr else "one SAE (sweep average)"
+        print(f"over {args.steps} steps: data alone {data:.2f} s vs SAE compute of {who} {c_one:.2f} s "
+              f"({src} {1e3 * one_step:.1f} ms) -> data/compute {data / c_one:.3f}; "
+              f"vs compute of the {len(grid)}-SAE sweep {c_sweep:.2f} s -> data/compute {data / c_sweep:.3f}")
+        print(f"long run, per step: data ~{1e3 * steady:.1f} ms vs one SAE's step {1e3 * one_step:.1f} ms -> "
+              f"data/compute {steady / one_step:.3f}")
+        fixed = sum(r.setup_s + r.first_batch_s for r in sep)
+        print(f"inside the sweep's loop: waiting for batches {sw.wait_in_loop_s:.2f} s "
+              f"({sw.wait_in_loop_s / max(sw.loop_s, 1e-9):.1%} of the loop), _step {sw.step_in_loop_s:.2f} s; "
+              f"setup + first round read: one pass {sw.setup_s + sw.first_batch_s:.2f} s, separately {fixed:.2f} s")
+        # one pass does the data work once and the compute of every SAE; separate runs do the data work n times
+        bound = (data + c_sweep) / (len(grid) * data + c_sweep)
+        dominant = "SAE compute" if c_one > data else "reading the cache"
+        print(f"-> on {sh.device}, for this cache and these shapes, {dominant} dominates (data alone is "
+              f"{data / c_one:.0%} of one SAE's compute). Expected sweep/separate from these parts: "
+              f"(data + compute of all) / ({len(grid)} x data + compute of all) = {bound:.2f}"
+              + ("; a ratio <= 0.5 needs data to dominate" if bound > 0.5 and c_one > data else ""), flush=True)
+        rows += [("data alone / compute (one SAE)", f"{data / c_one:.3f} over {args.steps} steps, "
+                                                    f"{steady / one_step:.3f} amortized"),
+                 ("expected sweep/separate from parts", f"{bound:.3f}"),
                  ("dominant", dominant)]
 
     print(f"\n== summary ==  (load average now {os.getloadavg()[0]:.2f})")

@@ -143,7 +143,9 @@ def test_topk_encode_gradcheck(k):
               sae.W_enc.detach().clone().requires_grad_())
 
     def f(x, b, W):
-        values, _, aux = _TopKEncode.apply(x, b, W, k, dead, 5, 4)  # chunk of 4 rows: chunking exercised
+        # chunks of 4 rows: chunking exercised; a reused pre-activation buffer (as on CPU) or none
+        workspace = torch.empty(4, M, dtype=x.dtype) if k == K else None
+        values, _, aux = _TopKEncode.apply(x, b, W, k, dead, 5, 4, workspace)
         return values, aux
 
     values = f(*inputs)[0]

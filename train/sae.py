@@ -156,7 +156,7 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_tilde: Tensor, b_pre: Tensor, W_enc: Tensor, k: int, dead: Tensor | None,
-                k_aux: int, chunk: int):
+                k_aux: int, chunk: int, workspace: Tensor | None):
         ctx.set_materialize_grads(False)  # an unused aux output then costs nothing in backward
         xc = x_tilde - b_pre
         n, n_dead = xc.shape[0], 0 if dead is None else len(dead)
@@ -173,7 +173,11 @@ class _TopKEncode(torch.autograd.Function):
         # inside an autocast region (CUDA bf16) only this matmul runs in low precision: it is the one
         # dense op; selection on bf16 values is fine, the kept values are returned in full precision.
         for s in range(0, n, chunk):
-            pre = xc[s:s + chunk] @ W.t()
+            rows = xc[s:s + chunk]
+            if workspace is not None:  # CPU: a fresh 100 MB result would be page-faulted in every step (~20 ms)
+                pre = torch.matmul(rows, W.t(), out=workspace[:len(rows)])
+            else:
+                pre = rows @ W.t()
             v, i = pre.topk(k, dim=1, sorted=False)
             values[s:s + chunk] = v
             indices[s:s + chunk] = i if order is None else order[i]
@@ -223,7 +227,7 @@ class _TopKEncode(torch.autograd.Function):
             g_x = gather_rows(W_enc, indices, g)
             if g_aux is not None:
                 g_x += g_aux @ W_dead
-        return g_x, g_b, g_W, None, None, None, None
+        return g_x, g_b, g_W, None, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -260,6 +264,7 @@ class TopKSae(nn.Module):
         # rows of pre-activations computed at once: bounds memory to ~2^25 floats (128 MB in fp32);
         # smaller chunks did not run faster here (TopK and the matmul both prefer long runs)
         self.chunk_rows = chunk_rows or max(1, 2**25 // cfg.n_latents)
+        self._workspace: Tensor | None = None  # reused pre-activation buffer (CPU only; not state)
         # random unit directions; the encoder starts as the decoder's transpose (both unit norm: on
         # standardized inputs, |x~| = sqrt(d), pre-activations start O(1))
         # drawn on the CPU (or the generator's device) so that a seed gives the same SAE on any device;
@@ -281,7 +286,19 @@ class TopKSae(nn.Module):
         k_aux = min(self.cfg.k_aux, len(dead)) if dead is not None else 0
         if k_aux == 0:
             dead = None
-        return _TopKEncode.apply(x_tilde, self.b_pre, self.W_enc, self.cfg.k, dead, k_aux, self.chunk_rows)
+        return _TopKEncode.apply(x_tilde, self.b_pre, self.W_enc, self.cfg.k, dead, k_aux, self.chunk_rows,
+                                 self._pre_workspace(x_tilde))
+
+    def _pre_workspace(self, x_tilde: Tensor) -> Tensor | None:
+        """On the CPU, one [chunk_rows, n_latents] buffer reused by every forward. (CUDA's caching
+        allocator already reuses memory, and autocast does not apply to out= matmuls.)"""
+        if x_tilde.device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return None
+        rows = min(self.chunk_rows, len(x_tilde))
+        ws = self._workspace
+        if ws is None or ws.dtype != x_tilde.dtype or ws.shape[0] < rows:
+            ws = self._workspace = x_tilde.new_empty(rows, self.cfg.n_latents)
+        return ws
 
     def encode(self, x: Tensor) -> TopK:
         """x [..., d] (model space) -> TopK(values [..., k], indices [..., k])."""

