@@ -1,1 +1,2 @@
-"""Stage 3: cache + SAE (+ model) -> layer distributions, variance ratios, FVU, delta CE (issue #4; not built yet)."""
+"""Stage 3: cache + SAE (+ model) -> layer distributions, variance ratios, reconstruction quality (FVU,
+delta CE), residual geometry, per-prompt heatmaps and one HTML report."""
