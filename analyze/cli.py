@@ -106,7 +106,10 @@ def resid(cache: Path = typer.Option(..., "--cache", help="Cache folder."),
     """Adjacent-layer cosine similarity of layer-mean-centered residuals, residual norm per layer, decoder MMCS."""
     from analyze.geometry import run_resid
 
-    res = run_resid(cache, _out(out, cache), tokens=tokens, sae_dir=sae, device=device)
+    _print_resid(run_resid(cache, _out(out, cache), tokens=tokens, sae_dir=sae, device=device))
+
+
+def _print_resid(res: dict[str, Any]) -> None:
     table = Table("layers", "cos (centered)", "cos (raw)")
     for pair, c, u in zip(res["pairs"], res["cosine_centered"], res["cosine_uncentered"]):
         table.add_row(f"{pair[0]}->{pair[1]}", f"{c:.3f}", f"{u:.3f}")
@@ -160,7 +163,7 @@ def report(sae: List[Path] = typer.Option(..., "--sae", help="Run folders; the f
     console.print(format_delta_ce(run_delta_ce(main_run, model=model, tokens=delta_ce_tokens, out_dir=folder,
                                                device=device, cache_path=cache_path, show_progress=True)))
     console.rule("residual geometry")
-    run_resid(cache_path, folder, sae_dir=main_run)
+    _print_resid(run_resid(cache_path, folder, sae_dir=main_run))
     console.rule("prompt")
     run_prompt(main_run, prompt_text, model=model, out_dir=folder, device=device, cache=cache_path, console=console)
     html = report_folder(folder, sae_dirs=dirs, cache=cache_path)
