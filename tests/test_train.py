@@ -236,3 +236,16 @@ def test_train_config_yaml_names_every_field():
     for f in config_fields():
         assert f"\n{f.name}:" in text, f"train_config.yaml lacks {f.name}"
     assert loaded.expansion_factor == 8 and loaded.validate()
+
+
+def test_sweep_cli_makes_one_folder_per_combination(tcache, tmp_path, capsys):
+    args = ["sweep", "--quiet", "--cache", tcache, "--out", tmp_path, "--expansion-factor", "2,4", "--layers", "all,1",
+            "--batch-tokens", 512, "--tokens", 512 * 4, "--eval-tokens", 2048, "-k", 4]
+    code, out, err = _run_cli(args, capsys)
+    assert code == 0, err
+    name = Path(tcache).name
+    folders = sorted(p.name for p in tmp_path.iterdir())
+    assert folders == sorted(f"{name}-{tag}-x{x}-k4" for x in (2, 4) for tag in ("mlsae", "layer1"))
+    for f in folders:
+        s = json.loads((tmp_path / f / "summary.json").read_text())
+        assert s["steps"] == 4 and s["held_out"]["layers"] == ([1] if "layer1" in f else [0, 1, 2])

@@ -56,27 +56,27 @@ def run(config: Optional[Path] = typer.Option(None, "--config", help="YAML file 
 
 @app.command()
 @with_dataclass_flags(config_fields(), exclude=SWEPT + ("out",))
-def sweep(expansion_factor: str = typer.Option("64", "--expansion-factor", help="Comma list, e.g. 16,32,64."),
-          k: str = typer.Option("32", "-k", "--k", help="Comma list, e.g. 16,32,64."),
-          layers: str = typer.Option("all", "--layers", help="Comma list of 'all' and/or layer numbers, e.g. all,0,3."),
+def sweep(expansion_factor: Optional[str] = typer.Option(None, "--expansion-factor",
+                                                          help="Comma list, e.g. 16,32,64 [default: the config's, 64]."),
+          k: Optional[str] = typer.Option(None, "-k", "--k", help="Comma list, e.g. 16,32,64 [default: the config's, 32]."),
+          layers: Optional[str] = typer.Option(None, "--layers",
+                                               help="Comma list of 'all' and/or layer numbers, e.g. all,0,3 [default: all]."),
           out: Optional[Path] = typer.Option(None, "--out", help="Parent folder of the run folders (default runs/)."),
           config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig fields."),
           quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
     """Train every combination in ONE pass over the cache: each chunk is read once and feeds every SAE."""
     from train.loop import train
 
+    base = _base(config, overrides)
     try:
-        xs = [int(v) for v in expansion_factor.split(",")]
-        ks = [int(v) for v in k.split(",")]
+        xs = [int(v) for v in (expansion_factor or str(base.expansion_factor)).split(",")]
+        ks = [int(v) for v in (k or str(base.k)).split(",")]
     except ValueError:
         raise SpecError("--expansion-factor and -k take comma lists of integers, e.g. 16,32,64")
-    base = _base(config, overrides)
-    configs = []
-    for x, kk, ls in itertools.product(xs, ks, [v.strip() for v in layers.split(",")]):
-        c = base.replace(expansion_factor=x, k=kk, layers=ls)
-        if out is not None:
-            c = c.replace(out=str(out / Path(c.default_out()).name))
-        configs.append(c)
+    all_layers = [v.strip() for v in (layers or base.layers).split(",")]
+    # one folder per configuration, named after it, under --out (default runs/)
+    configs = [base.replace(expansion_factor=x, k=kk, layers=ls) for x, kk, ls in itertools.product(xs, ks, all_layers)]
+    configs = [c.replace(out=str((out or Path("runs")) / Path(c.default_out()).name)) for c in configs]
     _print(train(configs, show_progress=not quiet))
 
 
