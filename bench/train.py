@@ -22,7 +22,8 @@ x d, k) and the same batches (batch_tokens tokens x n_layers vectors):
 
 Dead latents: TrainConfig.dead_tokens (paper: 10M tokens) never kills a latent in a run this short, so AuxK
 would never run; --dead-tokens (default 4 x batch_tokens: a latent idle for four batches is dead) gives a
-realistic few % of dead latents (about 4% here) from step 4 on, identically in (1), (2) and (3).
+realistic few % of dead latents from step 4 on (about 4% on the Gemma 3 270M cache at 256 tokens per batch,
+fewer with bigger batches), identically in (1), (2) and (3): both replay the same batches and numerics.
 Timers wrap train.loop functions without changing what they do, and are removed afterwards.
 Other processes sharing the CPU skew wall times: every timing comes with its CPU share (process CPU time /
 (wall x torch threads)); --repeats N alternates the measurements N times and keeps the best of each.
@@ -556,10 +557,11 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
                   f"{1e3 * statistics.median(st.step_s):.1f} ms in memory)")
             print(f"  CPU time per step, in memory / in the loop (all threads): {cpu_ratio:.3f}  "
                   f"({st.cpu_s / n:.3f} s / {tr.loop_cpu_s / (tr.steps - 1):.3f} s; < 1: the data path costs CPU)")
-            same = st.replays_train and abs(st.last_loss - m.get("loss", float("nan"))) <= 1e-6 * abs(st.last_loss)
+            # bit-identical on the CPU; CUDA's atomics (index_add_, embedding_bag backward) drift a little
+            tol = 1e-6 if sh.device == "cpu" else 1e-2
+            same = st.replays_train and abs(st.last_loss - m.get("loss", float("nan"))) <= tol * abs(st.last_loss)
             print(f"same work: last-step loss in-memory {st.last_loss:.6f} vs train() {m.get('loss', float('nan')):.6f}"
-                  f" -> {'identical batches and numerics' if same else 'DIFFERENT (see the pool note in 1)'}",
-                  flush=True)
+                  f" -> {'same batches and numerics' if same else 'DIFFERENT (see the pool note in 1)'}", flush=True)
             rows += [("train from cache / in-memory step", f"{ratio:.3f}  (target >= 0.9)"),
                      ("  same, median steps / CPU per step", f"{med:.3f} / {cpu_ratio:.3f}")]
 

@@ -12,6 +12,7 @@ already consumed, giving the same minibatches bit for bit. The stream never ends
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
@@ -63,6 +64,7 @@ class MinibatchStream:
         self.round_chunks = max(1, min(round_chunks, order_len))
         self.rounds_per_epoch = -(-order_len // self.round_chunks)
         self.state = StreamState()
+        self._closed = threading.Event()
 
     def _round_chunks(self, epoch: int, r: int) -> np.ndarray:
         return self.reader.order(epoch)[r * self.round_chunks : (r + 1) * self.round_chunks]
@@ -94,6 +96,8 @@ class MinibatchStream:
         """Vectors [L, n, d] on the device and their cache positions: the carry, then the round's kept tokens."""
         parts, positions = [carry[0]], [carry[1]]
         for ch in self.reader.iter_chunks(chunk_ids):
+            if self._closed.is_set():  # the consumer stopped: do not read (and place) a round nobody uses
+                break
             rows = torch.arange(len(ch.keep)) if self.include_special else ch.keep.nonzero().squeeze(1)
             parts.append(self._kept_rows(ch.acts, rows))
             positions.append(rows.to(torch.int64) + ch.start)
@@ -104,6 +108,7 @@ class MinibatchStream:
         return st.epoch + (nxt == self.rounds_per_epoch), nxt % self.rounds_per_epoch
 
     def __iter__(self) -> Iterator[Batch]:
+        self._closed.clear()
         st = self.state
         loaded = self._load(self._round_chunks(st.epoch, st.round), self._carry_from_disk(st.carry))
         pool = ThreadPoolExecutor(1, thread_name_prefix="round-loader")  # reads round r+1 during round r
@@ -125,4 +130,5 @@ class MinibatchStream:
                 self.state = st = nxt
                 loaded = future.result()
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            self._closed.set()
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -160,7 +160,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
             continue
         gen = torch.Generator().manual_seed(cfg.seed)
         sae = TopKSae(sae_cfg, device=device, generator=gen)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
         run = Run(cfg, out, torch.tensor([union.index(l) for l in layers], device=device), layers, sae, opt,
                   DeadLatents(sae_cfg.n_latents, cfg.dead_tokens, device), lr)
         if state == "resume" and (out / CHECKPOINT).is_file():
@@ -201,6 +201,8 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
         "cpu", enabled=False)
+    # throughput counts from the end of this session's first step: b_pre init, the initial held-out
+    # evaluation and the first round read are one-off costs, not the training rate
     t0, tokens_at_t0 = time.time(), start_step * first.batch_tokens
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:>8.0f} tok/s"),
@@ -226,6 +228,8 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
                         "lr": run.opt.param_groups[0]["lr"], "tokens_per_s": rate / max(time.time() - t0, 1e-9)}) + "\n")
                     run.metrics.flush()
             done = step + 1
+            if step == start_step and steps - start_step > 1:
+                t0, tokens_at_t0 = time.time(), done * first.batch_tokens
             if done % first.checkpoint_every == 0 or done == steps:
                 _checkpoint(runs, done, stream, dist)
             bar.update(task, completed=done, loss=parts[0],
@@ -233,14 +237,14 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
 
     # -- held-out evaluation and outputs --------------------------------------------------------------
     summaries = []
-    seconds = time.time() - t0
+    seconds = time.time() - t0  # the training steps after this session's first one
     for run in runs:
         if dist.rank != 0:
             continue
         final = evaluate(run.sae, cache, eval_chunks, run.layers, device, run.cfg.include_special)
         run.sae.save(run.out)
         summary = {"out": str(run.out), "layers": run.layers, "steps": steps, "tokens": steps * first.batch_tokens,
-                   "seconds_this_session": seconds,
+                   "seconds_training": seconds,
                    "tokens_per_s": (steps * first.batch_tokens - tokens_at_t0) / max(seconds, 1e-9),
                    "held_out_initial": run.fvu_initial, "held_out": final}
         (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
