@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -11,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harvest.errors import SpecError, UserError
+from harvest.errors import SpecError
+from harvest.flags import run_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Layer distributions, variance ratios, reconstruction quality and residual geometry of SAEs.")
@@ -171,15 +171,7 @@ def report(sae: List[Path] = typer.Option(..., "--sae", help="Run folders; the f
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as e:
-        err_console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
-
+    run_app(app, "interrupted")
 
 if __name__ == "__main__":
     main()

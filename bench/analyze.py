@@ -186,7 +186,8 @@ def time_bare_encode(sae: TopKSae, chunks: list[torch.Tensor], rows: int, device
 
 @contextmanager
 def instrument(timers: dict[str, float], device: str) -> Iterator[None]:
-    """Time every TopKSae.encode and LayerDistribution.update call (synchronized on CUDA); restore after."""
+    """Time every TopKSae.encode and LayerDistribution.update call (synchronized on CUDA) and the waits for
+    ChunkReader chunks; restore the originals afterwards."""
     patches: list[tuple[Any, str, Any]] = []
 
     def wrap(owner: Any, name: str, label: str) -> None:
@@ -199,11 +200,36 @@ def instrument(timers: dict[str, float], device: str) -> Iterator[None]:
                 return orig(*a, **kw)
             finally:
                 sync(device)
-                timers[label] = timers.get(label, 0.0) + time.perf_counter() - t
+                add(label, t)
 
         patches.append((owner, name, orig))
         setattr(owner, name, timed)
 
+    def add(label: str, t: float) -> None:
+        timers[label] = timers.get(label, 0.0) + time.perf_counter() - t
+
+    orig_epoch = ChunkReader.epoch
+
+    def timed_epoch(self: ChunkReader, *a: Any, **kw: Any) -> Iterator[Any]:
+        """The consumer's wait for each chunk, and for the reader's pool to shut down when the loop ends."""
+        it = orig_epoch(self, *a, **kw)
+        try:
+            while True:
+                t = time.perf_counter()
+                try:
+                    chunk = next(it)
+                except StopIteration:
+                    return
+                finally:
+                    add("read wait", t)
+                yield chunk
+        finally:
+            t = time.perf_counter()
+            it.close()  # a loop that stops early leaves reads in flight: the pool waits for them
+            add("read wait", t)
+
+    patches.append((ChunkReader, "epoch", orig_epoch))
+    ChunkReader.epoch = timed_epoch  # type: ignore[method-assign]
     wrap(TopKSae, "encode", "encode")
     wrap(LayerDistribution, "update", "update")
     try:
@@ -346,13 +372,14 @@ def main() -> None:
     for name, b, m, tail in rows:
         print(f"  {name:<{width}}  best {b:.3f}  median {m:.3f}{tail}")
 
-    enc, upd = timers.get("encode", 0.0), timers.get("update", 0.0)
-    rest = inst.stream_s - enc - upd
+    enc, upd, wait = timers.get("encode", 0.0), timers.get("update", 0.0), timers.get("read wait", 0.0)
+    rest = inst.stream_s - enc - upd - wait
     print(f"\n4. inside one instrumented run_variance stream ({inst.stream_s:.2f} s, whole call {inst.wall_s:.2f} s, "
           f"CPU share {inst.share:.2f}):")
     print(f"  sae.encode                 {enc:8.2f} s  {enc / inst.stream_s:6.1%}")
     print(f"  LayerDistribution.update   {upd:8.2f} s  {upd / inst.stream_s:6.1%}")
-    print(f"  rest (read, keep, copies)  {rest:8.2f} s  {rest / inst.stream_s:6.1%}")
+    print(f"  waiting for the reader     {wait:8.2f} s  {wait / inst.stream_s:6.1%}  (incl. its shutdown at the end)")
+    print(f"  rest (keep, copies, cast)  {rest:8.2f} s  {rest / inst.stream_s:6.1%}")
     print(f"  in-run ratio encode / stream: {enc / inst.stream_s:.3f}  (same run, so immune to load elsewhere; "
           f"target >= 0.8)")
     print(f"  setup + outputs outside the stream: {inst.wall_s - inst.stream_s:.2f} s (load SAE, open cache, "

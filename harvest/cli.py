@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,8 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import UserError
-from .flags import with_dataclass_flags
+from .flags import run_app, with_dataclass_flags
 from .spec import CacheSpec, spec_fields
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -98,15 +96,7 @@ def verify(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as e:
-        err_console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: rerun the same command to resume")
-        sys.exit(130)
-
+    run_app(app, "interrupted: rerun the same command to resume")
 
 if __name__ == "__main__":
     main()

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import SpecError
+from .flags import read_yaml_mapping, replace_fields
 
 STORAGE_DTYPES = ("bfloat16", "float32", "float16")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -61,29 +60,11 @@ class CacheSpec:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | Path) -> "CacheSpec":
-        p = Path(path)
-        if not p.is_file():
-            raise SpecError(f"spec file {p} not found: pass --spec with an existing YAML file")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise SpecError(f"spec file {p} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax")
-        if not isinstance(raw, dict):
-            raise SpecError(f"spec file {p} must be a mapping of field: value")
-        return cls().replace(**raw)
+        return cls().replace(**read_yaml_mapping(path, "spec", "--spec"))
 
     def replace(self, **overrides: Any) -> "CacheSpec":
         """A copy with the given fields changed; None values are ignored (unset CLI flags)."""
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise SpecError(f"unknown spec field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(names))}")
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if "layers" in given and isinstance(given["layers"], (list, tuple)):
-            given["layers"] = ",".join(str(int(x)) for x in given["layers"])
-        if "layers" in given:
-            given["layers"] = str(given["layers"])
-        return dataclasses.replace(self, **given)
+        return replace_fields(self, overrides, "spec")
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> "CacheSpec":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,14 +11,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harvest.errors import SpecError, UserError
-from harvest.flags import with_dataclass_flags
+from harvest.errors import SpecError
+from harvest.flags import run_app, with_dataclass_flags
 from train.config import TrainConfig, config_fields
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train TopK multi-layer SAEs (and single-layer baselines) from a harvested cache.")
 console = Console()
-err_console = Console(stderr=True)
 SWEPT = ("expansion_factor", "k", "layers")
 
 
@@ -81,15 +79,7 @@ def sweep(expansion_factor: Optional[str] = typer.Option(None, "--expansion-fact
 
 
 def main() -> None:
-    try:
-        app()
-    except UserError as e:
-        err_console.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: rerun the same command to resume from the last checkpoint")
-        sys.exit(130)
-
+    run_app(app, "interrupted: rerun the same command to resume from the last checkpoint")
 
 if __name__ == "__main__":
     main()

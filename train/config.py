@@ -7,9 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from harvest.errors import SpecError
+from harvest.flags import read_yaml_mapping, replace_fields
 
 # Fields that may change when a run is resumed (they do not change the result).
 RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "prefetch"})
@@ -45,21 +44,11 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        p = Path(path)
-        if not p.is_file():
-            raise SpecError(f"config file {p} not found: pass --config with an existing YAML file")
-        raw = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise SpecError(f"config file {p} must be a mapping of field: value")
-        return cls().replace(**raw)
+        return cls().replace(**read_yaml_mapping(path, "config", "--config"))
 
     def replace(self, **overrides: Any) -> "TrainConfig":
-        names = {f.name for f in fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise SpecError(f"unknown config field(s) {', '.join(unknown)}: valid fields are {', '.join(sorted(names))}")
-        given = {k: (str(v) if k == "layers" else v) for k, v in overrides.items() if v is not None}
-        return dataclasses.replace(self, **given)
+        """A copy with the given fields changed; None values are ignored (unset CLI flags)."""
+        return replace_fields(self, overrides, "config")
 
     def validate(self) -> "TrainConfig":
         for name in ["expansion_factor", "k", "batch_tokens", "k_aux", "round_chunks", "checkpoint_every",
