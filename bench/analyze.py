@@ -10,7 +10,7 @@ device, calling `sae.encode` and nothing else. The cost of the analysis should b
 run_variance / bare encode >= 0.8.
 
 Four measurements, each after a warm-up on a small token budget; (1)-(3) are repeated --repeats times,
-interleaved (1, 2, 3, 1, 2, 3, ...) so load from other processes hits them alike; best and median:
+interleaved (1 2 3, 2 3 1, 3 1 2, ...) so load from other processes hits them alike; best and median:
   1. run_variance: the whole call (load the SAE, open the cache, stream, write variance.json, the
      safetensors and, unless --no-figures, the two PNGs into a scratch folder), and its own streaming
      time (the `seconds` it reports: reader + copies + encode + LayerDistribution.update);
@@ -18,8 +18,9 @@ interleaved (1, 2, 3, 1, 2, 3, ...) so load from other processes hits them alike
      analyze.layers._stream, minus the accumulators and the progress bar);
   3. bare encode alone: the same kept tokens read beforehand onto the device (storage dtype, at most
      --preload-gb), so only the cast to float and sae.encode are timed: the encoder's own speed;
-  4. one instrumented run_variance: time inside TopKSae.encode and LayerDistribution.update within the
-     stream (on CUDA each wrapped call is synchronized, so this run is a little slower than (1)).
+  4. one instrumented run_variance and one instrumented (2): time inside TopKSae.encode,
+     LayerDistribution.update and waiting for ChunkReader's chunks, within one stream (on CUDA each
+     wrapped call is synchronized, so these runs are a little slower than (1) and (2)).
 Then the wall time for 10M tokens (the poster's budget) extrapolated from the measured speeds.
 """
 
@@ -310,7 +311,7 @@ def main() -> None:
     rv_tokens: set[int] = set()
     bare_tokens: set[int] = set()
     notes: set[str] = set()
-    for r in range(args.repeats):
+    def measure_rv() -> str:
         res = time_run_variance(run, cache_path, args.tokens, out, device, args.rows, figures)
         rv.tps.append(res.tokens / res.wall_s)
         rv.share.append(res.share)
@@ -320,23 +321,33 @@ def main() -> None:
         stream.extra.append(res.stream_s)
         rv_tokens.add(res.tokens)
         notes.update(res.notes)
-        n, s_bare, share = time_bare_stream(sae, cache, layers, args.tokens, args.rows, device, seed)
-        bare.tps.append(n / s_bare)
+        return f"run_variance call {res.wall_s:.2f} s (stream {res.stream_s:.2f} s)"
+
+    def measure_bare() -> str:
+        n, s, share = time_bare_stream(sae, cache, layers, args.tokens, args.rows, device, seed)
+        bare.tps.append(n / s)
         bare.share.append(share)
         bare_tokens.add(n)
-        line = (f"  repeat {r + 1}: run_variance call {res.wall_s:.2f} s (stream {res.stream_s:.2f} s), "
-                f"bare streamed encode {s_bare:.2f} s")
-        if chunks is not None:
-            n, s_alone, share = time_bare_encode(sae, chunks, args.rows, device)
-            alone.tps.append(n / s_alone)
-            alone.share.append(share)
-            line += f", encode alone {s_alone:.2f} s"
-        print(line, flush=True)
+        return f"bare streamed encode {s:.2f} s"
 
-    # 4. breakdown inside one run_variance stream
+    def measure_alone() -> str:
+        n, s, share = time_bare_encode(sae, chunks, args.rows, device)
+        alone.tps.append(n / s)
+        alone.share.append(share)
+        return f"encode alone {s:.2f} s"
+
+    paths = [measure_rv, measure_bare, *([measure_alone] if chunks is not None else [])]
+    for r in range(args.repeats):
+        order = paths[r % len(paths):] + paths[:r % len(paths)]  # rotated: no path always follows the same one
+        print(f"  repeat {r + 1}: " + ", ".join(f() for f in order), flush=True)
+
+    # 4. breakdown inside one run_variance stream, and inside one bare streamed encode
     timers: dict[str, float] = {}
     with instrument(timers, device):
         inst = time_run_variance(run, cache_path, args.tokens, out, device, args.rows, figures)
+    bare_timers: dict[str, float] = {}
+    with instrument(bare_timers, device):
+        _, bare_s, bare_share = time_bare_stream(sae, cache, layers, args.tokens, args.rows, device, seed)
 
     tokens = min(rv_tokens)
     vectors = tokens * L
@@ -372,18 +383,25 @@ def main() -> None:
     for name, b, m, tail in rows:
         print(f"  {name:<{width}}  best {b:.3f}  median {m:.3f}{tail}")
 
-    enc, upd, wait = timers.get("encode", 0.0), timers.get("update", 0.0), timers.get("read wait", 0.0)
-    rest = inst.stream_s - enc - upd - wait
-    print(f"\n4. inside one instrumented run_variance stream ({inst.stream_s:.2f} s, whole call {inst.wall_s:.2f} s, "
-          f"CPU share {inst.share:.2f}):")
-    print(f"  sae.encode                 {enc:8.2f} s  {enc / inst.stream_s:6.1%}")
-    print(f"  LayerDistribution.update   {upd:8.2f} s  {upd / inst.stream_s:6.1%}")
-    print(f"  waiting for the reader     {wait:8.2f} s  {wait / inst.stream_s:6.1%}  (incl. its shutdown at the end)")
-    print(f"  rest (keep, copies, cast)  {rest:8.2f} s  {rest / inst.stream_s:6.1%}")
-    print(f"  in-run ratio encode / stream: {enc / inst.stream_s:.3f}  (same run, so immune to load elsewhere; "
-          f"target >= 0.8)")
-    print(f"  setup + outputs outside the stream: {inst.wall_s - inst.stream_s:.2f} s (load SAE, open cache, "
-          f"reader buffers, write files{', figures' if figures else ''})")
+    print("\n4. inside one instrumented run (on CUDA every wrapped call is synchronized):")
+    print(f"  {'':28s} {'run_variance stream':>21s} {'bare streamed encode':>21s}")
+    cols = [(timers, inst.stream_s), (bare_timers, bare_s)]
+    for label, key in [("sae.encode", "encode"), ("LayerDistribution.update", "update"),
+                       ("waiting for the reader", "read wait"), ("rest (keep, copies, cast)", None)]:
+        cells = []
+        for tm, total in cols:
+            x = tm.get(key, 0.0) if key else total - sum(tm.values())
+            cells.append(f"{x:8.2f} s {x / total:7.1%}")
+        print(f"  {label:<28s} {cells[0]:>21s} {cells[1]:>21s}")
+    print(f"  {'total':<28s} {inst.stream_s:8.2f} s {'':7s} {bare_s:8.2f} s {'':7s}   "
+          f"(CPU share {inst.share:.2f} / {bare_share:.2f})")
+    enc = timers.get("encode", 0.0)
+    print(f"  in-run ratio encode / run_variance stream: {enc / inst.stream_s:.3f}  (one run, so less exposed to "
+          f"load elsewhere; target >= 0.8)")
+    print("  reader wait: mostly the first chunk (the reader starts up to 8 reads at once, into fresh buffers) and,\n"
+          "  when the budget ends before the chunks do, the reads still in flight (the pool waits for them)")
+    print(f"  run_variance outside its stream: {inst.wall_s - inst.stream_s:.2f} s (load SAE, open cache, reader "
+          f"buffers, write files{', figures' if figures else ''})")
 
     fixed = statistics.median([w - s for w, s in zip(rv.extra, stream.extra)])
     print(f"\nextrapolated wall time for {POSTER_TOKENS:,} tokens ({L} layers, n_latents {n_lat:,}, device {device}):")

@@ -267,10 +267,10 @@ class TopKSae(nn.Module):
         # smaller chunks did not run faster here (TopK and the matmul both prefer long runs)
         self.chunk_rows = chunk_rows or max(1, 2**25 // cfg.n_latents)
         self._workspace: Tensor | None = None  # reused pre-activation buffer (CPU only; not state)
-        # random unit directions; the encoder starts as the decoder's transpose (both unit norm: on
-        # standardized inputs, |x~| = sqrt(d), pre-activations start O(1))
-        # drawn on the CPU (or the generator's device) so that a seed gives the same SAE on any device;
-        # skipped on the meta device (load() fills the parameters)
+        # Random unit directions; the encoder starts as the decoder's transpose (both unit norm: on
+        # standardized inputs |x~| = sqrt(d), so pre-activations start O(1)). Drawn on the CPU (or the
+        # generator's device) so that a seed gives the same SAE on any device; nothing is drawn on the
+        # meta device (load() assigns the parameters).
         src = "meta" if torch.device(device or "cpu").type == "meta" else (generator.device if generator else "cpu")
         W = torch.randn(cfg.n_latents, cfg.d_model, generator=generator, dtype=torch.float32, device=src)
         W /= W.norm(dim=1, keepdim=True)
@@ -307,14 +307,14 @@ class TopKSae(nn.Module):
         lead = x.shape[:-1]
         x_tilde, _, _ = standardize(x.reshape(-1, x.shape[-1]).to(self.W_enc.dtype))
         values, indices, _ = self._encode_flat(x_tilde)
-        return TopK(values.view(*lead, -1), indices.view(*lead, -1))
+        return TopK(values.view(*lead, self.cfg.k), indices.view(*lead, self.cfg.k))
 
     def decode(self, values: Tensor, indices: Tensor, mean: Tensor | None = None, std: Tensor | None = None) -> Tensor:
         """Latents [..., k] -> reconstruction [..., d]: in standardized space (b_pre included), or in
         model space when the input's `mean` and `std` ([..., 1], from `standardize`) are given."""
         lead, k = values.shape[:-1], values.shape[-1]
         x_hat = sparse_decode(values.reshape(-1, k), indices.reshape(-1, k), self.W_dec) + self.b_pre
-        x_hat = x_hat.view(*lead, -1)
+        x_hat = x_hat.view(*lead, self.cfg.d_model)
         if mean is not None and std is not None:
             x_hat = x_hat * std + mean
         return x_hat
@@ -331,7 +331,8 @@ class TopKSae(nn.Module):
         aux_recon = None
         if aux is not None:
             aux_recon = (aux @ self.W_dec.index_select(0, dead)).view(*lead, d)  # no bias (OpenAI)
-        return SaeOutput(x_hat.view(*lead, d), values.view(*lead, -1), indices.view(*lead, -1),
+        k = self.cfg.k
+        return SaeOutput(x_hat.view(*lead, d), values.view(*lead, k), indices.view(*lead, k),
                          x_tilde.view(*lead, d), x_hat_tilde.view(*lead, d), mean.view(*lead, 1),
                          std.view(*lead, 1), aux_recon)
 
