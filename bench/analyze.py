@@ -147,8 +147,8 @@ def kept_chunks(reader: ChunkReader, budget: int, device: str) -> Iterator[torch
         yield x_all
         done += len(kept)
         if device != "cpu":
-            # the reader refills this pinned buffer once the next chunk is requested: let the async copy
-            # land first (run_variance gets the same from the syncs inside LayerDistribution.update)
+            # the reader soon refills this pinned buffer (ChunkReader's hold): let the async copy land
+            # first (run_variance gets the same from the syncs inside LayerDistribution.update)
             torch.cuda.synchronize(device)
         if done >= budget:
             break
@@ -299,7 +299,7 @@ def main() -> None:
     print(f"# warm-up took {time.perf_counter() - t:.1f} s", flush=True)
 
     # the kept tokens on the device, for the encode-only path
-    preload_bytes = args.tokens * L * d * torch.finfo(torch.bfloat16).bits // 8
+    preload_bytes = args.tokens * L * d * getattr(torch, cache.layout.dtype).itemsize
     chunks: list[torch.Tensor] | None = None
     if preload_bytes <= args.preload_gb * 1e9:
         reader = ChunkReader(cache, layers=layers, seed=seed, pin_memory=device.startswith("cuda"))
@@ -321,20 +321,20 @@ def main() -> None:
         stream.extra.append(res.stream_s)
         rv_tokens.add(res.tokens)
         notes.update(res.notes)
-        return f"run_variance call {res.wall_s:.2f} s (stream {res.stream_s:.2f} s)"
+        return f"run_variance call {res.wall_s:.2f} s (stream {res.stream_s:.2f} s; CPU share {res.share:.2f})"
 
     def measure_bare() -> str:
         n, s, share = time_bare_stream(sae, cache, layers, args.tokens, args.rows, device, seed)
         bare.tps.append(n / s)
         bare.share.append(share)
         bare_tokens.add(n)
-        return f"bare streamed encode {s:.2f} s"
+        return f"bare streamed encode {s:.2f} s ({share:.2f})"
 
     def measure_alone() -> str:
         n, s, share = time_bare_encode(sae, chunks, args.rows, device)
         alone.tps.append(n / s)
         alone.share.append(share)
-        return f"encode alone {s:.2f} s"
+        return f"encode alone {s:.2f} s ({share:.2f})"
 
     paths = [measure_rv, measure_bare, *([measure_alone] if chunks is not None else [])]
     for r in range(args.repeats):
