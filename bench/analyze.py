@@ -47,6 +47,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Iterator  # noqa: E402
 
 import torch  # noqa: E402
+from bench.common import sync, cpu_seconds, cpu_share, fmt_rate, best_median  # noqa: E402
 
 from analyze.layers import LayerDistribution, run_variance  # noqa: E402
 from harvest import ChunkReader, open_cache  # noqa: E402
@@ -63,27 +64,6 @@ POSTER_TOKENS = 10_000_000
 # small helpers (as bench/harvest.py)
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads."""
-    t = os.times()
-    return t.user + t.system
-
-
-def cpu_share(cpu_s: float, wall_s: float) -> float:
-    """Fraction of torch's threads' worth of CPU this process got: well below 1 means other load competed.
-    (The reader's I/O threads count too, so it can exceed 1 a little.)"""
-    return cpu_s / max(wall_s * torch.get_num_threads(), 1e-9)
-
-
-def fmt_rate(x: float, unit: str = "tok/s") -> str:
-    return f"{x:,.1f} {unit}" if x < 100 else f"{x:,.0f} {unit}"
-
-
 def fmt_duration(s: float) -> str:
     if s < 120:
         return f"{s:.1f} s"
@@ -92,10 +72,6 @@ def fmt_duration(s: float) -> str:
     if s < 2 * 86400:
         return f"{s / 3600:.1f} h"
     return f"{s / 86400:.1f} days"
-
-
-def best_median(xs: list[float]) -> tuple[float, float]:
-    return max(xs), statistics.median(xs)
 
 
 @dataclass

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench.common import sync, cpu_seconds, cpu_share, fmt_rate, best_median  # noqa: E402
 
 import harvest.cache as hcache  # noqa: E402
 import harvest.run as hrun  # noqa: E402
@@ -55,30 +56,6 @@ FORWARD_LAYERS = hrun.forward_layers  # the original, before any instrumentation
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads."""
-    t = os.times()
-    return t.user + t.system
-
-
-def cpu_share(cpu_s: float, wall_s: float) -> float:
-    """Fraction of torch's threads' worth of CPU this process got: well below 1 means other load competed."""
-    return cpu_s / max(wall_s * torch.get_num_threads(), 1e-9)
-
-
-def fmt_rate(x: float, unit: str) -> str:
-    return f"{x:,.1f} {unit}" if x < 100 else f"{x:,.0f} {unit}"
-
-
-def best_median(xs: list[float]) -> tuple[float, float]:
-    return max(xs), statistics.median(xs)
 
 
 def choose_layout(n_tokens: int, context: int, min_blocks: int = 3) -> tuple[int, int, int]:

@@ -30,14 +30,10 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+from bench.common import sync  # noqa: E402
 
 from train.objectives import DeadLatents, training_loss  # noqa: E402
 from train.sae import SaeConfig, TopKSae  # noqa: E402
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def synthetic_batch(n_layers: int, n_tokens: int, d: int, device: str, gen: torch.Generator) -> torch.Tensor:

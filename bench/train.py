@@ -56,6 +56,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Iterator  # noqa: E402
 
 import torch  # noqa: E402
+from bench.common import sync, cpu_seconds, cpu_share, fmt_rate  # noqa: E402
 
 import train.loop as tloop  # noqa: E402
 from harvest import open_cache  # noqa: E402
@@ -71,26 +72,6 @@ ORIG = {name: getattr(tloop, name) for name in ["_step", "evaluate", "_init_b_pr
 
 # ---------------------------------------------------------------------------------------------
 # small helpers (as bench/harvest.py)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads."""
-    t = os.times()
-    return t.user + t.system
-
-
-def cpu_share(cpu_s: float, wall_s: float) -> float:
-    """Fraction of torch's threads' worth of CPU this process got: well below 1 means other load competed."""
-    return cpu_s / max(wall_s * torch.get_num_threads(), 1e-9)
-
-
-def fmt_rate(x: float, unit: str) -> str:
-    return f"{x:,.1f} {unit}" if x < 100 else f"{x:,.0f} {unit}"
 
 
 def settle(timeout: float = 120.0) -> float:

@@ -1,0 +1,36 @@
+"""Timing helpers shared by the benchmarks (imported as `bench.common`; each script puts the repo root
+on sys.path). Other jobs on a small machine skew wall times, so every timing comes with a CPU share."""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import torch
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so wall times cover it."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads."""
+    t = os.times()
+    return t.user + t.system
+
+
+def cpu_share(cpu_s: float, wall_s: float) -> float:
+    """Fraction of torch's threads' worth of CPU this process got: well below 1 means other load competed.
+    (I/O threads count too, so it can exceed 1 a little.)"""
+    return cpu_s / max(wall_s * torch.get_num_threads(), 1e-9)
+
+
+def fmt_rate(x: float, unit: str = "tok/s") -> str:
+    return f"{x:,.1f} {unit}" if x < 100 else f"{x:,.0f} {unit}"
+
+
+def best_median(xs: list[float]) -> tuple[float, float]:
+    """(best, median) of rates: higher is better."""
+    return max(xs), statistics.median(xs)
