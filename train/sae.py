@@ -86,7 +86,8 @@ class SaeOutput(NamedTuple):
 
 
 def standardize(x: Tensor, eps: float = STD_EPS) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-vector standardization over the last (feature) axis: (x~, mean, std), std the population std.
+    """Per-vector standardization over the last (feature) axis: (x~, mean, std), std the population std
+    (the reference uses torch.std, Bessel-corrected: a relative 1/(2d) difference, 0.08% at d = 640).
 
     Undo with `x~ * std + mean` (not `* (std + eps)`: the reference multiplies back by std alone, which
     differs by a relative 1e-5 / std, negligible for residual streams)."""
