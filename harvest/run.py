@@ -49,6 +49,8 @@ class Dist:
 
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":  # object collectives and barriers use the current device: one GPU per rank
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, timeout=timedelta(hours=4))  # rank 0 may tokenize for a long time
         return cls(dist.get_rank(), dist.get_world_size())
 
