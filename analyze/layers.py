@@ -427,7 +427,7 @@ def _distributed() -> Iterator[tuple[int, int]]:
     if dist.is_available() and dist.is_initialized():
         yield dist.get_rank(), dist.get_world_size()
         return
-    from harvest.run import Dist
+    from harvest.env import Dist
 
     d = Dist.init()  # world size 1 unless WORLD_SIZE says otherwise
     try:

@@ -32,7 +32,6 @@ import ctypes  # noqa: E402
 import gc  # noqa: E402
 import math  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402

@@ -61,7 +61,7 @@ from bench.common import sync, cpu_seconds, cpu_share, fmt_rate  # noqa: E402
 import train.loop as tloop  # noqa: E402
 from harvest import open_cache  # noqa: E402
 from harvest.models import resolve_device  # noqa: E402
-from harvest.run import Dist  # noqa: E402
+from harvest.env import Dist  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import MinibatchStream, split_chunks  # noqa: E402
 from train.objectives import DeadLatents  # noqa: E402

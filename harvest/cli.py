@@ -62,7 +62,7 @@ def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
                   f"{lay.n_sequences:,} windows x {lay.context}; dtype {lay.dtype}, compression {lay.compression}")
     console.print(f"chunks {lay.chunk_tokens} tokens, shards {lay.shard_tokens}, shuffle blocks {lay.block_tokens}; "
                   f"size on disk {_human(cache.size_on_disk())}")
-    state = "[green]complete[/]" if done == lay.n_blocks else f"[yellow]incomplete[/] (rerun `harvest run` to resume)"
+    state = "[green]complete[/]" if done == lay.n_blocks else "[yellow]incomplete[/] (rerun `harvest run` to resume)"
     console.print(f"blocks {done}/{lay.n_blocks} {state}")
     stats = cache.stats()
     table = Table("layer", "kept vectors", "mean norm", "mean feature std", "max |mean|")

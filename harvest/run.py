@@ -10,11 +10,9 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from .cache import (FLOAT16_MAX, STORAGE_DTYPES, CacheWriter, Layout, create_cache, open_cache, to_storage)
+from .env import Dist, library_versions
 from .errors import CacheError, SpecError, StorageError, UserError
 from .models import ModelSource, load_bridge, load_config, load_tokenizer, resolve_device, resolve_model
 from .spec import CacheSpec, fingerprint
@@ -29,69 +28,6 @@ from .stats import LayerStats
 from .text import adds_bos, iter_documents, make_windows, resolve_dataset
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# ---------------------------------------------------------------------------------------------
-# processes
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def init(cls) -> "Dist":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            if backend == "nccl":  # object collectives and barriers use the current device: one GPU per rank
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend, timeout=timedelta(hours=4))  # rank 0 may tokenize for a long time
-        return cls(dist.get_rank(), dist.get_world_size())
-
-    def run_on_rank0(self, fn: Callable[[], Any]) -> None:
-        """Run fn on rank 0 only; the other ranks wait and re-raise its user error, if any."""
-        err: list[Any] = [None]
-        if self.rank == 0:
-            try:
-                fn()
-            except UserError as e:
-                err[0] = str(e)
-                if self.world_size == 1:
-                    raise
-            except BaseException:
-                err[0] = "rank 0 failed (see its traceback)"
-                if self.world_size == 1:
-                    raise
-                self._broadcast(err)
-                raise
-        if self.world_size > 1:
-            self._broadcast(err)
-            if err[0] is not None:
-                raise UserError(err[0])
-
-    def _broadcast(self, obj: list[Any]) -> None:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list(obj, src=0)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,18 +120,6 @@ class Summary:
     bytes_on_disk: int
     resumed: bool
     layers: list[int] = field(default_factory=list)
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0]}
-    for pkg in ["torch", "transformers", "transformer-lens", "zarr", "numcodecs", "datasets", "mlsae-cache"]:
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def _json_safe(obj: Any) -> Any:
@@ -295,7 +219,7 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
                               "pad_token_id": tokenizer.pad_token_id,
                               "special_ids": sorted(set(tokenizer.all_special_ids)), "prepend_bos": prepend_bos},
                 "hooks": [f"blocks.{l}.hook_{spec.hook}" for l in layers],
-                "storage_dtype": str(STORAGE_DTYPES[spec.dtype][0]), "versions": _versions(),
+                "storage_dtype": str(STORAGE_DTYPES[spec.dtype][0]), "versions": library_versions(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         create_cache(out, meta, layout, windows)
         created[0] = True

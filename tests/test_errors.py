@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import subprocess
@@ -57,7 +56,7 @@ def test_missing_text_column(tmp_path, neox_dir, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"body": f"document number {i} " * 20}) for i in range(50)))
     out = tmp_path / "c"
-    line = assert_user_error(run_cli(run_args(neox_dir, data, out), capsys), "no column 'text'", "body",
+    assert_user_error(run_cli(run_args(neox_dir, data, out), capsys), "no column 'text'", "body",
                              "--text-column")
     assert not out.exists()
     code, _, err = run_cli(run_args(neox_dir, data, out, "--text-column", "body"), capsys)
@@ -67,7 +66,7 @@ def test_missing_text_column(tmp_path, neox_dir, capsys):
 
 def test_budget_larger_than_the_data(tmp_path, neox_dir, text_dir, capsys):
     out = tmp_path / "c"
-    line = assert_user_error(run_cli(run_args(neox_dir, text_dir, out, "--tokens", "10000000"), capsys),
+    assert_user_error(run_cli(run_args(neox_dir, text_dir, out, "--tokens", "10000000"), capsys),
                              "holds only", "lower --tokens to at most")
     assert not out.exists()
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from harvest import ChunkReader, open_cache
-from harvest.cache import from_storage
 from harvest.run import harvest
 from harvest.spec import CacheSpec
 from helpers import hf_block_outputs, read_all
@@ -75,7 +74,7 @@ def test_windows_follow_the_reference_tokenization(cache_path, neox_dir):
     cache = open_cache(cache_path)
     assert cache.meta["tokenizer"]["prepend_bos"] is False  # Pythia-style tokenizer adds no BOS
     stream = []
-    for d in sorted(documents(), key=lambda _: 0):  # files are read in sorted name order = doc order
+    for d in documents():  # the files doc000.txt... are read in name order = this order
         stream += [tok.eos_token_id, *tok(d, add_special_tokens=False).input_ids]
     n = cache.layout.n_tokens
     assert cache.windows().reshape(-1).tolist() == stream[:n]

@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -197,7 +196,6 @@ def test_bad_input_gives_one_line_errors(tcache, tmp_path, capsys):
     (other / "notes.txt").write_text("mine")
     _one_line_error(_run_cli(_cli(tcache, other), capsys), "holds no training run")
     # an incomplete cache
-    cache = open_cache(tcache)
     bad = tmp_path / "incomplete"
     import shutil
 

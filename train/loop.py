@@ -20,9 +20,9 @@ from typing import Any, Callable, TextIO
 import torch
 
 from harvest import open_cache
-from harvest.errors import CacheError, SpecError, UserError
+from harvest.errors import SpecError, UserError
 from harvest.models import resolve_device
-from harvest.run import Dist, _versions
+from harvest.env import Dist, library_versions
 from train.config import TrainConfig
 from train.data import MinibatchStream, StreamState, split_chunks
 from train.evaluate import evaluate
@@ -75,7 +75,7 @@ def _run_record(cfg: TrainConfig, cache: Any, layers: list[int], sae_cfg: SaeCon
                       "model": cache.meta["model"]["name"], "dataset": cache.meta["spec"]["dataset"],
                       "hook": cache.meta["spec"]["hook"], "lens": cache.meta["spec"]["lens"],
                       "dtype": cache.layout.dtype, "n_tokens": cache.layout.n_tokens},
-            "layers": layers, "eval_chunks": eval_chunks, "versions": _versions()}
+            "layers": layers, "eval_chunks": eval_chunks, "versions": library_versions()}
 
 
 def _check_out(out: Path, record: dict[str, Any]) -> str:
@@ -173,8 +173,8 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
                 raise TrainingError(f"{out} was checkpointed with {len(ck['stream'])} ranks: resume with the same "
                                     f"number of ranks")
             if runs and (ck["step"] != start_step):
-                raise TrainingError(f"the runs of this sweep were checkpointed at different steps: resume them "
-                                    f"separately")
+                raise TrainingError("the runs of this sweep were checkpointed at different steps: resume them "
+                                    "separately")
             start_step, stream_states = ck["step"], ck["stream"]
         elif runs and start_step:
             raise TrainingError(f"{out} is new but other runs of this sweep resume at step {start_step}: "
