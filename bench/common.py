@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import statistics
+from typing import Sequence
 
 import torch
 
@@ -34,3 +35,11 @@ def fmt_rate(x: float, unit: str = "tok/s") -> str:
 def best_median(xs: list[float]) -> tuple[float, float]:
     """(best, median) of rates: higher is better."""
     return max(xs), statistics.median(xs)
+
+
+def print_summary(rows: Sequence[tuple[str, str]]) -> None:
+    """The closing table every benchmark prints: label, value."""
+    print(f"\n== summary ==  (load average now {os.getloadavg()[0]:.2f})")
+    width = max((len(k) for k, _ in rows), default=0)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench.common import sync, cpu_seconds, cpu_share, fmt_rate, best_median  # noqa: E402
+from bench.common import sync, cpu_seconds, cpu_share, fmt_rate, best_median, print_summary  # noqa: E402
 
 import harvest.cache as hcache  # noqa: E402
 import harvest.run as hrun  # noqa: E402
@@ -541,10 +541,7 @@ def main() -> None:
               "      the cache's files (fsync + POSIX_FADV_DONTNEED) before each repeat; the reader's parsed shard\n"
               "      indexes stay in memory, as in a long-lived reader.")
 
-    print(f"\n== summary ==  (load average now {os.getloadavg()[0]:.2f})")
-    width = max(len(k) for k, _ in rows) if rows else 0
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print_summary(rows)
 
 
 if __name__ == "__main__":

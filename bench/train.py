@@ -56,7 +56,7 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Iterator  # noqa: E402
 
 import torch  # noqa: E402
-from bench.common import sync, cpu_seconds, cpu_share, fmt_rate  # noqa: E402
+from bench.common import sync, cpu_seconds, cpu_share, fmt_rate, print_summary  # noqa: E402
 
 import train.loop as tloop  # noqa: E402
 from harvest import open_cache  # noqa: E402
@@ -630,10 +630,7 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
                  ("expected sweep/separate from parts", f"{bound:.3f}"),
                  ("dominant", dominant)]
 
-    print(f"\n== summary ==  (load average now {os.getloadavg()[0]:.2f})")
-    width = max(len(k) for k, _ in rows) if rows else 0
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print_summary(rows)
 
 
 if __name__ == "__main__":
