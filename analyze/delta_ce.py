@@ -113,6 +113,19 @@ def check_logits(bridge: Any, ids: Tensor, n: int = 16) -> None:
                            f"architecture post-processes its logits in a way delta CE does not reproduce")
 
 
+def sae_reconstructor(sae: Callable, lens: Any = None) -> ReconstructFn:
+    """Model-space vectors of layer l -> the SAE's reconstruction in model space. An SAE trained on a cache
+    harvested through a tuned lens sees lens.transform(x, l), and its reconstruction goes back with the
+    exact inverse (I + W)^-1 (y - b) (method.md Sec. 5; the reference kept only the inverse's diagonal)."""
+
+    def reconstruct(x: Tensor, layer: int) -> Tensor:
+        if lens is None:
+            return sae(x.float()).x_hat
+        return lens.inverse(sae(lens.transform(x.float(), layer)).x_hat, layer)
+
+    return reconstruct
+
+
 def _splice(layer: int, reconstruct_fn: ReconstructFn, keep: Tensor) -> Callable:
     def hook_fn(x: Tensor, hook: Any) -> Tensor:
         out = x.clone()  # a returned tensor replaces the activation (TransformerLens hooks)
@@ -241,9 +254,6 @@ def run_delta_ce(run_dir: str | Path, model: str | None = None, dataset: str | N
         raise RunError(f"{run_dir} was trained on cache {record['cache']['path']}, not on {cache.path}: pass its own "
                        f"cache with --cache")
     spec = cache.meta["spec"]
-    if spec.get("lens", "none") != "none":
-        raise DeltaCeError(f"the cache was harvested through a tuned lens ({spec['lens']}): delta CE through a lens "
-                           f"is not available in this release")
     if tokens < 1:
         raise DeltaCeError(f"tokens = {tokens}: pass --tokens >= 1")
     include = include_special if include_special is not None else (
@@ -277,9 +287,8 @@ def run_delta_ce(run_dir: str | Path, model: str | None = None, dataset: str | N
     ids_all = torch.from_numpy(windows.astype(np.int64))
     check_logits(bridge, ids_all[:1].to(device))
 
-    def reconstruct(x: Tensor, layer: int) -> Tensor:
-        return sae(x.float()).x_hat
-
+    lens = cache.lens()
+    reconstruct = sae_reconstructor(sae, None if lens is None else lens.to(device))
     batch = batch_size or int(spec.get("batch_size", 4))
     sums = DeltaCeSums.zeros(layers)
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -295,7 +304,8 @@ def run_delta_ce(run_dir: str | Path, model: str | None = None, dataset: str | N
             bar.advance(task, len(ids))
 
     result = {"run": record["dir"], "model": source.name, "cache": str(cache.path),
-              "hook": f"blocks.{{l}}.hook_{spec['hook']}", "layers": layers, **sums.means(),
+              "hook": f"blocks.{{l}}.hook_{spec['hook']}", "lens": cache.lens_record, "layers": layers,
+              **sums.means(),
               "windows": len(ids_all), "context": ctx, "positions": int(ids_all.numel()),
               "include_special": include, "window_source": info, "seconds": time.time() - t0,
               "definitions": {

@@ -135,6 +135,11 @@ def run_prompt(sae_dir: str | Path, text: str, model: str | None = None, out_dir
     if x.shape[-1] != sae.cfg.d_model:
         raise ModelError(f"model {source.name!r} has d_model {x.shape[-1]}, the SAE {sae.cfg.d_model}: pass the "
                          f"model the SAE was trained on")
+    lens = c.lens()
+    if lens is not None:  # the SAE lives in the lens space its cache was harvested in
+        lens = lens.to(x.device)
+        with torch.no_grad():
+            x = torch.stack([lens.transform(x[i], l) for i, l in enumerate(layers)])
     x = x.to(c.dtype).float()  # the SAE was trained on vectors stored in the cache's dtype
     with torch.no_grad():
         values, indices = sae.encode(x)
@@ -144,7 +149,7 @@ def run_prompt(sae_dir: str | Path, text: str, model: str | None = None, out_dir
     st = prompt_stats(values, indices, ~special, sae.cfg.n_latents, layers)
     result = _result(st, ids, special, tokenizer, layers, top)
     result.update({"text": text, "sae": str(sae_dir), "cache": str(cache_path), "model": source.name,
-                   "hook": hook, "prepend_bos": prepend_bos, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k})
+                   "hook": hook, "lens": c.lens_record, "prepend_bos": prepend_bos, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k})
 
     out = Path(out_dir) if out_dir is not None else sae_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -125,6 +125,7 @@ def run_reconstruction(run_dirs: Sequence[str | Path], cache_path: str | Path | 
                      "l0": matrix["l0"]})
 
     result = {"cache": str(cache.path), "fingerprint": cache.fingerprint, "model": cache.meta["model"]["name"],
+              "lens": cache.lens_record,
               "eval_chunks": chunks, "tokens": rows[0]["held_out"]["tokens"], "include_special": include_special,
               "layers": columns, "rows": [r["label"] for r in rows],
               "fvu_matrix": [r["fvu"] for r in rows], "fvu_feature_matrix": [r["fvu_feature"] for r in rows],

@@ -163,6 +163,7 @@ def provenance(sae_dirs: Iterable[str | Path] = (), cache: str | Path | None = N
                         "context": cm.layout.context, "layers": list(cm.layers), "d_model": cm.layout.d_model,
                         "dtype": cm.layout.dtype, "hook": (m.get("spec") or {}).get("hook"),
                         "prepend_bos": (m.get("tokenizer") or {}).get("prepend_bos"),
+                        "lens": (m.get("lens") or {}).get("source", "none"),
                         "fingerprint": str(m.get("fingerprint", ""))[:16], "created": m.get("created")}
         break
     return out

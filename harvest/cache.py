@@ -29,7 +29,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import torch
@@ -39,10 +39,14 @@ from safetensors.torch import load_file, save_file
 from .errors import CacheError, StorageError
 from .stats import LayerStats
 
+if TYPE_CHECKING:
+    from .lens import Lens, LensSource
+
 FORMAT = "mlsae-cache"
 FORMAT_VERSION = 1
 META_KEY = "mlsae_cache"
 TOKEN_ARRAYS = {"token_ids": "int32", "keep": "bool", "seq": "int32", "pos": "int32"}
+LENS_DIR = "lens"  # the tuned lens the vectors went through (config.json + params.pt), when there was one
 STORAGE_DTYPES = {  # logical dtype -> (numpy storage dtype, torch dtype)
     "bfloat16": (np.dtype("uint16"), torch.bfloat16),
     "float32": (np.dtype("float32"), torch.float32),
@@ -184,8 +188,10 @@ def _codecs(compression: str, itemsize: int) -> dict[str, Any]:
     return {"compressors": BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize, blocksize=1 << 20)}
 
 
-def create_cache(path: Path, meta: dict[str, Any], layout: Layout, windows: np.ndarray) -> None:
-    """Create an empty cache with its metadata and token windows, atomically (temp folder + rename)."""
+def create_cache(path: Path, meta: dict[str, Any], layout: Layout, windows: np.ndarray,
+                 lens: "LensSource | None" = None) -> None:
+    """Create an empty cache with its metadata, token windows and (a copy of) its tuned lens, atomically
+    (temp folder + rename). The lens copy keeps the cache self-contained: analyses read it from there."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CacheError(f"{path} exists and is not an mlsae cache: choose another --out or remove it")
@@ -208,6 +214,8 @@ def create_cache(path: Path, meta: dict[str, Any], layout: Layout, windows: np.n
                               chunks=(min(rows, len(windows)), layout.context), compressors=None)
         w[...] = windows.astype(np.int32)
         (tmp / "manifest").mkdir()
+        if lens is not None:
+            lens.copy_to(tmp / LENS_DIR)
         if path.exists():
             path.rmdir()
         os.rename(tmp, path)
@@ -247,6 +255,25 @@ class Cache:
     @property
     def dtype(self) -> torch.dtype:
         return STORAGE_DTYPES[self.layout.dtype][1]
+
+    @property
+    def lens_record(self) -> dict[str, Any] | None:
+        """The tuned lens the vectors were transformed with (source, hash, mapping), or None."""
+        return self.meta.get("lens")
+
+    def lens(self) -> "Lens | None":
+        """The cache's tuned lens (its own copy, checked against the recorded hash), or None: the space the
+        cached vectors, and every SAE trained on them, live in."""
+        from .lens import Lens, params_sha256
+
+        rec = self.lens_record
+        if rec is None:
+            return None
+        folder = self.path / LENS_DIR
+        if not (folder / "params.pt").is_file() or params_sha256(folder) != rec["params_sha256"]:
+            raise CacheError(f"{folder} is missing or differs from the lens the cache was harvested with "
+                             f"(sha256 {rec['params_sha256'][:12]}): restore it from {rec['path']} or re-harvest")
+        return Lens.load(folder, self.layout.d_model, self.meta["model"]["n_layers"])
 
     # -- manifest ------------------------------------------------------------------------------
     def manifest_path(self, b: int) -> Path:
@@ -389,4 +416,9 @@ def verify_cache(cache: Cache, progress: Any = None) -> list[str]:
                 problems.append(f"{rel}: crc32 mismatch (corrupt)")
             if progress is not None:
                 progress(size)
+    if cache.lens_record is not None:
+        try:
+            cache.lens()
+        except CacheError as e:
+            problems.append(str(e))
     return problems

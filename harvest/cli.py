@@ -58,6 +58,10 @@ def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
     console.print(f"[bold]{path}[/]  fingerprint {cache.fingerprint}")
     console.print(f"model {meta['model']['name']} ({meta['model']['architecture']}), dataset {meta['spec']['dataset']}, "
                   f"hook {meta['spec']['hook']}")
+    if cache.lens_record is not None:
+        rec = cache.lens_record
+        console.print(f"tuned lens {rec['source']} (params sha256 {rec['params_sha256'][:12]}; copy in {path}/lens): "
+                      f"{rec['mapping']}")
     console.print(f"shape \\[layers={len(lay.layers)}, tokens={lay.n_tokens:,}, d={lay.d_model}] = "
                   f"{lay.n_sequences:,} windows x {lay.context}; dtype {lay.dtype}, compression {lay.compression}")
     console.print(f"chunks {lay.chunk_tokens} tokens, shards {lay.shard_tokens}, shuffle blocks {lay.block_tokens}; "
@@ -93,6 +97,43 @@ def verify(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
         err_console.print(f"error: {path} failed verification ({len(problems)} problems)")
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {path}: {cache.layout.n_blocks} blocks, {cache.layout.n_tokens:,} tokens verified")
+
+
+lens_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                       help="Tuned lenses: train one for a model (FAR.AI file layout).")
+app.add_typer(lens_app, name="lens")
+
+
+def _lens_fields() -> list:
+    from dataclasses import fields
+
+    from .lens_train import LensSpec, LensTrainConfig
+
+    return [*fields(LensSpec), *fields(LensTrainConfig)]
+
+
+@lens_app.command("train")
+@with_dataclass_flags(_lens_fields())
+def lens_train(config: Optional[Path] = typer.Option(None, "--config", help="YAML file of the fields below; flags "
+                                                     "override it."),
+               quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
+    """Train a tuned lens (forward KL to the final layer, the tuned-lens recipe) and report held-out KL per
+    block against the logit lens. Defaults take ~10 minutes on a 2-core CPU for the embedded Gemma 3 270M."""
+    from dataclasses import fields
+
+    from .flags import read_yaml_mapping, replace_fields
+    from .lens_train import LensSpec, LensTrainConfig, run_lens_training
+
+    given = {**(read_yaml_mapping(config, "lens config", "--config") if config else {}), **overrides}
+    names = {f.name for f in fields(LensSpec)}
+    spec = replace_fields(LensSpec(), {k: v for k, v in given.items() if k in names}, "lens")
+    cfg = replace_fields(LensTrainConfig(), {k: v for k, v in given.items() if k not in names}, "lens")
+    report = run_lens_training(spec, cfg, progress=not quiet)
+    console.print(report.table())
+    gain = [t / z for z, t in zip(report.kl_logit_lens, report.kl_tuned_lens) if z > 0]
+    console.print(f"[bold green]done[/] {spec.out}: {report.steps} steps on {report.train_tokens:,} tokens in "
+                  f"{report.seconds:.0f} s; held-out KL ({report.heldout_tokens:,} tokens) tuned/logit lens: median "
+                  f"{sorted(gain)[len(gain) // 2]:.3f} over {len(gain)} blocks")
 
 
 def main() -> None:

@@ -9,10 +9,10 @@ pins old dependencies and does not know Gemma 3.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
-import time
-from dataclasses import asdict, dataclass, field, replace
+import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -244,214 +244,75 @@ class Lens(nn.Module):
     def from_hub(cls, model_id: str, d_model: int | None = None, n_layers: int | None = None,
                  revision: str = "main") -> "Lens":
         """A pretrained lens from the space AlignmentResearch/tuned-lens, folder lens/<model id>/."""
-        try:
-            from huggingface_hub import hf_hub_download
-
-            paths = [hf_hub_download(HUB_REPO, f, repo_type="space", subfolder=f"lens/{model_id}", revision=revision)
-                     for f in (PARAMS_FILE, CONFIG_FILE)]
-        except Exception as e:  # offline, no such lens, network errors: all one message
-            raise LensError(f"cannot fetch the tuned lens for {model_id!r} from the Hub space {HUB_REPO} "
-                            f"({type(e).__name__}): go online, pass a local lens folder, or train one with "
-                            f"`harvest lens train`")
-        return cls.load(Path(paths[0]).parent, d_model, n_layers)
+        return cls.load(_hub_folder(model_id, revision), d_model, n_layers)
 
 
-# ---------------------------------------------------------------------------------------------
-# KL in vocabulary chunks
+def _hub_folder(model_id: str, revision: str = "main") -> Path:
+    """The local folder of lens/<model id>/ from the Hub space, downloaded once into the Hugging Face cache."""
+    try:
+        from huggingface_hub import hf_hub_download
 
-
-class _ChunkedKL(torch.autograd.Function):
-    """KL(p || q_l) with p = softmax(unembed(target)), q_l = softmax(unembed(x_l)), never holding full logits.
-
-    x [L, N, d] holds L candidates (layers) for the same N target rows [N, d], so the target's logits are
-    computed once per chunk for all layers. KL = sum_v p_v (zp_v - zq_v) - lse(zp) + lse(zq): the forward pass
-    keeps running (online) logsumexps and the p-weighted sum over vocabulary chunks; the backward pass
-    recomputes each chunk's logits and pushes dKL/dzq = q - p (times the softcap's derivative) back through
-    the chunk's unembedding rows.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, target: torch.Tensor, unembed: Unembed, chunk: int) -> torch.Tensor:
-        L, n, d = x.shape
-        dev = x.device
-        mp, sp = torch.full((n,), -math.inf, device=dev), torch.zeros(n, device=dev)
-        mq, sq = torch.full((L, n), -math.inf, device=dev), torch.zeros(L, n, device=dev)
-        cross = torch.zeros(L, n, device=dev)
-        for lo in range(0, unembed.vocab, chunk):
-            hi = min(lo + chunk, unembed.vocab)
-            zq, zp = unembed.chunk(x.reshape(L * n, d), lo, hi).view(L, n, -1), unembed.chunk(target, lo, hi)
-            new_mp, new_mq = torch.maximum(mp, zp.amax(-1)), torch.maximum(mq, zq.amax(-1))
-            scale_p = torch.exp(mp - new_mp)
-            ep = torch.exp(zp - new_mp[:, None])
-            sp = sp * scale_p + ep.sum(-1)
-            cross = cross * scale_p + (ep * zp).sum(-1) - (ep * zq).sum(-1)
-            sq = sq * torch.exp(mq - new_mq) + torch.exp(zq - new_mq[..., None]).sum(-1)
-            mp, mq = new_mp, new_mq
-        lse_p, lse_q = mp + sp.log(), mq + sq.log()
-        ctx.save_for_backward(x, target, lse_p, lse_q)
-        ctx.unembed, ctx.chunk = unembed, chunk
-        return cross / sp - lse_p + lse_q
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        x, target, lse_p, lse_q = ctx.saved_tensors
-        u: Unembed = ctx.unembed
-        L, n, d = x.shape
-        gx = torch.zeros(L * n, d, device=x.device)
-        for lo in range(0, u.vocab, ctx.chunk):
-            hi = min(lo + ctx.chunk, u.vocab)
-            zq, zp = u.chunk(x.reshape(L * n, d), lo, hi).view(L, n, -1), u.chunk(target, lo, hi)
-            gz = (torch.exp(zq - lse_q[..., None]) - torch.exp(zp - lse_p[:, None])) * g[..., None]
-            if u.softcap:  # zq = c tanh(z / c): dzq/dz = 1 - (zq / c)^2
-                gz = gz * (1 - (zq / u.softcap) ** 2)
-            gx += gz.reshape(L * n, -1) @ u.weight[lo:hi].float()
-        return gx.view(L, n, d).to(x.dtype), None, None, None
-
-
-def chunked_kl(x: torch.Tensor, target: torch.Tensor, unembed: Unembed, chunk: int = 8192) -> torch.Tensor:
-    """KL(softmax(unembed(target)) || softmax(unembed(x))) per position; x and target are final-normed hidden
-    states, x [..., d] with target [..., d] of the same shape, or x [L, ..., d] (several layers against one
-    target, which is then read out once). Gradients flow to x only (the target is the model's distribution)."""
-    d = x.shape[-1]
-    layered = x.dim() == target.dim() + 1
-    xs = x if layered else x.unsqueeze(0)
-    kl = _ChunkedKL.apply(xs.reshape(xs.shape[0], -1, d).float(), target.reshape(-1, d).float().detach(),
-                          unembed, chunk)
-    return kl.reshape(xs.shape[:-1]) if layered else kl.reshape(x.shape[:-1])
+        paths = [hf_hub_download(HUB_REPO, f, repo_type="space", subfolder=f"lens/{model_id}", revision=revision)
+                 for f in (PARAMS_FILE, CONFIG_FILE)]
+    except Exception as e:  # offline, no such lens, network errors: all one message
+        raise LensError(f"cannot fetch the tuned lens for {model_id!r} from the Hub space {HUB_REPO} "
+                        f"({type(e).__name__}): go online, pass a local lens folder, or train one with "
+                        f"`harvest lens train`")
+    return Path(paths[0]).parent
 
 
 # ---------------------------------------------------------------------------------------------
-# training
+# a lens named by the user (harvest run --lens) and its record in a cache
+
+MAPPING = "output of block l -> translator l+1 (trained on hidden_states[l+1]); last block -> identity"
+
+
+def params_sha256(folder: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(Path(folder) / PARAMS_FILE, "rb") as f:
+        while buf := f.read(1 << 22):
+            h.update(buf)
+    return h.hexdigest()
 
 
 @dataclass
-class LensTrainConfig:
-    """The tuned-lens library's recipe (scripts/train_loop.py + ingredients.Optimizer), scaled down.
+class LensSource:
+    """Where a lens comes from: `value` as the user gave it, `folder` holding config.json + params.pt."""
 
-    The library's SGD learning rate is `lr_scale * (1 - momentum)` = 1.0 * 0.1 = 0.1: PyTorch's momentum
-    effectively multiplies the step by 1 / (1 - momentum), which that factor undoes. Nesterov, weight decay
-    1e-3, no warmup for SGD, linear decay to 0, gradient norm clipped to 1.0 over all translators, forward
-    KL to the model's own final distribution at the same position (token shift 0), loss = sum over layers of
-    the per-layer mean KL (the library backpropagates layer by layer; the gradients are the same). The library
-    takes 250 steps of 2^18 tokens; `steps` and `batch` are ours to choose for the CPU.
-    """
+    value: str
+    folder: Path
+    sha256: str
 
-    steps: int = 250
-    batch: int = 8  # windows per step
-    lr_scale: float = 1.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-3
-    clip: float = 1.0
-    heldout: int = 16  # windows kept out of training for the KL report (taken from the end)
-    vocab_chunk: int = 8192
-    train_embedding: bool = False  # translator 0 (embeddings) is never used on harvested block outputs
-    seed: int = 0
+    def load(self, d_model: int, n_layers: int) -> Lens:
+        return Lens.load(self.folder, d_model, n_layers)
 
-    @property
-    def lr(self) -> float:
-        return self.lr_scale * (1 - self.momentum)
+    def record(self, layers: list[int], n_layers: int) -> dict:
+        """What a cache (and every run trained on it) says about its lens."""
+        return {"source": self.value, "path": str(self.folder), "params_sha256": self.sha256, "mapping": MAPPING,
+                "translators": {str(l): translator_for_block_output(l, n_layers) for l in layers},
+                "config": json.loads((self.folder / CONFIG_FILE).read_text())}
+
+    def copy_to(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for f in (CONFIG_FILE, PARAMS_FILE):
+            shutil.copyfile(self.folder / f, folder / f)
 
 
-@dataclass
-class LensReport:
-    blocks: list[int]  # block outputs evaluated (their translators are block + 1; the last is identity)
-    kl_logit_lens: list[float]  # held-out mean KL, nats/token, zero lens
-    kl_tuned_lens: list[float]
-    steps: int
-    train_tokens: int
-    heldout_tokens: int
-    seconds: float
-    config: dict = field(default_factory=dict)
-
-    def table(self) -> str:
-        rows = ["| block | logit lens KL | tuned lens KL |", "|---:|---:|---:|"]
-        rows += [f"| {b} | {a:.4f} | {t:.4f} |" for b, a, t in zip(self.blocks, self.kl_logit_lens, self.kl_tuned_lens)]
-        return "\n".join(rows)
-
-
-def _residuals(bridge: Any, ids: torch.Tensor, n_layers: int,
-               embedding: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Block outputs [n_layers, B, T, d] float32 and optionally the embeddings (block 0's input)."""
-    from .run import forward_layers
-
-    # forward_layers runs under inference_mode; clone so the tensors can be saved for the lens's backward.
-    resid = forward_layers(bridge, ids, list(range(n_layers)), "resid_post").clone()
-    emb = forward_layers(bridge, ids, [0], "resid_pre")[0].clone() if embedding else None
-    return resid, emb
-
-
-def _heldout_kl(lens: Lens, bridge: Any, windows: torch.Tensor, norm: FinalNorm, unembed: Unembed,
-                cfg: LensTrainConfig, device: Any) -> tuple[list[float], list[float]]:
-    n = lens.n_layers
-    zero = Lens(lens.config).to(device)
-    tot_t, tot_z = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    count = 0
-    with torch.no_grad():
-        for s in range(0, len(windows), cfg.batch):
-            ids = windows[s : s + cfg.batch].to(device)
-            resid, _ = _residuals(bridge, ids, n, False)
-            target = norm(resid[-1])
-            xs = torch.stack([norm(m.transform(resid[l], l)) for m in (lens, zero) for l in range(n)])
-            kl = chunked_kl(xs, target, unembed, cfg.vocab_chunk).flatten(1).sum(1).double().view(2, n)
-            tot_t += kl[0]
-            tot_z += kl[1]
-            count += ids.numel()
-    return (tot_z / count).tolist(), (tot_t / count).tolist()
-
-
-def train_lens(bridge: Any, windows: torch.Tensor, steps: int | None = None, cfg: LensTrainConfig | None = None,
-               progress: bool = True, name: str = "") -> tuple[Lens, LensReport]:
-    """Train translators 1..n_layers-1 (and 0 if cfg.train_embedding) on `windows` [n, ctx]; report held-out KL."""
-    cfg = replace(cfg or LensTrainConfig(), **({} if steps is None else {"steps": steps}))
-    windows = torch.as_tensor(windows).long()
-    if len(windows) <= cfg.heldout:
-        raise LensError(f"{len(windows)} windows leave none for training after {cfg.heldout} held out: "
-                        f"use more tokens or hold out fewer windows")
-    train, held = windows[: len(windows) - cfg.heldout], windows[len(windows) - cfg.heldout :]
-    norm, unembed = final_norm_and_unembed(bridge)
-    device = unembed.weight.device
-    n, d = bridge.cfg.n_layers, bridge.cfg.d_model
-    lens = Lens.for_model(d, n, name).to(device)
-    trained = list(range(0 if cfg.train_embedding else 1, n))
-    params = [p for i in trained for p in lens.layer_translators[i].parameters()]
-    for i in set(range(n)) - set(trained):
-        lens.layer_translators[i].requires_grad_(False)
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / cfg.steps))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    order, pos = torch.randperm(len(train), generator=gen), 0
-    t0 = time.time()
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("lens"), BarColumn(), MofNCompleteColumn(), TextColumn("KL {task.fields[kl]:.3f}"),
-                  TimeElapsedColumn(), disable=not progress, transient=False) as bar:
-        task = bar.add_task("train", total=cfg.steps, kl=float("nan"))
-        for step in range(cfg.steps):
-            if pos + cfg.batch > len(order):  # new epoch, reshuffled
-                order, pos = torch.randperm(len(train), generator=gen), 0
-            ids = train[order[pos : pos + cfg.batch]].to(device)
-            pos += cfg.batch
-            resid, emb = _residuals(bridge, ids, n, cfg.train_embedding)
-            with torch.no_grad():
-                target = norm(resid[-1])
-            opt.zero_grad(set_to_none=False)
-            # Translator i reads hidden_states[i]: the embeddings or block i-1's output. All layers go through
-            # one chunked KL so the target's logits are computed once per vocabulary chunk, not once per
-            # layer; the sum of per-layer mean KLs gives each translator the gradient of its own layer's
-            # loss, as the library's one-backward-per-layer loop does.
-            xs = torch.stack([norm(lens.layer_translators[i](h) + h)
-                              for i in trained for h in [emb if i == 0 else resid[i - 1]]])
-            per_layer = chunked_kl(xs, target, unembed, cfg.vocab_chunk).flatten(1).mean(1)
-            per_layer.sum().backward()
-            total = per_layer.sum().item()
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            opt.step()
-            sched.step()
-            bar.update(task, advance=1, kl=total / len(trained))
-    seconds = time.time() - t0
-    lens.eval()
-    kl_z, kl_t = _heldout_kl(lens, bridge, held, norm, unembed, cfg, device)
-    report = LensReport(list(range(n)), kl_z, kl_t, cfg.steps, cfg.steps * cfg.batch * windows.shape[1],
-                        held.numel(), seconds, {**asdict(cfg), "lr": cfg.lr})
-    return lens.cpu(), report
+def resolve_lens(value: str, model_hub_id: str | None) -> LensSource | None:
+    """'none' -> None; a local lens folder; 'hub' (the model's own Hub id) or 'hub:<model id>' -> the
+    FAR.AI lens from the Hub space, downloaded into the Hugging Face cache."""
+    if value == "none":
+        return None
+    if value == "hub" or value.startswith("hub:"):
+        model_id = value[4:] or model_hub_id
+        if not model_id:
+            raise LensError("lens = 'hub' needs a Hub model id and this model is local: use --lens hub:<model id> "
+                            "(e.g. hub:EleutherAI/pythia-70m) or a local lens folder")
+        folder = _hub_folder(model_id)
+    else:
+        folder = Path(value).expanduser()
+        if not (folder / PARAMS_FILE).is_file():
+            raise LensError(f"no lens at {value}: pass a folder with {CONFIG_FILE} and {PARAMS_FILE} (train one with "
+                            f"`harvest lens train`), 'hub' or 'hub:<model id>', or 'none'")
+    folder = folder.resolve()
+    return LensSource(value, folder, params_sha256(folder))

@@ -21,6 +21,7 @@ import torch
 
 from .cache import (FLOAT16_MAX, STORAGE_DTYPES, CacheWriter, Layout, create_cache, open_cache, to_storage)
 from .env import Dist, library_versions
+from .lens import Lens, resolve_lens
 from .errors import CacheError, SpecError, StorageError, UserError
 from .models import ModelSource, load_bridge, load_config, load_tokenizer, resolve_device, resolve_model
 from .spec import CacheSpec, fingerprint
@@ -187,10 +188,15 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
     cfg = load_config(model)
     layers = spec.layer_list(cfg.num_hidden_layers)
     data = resolve_dataset(spec.dataset)
+    lens_source = resolve_lens(spec.lens, model.identity.get("hub_id"))
+    if lens_source is not None:
+        lens_source.load(cfg.hidden_size, cfg.num_hidden_layers)  # a lens for another model fails here, not later
     tokenizer = load_tokenizer(model)
     prepend_bos = {"auto": adds_bos(tokenizer), "always": True, "never": False}[spec.prepend_bos]
+    # The lens's identity is its content, not where the folder is.
     identity = {**spec.identity(), "model_identity": model.identity, "dataset_identity": data.identity,
-                "layers": layers, "prepend_bos": prepend_bos}
+                "layers": layers, "prepend_bos": prepend_bos,
+                "lens": "none" if lens_source is None else {"params_sha256": lens_source.sha256}}
     identity = _json_safe(identity)
     fp = fingerprint(identity)
     layout = Layout(n_tokens=spec.n_sequences() * spec.context, context=spec.context, layers=tuple(layers),
@@ -220,8 +226,9 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
                               "special_ids": sorted(set(tokenizer.all_special_ids)), "prepend_bos": prepend_bos},
                 "hooks": [f"blocks.{l}.hook_{spec.hook}" for l in layers],
                 "storage_dtype": str(STORAGE_DTYPES[spec.dtype][0]), "versions": library_versions(),
+                "lens": None if lens_source is None else lens_source.record(layers, cfg.num_hidden_layers),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        create_cache(out, meta, layout, windows)
+        create_cache(out, meta, layout, windows, lens_source)
         created[0] = True
 
     dist.run_on_rank0(create)
@@ -245,6 +252,9 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
             if missing:
                 raise SpecError(f"{model.name!r} has no hook point {missing[0]}: use --hook resid_post")
             windows = writer.windows().numpy()
+            lens = writer.lens()  # the cache's own copy: a resume uses the lens the cache was begun with
+            if lens is not None:
+                lens = lens.to(device)
             special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
             my_tokens = sum(layout.block_range(b)[1] - layout.block_range(b)[0] for b in todo)
             columns = [TextColumn(f"harvest{f' rank 0/{dist.world_size}' if dist.world_size > 1 else ''}"),
@@ -256,7 +266,7 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
                 bg = BackgroundWriter(writer)
                 try:
                     for b in todo:
-                        acts, tokens, stats = _compute_block(b, bridge, windows, layout, spec, special, device,
+                        acts, tokens, stats = _compute_block(b, bridge, lens, windows, layout, spec, special, device,
                                                              lambda n: (bar.advance(task, n), bar.update(
                                                                  task, rate=bar.tasks[0].completed / max(1e-9, time.time() - t_loop))))
                         bg.submit(b, acts, tokens, stats)
@@ -275,9 +285,11 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
                    cache.size_on_disk(), resumed, list(layers))
 
 
-def _compute_block(b: int, bridge: Any, windows: np.ndarray, layout: Layout, spec: CacheSpec, special: np.ndarray,
-                   device: str, advance: Callable[[int], None]) -> tuple[np.ndarray, dict[str, np.ndarray], LayerStats]:
-    """Forward every window of block b; return its permuted storage array, token columns and statistics."""
+def _compute_block(b: int, bridge: Any, lens: Lens | None, windows: np.ndarray, layout: Layout, spec: CacheSpec,
+                   special: np.ndarray, device: str,
+                   advance: Callable[[int], None]) -> tuple[np.ndarray, dict[str, np.ndarray], LayerStats]:
+    """Forward every window of block b (through the lens, if any); return its permuted storage array, token
+    columns and statistics."""
     start, stop = layout.block_range(b)
     n, ctx = stop - start, layout.context
     first_seq = start // ctx
@@ -292,6 +304,9 @@ def _compute_block(b: int, bridge: Any, windows: np.ndarray, layout: Layout, spe
     for i in range(0, len(seqs), spec.batch_size):
         ids = torch.from_numpy(seqs[i : i + spec.batch_size].astype(np.int64)).to(device)
         x = forward_layers(bridge, ids, list(layout.layers), spec.hook).flatten(1, 2)  # [L, B*ctx, d]
+        if lens is not None:
+            with torch.no_grad():
+                x = torch.stack([lens.transform(x[i], l) for i, l in enumerate(layout.layers)])
         if spec.dtype == "float16":
             peak = x.abs().amax(dim=(1, 2))
             if (peak > FLOAT16_MAX).any():

@@ -45,7 +45,8 @@ class CacheSpec:
     hook: str = _f("resid_post", "Hook point per block: resid_post (paper), resid_pre or resid_mid.")
     dtype: str = _f("bfloat16", "Storage dtype: bfloat16 (default), float32, or float16 (errors on overflow).")
     model_dtype: str = _f("float32", "dtype the model runs in: float32, bfloat16 or float16.")
-    lens: str = _f("none", "Tuned lens applied before storing: 'none' (lenses come in a later release).")
+    lens: str = _f("none", "Tuned lens applied before storing: none, a lens folder (config.json + params.pt, e.g. "
+                           "from `harvest lens train`), hub (the FAR.AI lens of this Hub model) or hub:<model id>.")
     special_tokens: str = _f("exclude", "exclude: keep=False for BOS/EOS/PAD (default); include: keep every token (reference).")
     prepend_bos: str = _f("auto", "Start each window with BOS: auto (where the tokenizer adds one), always, never.")
     batch_size: int = _f(4, "Context windows per forward pass.")
@@ -86,8 +87,9 @@ class CacheSpec:
             lo = max(unit, self.shuffle_tokens // unit * unit)
             raise SpecError(f"shuffle_tokens = {self.shuffle_tokens} must be a multiple of both shard_tokens and context "
                             f"(lcm {unit}): use e.g. {lo}")
-        if self.lens != "none":
-            raise SpecError(f"lens = {self.lens!r}: tuned lenses are not available in this release; use lens: none")
+        if self.lens != "none" and self.hook != "resid_post":
+            raise SpecError(f"lens = {self.lens!r} with hook = {self.hook!r}: lens translators are mapped to block "
+                            f"outputs; use --hook resid_post, or --lens none")
         self.layer_list(None)  # syntax check
         return self
 

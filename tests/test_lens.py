@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from harvest.errors import UserError
-from harvest.lens import (Lens, LensError, LensTrainConfig, Unembed, chunked_kl, final_norm_and_unembed,
-                          train_lens, translator_for_block_output)
+from harvest.lens import Lens, LensError, Unembed, final_norm_and_unembed, translator_for_block_output
+from harvest.lens_train import LensTrainConfig, chunked_kl, train_lens
 from harvest.models import load_bridge, load_tokenizer, resolve_model
 from harvest.run import forward_layers
 

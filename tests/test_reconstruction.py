@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from analyze.delta_ce import DeltaCeSums, run_delta_ce, spliced_metrics
+from analyze.delta_ce import DeltaCeSums, run_delta_ce, sae_reconstructor, spliced_metrics
+from harvest.lens import Lens
 from analyze.reconstruction import RunError, format_reconstruction, run_reconstruction
 from harvest import open_cache
 from harvest.models import load_bridge, load_tokenizer, resolve_model
@@ -108,6 +109,35 @@ def test_delta_ce_is_exactly_zero_for_the_true_activation_and_positive_for_noise
     assert a.n == b.n and a.ce == pytest.approx(b.ce, rel=1e-6) and a.kl == pytest.approx(b.kl, rel=1e-6)
     both = a + DeltaCeSums.zeros([1])
     assert both.means() == a.means()
+
+
+def test_delta_ce_through_a_lens_is_zero_for_the_true_activation_only_with_the_exact_inverse(lm):
+    """An SAE trained in lens space that reconstructs perfectly must give delta CE 0 after the inverse; the
+    reference's diagonal-only inverse (or none) does not."""
+    bridge, ids, keep = lm
+    g = torch.Generator().manual_seed(0)
+    lens = Lens.for_model(32, 3)
+    with torch.no_grad():
+        for t in lens.layer_translators:
+            t.weight.copy_(0.3 * torch.randn(32, 32, generator=g) / 32**0.5)
+            t.bias.copy_(torch.randn(32, generator=g))
+
+    class PerfectSae:
+        def __call__(self, x):
+            return type("Out", (), {"x_hat": x})()
+
+    exact = spliced_metrics(bridge, ids, [0, 1, 2], sae_reconstructor(PerfectSae(), lens), keep).means()
+    assert max(abs(d) for d in exact["delta_ce"]) < 1e-5 and max(exact["kl"]) < 1e-5
+
+    def diagonal_inverse(x, layer):  # the reference's approximation: (y - b) / (1 + diag(W))
+        t = lens.translator(layer)
+        if t is None:
+            return x
+        y = lens.transform(x, layer)
+        return (y - t.bias) / (1 + torch.diagonal(t.weight))
+
+    approx = spliced_metrics(bridge, ids, [0, 1, 2], diagonal_inverse, keep).means()
+    assert min(approx["kl"][:2]) > 1e-3 and approx["kl"][2] < 1e-5  # only the identity-mapped last block is exact
 
 
 def test_layer_matrix_diagonal_and_mlsae_row_match_held_out_evaluation(runs, rcache, tmp_path):

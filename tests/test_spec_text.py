@@ -30,7 +30,7 @@ def test_overrides_and_validation():
         s.layer_list(2)
     for bad, msg in [({"layers": "3,1"}, "increasing"), ({"context": 0}, "positive"),
                      ({"shard_tokens": 1000}, "multiple of chunk_tokens"), ({"compression": "gzip"}, "blosc-zstd"),
-                     ({"lens": "some/lens"}, "lens")]:
+                     ({"lens": "some/lens", "hook": "resid_mid"}, "lens")]:
         with pytest.raises(SpecError, match=msg):
             CacheSpec().replace(**bad).validate()
 

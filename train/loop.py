@@ -73,7 +73,7 @@ def _run_record(cfg: TrainConfig, cache: Any, layers: list[int], sae_cfg: SaeCon
             "lr_effective": lr, "steps": steps, "world_size": world_size,
             "cache": {"path": str(Path(cfg.cache).resolve()), "fingerprint": cache.fingerprint,
                       "model": cache.meta["model"]["name"], "dataset": cache.meta["spec"]["dataset"],
-                      "hook": cache.meta["spec"]["hook"], "lens": cache.meta["spec"]["lens"],
+                      "hook": cache.meta["spec"]["hook"], "lens": cache.lens_record,
                       "dtype": cache.layout.dtype, "n_tokens": cache.layout.n_tokens},
             "layers": layers, "eval_chunks": eval_chunks, "versions": library_versions()}
 
