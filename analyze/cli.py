@@ -1,4 +1,4 @@
-"""`analyze variance | reconstruction | delta-ce | resid | prompt | report`: parse, call, print."""
+"""`analyze variance | reconstruction | delta-ce | resid | prompt | report | compare`: parse, call, print."""
 
 from __future__ import annotations
 
@@ -168,6 +168,20 @@ def report(sae: List[Path] = typer.Option(..., "--sae", help="Run folders; the f
     run_prompt(main_run, prompt_text, model=model, out_dir=folder, device=device, cache=cache_path, console=console)
     html = report_folder(folder, sae_dirs=dirs, cache=cache_path)
     console.print(f"[bold green]report[/] {html}")
+
+
+@app.command()
+def compare(folders: List[Path] = typer.Argument(..., help="Analysis folders (e.g. <run>/analysis of `analyze report`)."),
+            label: Optional[List[str]] = typer.Option(None, "--label", help="A column name per folder (default: the "
+                                                      "run folder's name)."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Write compare.json/.csv/.md here.")) -> None:
+    """The headline numbers of several analysis folders side by side (e.g. with and without a tuned lens)."""
+    from analyze.compare import format_compare, run_compare
+
+    res = run_compare(folders, label, out)
+    console.print(format_compare(res), highlight=False, soft_wrap=True)
+    if res.get("files"):
+        console.print(f"[bold green]wrote[/] {', '.join(res['files'])}")
 
 
 def main() -> None:

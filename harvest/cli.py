@@ -128,7 +128,7 @@ def lens_train(config: Optional[Path] = typer.Option(None, "--config", help="YAM
     names = {f.name for f in fields(LensSpec)}
     spec = replace_fields(LensSpec(), {k: v for k, v in given.items() if k in names}, "lens")
     cfg = replace_fields(LensTrainConfig(), {k: v for k, v in given.items() if k not in names}, "lens")
-    report = run_lens_training(spec, cfg, progress=not quiet)
+    report = run_lens_training(spec, cfg, progress=not quiet, log=lambda m: err_console.print(f"[dim]{m}[/]"))
     console.print(report.table())
     gain = [t / z for z, t in zip(report.kl_logit_lens, report.kl_tuned_lens) if z > 0]
     console.print(f"[bold green]done[/] {spec.out}: {report.steps} steps on {report.train_tokens:,} tokens in "

@@ -75,17 +75,29 @@ class LensConfig:
 
 @dataclass
 class Unembed:
-    """Logits = softcap(x @ weight.T + bias); weight [vocab, d]. Computed in float32, also by vocab slices."""
+    """Logits = softcap(x @ weight.T + bias); weight [vocab, d]; also by vocabulary slices. The matmuls run in
+    `dtype` (float32 unless asked otherwise), everything after them in float32."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     softcap: float | None = None
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        self.weight = self.weight.to(self.dtype)
+
+    def in_dtype(self, dtype: torch.dtype) -> "Unembed":
+        return self if dtype == self.dtype else Unembed(self.weight, self.bias, self.softcap, dtype)
 
     def chunk(self, x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        w = self.weight[lo:hi].float()
-        b = None if self.bias is None else self.bias[lo:hi].float()
-        z = F.linear(x.float(), w, b)
+        z = F.linear(x.to(self.dtype), self.weight[lo:hi]).float()
+        if self.bias is not None:
+            z = z + self.bias[lo:hi].float()
         return z if not self.softcap else self.softcap * torch.tanh(z / self.softcap)
+
+    def chunk_grad(self, gz: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """d(loss)/dx from d(loss)/d(logits of rows lo:hi), for chunk()'s x (before the softcap's factor)."""
+        return (gz.to(self.dtype) @ self.weight[lo:hi]).float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.chunk(x, 0, self.weight.shape[0])

@@ -6,8 +6,10 @@ folder in the FAR.AI layout plus report.json (held-out KL per block, tuned vs lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -66,7 +68,7 @@ class _ChunkedKL(torch.autograd.Function):
             gz = (torch.exp(zq - lse_q[..., None]) - torch.exp(zp - lse_p[:, None])) * g[..., None]
             if u.softcap:  # zq = c tanh(z / c): dzq/dz = 1 - (zq / c)^2
                 gz = gz * (1 - (zq / u.softcap) ** 2)
-            gx += gz.reshape(L * n, -1) @ u.weight[lo:hi].float()
+            gx += u.chunk_grad(gz.reshape(L * n, -1), lo, hi)
         return gx.view(L, n, d).to(x.dtype), None, None, None
 
 
@@ -84,6 +86,9 @@ def chunked_kl(x: torch.Tensor, target: torch.Tensor, unembed: Unembed, chunk: i
 
 # ---------------------------------------------------------------------------------------------
 # training
+
+
+KL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _f(default: Any, help: str) -> Any:
@@ -110,8 +115,22 @@ class LensTrainConfig:
     weight_decay: float = _f(1e-3, "Weight decay (pulls translators toward the identity).")
     clip: float = _f(1.0, "Gradient-norm clip over all translators.")
     vocab_chunk: int = _f(8192, "Vocabulary rows per KL chunk (memory: rows x layers x tokens floats).")
+    kl_dtype: str = _f("float32", "Matmul dtype of the training KL: float32, or bfloat16 (~2x faster on GPUs and "
+                                  "CPUs with AVX512-BF16; the held-out report is always float32).")
     train_embedding: bool = _f(False, "Also train translator 0 (the embeddings; never applied to block outputs).")
     seed: int = _f(0, "Seed of the window order.")
+    checkpoint_every: int = _f(4, "Steps between resumable checkpoints (an interrupted run resumes from the last).")
+
+    def validate(self) -> "LensTrainConfig":
+        for name in ("steps", "batch", "vocab_chunk", "checkpoint_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise LensError(f"{name} = {v!r} must be a positive integer")
+        if not isinstance(self.heldout, int) or self.heldout < 1:
+            raise LensError(f"heldout = {self.heldout!r}: hold out at least 1 window for the KL report")
+        if self.kl_dtype not in KL_DTYPES:
+            raise LensError(f"kl_dtype = {self.kl_dtype!r}: use one of {', '.join(KL_DTYPES)}")
+        return self
 
     @property
     def lr(self) -> float:
@@ -165,16 +184,28 @@ def _heldout_kl(lens: Lens, bridge: Any, windows: torch.Tensor, norm: FinalNorm,
     return (tot_z / count).tolist(), (tot_t / count).tolist()
 
 
+def _training_identity(cfg: LensTrainConfig, windows: torch.Tensor, d: int, n: int) -> str:
+    """What a checkpoint must match to be resumed: the recipe and the exact token windows."""
+    h = hashlib.sha256(json.dumps({**asdict(cfg), "checkpoint_every": None, "d": d, "n": n}, sort_keys=True).encode())
+    h.update(windows.numpy().tobytes())
+    return h.hexdigest()
+
+
 def train_lens(bridge: Any, windows: torch.Tensor, steps: int | None = None, cfg: LensTrainConfig | None = None,
-               progress: bool = True, name: str = "") -> tuple[Lens, LensReport]:
-    """Train translators 1..n_layers-1 (and 0 if cfg.train_embedding) on `windows` [n, ctx]; report held-out KL."""
+               progress: bool = True, name: str = "", checkpoint: Path | None = None,
+               log: Any = print) -> tuple[Lens, LensReport]:
+    """Train translators 1..n_layers-1 (and 0 if cfg.train_embedding) on `windows` [n, ctx]; report held-out KL.
+    With `checkpoint`, the state is saved there every cfg.checkpoint_every steps and a run of the same recipe
+    on the same windows resumes from it, bit for bit."""
     cfg = replace(cfg or LensTrainConfig(), **({} if steps is None else {"steps": steps}))
     windows = torch.as_tensor(windows).long()
     if len(windows) <= cfg.heldout:
         raise LensError(f"{len(windows)} windows leave none for training after {cfg.heldout} held out: "
                         f"use more tokens or hold out fewer windows")
     train, held = windows[: len(windows) - cfg.heldout], windows[len(windows) - cfg.heldout :]
+    cfg.validate()
     norm, unembed = final_norm_and_unembed(bridge)
+    train_unembed = unembed.in_dtype(KL_DTYPES[cfg.kl_dtype])
     device = unembed.weight.device
     n, d = bridge.cfg.n_layers, bridge.cfg.d_model
     lens = Lens.for_model(d, n, name).to(device)
@@ -186,14 +217,26 @@ def train_lens(bridge: Any, windows: torch.Tensor, steps: int | None = None, cfg
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / cfg.steps))
     gen = torch.Generator().manual_seed(cfg.seed)
     order, pos = torch.randperm(len(train), generator=gen), 0
-    t0 = time.time()
+    identity, start, before = _training_identity(cfg, windows, d, n), 0, 0.0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if state["identity"] == identity:
+            lens.load_state_dict(state["lens"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            gen.set_state(state["gen"])
+            order, pos, start, before = state["order"], state["pos"], state["step"], state["seconds"]
+            log(f"resuming lens training at step {start}/{cfg.steps}")
+        else:
+            log(f"ignoring the checkpoint {checkpoint}: it is for other settings or data")
+    t0 = time.time() - before
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("lens"), BarColumn(), MofNCompleteColumn(), TextColumn("KL {task.fields[kl]:.3f}"),
                   TimeElapsedColumn(), disable=not progress, transient=False) as bar:
-        task = bar.add_task("train", total=cfg.steps, kl=float("nan"))
-        for step in range(cfg.steps):
+        task = bar.add_task("train", total=cfg.steps, kl=float("nan"), completed=start)
+        for step in range(start, cfg.steps):
             if pos + cfg.batch > len(order):  # new epoch, reshuffled
                 order, pos = torch.randperm(len(train), generator=gen), 0
             ids = train[order[pos : pos + cfg.batch]].to(device)
@@ -208,13 +251,19 @@ def train_lens(bridge: Any, windows: torch.Tensor, steps: int | None = None, cfg
             # loss, as the library's one-backward-per-layer loop does.
             xs = torch.stack([norm(lens.layer_translators[i](h) + h)
                               for i in trained for h in [emb if i == 0 else resid[i - 1]]])
-            per_layer = chunked_kl(xs, target, unembed, cfg.vocab_chunk).flatten(1).mean(1)
+            per_layer = chunked_kl(xs, target, train_unembed, cfg.vocab_chunk).flatten(1).mean(1)
             per_layer.sum().backward()
             total = per_layer.sum().item()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             sched.step()
             bar.update(task, advance=1, kl=total / len(trained))
+            if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+                torch.save({"identity": identity, "lens": lens.state_dict(), "opt": opt.state_dict(),
+                            "sched": sched.state_dict(), "gen": gen.get_state(), "order": order, "pos": pos,
+                            "step": step + 1, "seconds": time.time() - t0}, tmp)
+                os.replace(tmp, checkpoint)
     seconds = time.time() - t0
     lens.eval()
     kl_z, kl_t = _heldout_kl(lens, bridge, held, norm, unembed, cfg, device)
@@ -244,10 +293,10 @@ class LensSpec:
     out: str = _f("lenses/gemma-3-270m-sotu", "Output folder: config.json + params.pt (FAR.AI layout), report.json.")
 
 
-REPORT_FILE, PLOT_FILE = "report.json", "kl.png"
+REPORT_FILE, PLOT_FILE, CHECKPOINT_FILE = "report.json", "kl.png", "checkpoint.pt"
 
 
-def run_lens_training(spec: LensSpec, cfg: LensTrainConfig, progress: bool = True) -> LensReport:
+def run_lens_training(spec: LensSpec, cfg: LensTrainConfig, progress: bool = True, log: Any = print) -> LensReport:
     """Train a lens for spec.model on spec.dataset; write it atomically to spec.out with its report."""
     from .models import load_bridge, load_config, load_tokenizer, resolve_device, resolve_model
     from .run import TORCH_DTYPES
@@ -258,11 +307,9 @@ def run_lens_training(spec: LensSpec, cfg: LensTrainConfig, progress: bool = Tru
         raise LensError(f"{out} already holds a lens: choose another --out, or remove it to retrain")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LensError(f"{out} exists and is not empty: choose another --out")
-    given = {**asdict(spec), **asdict(cfg)}
-    for name in ("context", "tokens", "steps", "batch", "vocab_chunk"):
-        v = given[name]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise LensError(f"{name} = {v!r} must be a positive integer")
+    cfg.validate()
+    if not isinstance(spec.context, int) or spec.context < 2 or not isinstance(spec.tokens, int) or spec.tokens < 1:
+        raise LensError(f"context = {spec.context!r}, tokens = {spec.tokens!r}: use a context >= 2 and tokens >= 1")
     if spec.model_dtype not in TORCH_DTYPES:
         raise LensError(f"model_dtype = {spec.model_dtype!r}: use one of {', '.join(TORCH_DTYPES)}")
     if spec.prepend_bos not in ("auto", "always", "never"):
@@ -280,13 +327,18 @@ def run_lens_training(spec: LensSpec, cfg: LensTrainConfig, progress: bool = Tru
                            spec.context, n_windows, bos, dataset_name=f"dataset {spec.dataset!r}")
     device = resolve_device(spec.device)
     bridge = load_bridge(model, tokenizer, device, TORCH_DTYPES[spec.model_dtype])
-    lens, report = train_lens(bridge, torch.from_numpy(windows), cfg=cfg, progress=progress,
-                              name=model.path if not Path(model.path).exists() else model.name)
-    report.config = {**report.config, **asdict(spec), "n_layers": n_layers, "prepend_bos": bos}
+    # Work happens in a hidden sibling folder (checkpoints included) renamed to `out` when complete, so `out`
+    # never holds half a lens; rerunning the same command resumes from the last checkpoint.
     tmp = out.with_name(f".{out.name}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    lens, report = train_lens(bridge, torch.from_numpy(windows), cfg=cfg, progress=progress,
+                              name=model.path if not Path(model.path).exists() else model.name,
+                              checkpoint=tmp / CHECKPOINT_FILE, log=log)
+    report.config = {**report.config, **asdict(spec), "n_layers": n_layers, "prepend_bos": bos}
     lens.save(tmp)
     (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=1))
     plot_kl(report, tmp / PLOT_FILE)
+    (tmp / CHECKPOINT_FILE).unlink(missing_ok=True)
     if out.exists():
         out.rmdir()
     tmp.rename(out)

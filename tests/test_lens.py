@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -175,3 +176,50 @@ def test_trained_lens_beats_logit_lens(bridge):
     assert report.kl_tuned_lens[-1] == report.kl_logit_lens[-1] and report.kl_tuned_lens[-1] < 1e-4
     assert torch.count_nonzero(lens.layer_translators[0].weight) == 0  # embeddings translator left out
     assert report.config["lr"] == pytest.approx(0.1)
+
+
+def test_interrupted_lens_training_resumes_bit_for_bit(bridge, tmp_path, monkeypatch):
+    import harvest.lens_train as lt
+
+    torch.manual_seed(1)
+    windows = torch.randint(0, 400, (12, 16))
+    cfg = LensTrainConfig(steps=7, batch=2, heldout=2, vocab_chunk=128, checkpoint_every=2)
+    whole, _ = train_lens(bridge, windows, cfg=cfg, progress=False)
+
+    real, calls = lt.chunked_kl, [0]
+
+    def dies_at_step_6(*a, **kw):
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    ckpt = tmp_path / "checkpoint.pt"
+    monkeypatch.setattr(lt, "chunked_kl", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_lens(bridge, windows, cfg=cfg, progress=False, checkpoint=ckpt)
+    monkeypatch.setattr(lt, "chunked_kl", real)
+    assert torch.load(ckpt, weights_only=False)["step"] == 4  # the last checkpoint before the interruption
+    said = []
+    resumed, _ = train_lens(bridge, windows, cfg=cfg, progress=False, checkpoint=ckpt, log=said.append)
+    assert said == ["resuming lens training at step 4/7"]
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    # another recipe ignores the checkpoint instead of resuming from it
+    said.clear()
+    train_lens(bridge, windows, cfg=replace(cfg, steps=5), progress=False, checkpoint=ckpt, log=said.append)
+    assert said and said[0].startswith("ignoring the checkpoint")
+
+
+def test_bfloat16_kl_is_close_to_float32():
+    g = torch.Generator().manual_seed(0)
+    u = Unembed(torch.randn(1000, 16, generator=g), softcap=30.0)
+    xs = torch.randn(3, 40, 16, generator=g, requires_grad=True)
+    target = torch.randn(40, 16, generator=g)
+    ref = chunked_kl(xs, target, u, 256)
+    low = chunked_kl(xs, target, u.in_dtype(torch.bfloat16), 256)
+    assert u.in_dtype(torch.bfloat16).weight.dtype == torch.bfloat16 and u.weight.dtype == torch.float32
+    assert torch.allclose(low, ref, rtol=0.05, atol=0.05) and not torch.equal(low, ref)
+    (g_ref,) = torch.autograd.grad(ref.sum(), xs)
+    (g_low,) = torch.autograd.grad(low.sum(), xs)
+    assert torch.nn.functional.cosine_similarity(g_ref.flatten(), g_low.flatten(), dim=0) > 0.99

@@ -180,3 +180,16 @@ def test_lens_train_cli_writes_a_lens_that_harvest_accepts(neox_dir, text_dir, t
                             "--shuffle-tokens", 256, "--quiet"], capsys)
     assert code == 0, err
     assert open_cache(cache).lens_record["params_sha256"] == params_sha256(out)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--kl-dtype", "float16"], "kl_dtype = 'float16'"),
+    (["--steps", "0"], "steps = 0 must be a positive integer"),
+    (["--tokens", "64", "--context", "32", "--heldout", "2"], "leave none for training"),
+    (["--dataset", "no/such/folder/"], "not found"),
+])
+def test_lens_train_bad_input_is_one_line(flags, message, neox_dir, tmp_path, capsys):
+    out = tmp_path / "lens"
+    code, _, err = run_cli(["lens", "train", "--model", neox_dir, "--out", out, "--quiet", *flags], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not out.exists()
