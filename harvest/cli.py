@@ -59,9 +59,11 @@ def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
     console.print(f"model {meta['model']['name']} ({meta['model']['architecture']}), dataset {meta['spec']['dataset']}, "
                   f"hook {meta['spec']['hook']}")
     if cache.lens_record is not None:
+        from rich.markup import escape
+
         rec = cache.lens_record
-        console.print(f"tuned lens {rec['source']} (params sha256 {rec['params_sha256'][:12]}; copy in {path}/lens): "
-                      f"{rec['mapping']}")
+        console.print(escape(f"tuned lens {rec['source']} (params sha256 {rec['params_sha256'][:12]}; copy in "
+                             f"{path}/lens): {rec['mapping']}"))
     console.print(f"shape \\[layers={len(lay.layers)}, tokens={lay.n_tokens:,}, d={lay.d_model}] = "
                   f"{lay.n_sequences:,} windows x {lay.context}; dtype {lay.dtype}, compression {lay.compression}")
     console.print(f"chunks {lay.chunk_tokens} tokens, shards {lay.shard_tokens}, shuffle blocks {lay.block_tokens}; "

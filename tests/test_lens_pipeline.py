@@ -193,3 +193,11 @@ def test_lens_train_bad_input_is_one_line(flags, message, neox_dir, tmp_path, ca
     code, _, err = run_cli(["lens", "train", "--model", neox_dir, "--out", out, "--quiet", *flags], capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_info_shows_the_lens(caches, capsys):
+    code, out, _ = run_cli(["info", caches["lens"]], capsys)
+    flat = " ".join(out.split())
+    assert code == 0 and "tuned lens" in flat and "translator l+1 (trained on hidden_states[l+1])" in flat
+    code, out, _ = run_cli(["info", caches["plain"]], capsys)
+    assert code == 0 and "tuned lens" not in out
