@@ -120,7 +120,7 @@ def lens_train(config: Optional[Path] = typer.Option(None, "--config", help="YAM
                                                      "override it."),
                quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
     """Train a tuned lens (forward KL to the final layer, the tuned-lens recipe) and report held-out KL per
-    block against the logit lens. Defaults take ~10 minutes on a 2-core CPU for the embedded Gemma 3 270M."""
+    block against the logit lens. Defaults take ~11 minutes on a 2-core CPU for the embedded Gemma 3 270M."""
     from dataclasses import fields
 
     from .flags import read_yaml_mapping, replace_fields

@@ -18,6 +18,11 @@ T = TypeVar("T")
 _TYPES = {"int": int, "str": str, "float": float, "bool": bool, "str | None": str}
 
 
+def flag_field(default: Any, help: str) -> Any:
+    """A config dataclass field: its default, and the help text of its flag and YAML comment."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def with_dataclass_flags(fields: Iterable[dataclasses.Field], exclude: Iterable[str] = (),
                          short: dict[str, str] | None = None) -> Callable[[Callable], Callable]:
     """Decorator: append one optional flag per field (--field-name; bools as --x/--no-x), default None

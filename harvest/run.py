@@ -306,7 +306,7 @@ def _compute_block(b: int, bridge: Any, lens: Lens | None, windows: np.ndarray, 
         x = forward_layers(bridge, ids, list(layout.layers), spec.hook).flatten(1, 2)  # [L, B*ctx, d]
         if lens is not None:
             with torch.no_grad():
-                x = torch.stack([lens.transform(x[i], l) for i, l in enumerate(layout.layers)])
+                x = torch.stack([lens.transform(x[j], l) for j, l in enumerate(layout.layers)])
         if spec.dtype == "float16":
             peak = x.abs().amax(dim=(1, 2))
             if (peak > FLOAT16_MAX).any():

@@ -10,12 +10,12 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
-from .flags import read_yaml_mapping, replace_fields
+from .flags import flag_field, read_yaml_mapping, replace_fields
 
 STORAGE_DTYPES = ("bfloat16", "float32", "float16")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
@@ -28,17 +28,23 @@ BOS_POLICIES = ("auto", "always", "never")
 RUNTIME_FIELDS = frozenset({"out", "batch_size", "device"})
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+_f = flag_field
 
 
 @dataclass
-class CacheSpec:
+class ModelText:
+    """The model and the text it reads: the first fields of `harvest run` (CacheSpec) and of `harvest lens
+    train` (harvest.lens_train.LensSpec)."""
+
     model: str = _f("gemma-3-270m", "Hub id, local Hugging Face folder, .gguf file, or embedded name (gemma-3-270m).")
     dataset: str = _f("sotu", "Hub dataset id, local .txt/.jsonl/.parquet file or folder, or embedded name (sotu).")
     dataset_config: str | None = _f(None, "Hub dataset configuration name, if the dataset has several.")
     split: str = _f("train", "Dataset split.")
     text_column: str = _f("text", "Column holding the document text.")
+
+
+@dataclass
+class CacheSpec(ModelText):
     context: int = _f(1024, "Tokens per context window (the reference uses 2048).")
     tokens: int = _f(40_960, "Token budget: rounded UP to whole context windows.")
     layers: str = _f("all", "Blocks to cache: 'all' or a comma list such as '0,3,5'.")

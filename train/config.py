@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from harvest.errors import SpecError
-from harvest.flags import read_yaml_mapping, replace_fields
+from harvest.flags import flag_field, read_yaml_mapping, replace_fields
 
 # Fields that may change when a run is resumed (they do not change the result).
 RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "prefetch"})
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+_f = flag_field
 
 
 @dataclass
