@@ -91,3 +91,36 @@ def test_mlsae_trains_on_the_gemma_cache(gemma_train_cache, tmp_path):
     record = __import__("json").loads((out / "config.json").read_text())
     again = evaluate(load_sae(out), open_cache(gemma_train_cache), record["eval_chunks"], list(range(18)), "cpu")
     assert again["fvu"] == pytest.approx(final["fvu"], rel=1e-6)
+
+
+def test_gemma_lens_readout_and_exact_inverse(gemma_cache):
+    """A fresh lens reads Gemma out exactly like the model (final norm, 262k unembedding); a far-from-identity
+    lens inverts exactly on real activations, BOS's ~1e5 components included."""
+    from harvest.lens import Lens, final_norm_and_unembed
+    from harvest.models import load_bridge, load_tokenizer
+    from harvest.run import forward_layers
+
+    source = resolve_model("gemma-3-270m")
+    bridge = load_bridge(source, load_tokenizer(source), "cpu", torch.float32)
+    ids = open_cache(gemma_cache).windows()[:1, :16].long()
+    resid = forward_layers(bridge, ids, list(range(18)), "resid_post")[:, 0]  # [18, 16, 640]
+    norm, unembed = final_norm_and_unembed(bridge)
+    with torch.inference_mode():
+        want = bridge(ids, return_type="logits")[0].float()
+    fresh = Lens.for_model(640, 18)
+    got = fresh.logits(resid[17], 17, norm, unembed)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    for l in (3, 12):  # a fresh lens is the identity at every block: the logit lens
+        assert torch.equal(fresh.transform(resid[l], l), resid[l])
+
+    g = torch.Generator().manual_seed(0)
+    lens = Lens.for_model(640, 18)
+    with torch.no_grad():
+        for t in lens.layer_translators:
+            t.weight.copy_(0.5 * torch.randn(640, 640, generator=g) / 640**0.5)
+            t.bias.copy_(10 * torch.randn(640, generator=g))
+    for l in range(17):
+        h = resid[l]
+        back = lens.inverse(lens.transform(h, l), l)
+        err = (back - h).norm(dim=-1) / h.norm(dim=-1)
+        assert err.max() < 1e-4, (l, err.max())
