@@ -165,7 +165,8 @@ def run_resid(cache_path: str | Path, out_dir: str | Path, tokens: int | None = 
     norm = (sums.norm / n).tolist()
     result: dict[str, Any] = {
         "cache": str(cache.path), "model": cache.meta.get("model", {}).get("name"),
-        "hook": cache.meta.get("spec", {}).get("hook"), "lens": cache.lens_record, "tokens": sums.n, "layers": layers,
+        "hook": cache.meta.get("spec", {}).get("hook"), "lens": cache.lens_record, "tokens": sums.n,
+        "layers": layers,
         "pairs": [[a, b] for a, b in zip(layers, layers[1:])],
         "cosine_centered": (sums.cos_centered / n).tolist(),
         "cosine_uncentered": (sums.cos_raw / n).tolist(),

@@ -490,7 +490,8 @@ def run_variance(sae_dir: str | Path, cache_path: str | Path, tokens: int, out_d
 
     summary = {**acc.summary(), "tokens_requested": tokens, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k,
                "sae": str(sae_dir.resolve()), "cache": str(cache.path.resolve()),
-               "cache_fingerprint": cache.fingerprint, "lens": cache.lens_record, "seed": seed, "device": dev, "world_size": world,
+               "cache_fingerprint": cache.fingerprint, "lens": cache.lens_record, "seed": seed, "device": dev,
+               "world_size": world,
                "seconds": seconds, "tokens_per_s": acc.tokens.item() / max(seconds, 1e-9),
                "definitions": DEFINITIONS}
     if ref is not None:

@@ -149,7 +149,8 @@ def run_prompt(sae_dir: str | Path, text: str, model: str | None = None, out_dir
     st = prompt_stats(values, indices, ~special, sae.cfg.n_latents, layers)
     result = _result(st, ids, special, tokenizer, layers, top)
     result.update({"text": text, "sae": str(sae_dir), "cache": str(cache_path), "model": source.name,
-                   "hook": hook, "lens": c.lens_record, "prepend_bos": prepend_bos, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k})
+                   "hook": hook, "lens": c.lens_record, "prepend_bos": prepend_bos, "n_latents": sae.cfg.n_latents,
+                   "k": sae.cfg.k})
 
     out = Path(out_dir) if out_dir is not None else sae_dir
     out.mkdir(parents=True, exist_ok=True)
