@@ -124,9 +124,12 @@ def test_bad_lens_is_one_line_and_leaves_nothing(change, message, neox_dir, text
     assert not out.exists()
 
 
-def test_train_records_the_lens(lens_run, caches):
+def test_train_records_the_lens(lens_run, caches, lens_dir):
+    from analyze.report import provenance
+
     record = json.loads((lens_run / "config.json").read_text())
     assert record["cache"]["lens"] == open_cache(caches["lens"]).lens_record
+    assert provenance([lens_run])["cache"]["lens"] == str(lens_dir)  # the report names the lens
 
 
 def test_prompt_encodes_in_the_lens_space(lens_run, caches, neox_dir, tmp_path):
