@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -13,8 +13,12 @@ from rich.table import Table
 from harvest.errors import SpecError
 from harvest.flags import run_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Layer distributions, variance ratios, reconstruction quality and residual geometry of SAEs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Layer distributions, variance ratios, reconstruction quality and residual geometry of SAEs.",
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -39,41 +43,62 @@ def _out(out: Optional[Path], run: Path) -> Path:
 def _print_variance(res: dict[str, Any]) -> None:
     ml = res["multi_layer"]
     console.print(f"[bold]variance[/] over {res['tokens']:,} tokens, layers {res['layers'][0]}..{res['layers'][-1]}")
-    console.print(f"  Var(L) = {res['var_l']:.4g}   E[Var(L|J)] = {res['exp_var_l_given_j']:.4g}   "
-                  f"E[Var(L|J,T)] = {res['exp_var_l_given_jt']:.4g}")
-    console.print(f"  E[Var(L|J)]/Var(L) = [bold]{res['ratio_latent']:.4f}[/]   "
-                  f"E[Var(L|J,T)]/E[Var(L|J)] = [bold]{res['ratio_token']:.4f}[/]")
-    console.print(f"  latents active at >1 layer: {ml['per_token_pooled']:.1%} per token (pooled), "
-                  f"{ml['aggregated']:.1%} aggregated over tokens")
+    console.print(
+        f"  Var(L) = {res['var_l']:.4g}   E[Var(L|J)] = {res['exp_var_l_given_j']:.4g}   "
+        f"E[Var(L|J,T)] = {res['exp_var_l_given_jt']:.4g}"
+    )
+    console.print(
+        f"  E[Var(L|J)]/Var(L) = [bold]{res['ratio_latent']:.4f}[/]   "
+        f"E[Var(L|J,T)]/E[Var(L|J)] = [bold]{res['ratio_token']:.4f}[/]"
+    )
+    console.print(
+        f"  latents active at >1 layer: {ml['per_token_pooled']:.1%} per token (pooled), "
+        f"{ml['aggregated']:.1%} aggregated over tokens"
+    )
     ref = res.get("reference_formulas")
     if ref:
-        console.print(f"  [dim]reference code's formulas (not proper variances): "
-                      f"{ref['ratio_latent_ref']:.4f}, {ref['ratio_token_ref']:.4f}[/]")
+        console.print(
+            f"  [dim]reference code's formulas (not proper variances): "
+            f"{ref['ratio_latent_ref']:.4f}, {ref['ratio_token_ref']:.4f}[/]"
+        )
 
 
 @app.command()
-def variance(sae: Path = SAE, cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the run's)."),
-             tokens: int = typer.Option(10_000_000, "--tokens", help="Kept tokens to stream (the poster: 10M)."),
-             out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
-             reference_formulas: bool = typer.Option(False, "--reference-formulas",
-                                                     help="Also report the reference code's (improper) formulas."),
-                   device: str = DEVICE) -> None:
+def variance(
+    sae: Path = SAE,
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the run's)."),
+    tokens: int = typer.Option(10_000_000, "--tokens", help="Kept tokens to stream (the poster: 10M)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
+    reference_formulas: bool = typer.Option(
+        False, "--reference-formulas", help="Also report the reference code's (improper) formulas."
+    ),
+    device: str = DEVICE,
+) -> None:
     """P(L|J), E[L|J], Var(L|J), the two variance ratios and multi-layer fractions; heatmap and histogram."""
     from analyze.layers import run_variance
 
-    res = run_variance(sae, _cache_of(sae, cache), tokens, _out(out, sae), reference_formulas=reference_formulas,
-                       device=device, log=lambda m: err_console.print(f"[dim]{m}[/]"))
+    res = run_variance(
+        sae,
+        _cache_of(sae, cache),
+        tokens,
+        _out(out, sae),
+        reference_formulas=reference_formulas,
+        device=device,
+        log=lambda m: err_console.print(f"[dim]{m}[/]"),
+    )
     if res:
         _print_variance(res)
 
 
 @app.command()
-def reconstruction(sae: List[Path] = typer.Option(..., "--sae", help="Run folders (repeat --sae, or list them after it)."),
-                   runs: Optional[List[Path]] = typer.Argument(None, help="More run folders."),
-                   cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the first run's)."),
-                   tokens: Optional[int] = typer.Option(None, "--tokens", help="Held-out tokens to use (default: all)."),
-                   out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the first run)."),
-                   device: str = DEVICE) -> None:
+def reconstruction(
+    sae: list[Path] = typer.Option(..., "--sae", help="Run folders (repeat --sae, or list them after it)."),
+    runs: Optional[list[Path]] = typer.Argument(None, help="More run folders."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the first run's)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Held-out tokens to use (default: all)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the first run)."),
+    device: str = DEVICE,
+) -> None:
     """Held-out FVU (both definitions), MSE, L0, dead fraction; the layer x layer FVU matrix and its figure."""
     from analyze.reconstruction import format_reconstruction, run_reconstruction
 
@@ -83,26 +108,39 @@ def reconstruction(sae: List[Path] = typer.Option(..., "--sae", help="Run folder
 
 
 @app.command("delta-ce")
-def delta_ce(sae: Path = SAE, model: Optional[str] = typer.Option(None, "--model", help="Model (default: the cache's)."),
-             dataset: Optional[str] = typer.Option(None, "--dataset", help="Text (default: the cache's own windows)."),
-             tokens: int = typer.Option(2048, "--tokens", help="Tokens of text to evaluate."),
-             cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the run's)."),
-             out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
-             device: str = DEVICE) -> None:
+def delta_ce(
+    sae: Path = SAE,
+    model: Optional[str] = typer.Option(None, "--model", help="Model (default: the cache's)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Text (default: the cache's own windows)."),
+    tokens: int = typer.Option(2048, "--tokens", help="Tokens of text to evaluate."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the run's)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
+    device: str = DEVICE,
+) -> None:
     """Per-layer delta CE and KL: splice each layer's reconstruction into block l's output, vs the clean model."""
     from analyze.delta_ce import format_delta_ce, run_delta_ce
 
-    res = run_delta_ce(sae, model=model, dataset=dataset, tokens=tokens, out_dir=_out(out, sae), device=device,
-                       cache_path=cache, show_progress=True)
+    res = run_delta_ce(
+        sae,
+        model=model,
+        dataset=dataset,
+        tokens=tokens,
+        out_dir=_out(out, sae),
+        device=device,
+        cache_path=cache,
+        show_progress=True,
+    )
     console.print(format_delta_ce(res))
 
 
 @app.command()
-def resid(cache: Path = typer.Option(..., "--cache", help="Cache folder."),
-          sae: Optional[Path] = typer.Option(None, "--sae", help="Also the MMCS of this SAE's decoder."),
-          tokens: Optional[int] = typer.Option(None, "--tokens", help="Kept tokens to stream (default: all)."),
-          out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the cache folder)."),
-          device: str = typer.Option("cpu", "--device", help="cpu or cuda.")) -> None:
+def resid(
+    cache: Path = typer.Option(..., "--cache", help="Cache folder."),
+    sae: Optional[Path] = typer.Option(None, "--sae", help="Also the MMCS of this SAE's decoder."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Kept tokens to stream (default: all)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the cache folder)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
     """Adjacent-layer cosine similarity of layer-mean-centered residuals, residual norm per layer, decoder MMCS."""
     from analyze.geometry import run_resid
 
@@ -120,10 +158,13 @@ def _print_resid(res: dict[str, Any]) -> None:
 
 
 @app.command()
-def prompt(text: str = typer.Argument(..., help="The prompt."), sae: Path = SAE,
-           model: Optional[str] = typer.Option(None, "--model", help="Model (default: the cache's)."),
-           out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
-           device: str = DEVICE) -> None:
+def prompt(
+    text: str = typer.Argument(..., help="The prompt."),
+    sae: Path = SAE,
+    model: Optional[str] = typer.Option(None, "--model", help="Model (default: the cache's)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
+    device: str = DEVICE,
+) -> None:
     """The latent x layer heatmap of one prompt, and which latents fire at which layers for each token."""
     from analyze.prompt import run_prompt
 
@@ -131,16 +172,23 @@ def prompt(text: str = typer.Argument(..., help="The prompt."), sae: Path = SAE,
 
 
 @app.command()
-def report(sae: List[Path] = typer.Option(..., "--sae", help="Run folders; the first is analysed in depth."),
-           runs: Optional[List[Path]] = typer.Argument(None, help="More run folders (single-layer baselines)."),
-           cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the first run's)."),
-           model: Optional[str] = typer.Option(None, "--model", help="Model for delta CE and the prompt (default: the cache's)."),
-           tokens: int = typer.Option(1_000_000, "--tokens", help="Kept tokens for the variance analysis."),
-           delta_ce_tokens: int = typer.Option(1024, "--delta-ce-tokens", help="Tokens of text for delta CE."),
-           prompt_text: str = typer.Option("The President addressed the Congress on the state of the Union.",
-                                           "--prompt", help="Prompt for the per-token heatmap."),
-           out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <first run>/analysis)."),
-           device: str = DEVICE) -> None:
+def report(
+    sae: list[Path] = typer.Option(..., "--sae", help="Run folders; the first is analysed in depth."),
+    runs: Optional[list[Path]] = typer.Argument(None, help="More run folders (single-layer baselines)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the first run's)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Model for delta CE and the prompt (default: the cache's)."
+    ),
+    tokens: int = typer.Option(1_000_000, "--tokens", help="Kept tokens for the variance analysis."),
+    delta_ce_tokens: int = typer.Option(1024, "--delta-ce-tokens", help="Tokens of text for delta CE."),
+    prompt_text: str = typer.Option(
+        "The President addressed the Congress on the state of the Union.",
+        "--prompt",
+        help="Prompt for the per-token heatmap.",
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <first run>/analysis)."),
+    device: str = DEVICE,
+) -> None:
     """Run every analysis into one folder and write one self-contained HTML report."""
     from analyze.delta_ce import format_delta_ce, run_delta_ce
     from analyze.geometry import run_resid
@@ -154,14 +202,25 @@ def report(sae: List[Path] = typer.Option(..., "--sae", help="Run folders; the f
     cache_path = _cache_of(main_run, cache)
     folder = out if out is not None else main_run / "analysis"
     folder.mkdir(parents=True, exist_ok=True)
-    log = lambda m: err_console.print(f"[dim]{m}[/]")  # noqa: E731
+    log = lambda m: err_console.print(f"[dim]{m}[/]")
     console.rule("variance")
     _print_variance(run_variance(main_run, cache_path, tokens, folder, device=device, log=log))
     console.rule("reconstruction")
     console.print(format_reconstruction(run_reconstruction(dirs, cache_path=cache_path, out_dir=folder, device=device)))
     console.rule("delta CE")
-    console.print(format_delta_ce(run_delta_ce(main_run, model=model, tokens=delta_ce_tokens, out_dir=folder,
-                                               device=device, cache_path=cache_path, show_progress=True)))
+    console.print(
+        format_delta_ce(
+            run_delta_ce(
+                main_run,
+                model=model,
+                tokens=delta_ce_tokens,
+                out_dir=folder,
+                device=device,
+                cache_path=cache_path,
+                show_progress=True,
+            )
+        )
+    )
     console.rule("residual geometry")
     _print_resid(run_resid(cache_path, folder, sae_dir=main_run))
     console.rule("prompt")
@@ -171,10 +230,13 @@ def report(sae: List[Path] = typer.Option(..., "--sae", help="Run folders; the f
 
 
 @app.command()
-def compare(folders: List[Path] = typer.Argument(..., help="Analysis folders (e.g. <run>/analysis of `analyze report`)."),
-            label: Optional[List[str]] = typer.Option(None, "--label", help="A column name per folder (default: the "
-                                                      "run folder's name)."),
-            out: Optional[Path] = typer.Option(None, "--out", help="Write compare.json/.csv/.md here.")) -> None:
+def compare(
+    folders: list[Path] = typer.Argument(..., help="Analysis folders (e.g. <run>/analysis of `analyze report`)."),
+    label: Optional[list[str]] = typer.Option(
+        None, "--label", help="A column name per folder (default: the run folder's name)."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write compare.json/.csv/.md here."),
+) -> None:
     """The headline numbers of several analysis folders side by side (e.g. with and without a tuned lens)."""
     from analyze.compare import format_compare, run_compare
 
@@ -186,6 +248,7 @@ def compare(folders: List[Path] = typer.Argument(..., help="Analysis folders (e.
 
 def main() -> None:
     run_app(app, "interrupted")
+
 
 if __name__ == "__main__":
     main()

@@ -48,10 +48,14 @@ def compare_folders(folders: Sequence[str | Path], labels: Sequence[str] | None 
             raise CompareError(f"{f} is not a folder: pass analysis folders written by `analyze report`")
         sections = collect_sections(f)
         if not any(name in sections for name in KNOWN):
-            raise CompareError(f"{f} holds none of {', '.join(v[0] for v in KNOWN.values())}: pass analysis folders "
-                               f"written by `analyze report` (or the single analyses)")
+            raise CompareError(
+                f"{f} holds none of {', '.join(v[0] for v in KNOWN.values())}: pass analysis folders "
+                f"written by `analyze report` (or the single analyses)"
+            )
         per_folder.append(sections)
-    rows: list[dict[str, Any]] = [{"section": "cache", "label": "tuned lens", "values": [_lens_of(s) for s in per_folder]}]
+    rows: list[dict[str, Any]] = [
+        {"section": "cache", "label": "tuned lens", "values": [_lens_of(s) for s in per_folder]}
+    ]
     index: dict[tuple[str, str], int] = {}
     for i, sections in enumerate(per_folder):
         for name in KNOWN:
@@ -83,8 +87,9 @@ def format_compare(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_compare(folders: Sequence[str | Path], labels: Sequence[str] | None = None,
-                out_dir: str | Path | None = None) -> dict[str, Any]:
+def run_compare(
+    folders: Sequence[str | Path], labels: Sequence[str] | None = None, out_dir: str | Path | None = None
+) -> dict[str, Any]:
     """Compare, and write compare.json, compare.csv and compare.md into out_dir (when given)."""
     result = compare_folders(folders, labels)
     if out_dir is not None:
@@ -94,8 +99,9 @@ def run_compare(folders: Sequence[str | Path], labels: Sequence[str] | None = No
         with open(out / "compare.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["section", "number", *result["labels"]])
-            w.writerows([r["section"], r["label"], *("" if v is None else v for v in r["values"])]
-                        for r in result["rows"])
+            w.writerows(
+                [r["section"], r["label"], *("" if v is None else v for v in r["values"])] for r in result["rows"]
+            )
         (out / "compare.md").write_text(format_compare(result) + "\n")
         result["files"] = [str(out / n) for n in COMPARE_FILES]
     return result

@@ -84,8 +84,10 @@ def final_states(bridge: Any, ids: Tensor, fwd_hooks: Sequence[tuple[str, Callab
     except _Stop:
         pass
     if not out:
-        raise DeltaCeError(f"the model has no {FINAL_HOOK} hook that fires: delta CE needs a TransformerLens 4 "
-                           f"bridge with an unembedding component")
+        raise DeltaCeError(
+            f"the model has no {FINAL_HOOK} hook that fires: delta CE needs a TransformerLens 4 "
+            f"bridge with an unembedding component"
+        )
     return out[0]
 
 
@@ -109,8 +111,10 @@ def check_logits(bridge: Any, ids: Tensor, n: int = 16) -> None:
     got = logits_of(bridge, final_states(bridge, ids)).float()
     err = (want - got).abs().max().item()
     if got.shape != want.shape or not err <= 1e-3 * want.abs().max().item() + 1e-5:
-        raise DeltaCeError(f"logits from the unembedding differ from the model's own (max |diff| {err:.3g}): this "
-                           f"architecture post-processes its logits in a way delta CE does not reproduce")
+        raise DeltaCeError(
+            f"logits from the unembedding differ from the model's own (max |diff| {err:.3g}): this "
+            f"architecture post-processes its logits in a way delta CE does not reproduce"
+        )
 
 
 def sae_reconstructor(sae: Callable, lens: Any = None) -> ReconstructFn:
@@ -155,18 +159,35 @@ class DeltaCeSums:
 
     def __add__(self, o: "DeltaCeSums") -> "DeltaCeSums":
         assert self.layers == o.layers
-        return DeltaCeSums(self.layers, self.n + o.n, self.ce_clean + o.ce_clean,
-                           [a + b for a, b in zip(self.ce, o.ce)], [a + b for a, b in zip(self.kl, o.kl)])
+        return DeltaCeSums(
+            self.layers,
+            self.n + o.n,
+            self.ce_clean + o.ce_clean,
+            [a + b for a, b in zip(self.ce, o.ce)],
+            [a + b for a, b in zip(self.kl, o.kl)],
+        )
 
     def means(self) -> dict[str, Any]:
         n = self.n or float("nan")
         clean = self.ce_clean / n
-        return {"tokens": self.n, "clean_ce": clean, "ce": [c / n for c in self.ce],
-                "delta_ce": [c / n - clean for c in self.ce], "kl": [k / n for k in self.kl]}
+        return {
+            "tokens": self.n,
+            "clean_ce": clean,
+            "ce": [c / n for c in self.ce],
+            "delta_ce": [c / n - clean for c in self.ce],
+            "kl": [k / n for k in self.kl],
+        }
 
 
-def spliced_metrics(bridge: Any, ids: Tensor, layers: int | Sequence[int], reconstruct_fn: ReconstructFn,
-                    keep_mask: Tensor, hook: str = "resid_post", rows: int | None = None) -> DeltaCeSums:
+def spliced_metrics(
+    bridge: Any,
+    ids: Tensor,
+    layers: int | Sequence[int],
+    reconstruct_fn: ReconstructFn,
+    keep_mask: Tensor,
+    hook: str = "resid_post",
+    rows: int | None = None,
+) -> DeltaCeSums:
     """CE of the clean model and, per layer, of the model with blocks.{l}.hook_{hook} replaced by
     reconstruct_fn at the kept positions; KL(clean || spliced). ids, keep_mask: [batch, ctx]. A prediction
     t -> t+1 counts when keep_mask holds at both t and t+1 (module docstring)."""
@@ -175,8 +196,10 @@ def spliced_metrics(bridge: Any, ids: Tensor, layers: int | Sequence[int], recon
     counted = keep[:, :-1] & keep[:, 1:]
     targets = ids[:, 1:][counted].unsqueeze(1)
     clean = final_states(bridge, ids)[:, :-1][counted]
-    spliced = [final_states(bridge, ids, [(f"blocks.{l}.hook_{hook}", _splice(l, reconstruct_fn, keep))])
-               [:, :-1][counted] for l in layers]
+    spliced = [
+        final_states(bridge, ids, [(f"blocks.{l}.hook_{hook}", _splice(l, reconstruct_fn, keep))])[:, :-1][counted]
+        for l in layers
+    ]
     n = targets.shape[0]
     rows = rows or max(1, LOGIT_FLOATS // int(bridge.cfg.d_vocab))
     ce_clean = torch.zeros((), dtype=torch.float64, device=ids.device)
@@ -208,9 +231,12 @@ def cache_windows(cache: Any, eval_chunks: Sequence[int], n_windows: int) -> tup
     for c in eval_chunks:
         held += np.bincount(cache.read_tokens("seq", *cache.layout.chunk_range(c)).numpy(), minlength=n_seq)
     chosen = np.sort(np.argsort(-held, kind="stable")[: min(n_windows, n_seq)])
-    info = {"source": "cache", "windows": chosen.tolist() if len(chosen) <= 4096 else f"{len(chosen)} windows",
-            "held_out_token_fraction": float(held[chosen].sum() / (len(chosen) * ctx)),
-            "fully_held_out_windows": int((held[chosen] == ctx).sum())}
+    info = {
+        "source": "cache",
+        "windows": chosen.tolist() if len(chosen) <= 4096 else f"{len(chosen)} windows",
+        "held_out_token_fraction": float(held[chosen].sum() / (len(chosen) * ctx)),
+        "fully_held_out_windows": int((held[chosen] == ctx).sum()),
+    }
     return cache.windows().numpy()[chosen], info
 
 
@@ -229,8 +255,10 @@ def _resolve(model: str | None, cache: Any) -> ModelSource:
     mine, theirs = json.loads(json.dumps(source.identity)), meta.get("identity", {})
     differ = sorted(k for k in set(mine) & set(theirs) if mine[k] != theirs[k])
     if differ:
-        raise DeltaCeError(f"model {source.name!r} is not the cache's model {meta['name']!r} ({differ[0]} differs): "
-                           f"the SAE was trained on the cache's model; pass that one with --model")
+        raise DeltaCeError(
+            f"model {source.name!r} is not the cache's model {meta['name']!r} ({differ[0]} differs): "
+            f"the SAE was trained on the cache's model; pass that one with --model"
+        )
     return source
 
 
@@ -238,11 +266,22 @@ def _resolve(model: str | None, cache: Any) -> ModelSource:
 # the analysis
 
 
-def run_delta_ce(run_dir: str | Path, model: str | None = None, dataset: str | None = None, tokens: int = 8192,
-                 out_dir: str | Path | None = None, device: str = "auto", cache_path: str | Path | None = None,
-                 batch_size: int | None = None, include_special: bool | None = None, split: str | None = None,
-                 text_column: str | None = None, dataset_config: str | None = None, show_progress: bool = False,
-                 write: bool = True) -> dict[str, Any]:
+def run_delta_ce(
+    run_dir: str | Path,
+    model: str | None = None,
+    dataset: str | None = None,
+    tokens: int = 8192,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    cache_path: str | Path | None = None,
+    batch_size: int | None = None,
+    include_special: bool | None = None,
+    split: str | None = None,
+    text_column: str | None = None,
+    dataset_config: str | None = None,
+    show_progress: bool = False,
+    write: bool = True,
+) -> dict[str, Any]:
     """Per-layer delta CE and KL of the run's SAE against the clean model on about `tokens` tokens (whole
     context windows). Writes delta_ce.json and delta_ce.png into `out_dir` (default: the run folder).
     The cache (default: the one recorded by the run) supplies the model, hook, tokenization settings and,
@@ -251,13 +290,18 @@ def run_delta_ce(run_dir: str | Path, model: str | None = None, dataset: str | N
     record = read_run(run_dir)
     cache = open_cache(cache_path or record["cache"]["path"])
     if cache.fingerprint != record["cache"]["fingerprint"]:
-        raise RunError(f"{run_dir} was trained on cache {record['cache']['path']}, not on {cache.path}: pass its own "
-                       f"cache with --cache")
+        raise RunError(
+            f"{run_dir} was trained on cache {record['cache']['path']}, not on {cache.path}: pass its own "
+            f"cache with --cache"
+        )
     spec = cache.meta["spec"]
     if tokens < 1:
         raise DeltaCeError(f"tokens = {tokens}: pass --tokens >= 1")
-    include = include_special if include_special is not None else (
-        bool(record["train"].get("include_special", False)) or spec.get("special_tokens") == "include")
+    include = (
+        include_special
+        if include_special is not None
+        else (bool(record["train"].get("include_special", False)) or spec.get("special_tokens") == "include")
+    )
     device = resolve_device(device)
     source = _resolve(model, cache)
     tokenizer = load_tokenizer(source)
@@ -269,11 +313,20 @@ def run_delta_ce(run_dir: str | Path, model: str | None = None, dataset: str | N
     else:
         data = resolve_dataset(dataset)
         same = dataset == spec["dataset"]
-        docs = iter_documents(data, split or (spec["split"] if same else "train"),
-                              text_column or (spec["text_column"] if same else "text"),
-                              dataset_config or (spec.get("dataset_config") if same else None))
-        windows = make_windows(docs, tokenizer, ctx, n_windows, bool(cache.meta["tokenizer"]["prepend_bos"]),
-                               dataset_name=f"dataset {dataset!r}")
+        docs = iter_documents(
+            data,
+            split or (spec["split"] if same else "train"),
+            text_column or (spec["text_column"] if same else "text"),
+            dataset_config or (spec.get("dataset_config") if same else None),
+        )
+        windows = make_windows(
+            docs,
+            tokenizer,
+            ctx,
+            n_windows,
+            bool(cache.meta["tokenizer"]["prepend_bos"]),
+            dataset_name=f"dataset {dataset!r}",
+        )
         info = {"source": "dataset", "dataset": dataset, "windows": f"the first {n_windows}"}
         special = sorted(set(tokenizer.all_special_ids))
     keep_all = np.ones(windows.shape, bool) if include else ~np.isin(windows, np.asarray(special, dtype=np.int64))
@@ -282,8 +335,10 @@ def run_delta_ce(run_dir: str | Path, model: str | None = None, dataset: str | N
     layers = list(record["layers"])
     bridge = load_bridge(source, tokenizer, device, TORCH_DTYPES[spec["model_dtype"]])
     if int(bridge.cfg.d_model) != sae.cfg.d_model or max(layers) >= int(bridge.cfg.n_layers):
-        raise DeltaCeError(f"model {source.name!r} (d_model {bridge.cfg.d_model}, {bridge.cfg.n_layers} layers) does "
-                           f"not fit the SAE (d_model {sae.cfg.d_model}, layers {layers}): pass the cache's model")
+        raise DeltaCeError(
+            f"model {source.name!r} (d_model {bridge.cfg.d_model}, {bridge.cfg.n_layers} layers) does "
+            f"not fit the SAE (d_model {sae.cfg.d_model}, layers {layers}): pass the cache's model"
+        )
     ids_all = torch.from_numpy(windows.astype(np.int64))
     check_logits(bridge, ids_all[:1].to(device))
 
@@ -291,11 +346,24 @@ def run_delta_ce(run_dir: str | Path, model: str | None = None, dataset: str | N
     reconstruct = sae_reconstructor(sae, None if lens is None else lens.to(device))
     batch = batch_size or int(spec.get("batch_size", 4))
     sums = DeltaCeSums.zeros(layers)
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    with Progress(TextColumn("delta CE"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not show_progress) as bar:
+    with Progress(
+        TextColumn("delta CE"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("windows"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not show_progress,
+    ) as bar:
         task = bar.add_task("", total=len(ids_all))
         for s in range(0, len(ids_all), batch):
             ids = ids_all[s : s + batch].to(device)
@@ -303,17 +371,28 @@ def run_delta_ce(run_dir: str | Path, model: str | None = None, dataset: str | N
             sums = sums + spliced_metrics(bridge, ids, layers, reconstruct, keep, hook=spec["hook"])
             bar.advance(task, len(ids))
 
-    result = {"run": record["dir"], "model": source.name, "cache": str(cache.path),
-              "hook": f"blocks.{{l}}.hook_{spec['hook']}", "lens": cache.lens_record, "layers": layers,
-              **sums.means(),
-              "windows": len(ids_all), "context": ctx, "positions": int(ids_all.numel()),
-              "include_special": include, "window_source": info, "seconds": time.time() - t0,
-              "definitions": {
-                  "delta_ce": "mean next-token CE with layer l's hook replaced by the SAE reconstruction, minus the "
-                              "clean model's mean CE, over the same predictions",
-                  "kl": "mean over predictions of KL(p_clean || p_spliced)",
-                  "tokens": "predictions counted: t -> t+1 with both tokens kept (non-special) unless include_special; "
-                            "only kept positions are spliced"}}
+    result = {
+        "run": record["dir"],
+        "model": source.name,
+        "cache": str(cache.path),
+        "hook": f"blocks.{{l}}.hook_{spec['hook']}",
+        "lens": cache.lens_record,
+        "layers": layers,
+        **sums.means(),
+        "windows": len(ids_all),
+        "context": ctx,
+        "positions": int(ids_all.numel()),
+        "include_special": include,
+        "window_source": info,
+        "seconds": time.time() - t0,
+        "definitions": {
+            "delta_ce": "mean next-token CE with layer l's hook replaced by the SAE reconstruction, minus the "
+            "clean model's mean CE, over the same predictions",
+            "kl": "mean over predictions of KL(p_clean || p_spliced)",
+            "tokens": "predictions counted: t -> t+1 with both tokens kept (non-special) unless include_special; "
+            "only kept positions are spliced",
+        },
+    }
     result["delta_ce_mean"] = sum(result["delta_ce"]) / len(layers)
     result["kl_mean"] = sum(result["kl"]) / len(layers)
     if write:
@@ -330,9 +409,11 @@ def run_delta_ce(run_dir: str | Path, model: str | None = None, dataset: str | N
 
 
 def format_delta_ce(result: dict[str, Any]) -> str:
-    lines = [f"delta CE on {result['tokens']:,} predictions ({result['windows']} windows of {result['context']}); "
-             f"clean CE {result['clean_ce']:.4f} nats",
-             f"{'layer':>5}  {'delta CE':>9}  {'KL':>9}"]
+    lines = [
+        f"delta CE on {result['tokens']:,} predictions ({result['windows']} windows of {result['context']}); "
+        f"clean CE {result['clean_ce']:.4f} nats",
+        f"{'layer':>5}  {'delta CE':>9}  {'KL':>9}",
+    ]
     for l, d, k in zip(result["layers"], result["delta_ce"], result["kl"]):
         lines.append(f"{l:>5}  {d:>9.4f}  {k:>9.4f}")
     lines.append(f"{'mean':>5}  {result['delta_ce_mean']:>9.4f}  {result['kl_mean']:>9.4f}")
@@ -352,8 +433,10 @@ def plot_delta_ce(result: dict[str, Any], path: Path) -> None:
         ax.bar([str(l) for l in layers], vals, color="tab:blue" if key == "delta_ce" else "tab:orange")
         ax.set_xlabel("spliced layer")
         ax.set_title(title)
-    fig.suptitle(f"SAE reconstruction spliced in, {result['tokens']:,} predictions; clean CE {result['clean_ce']:.3f}",
-                 fontsize=9)
+    fig.suptitle(
+        f"SAE reconstruction spliced in, {result['tokens']:,} predictions; clean CE {result['clean_ce']:.3f}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

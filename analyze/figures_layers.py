@@ -28,8 +28,7 @@ def layer_heatmap(p: Tensor, mean: Tensor, layers: Sequence[int], path: str | Pa
     img = p[has][order].T.float().numpy()  # [L, n_active]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.25 * len(layers)))
     if img.shape[1]:
-        im = ax.imshow(img, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
-                       interpolation="antialiased")
+        im = ax.imshow(img, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1, interpolation="antialiased")
         fig.colorbar(im, ax=ax, label="P(L | J)")
     step = max(1, len(layers) // 12)
     ax.set_yticks(range(0, len(layers), step), [str(l) for l in layers][::step])

@@ -69,8 +69,12 @@ def decoder_mmcs(sae_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
         raise SaeFolderError(f"{folder} holds no sae.safetensors: pass the folder of a finished `train run`")
     sae = load_sae(folder, device)
     mc = max_cosine(sae.W_dec.detach())
-    return {"sae": str(folder), "n_latents": int(mc.numel()), "mmcs": mc.double().mean().item(),
-            "max_cosine_quantiles": {str(q): torch.quantile(mc.cpu(), q).item() for q in (0.05, 0.5, 0.95)}}
+    return {
+        "sae": str(folder),
+        "n_latents": int(mc.numel()),
+        "mmcs": mc.double().mean().item(),
+        "max_cosine_quantiles": {str(q): torch.quantile(mc.cpu(), q).item() for q in (0.05, 0.5, 0.95)},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,8 +128,13 @@ def _cos(a: torch.Tensor, b: torch.Tensor, tiny: float) -> torch.Tensor:
     return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(tiny)
 
 
-def resid_sums(cache_path: str | Path, tokens: int | None = None, device: str = "cpu",
-               layers: list[int] | None = None, rows: int = 16384) -> tuple[ResidSums, list[int]]:
+def resid_sums(
+    cache_path: str | Path,
+    tokens: int | None = None,
+    device: str = "cpu",
+    layers: list[int] | None = None,
+    rows: int = 16384,
+) -> tuple[ResidSums, list[int]]:
     """Stream the cache's kept tokens (the reader's seeded chunk order: a random sample when `tokens`
     is smaller than the cache) through `ResidSums`; returns the sums and the layers (storage order)."""
     cache = open_cache(cache_path)
@@ -153,8 +162,14 @@ def resid_sums(cache_path: str | Path, tokens: int | None = None, device: str = 
 # the analysis
 
 
-def run_resid(cache_path: str | Path, out_dir: str | Path, tokens: int | None = None,
-              sae_dir: str | Path | None = None, device: str = "cpu", figures: bool = True) -> dict[str, Any]:
+def run_resid(
+    cache_path: str | Path,
+    out_dir: str | Path,
+    tokens: int | None = None,
+    sae_dir: str | Path | None = None,
+    device: str = "cpu",
+    figures: bool = True,
+) -> dict[str, Any]:
     """Adjacent-layer cosines, norms (and an SAE decoder's MMCS) -> out_dir/resid.json + two PNGs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,8 +179,11 @@ def run_resid(cache_path: str | Path, out_dir: str | Path, tokens: int | None = 
     n = max(sums.n, 1)
     norm = (sums.norm / n).tolist()
     result: dict[str, Any] = {
-        "cache": str(cache.path), "model": cache.meta.get("model", {}).get("name"),
-        "hook": cache.meta.get("spec", {}).get("hook"), "lens": cache.lens_record, "tokens": sums.n,
+        "cache": str(cache.path),
+        "model": cache.meta.get("model", {}).get("name"),
+        "hook": cache.meta.get("spec", {}).get("hook"),
+        "lens": cache.lens_record,
+        "tokens": sums.n,
         "layers": layers,
         "pairs": [[a, b] for a, b in zip(layers, layers[1:])],
         "cosine_centered": (sums.cos_centered / n).tolist(),
@@ -174,7 +192,7 @@ def run_resid(cache_path: str | Path, out_dir: str | Path, tokens: int | None = 
         "norm_growth": norm[-1] / norm[0] if norm and norm[0] > 0 else None,
         "definitions": {
             "cosine_centered": "mean over kept tokens t of cos(x_{t,l} - mu_l, x_{t,l'} - mu_{l'}) for consecutive "
-                               "cached layers (l, l'); mu_l = layer mean over all kept tokens of the cache",
+            "cached layers (l, l'); mu_l = layer mean over all kept tokens of the cache",
             "cosine_uncentered": "the same without centering (for comparison only)",
             "norm_mean": "mean over kept tokens of the L2 norm |x_{t,l}|",
             "norm_growth": "norm_mean of the last layer / norm_mean of the first",

@@ -53,19 +53,19 @@ REFERENCE_BATCH_TOKENS = 2048  # the reference's test batches: batch_size 1 x ma
 DEFINITIONS = {
     "tokens": "kept tokens of the cache (special tokens excluded), in the ChunkReader's seeded chunk order",
     "activation": "h_j(x_{t,l}): TopK activation of latent j on token t at layer position l "
-                  "(0 outside the top k; values <= 1e-3 count as 0). Layers are positions 0..L-1 in `layers`.",
+    "(0 outside the top k; values <= 1e-3 count as 0). Layers are positions 0..L-1 in `layers`.",
     "p_layer_given_latent": "P(L=l|J=j) = sum_t h_j(x_{t,l}) / sum_{t,l'} h_j(x_{t,l'})",
     "var_l": "Var(L) under P(l) = sum_{t,j} h_j(x_{t,l}) / sum_{t,j,l'} h_j(x_{t,l'}) (all activation mass)",
     "exp_var_l_given_j": "E[Var(L|J)] = sum_j P(j) Var(L|J=j), P(j) = activation mass of j / total mass",
     "exp_var_l_given_jt": "E[Var(L|J,T)] = sum_{t,j} P(t,j) Var(L|T=t,J=j), P(t,j) = sum_l h_j(x_{t,l}) / "
-                          "total mass, P(L=l|T=t,J=j) = h_j(x_{t,l}) / sum_l' h_j(x_{t,l'})",
+    "total mass, P(L=l|T=t,J=j) = h_j(x_{t,l}) / sum_l' h_j(x_{t,l'})",
     "ratio_latent": "E[Var(L|J)] / Var(L): share of the layer variance left within latents",
     "ratio_token": "E[Var(L|J,T)] / E[Var(L|J)]: share of a latent's layer variance left within one token",
     "multi_layer_per_token_mean": "mean over tokens t with >= 1 active latent of |M_t| / |A_t|, A_t = latents "
-                                  "active at >= 1 layer on t, M_t = those active at >= 2 layers on t",
+    "active at >= 1 layer on t, M_t = those active at >= 2 layers on t",
     "multi_layer_per_token_pooled": "sum_t |M_t| / sum_t |A_t| (per (token, latent) pair)",
     "multi_layer_aggregated": "latents with nonzero mass at >= 2 layers (summed over all tokens) / latents "
-                              "with nonzero mass",
+    "with nonzero mass",
 }
 
 
@@ -95,8 +95,9 @@ class Groups(NamedTuple):
 def active_values(values: Tensor) -> Tensor:
     """float64 activations with values <= FIRE_THRESHOLD set to 0 (method.md Sec. 4)."""
     # compared in the values' own dtype, as train.objectives does: a float32 1e-3 is not above 1e-3
-    return torch.where(values > FIRE_THRESHOLD, values.to(torch.float64),
-                       torch.zeros((), dtype=torch.float64, device=values.device))
+    return torch.where(
+        values > FIRE_THRESHOLD, values.to(torch.float64), torch.zeros((), dtype=torch.float64, device=values.device)
+    )
 
 
 def group_by_token_latent(values: Tensor, indices: Tensor, n_latents: int) -> Groups:
@@ -157,9 +158,17 @@ class LayerDistribution:
 
     @classmethod
     def zeros(cls, n_latents: int, layers: Sequence[int], device: str | torch.device = "cpu") -> "LayerDistribution":
-        f = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
-        return cls(f(n_latents, len(layers)), f(n_latents), f(n_latents), f(n_latents), f(()), f(()), f(()),
-                   torch.tensor(list(layers), dtype=torch.int64, device=device))
+        f = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
+        return cls(
+            f(n_latents, len(layers)),
+            f(n_latents),
+            f(n_latents),
+            f(n_latents),
+            f(()),
+            f(()),
+            f(()),
+            torch.tensor(list(layers), dtype=torch.int64, device=device),
+        )
 
     @property
     def n_latents(self) -> int:
@@ -173,7 +182,7 @@ class LayerDistribution:
     def update(self, values: Tensor, indices: Tensor) -> None:
         """Add one batch: values, indices [L, T, k], the L layers of the SAME T tokens."""
         L, T, _ = values.shape
-        if L != self.n_layers:
+        if self.n_layers != L:
             raise ValueError(f"got activations of {L} layers, the accumulator has {self.n_layers}")
         n, dev = self.n_latents, values.device
         g = group_by_token_latent(values, indices, n)
@@ -201,9 +210,16 @@ class LayerDistribution:
         """The accumulator of both token sets (neither input changes)."""
         if self.mass.shape != other.mass.shape or not torch.equal(self.layers.cpu(), other.layers.cpu()):
             raise ValueError("cannot merge layer distributions of different SAEs or layer lists")
-        return LayerDistribution(**{f.name: (getattr(self, f.name) if f.name == "layers"
-                                             else getattr(self, f.name) + getattr(other, f.name).to(self.mass.device))
-                                    for f in fields(self)})
+        return LayerDistribution(
+            **{
+                f.name: (
+                    getattr(self, f.name)
+                    if f.name == "layers"
+                    else getattr(self, f.name) + getattr(other, f.name).to(self.mass.device)
+                )
+                for f in fields(self)
+            }
+        )
 
     def all_reduce_(self) -> "LayerDistribution":
         """Sum over the ranks of torch.distributed, in place (no-op when it is not initialized)."""
@@ -267,24 +283,37 @@ class LayerDistribution:
         mu_j = (self.mass @ l) / torch.where(m_j > 0, m_j, 1.0)
         e_var_j = ((self.mass * (l - mu_j.unsqueeze(1)) ** 2).sum() / M).item()
         e_var_jt = (self.token_var.sum() / M).item()
-        return dict(var_l=var_l, exp_var_l_given_j=e_var_j, exp_var_l_given_jt=e_var_jt,
-                    ratio_latent=_div(e_var_j, var_l), ratio_token=_div(e_var_jt, e_var_j))
+        return dict(
+            var_l=var_l,
+            exp_var_l_given_j=e_var_j,
+            exp_var_l_given_jt=e_var_jt,
+            ratio_latent=_div(e_var_j, var_l),
+            ratio_token=_div(e_var_jt, e_var_j),
+        )
 
     def multi_layer(self) -> dict[str, float]:
         """Fractions of latents active at more than one layer, per token and aggregated (DEFINITIONS)."""
         with_mass = self.mass > 0
         active = with_mass.any(1)
         multi = with_mass.sum(1) > 1
-        return {"per_token_mean": _div(self.multi_share_sum.item(), self.active_tokens.item()),
-                "per_token_pooled": _div(self.multi_pairs.sum().item(), self.pairs.sum().item()),
-                "aggregated": _div(multi.sum().item(), active.sum().item()),
-                "active_latents": int(active.sum()), "multi_layer_latents": int(multi.sum()),
-                "active_tokens": int(self.active_tokens.item()),
-                "mean_active_latents_per_token": _div(self.pairs.sum().item(), self.active_tokens.item())}
+        return {
+            "per_token_mean": _div(self.multi_share_sum.item(), self.active_tokens.item()),
+            "per_token_pooled": _div(self.multi_pairs.sum().item(), self.pairs.sum().item()),
+            "aggregated": _div(multi.sum().item(), active.sum().item()),
+            "active_latents": int(active.sum()),
+            "multi_layer_latents": int(multi.sum()),
+            "active_tokens": int(self.active_tokens.item()),
+            "mean_active_latents_per_token": _div(self.pairs.sum().item(), self.active_tokens.item()),
+        }
 
     def summary(self) -> dict[str, Any]:
-        return {"tokens": int(self.tokens.item()), "layers": self.layers.tolist(),
-                "layer_positions": list(range(self.n_layers)), **self.variances(), "multi_layer": self.multi_layer()}
+        return {
+            "tokens": int(self.tokens.item()),
+            "layers": self.layers.tolist(),
+            "layer_positions": list(range(self.n_layers)),
+            **self.variances(),
+            "multi_layer": self.multi_layer(),
+        }
 
 
 def _div(a: float, b: float) -> float:
@@ -344,9 +373,13 @@ def reference_variance_terms(values: Tensor, indices: Tensor, n_latents: int) ->
     var_tf = g.s2 / safe - (g.s1 / safe) ** 2  # void groups: 0
     exp_var_l_tf = var_tf.sum() / (T * F)
     var_l = var(q_f.mean(1))
-    return {"exp_var_l_f": exp_var_l_f.item(), "exp_var_l_tf": exp_var_l_tf.item(), "var_l": var_l.item(),
-            "rel_var_f": _div(exp_var_l_f.item(), var_l.item()),
-            "rel_var_t": _div(exp_var_l_tf.item(), exp_var_l_f.item())}
+    return {
+        "exp_var_l_f": exp_var_l_f.item(),
+        "exp_var_l_tf": exp_var_l_tf.item(),
+        "var_l": var_l.item(),
+        "rel_var_f": _div(exp_var_l_f.item(), var_l.item()),
+        "rel_var_t": _div(exp_var_l_tf.item(), exp_var_l_f.item()),
+    }
 
 
 @dataclass
@@ -400,11 +433,17 @@ class ReferenceVariances:
     def compute(self) -> dict[str, Any]:
         n = self.batches
         out = {k: (self.sums[i].item() / n if n else math.nan) for i, k in enumerate(REFERENCE_KEYS)}
-        return {**out, "batches": n, "batch_tokens": self.batch_tokens, "tokens": n * self.batch_tokens,
-                "source": REFERENCE_SOURCE,
-                "label": "reference code's formulas: NOT proper variances (the first ratio is ~1 for any data); "
-                         "for comparison only",
-                "ratio_latent_ref": out["rel_var_f"], "ratio_token_ref": out["rel_var_t"]}
+        return {
+            **out,
+            "batches": n,
+            "batch_tokens": self.batch_tokens,
+            "tokens": n * self.batch_tokens,
+            "source": REFERENCE_SOURCE,
+            "label": "reference code's formulas: NOT proper variances (the first ratio is ~1 for any data); "
+            "for comparison only",
+            "ratio_latent_ref": out["rel_var_f"],
+            "ratio_token_ref": out["rel_var_t"],
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,11 +487,21 @@ def _json_num(x: Any) -> Any:
 
 
 @torch.no_grad()
-def run_variance(sae_dir: str | Path, cache_path: str | Path, tokens: int, out_dir: str | Path,
-                 reference_formulas: bool = False, device: str = "auto", chunks: Sequence[int] | None = None,
-                 progress: bool = True, rows: int = 4096, seed: int = 0,
-                 reference_batch_tokens: int = REFERENCE_BATCH_TOKENS, figures: bool = True,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_variance(
+    sae_dir: str | Path,
+    cache_path: str | Path,
+    tokens: int,
+    out_dir: str | Path,
+    reference_formulas: bool = False,
+    device: str = "auto",
+    chunks: Sequence[int] | None = None,
+    progress: bool = True,
+    rows: int = 4096,
+    seed: int = 0,
+    reference_batch_tokens: int = REFERENCE_BATCH_TOKENS,
+    figures: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Layer distributions and variance ratios of the SAE in `sae_dir` over up to `tokens` kept tokens.
 
     Reads whole chunks of the cache (all complete chunks, or `chunks`) in the ChunkReader's seeded order
@@ -473,11 +522,20 @@ def run_variance(sae_dir: str | Path, cache_path: str | Path, tokens: int, out_d
     dev = resolve_device(device)
     sae = load_sae(sae_dir, dev)
     if sae.cfg.d_model != cache.layout.d_model:
-        raise CacheError(f"the SAE in {sae_dir} has d_model {sae.cfg.d_model} but {cache.path} holds "
-                         f"d_model {cache.layout.d_model}: pass the cache the SAE was trained on")
+        raise CacheError(
+            f"the SAE in {sae_dir} has d_model {sae.cfg.d_model} but {cache.path} holds "
+            f"d_model {cache.layout.d_model}: pass the cache the SAE was trained on"
+        )
     with _distributed() as (rank, world):
-        reader = ChunkReader(cache, layers=layers, seed=seed, rank=rank, world_size=world, chunks=chunks,
-                             pin_memory=dev.startswith("cuda"))
+        reader = ChunkReader(
+            cache,
+            layers=layers,
+            seed=seed,
+            rank=rank,
+            world_size=world,
+            chunks=chunks,
+            pin_memory=dev.startswith("cuda"),
+        )
         budget = tokens // world + (rank < tokens % world)  # this rank's share of the kept tokens
         acc = LayerDistribution.zeros(sae.cfg.n_latents, layers, dev)
         ref = ReferenceVariances(sae.cfg.n_latents, len(layers), reference_batch_tokens) if reference_formulas else None
@@ -488,12 +546,22 @@ def run_variance(sae_dir: str | Path, cache_path: str | Path, tokens: int, out_d
         if ref is not None:
             ref.all_reduce_()
 
-    summary = {**acc.summary(), "tokens_requested": tokens, "n_latents": sae.cfg.n_latents, "k": sae.cfg.k,
-               "sae": str(sae_dir.resolve()), "cache": str(cache.path.resolve()),
-               "cache_fingerprint": cache.fingerprint, "lens": cache.lens_record, "seed": seed, "device": dev,
-               "world_size": world,
-               "seconds": seconds, "tokens_per_s": acc.tokens.item() / max(seconds, 1e-9),
-               "definitions": DEFINITIONS}
+    summary = {
+        **acc.summary(),
+        "tokens_requested": tokens,
+        "n_latents": sae.cfg.n_latents,
+        "k": sae.cfg.k,
+        "sae": str(sae_dir.resolve()),
+        "cache": str(cache.path.resolve()),
+        "cache_fingerprint": cache.fingerprint,
+        "lens": cache.lens_record,
+        "seed": seed,
+        "device": dev,
+        "world_size": world,
+        "seconds": seconds,
+        "tokens_per_s": acc.tokens.item() / max(seconds, 1e-9),
+        "definitions": DEFINITIONS,
+    }
     if ref is not None:
         summary["reference_formulas"] = ref.compute()
     summary = _json_num(summary)
@@ -504,15 +572,36 @@ def run_variance(sae_dir: str | Path, cache_path: str | Path, tokens: int, out_d
     return summary
 
 
-def _stream(sae: Any, reader: ChunkReader, budget: int, rows: int, dev: str, acc: LayerDistribution,
-            ref: ReferenceVariances | None, progress: bool) -> None:
+def _stream(
+    sae: Any,
+    reader: ChunkReader,
+    budget: int,
+    rows: int,
+    dev: str,
+    acc: LayerDistribution,
+    ref: ReferenceVariances | None,
+    progress: bool,
+) -> None:
     """Encode up to `budget` kept tokens of the reader's chunks and feed the accumulators."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     upper = min(budget, len(reader) * reader.layout.chunk_tokens)  # kept tokens are unknown until read
-    columns = [TextColumn("variance"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-               TextColumn("{task.fields[rate]:>9,.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("variance"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens"),
+        TextColumn("{task.fields[rate]:>9,.0f} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     done, t0 = 0, time.perf_counter()
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("", total=upper, rate=0.0)
@@ -521,7 +610,7 @@ def _stream(sae: Any, reader: ChunkReader, budget: int, rows: int, dev: str, acc
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
             x_all = chunk.acts[:, kept] if dev == "cpu" else chunk.acts.to(dev, non_blocking=True)[:, kept.to(dev)]
             for s in range(0, x_all.shape[1], rows):
-                values, indices = sae.encode(x_all[:, s:s + rows].float())
+                values, indices = sae.encode(x_all[:, s : s + rows].float())
                 acc.update(values, indices)
                 if ref is not None:
                     ref.update(values, indices)
@@ -536,12 +625,19 @@ def _stream(sae: Any, reader: ChunkReader, budget: int, rows: int, dev: str, acc
 
 def _write_outputs(acc: LayerDistribution, summary: dict[str, Any], out_dir: Path, figures: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {**acc.to_tensors(), "p_layer_given_latent": acc.p_layer_given_latent().cpu(),
-               "mean_layer": acc.mean_layer().cpu(), "var_layer": acc.var_layer().cpu(),
-               "var_layer_within_token": acc.var_layer_within_token().cpu()}
+    tensors = {
+        **acc.to_tensors(),
+        "p_layer_given_latent": acc.p_layer_given_latent().cpu(),
+        "mean_layer": acc.mean_layer().cpu(),
+        "var_layer": acc.var_layer().cpu(),
+        "var_layer_within_token": acc.var_layer_within_token().cpu(),
+    }
     tmp = out_dir / f".{DISTRIBUTION_FILE}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"layers": json.dumps(summary["layers"]), "tokens": str(summary["tokens"])})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"layers": json.dumps(summary["layers"]), "tokens": str(summary["tokens"])},
+    )
     os.replace(tmp, out_dir / DISTRIBUTION_FILE)
     if figures:
         from analyze.figures_layers import layer_heatmap, mean_layer_histogram

@@ -42,8 +42,9 @@ class PromptError(UserError):
 
 
 @torch.no_grad()
-def prompt_stats(values: torch.Tensor, indices: torch.Tensor, kept: torch.Tensor, n_latents: int,
-                 layers: list[int] | None = None) -> dict[str, Any]:
+def prompt_stats(
+    values: torch.Tensor, indices: torch.Tensor, kept: torch.Tensor, n_latents: int, layers: list[int] | None = None
+) -> dict[str, Any]:
     """values, indices [L, T, k] from `sae.encode` of every (layer, token) vector; kept [T] bool.
 
     The statistics of the kept tokens come from analyze.layers.LayerDistribution, the accumulator of
@@ -79,8 +80,10 @@ def prompt_stats(values: torch.Tensor, indices: torch.Tensor, kept: torch.Tensor
 def _run_record(sae_dir: Path) -> dict[str, Any]:
     cfg = sae_dir / "config.json"
     if not (sae_dir / "sae.safetensors").is_file() or not cfg.is_file():
-        raise PromptError(f"{sae_dir} is not a finished training run (needs sae.safetensors and config.json): "
-                          f"pass the --out folder of `train run`")
+        raise PromptError(
+            f"{sae_dir} is not a finished training run (needs sae.safetensors and config.json): "
+            f"pass the --out folder of `train run`"
+        )
     return json.loads(cfg.read_text())
 
 
@@ -92,14 +95,24 @@ def tokenize_prompt(text: str, tokenizer: Any, prepend_bos: bool, max_tokens: in
         raise PromptError("the prompt is empty: pass some text")
     n = len(tokenizer(text, add_special_tokens=False).input_ids) + 1 + int(prepend_bos)
     if max_tokens is not None and n > max_tokens:
-        raise PromptError(f"the prompt is {n} tokens, more than the cache's context of {max_tokens} that the SAE "
-                          f"was trained on: shorten it")
+        raise PromptError(
+            f"the prompt is {n} tokens, more than the cache's context of {max_tokens} that the SAE "
+            f"was trained on: shorten it"
+        )
     return make_windows(iter([text]), tokenizer, n, 1, prepend_bos, dataset_name="the prompt")[0].tolist()
 
 
-def run_prompt(sae_dir: str | Path, text: str, model: str | None = None, out_dir: str | Path | None = None,
-               device: str = "auto", cache: str | Path | None = None, top: int = 5,
-               show: bool = True, console: Any = None) -> dict[str, Any]:
+def run_prompt(
+    sae_dir: str | Path,
+    text: str,
+    model: str | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    cache: str | Path | None = None,
+    top: int = 5,
+    show: bool = True,
+    console: Any = None,
+) -> dict[str, Any]:
     """Encode every (token, layer) vector of `text`; write prompt.json and prompt.png to `out_dir`
     (default: the run folder, as the other analyses) and, when `show`, print the per-token table.
 
@@ -116,8 +129,10 @@ def run_prompt(sae_dir: str | Path, text: str, model: str | None = None, out_dir
     try:
         c = open_cache(cache_path)
     except CacheError:
-        raise PromptError(f"the run's cache {cache_path} is not readable (its metadata holds the tokenization): "
-                          f"pass --cache with its current location")
+        raise PromptError(
+            f"the run's cache {cache_path} is not readable (its metadata holds the tokenization): "
+            f"pass --cache with its current location"
+        )
     spec, tok_meta = c.meta.get("spec", {}), c.meta.get("tokenizer", {})
     device = resolve_device(device)
     sae = load_sae(sae_dir, device)
@@ -133,8 +148,10 @@ def run_prompt(sae_dir: str | Path, text: str, model: str | None = None, out_dir
         raise ModelError(f"model {source.name!r} has no block {missing[0]}: pass the model the SAE was trained on")
     x = forward_layers(bridge, torch.tensor([ids], device=device), layers, hook)[:, 0]  # [L, T, d]
     if x.shape[-1] != sae.cfg.d_model:
-        raise ModelError(f"model {source.name!r} has d_model {x.shape[-1]}, the SAE {sae.cfg.d_model}: pass the "
-                         f"model the SAE was trained on")
+        raise ModelError(
+            f"model {source.name!r} has d_model {x.shape[-1]}, the SAE {sae.cfg.d_model}: pass the "
+            f"model the SAE was trained on"
+        )
     lens = c.lens()
     if lens is not None:  # the SAE lives in the lens space its cache was harvested in
         lens = lens.to(x.device)
@@ -148,9 +165,19 @@ def run_prompt(sae_dir: str | Path, text: str, model: str | None = None, out_dir
     special = torch.tensor([i in special_ids for i in ids])
     st = prompt_stats(values, indices, ~special, sae.cfg.n_latents, layers)
     result = _result(st, ids, special, tokenizer, layers, top)
-    result.update({"text": text, "sae": str(sae_dir), "cache": str(cache_path), "model": source.name,
-                   "hook": hook, "lens": c.lens_record, "prepend_bos": prepend_bos, "n_latents": sae.cfg.n_latents,
-                   "k": sae.cfg.k})
+    result.update(
+        {
+            "text": text,
+            "sae": str(sae_dir),
+            "cache": str(cache_path),
+            "model": source.name,
+            "hook": hook,
+            "lens": c.lens_record,
+            "prepend_bos": prepend_bos,
+            "n_latents": sae.cfg.n_latents,
+            "k": sae.cfg.k,
+        }
+    )
 
     out = Path(out_dir) if out_dir is not None else sae_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -170,35 +197,56 @@ def _nan_none(x: Any) -> Any:
     return x
 
 
-def _result(st: dict[str, Any], ids: list[int], special: torch.Tensor, tokenizer: Any, layers: list[int],
-            top: int) -> dict[str, Any]:
+def _result(
+    st: dict[str, Any], ids: list[int], special: torch.Tensor, tokenizer: Any, layers: list[int], top: int
+) -> dict[str, Any]:
     from analyze.layers import DEFINITIONS
 
     tokens = []
     for t, acts in enumerate(st["per_token"]):
         ranked = sorted(acts.items(), key=lambda kv: -float(kv[1].sum()))[:top]
-        tokens.append({
-            "pos": t, "id": ids[t], "text": tokenizer.decode([ids[t]]), "special": bool(special[t]),
-            "n_active": int(st["n_active"][t]), "n_multi": int(st["n_multi"][t]),
-            "top": [{"latent": j, "activation": float(v.sum()),
-                     "layers": [layers[l] for l in v.nonzero().squeeze(1).tolist()],
-                     "values": [round(float(v[l]), 4) for l in v.nonzero().squeeze(1).tolist()]}
-                    for j, v in ranked],
-        })
+        tokens.append(
+            {
+                "pos": t,
+                "id": ids[t],
+                "text": tokenizer.decode([ids[t]]),
+                "special": bool(special[t]),
+                "n_active": int(st["n_active"][t]),
+                "n_multi": int(st["n_multi"][t]),
+                "top": [
+                    {
+                        "latent": j,
+                        "activation": float(v.sum()),
+                        "layers": [layers[l] for l in v.nonzero().squeeze(1).tolist()],
+                        "values": [round(float(v[l]), 4) for l in v.nonzero().squeeze(1).tolist()],
+                    }
+                    for j, v in ranked
+                ],
+            }
+        )
     acc = st["acc"]
     on = (acc.latent_mass() > 0).nonzero().squeeze(1)
     mean_l, var_l = acc.mean_layer()[on], acc.var_layer()[on]
     order = torch.argsort(mean_l, stable=True)
     return {
-        "layers": layers, "n_tokens": len(ids), "n_tokens_used": int((~special).sum()),
-        **_nan_none(acc.variances()), "multi_layer": _nan_none(acc.multi_layer()),
+        "layers": layers,
+        "n_tokens": len(ids),
+        "n_tokens_used": int((~special).sum()),
+        **_nan_none(acc.variances()),
+        "multi_layer": _nan_none(acc.multi_layer()),
         "tokens": tokens,
-        "latents": {"ids": on[order].tolist(), "mean_layer": mean_l[order].tolist(),
-                    "var_layer": var_l[order].tolist(), "n_layers": (acc.mass[on[order]] > 0).sum(1).tolist()},
-        "definitions": {**DEFINITIONS,
-                        "latents": "the latents active in the prompt, sorted by E[L|J=j] (mean_layer) of the "
-                                   "prompt's activation mass",
-                        "special tokens": "shown in 'tokens' with special=true, excluded from every statistic"},
+        "latents": {
+            "ids": on[order].tolist(),
+            "mean_layer": mean_l[order].tolist(),
+            "var_layer": var_l[order].tolist(),
+            "n_layers": (acc.mass[on[order]] > 0).sum(1).tolist(),
+        },
+        "definitions": {
+            **DEFINITIONS,
+            "latents": "the latents active in the prompt, sorted by E[L|J=j] (mean_layer) of the "
+            "prompt's activation mass",
+            "special tokens": "shown in 'tokens' with special=true, excluded from every statistic",
+        },
     }
 
 
@@ -217,22 +265,37 @@ def print_table(result: dict[str, Any], console: Any = None, max_latents: int = 
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"latents per token ({result.get('model')}, layers {result['layers'][0]}.."
-                        f"{result['layers'][-1]})", show_lines=False)
-    for col, kw in [("#", {"justify": "right"}), ("token", {}), ("active", {"justify": "right"}),
-                    (">=2 layers", {"justify": "right"}), ("top latents: layers where active", {})]:
+    table = Table(
+        title=f"latents per token ({result.get('model')}, layers {result['layers'][0]}..{result['layers'][-1]})",
+        show_lines=False,
+    )
+    for col, kw in [
+        ("#", {"justify": "right"}),
+        ("token", {}),
+        ("active", {"justify": "right"}),
+        (">=2 layers", {"justify": "right"}),
+        ("top latents: layers where active", {}),
+    ]:
         table.add_column(col, **kw)
     for t in result["tokens"]:
         tok = escape(repr(t["text"])[1:-1])
         lat = "  ".join(f"{d['latent']}@{_ranges(d['layers'])}" for d in t["top"][:max_latents])
         style = "dim" if t["special"] else None
-        table.add_row(str(t["pos"]), tok + (" (special)" if t["special"] else ""), str(t["n_active"]),
-                      str(t["n_multi"]), escape(lat), style=style)
+        table.add_row(
+            str(t["pos"]),
+            tok + (" (special)" if t["special"] else ""),
+            str(t["n_active"]),
+            str(t["n_multi"]),
+            escape(lat),
+            style=style,
+        )
     console.print(table)
     ml = result["multi_layer"]
-    console.print(f"latents active at >= 2 layers: per token {_fmt(ml['per_token_pooled'])} (mean over tokens "
-                  f"{_fmt(ml['per_token_mean'])}) vs aggregated over the prompt {_fmt(ml['aggregated'])}; "
-                  f"E[Var(L|J,T)]/E[Var(L|J)] = {_fmt(result['ratio_token'])}")
+    console.print(
+        f"latents active at >= 2 layers: per token {_fmt(ml['per_token_pooled'])} (mean over tokens "
+        f"{_fmt(ml['per_token_mean'])}) vs aggregated over the prompt {_fmt(ml['aggregated'])}; "
+        f"E[Var(L|J,T)]/E[Var(L|J)] = {_fmt(result['ratio_token'])}"
+    )
 
 
 def _ranges(layers: list[int]) -> str:
@@ -258,8 +321,14 @@ def _figure(st: dict[str, Any], r: dict[str, Any], layers: list[int], out: Path)
     p = mass / mass.sum(1, keepdim=True).clamp_min(1e-300)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
     if len(ids):
-        im = ax.imshow(p.t().numpy(), aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
-                       extent=(-0.5, len(ids) - 0.5, -0.5, len(layers) - 0.5))
+        im = ax.imshow(
+            p.t().numpy(),
+            aspect="auto",
+            origin="lower",
+            cmap="viridis",
+            interpolation="nearest",
+            extent=(-0.5, len(ids) - 0.5, -0.5, len(layers) - 0.5),
+        )
         fig.colorbar(im, ax=ax, label="P(L = l | J = j), this prompt")
     ticks = range(0, len(layers), max(1, len(layers) // 9))
     ax.set_yticks(list(ticks), [str(layers[i]) for i in ticks])
@@ -276,8 +345,11 @@ def _figure(st: dict[str, Any], r: dict[str, Any], layers: list[int], out: Path)
     if len(toks) <= 40:
         bx.set_xticks(list(x), [repr(t["text"])[1:-1][:10] for t in toks], rotation=90, fontsize=7)
     bx.set_ylabel("latents active at the token")
-    bx.set_title(f">= 2 layers: per token {_fmt(r['multi_layer']['per_token_pooled'])}, aggregated "
-                 f"{_fmt(r['multi_layer']['aggregated'])}", fontsize=9)
+    bx.set_title(
+        f">= 2 layers: per token {_fmt(r['multi_layer']['per_token_pooled'])}, aggregated "
+        f"{_fmt(r['multi_layer']['aggregated'])}",
+        fontsize=9,
+    )
     bx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / PROMPT_PNG, dpi=120)

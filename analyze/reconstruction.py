@@ -37,8 +37,10 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     p = Path(run_dir)
     cfg_file = p / "config.json"
     if not cfg_file.is_file() or not (p / "sae.safetensors").is_file():
-        raise RunError(f"{p} is not a finished training run (needs config.json and sae.safetensors): pass a run "
-                       f"folder written by `train run`, or let that run finish")
+        raise RunError(
+            f"{p} is not a finished training run (needs config.json and sae.safetensors): pass a run "
+            f"folder written by `train run`, or let that run finish"
+        )
     record = json.loads(cfg_file.read_text())
     return {**record, "dir": str(p)}
 
@@ -60,14 +62,18 @@ def check_same_cache(records: list[dict[str, Any]], cache: Any) -> None:
     out for every run (a run with a smaller held-out set trained on some of them)."""
     for r in records:
         if r["cache"]["fingerprint"] != cache.fingerprint:
-            raise RunError(f"{r['dir']} was trained on cache {r['cache']['path']} (fingerprint "
-                           f"{r['cache']['fingerprint']}), not on {cache.path} ({cache.fingerprint}): pass runs "
-                           f"trained on one cache, and that cache")
+            raise RunError(
+                f"{r['dir']} was trained on cache {r['cache']['path']} (fingerprint "
+                f"{r['cache']['fingerprint']}), not on {cache.path} ({cache.fingerprint}): pass runs "
+                f"trained on one cache, and that cache"
+            )
     held_out = set(records[0]["eval_chunks"])
     for r in records[1:]:
         if not held_out <= set(r["eval_chunks"]):
-            raise RunError(f"{r['dir']} trained on some of the held-out chunks of {records[0]['dir']}: list first "
-                           f"the run with the fewest held-out tokens (--eval-tokens)")
+            raise RunError(
+                f"{r['dir']} trained on some of the held-out chunks of {records[0]['dir']}: list first "
+                f"the run with the fewest held-out tokens (--eval-tokens)"
+            )
 
 
 def held_out_chunks(record: dict[str, Any], cache: Any, tokens: int | None) -> list[int]:
@@ -75,8 +81,9 @@ def held_out_chunks(record: dict[str, Any], cache: Any, tokens: int | None) -> l
     cache positions (whole chunks: the unit the reader reads)."""
     chunks = list(record["eval_chunks"])
     if not chunks:
-        raise RunError(f"{record['dir']} has no held-out chunks (trained with --eval-tokens 0): retrain with "
-                       f"--eval-tokens > 0")
+        raise RunError(
+            f"{record['dir']} has no held-out chunks (trained with --eval-tokens 0): retrain with --eval-tokens > 0"
+        )
     if tokens is None:
         return chunks
     out, n = [], 0
@@ -93,9 +100,15 @@ def held_out_chunks(record: dict[str, Any], cache: Any, tokens: int | None) -> l
 # the analysis
 
 
-def run_reconstruction(run_dirs: Sequence[str | Path], cache_path: str | Path | None = None,
-                       out_dir: str | Path | None = None, device: str = "auto", tokens: int | None = None,
-                       include_special: bool | None = None, write: bool = True) -> dict[str, Any]:
+def run_reconstruction(
+    run_dirs: Sequence[str | Path],
+    cache_path: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    device: str = "auto",
+    tokens: int | None = None,
+    include_special: bool | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
     """Held-out metrics of each run and the layer x layer FVU matrix; writes reconstruction.json,
     fvu_matrix.csv, fvu_feature_matrix.csv and reconstruction.png into `out_dir` (default: the first
     run's folder) when `write`. `cache_path` defaults to the cache recorded by the first run;
@@ -117,25 +130,47 @@ def run_reconstruction(run_dirs: Sequence[str | Path], cache_path: str | Path | 
     for record, label in zip(records, labels):
         sae = load_sae(record["dir"], device=device)
         matrix = evaluate(sae, cache, chunks, columns, device, include_special)
-        own = matrix if record["layers"] == columns else evaluate(sae, cache, chunks, record["layers"], device,
-                                                                    include_special)
-        rows.append({"label": label, "run": record["dir"], "trained_layers": record["layers"],
-                     "multi_layer": len(record["layers"]) > 1, "sae": record["sae"], "held_out": own,
-                     "fvu": matrix["fvu"], "fvu_feature": matrix["fvu_feature"], "mse": matrix["mse"],
-                     "l0": matrix["l0"]})
+        own = (
+            matrix
+            if record["layers"] == columns
+            else evaluate(sae, cache, chunks, record["layers"], device, include_special)
+        )
+        rows.append(
+            {
+                "label": label,
+                "run": record["dir"],
+                "trained_layers": record["layers"],
+                "multi_layer": len(record["layers"]) > 1,
+                "sae": record["sae"],
+                "held_out": own,
+                "fvu": matrix["fvu"],
+                "fvu_feature": matrix["fvu_feature"],
+                "mse": matrix["mse"],
+                "l0": matrix["l0"],
+            }
+        )
 
-    result = {"cache": str(cache.path), "fingerprint": cache.fingerprint, "model": cache.meta["model"]["name"],
-              "lens": cache.lens_record,
-              "eval_chunks": chunks, "tokens": rows[0]["held_out"]["tokens"], "include_special": include_special,
-              "layers": columns, "rows": [r["label"] for r in rows],
-              "fvu_matrix": [r["fvu"] for r in rows], "fvu_feature_matrix": [r["fvu_feature"] for r in rows],
-              "runs": rows,
-              "definitions": {
-                  "fvu": "sum of squared errors / sum of squared deviations from the mean of all scalars of the "
-                         "layer, pooled over the held-out tokens (reference definition)",
-                  "fvu_feature": "same numerator / sum of squared deviations from each feature's mean (Gao et al.)",
-                  "matrix": "row = SAE (MLSAE, or single-layer SAE L<i> trained on layer i), column j = the layer "
-                            "whose vectors it reconstructs"}}
+    result = {
+        "cache": str(cache.path),
+        "fingerprint": cache.fingerprint,
+        "model": cache.meta["model"]["name"],
+        "lens": cache.lens_record,
+        "eval_chunks": chunks,
+        "tokens": rows[0]["held_out"]["tokens"],
+        "include_special": include_special,
+        "layers": columns,
+        "rows": [r["label"] for r in rows],
+        "fvu_matrix": [r["fvu"] for r in rows],
+        "fvu_feature_matrix": [r["fvu_feature"] for r in rows],
+        "runs": rows,
+        "definitions": {
+            "fvu": "sum of squared errors / sum of squared deviations from the mean of all scalars of the "
+            "layer, pooled over the held-out tokens (reference definition)",
+            "fvu_feature": "same numerator / sum of squared deviations from each feature's mean (Gao et al.)",
+            "matrix": "row = SAE (MLSAE, or single-layer SAE L<i> trained on layer i), column j = the layer "
+            "whose vectors it reconstructs",
+        },
+    }
     result["comparison"] = {"fvu": compare(result, "fvu"), "fvu_feature": compare(result, "fvu_feature")}
     if write:
         out = Path(out_dir) if out_dir is not None else Path(records[0]["dir"])
@@ -144,8 +179,10 @@ def run_reconstruction(run_dirs: Sequence[str | Path], cache_path: str | Path | 
         for key, name in [("fvu", "fvu_matrix.csv"), ("fvu_feature", "fvu_feature_matrix.csv")]:
             write_matrix_csv(out / name, result["rows"], columns, result[f"{key}_matrix"])
         plot_reconstruction(result, out / "reconstruction.png")
-        result["files"] = {n: str(out / n) for n in ["reconstruction.json", "fvu_matrix.csv",
-                                                      "fvu_feature_matrix.csv", "reconstruction.png"]}
+        result["files"] = {
+            n: str(out / n)
+            for n in ["reconstruction.json", "fvu_matrix.csv", "fvu_feature_matrix.csv", "reconstruction.png"]
+        }
     return result
 
 
@@ -160,16 +197,28 @@ def compare(result: dict[str, Any], key: str = "fvu") -> dict[str, Any]:
         diag = single.get(layer)
         others = [(r[key][j], i) for i, r in single.items() if i != layer and math.isfinite(r[key][j])]
         best = min(others) if others else None
-        per_layer.append({"layer": layer, "mlsae": mlsae[key][j] if mlsae else None,
-                          "diagonal": diag[key][j] if diag else None,
-                          "off_diagonal_best": best[0] if best else None,
-                          "off_diagonal_layer": best[1] if best else None})
+        per_layer.append(
+            {
+                "layer": layer,
+                "mlsae": mlsae[key][j] if mlsae else None,
+                "diagonal": diag[key][j] if diag else None,
+                "off_diagonal_best": best[0] if best else None,
+                "off_diagonal_layer": best[1] if best else None,
+            }
+        )
     ratios = [p["mlsae"] / p["diagonal"] for p in per_layer if p["mlsae"] is not None and p["diagonal"]]
-    beats = [p["mlsae"] < p["off_diagonal_best"] for p in per_layer
-             if p["mlsae"] is not None and p["off_diagonal_best"] is not None]
-    return {"mlsae": mlsae["label"] if mlsae else None, "per_layer": per_layer,
-            "mlsae_over_diagonal_mean": sum(ratios) / len(ratios) if ratios else None,
-            "mlsae_beats_off_diagonal": sum(beats), "off_diagonal_compared": len(beats)}
+    beats = [
+        p["mlsae"] < p["off_diagonal_best"]
+        for p in per_layer
+        if p["mlsae"] is not None and p["off_diagonal_best"] is not None
+    ]
+    return {
+        "mlsae": mlsae["label"] if mlsae else None,
+        "per_layer": per_layer,
+        "mlsae_over_diagonal_mean": sum(ratios) / len(ratios) if ratios else None,
+        "mlsae_beats_off_diagonal": sum(beats),
+        "off_diagonal_compared": len(beats),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,19 +240,24 @@ def _f(v: float | None) -> str:
 def format_reconstruction(result: dict[str, Any], key: str = "fvu") -> str:
     """A plain-text table: per layer, MLSAE vs diagonal vs best off-diagonal, and the claim's tally."""
     c = result["comparison"][key]
-    lines = [f"held-out {key} on {result['tokens']:,} tokens ({len(result['eval_chunks'])} chunks of "
-             f"{result['cache']})",
-             f"{'layer':>5}  {'MLSAE':>8}  {'diagonal':>8}  {'best other':>10}  (trained on)"]
+    lines = [
+        f"held-out {key} on {result['tokens']:,} tokens ({len(result['eval_chunks'])} chunks of {result['cache']})",
+        f"{'layer':>5}  {'MLSAE':>8}  {'diagonal':>8}  {'best other':>10}  (trained on)",
+    ]
     for p in c["per_layer"]:
         other = "" if p["off_diagonal_layer"] is None else f"L{p['off_diagonal_layer']}"
-        lines.append(f"{p['layer']:>5}  {_f(p['mlsae']):>8}  {_f(p['diagonal']):>8}  "
-                     f"{_f(p['off_diagonal_best']):>10}  {other}")
+        lines.append(
+            f"{p['layer']:>5}  {_f(p['mlsae']):>8}  {_f(p['diagonal']):>8}  {_f(p['off_diagonal_best']):>10}  {other}"
+        )
     if c["mlsae_over_diagonal_mean"] is not None:
-        lines.append(f"MLSAE / diagonal single-layer SAE, mean over layers: {c['mlsae_over_diagonal_mean']:.3f} "
-                     f"(paper: ~1)")
+        lines.append(
+            f"MLSAE / diagonal single-layer SAE, mean over layers: {c['mlsae_over_diagonal_mean']:.3f} (paper: ~1)"
+        )
     if c["off_diagonal_compared"]:
-        lines.append(f"MLSAE better than every other-layer SAE at {c['mlsae_beats_off_diagonal']} of "
-                     f"{c['off_diagonal_compared']} layers (paper: all)")
+        lines.append(
+            f"MLSAE better than every other-layer SAE at {c['mlsae_beats_off_diagonal']} of "
+            f"{c['off_diagonal_compared']} layers (paper: all)"
+        )
     return "\n".join(lines)
 
 
@@ -218,16 +272,32 @@ def plot_reconstruction(result: dict[str, Any], path: Path) -> None:
 
     m, rows, cols = result["fvu_matrix"], result["rows"], result["layers"]
     finite = [v for r in m for v in r if math.isfinite(v) and v > 0]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(6 + 0.45 * len(cols) + 5, 1.5 + 0.4 * len(rows)),
-                                  gridspec_kw={"width_ratios": [max(len(cols), 3), 6]}, squeeze=True)
+    fig, (ax, ax2) = plt.subplots(
+        1,
+        2,
+        figsize=(6 + 0.45 * len(cols) + 5, 1.5 + 0.4 * len(rows)),
+        gridspec_kw={"width_ratios": [max(len(cols), 3), 6]},
+        squeeze=True,
+    )
     norm = LogNorm(min(finite), max(finite)) if finite and min(finite) < max(finite) else None
-    im = ax.imshow([[v if math.isfinite(v) and v > 0 else float("nan") for v in r] for r in m], aspect="auto",
-                   cmap="viridis_r", norm=norm)
+    im = ax.imshow(
+        [[v if math.isfinite(v) and v > 0 else float("nan") for v in r] for r in m],
+        aspect="auto",
+        cmap="viridis_r",
+        norm=norm,
+    )
     size = max(4, min(9, 120 // max(len(cols), 1)))
     for i, r in enumerate(m):
         for j, v in enumerate(r):
-            ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=size,
-                    color="white" if norm is not None and math.isfinite(v) and v > 0 and norm(v) > 0.6 else "black")
+            ax.text(
+                j,
+                i,
+                f"{v:.2g}",
+                ha="center",
+                va="center",
+                fontsize=size,
+                color="white" if norm is not None and math.isfinite(v) and v > 0 and norm(v) > 0.6 else "black",
+            )
     ax.set_xticks(range(len(cols)), [str(l) for l in cols])
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("evaluated on layer j")
@@ -235,8 +305,11 @@ def plot_reconstruction(result: dict[str, Any], path: Path) -> None:
     ax.set_title("held-out FVU")
     fig.colorbar(im, ax=ax, fraction=0.04)
     per = result["comparison"]["fvu"]["per_layer"]
-    for name, label, style in [("mlsae", "MLSAE", "o-"), ("diagonal", "single-layer SAE, same layer", "s--"),
-                               ("off_diagonal_best", "best single-layer SAE, other layer", "^:")]:
+    for name, label, style in [
+        ("mlsae", "MLSAE", "o-"),
+        ("diagonal", "single-layer SAE, same layer", "s--"),
+        ("off_diagonal_best", "best single-layer SAE, other layer", "^:"),
+    ]:
         pts = [(p["layer"], p[name]) for p in per if p[name] is not None]
         if pts:
             ax2.plot(*zip(*pts), style, label=label)

@@ -20,10 +20,16 @@ REPORT_HTML = "report.html"
 
 # name -> (json file, title, figure-name prefixes claimed by the section)
 KNOWN = {
-    "variance": ("variance.json", "Latents over layers: distributions and variance ratios",
-                 ("variance", "layer_distribution", "layer_dist", "mean_layer", "heatmap", "hist")),
-    "reconstruction": ("reconstruction.json", "Reconstruction: FVU per layer, layer x layer matrix",
-                       ("reconstruction", "fvu", "matrix")),
+    "variance": (
+        "variance.json",
+        "Latents over layers: distributions and variance ratios",
+        ("variance", "layer_distribution", "layer_dist", "mean_layer", "heatmap", "hist"),
+    ),
+    "reconstruction": (
+        "reconstruction.json",
+        "Reconstruction: FVU per layer, layer x layer matrix",
+        ("reconstruction", "fvu", "matrix"),
+    ),
     "delta_ce": ("delta_ce.json", "Downstream loss: delta CE and KL per layer", ("delta_ce", "delta-ce", "kl")),
     "resid": ("resid.json", "Residual-stream geometry", ("resid",)),
     "prompt": ("prompt.json", "One prompt: which latents fire at which layers", ("prompt",)),
@@ -76,7 +82,7 @@ def collect_sections(folder: str | Path) -> dict[str, dict[str, Any]]:
             figs = [folder / n for n in dict.fromkeys(_png_names(data)) if (folder / n).is_file()]
             claimed |= set(figs)
             sections[name] = {"title": title, "data": data, "figures": figs, "source": file}
-    for name, (file, title, prefixes) in KNOWN.items():
+    for name, (_file, title, prefixes) in KNOWN.items():
         mine = [p for p in pngs if p not in claimed and p.stem.lower().startswith(prefixes)]
         if mine:
             sec = sections.setdefault(name, {"title": title, "data": None, "figures": [], "source": None})
@@ -101,9 +107,13 @@ def _normalize(name: str, value: Any) -> dict[str, Any]:
         data = value["data"]
         if isinstance(data, (str, Path)):
             data = _load_json(Path(data))
-        return {"title": value.get("title") or default_title, "data": data,
-                "figures": [Path(f) for f in value.get("figures") or []], "source": value.get("source"),
-                "note": value.get("note")}
+        return {
+            "title": value.get("title") or default_title,
+            "data": data,
+            "figures": [Path(f) for f in value.get("figures") or []],
+            "source": value.get("source"),
+            "note": value.get("note"),
+        }
     return {"title": default_title, "data": value, "figures": [], "source": None}
 
 
@@ -118,7 +128,9 @@ def _candidate_paths(obj: Any, keys: tuple[str, ...]) -> list[str]:
             if k in keys and isinstance(v, str):
                 out.append(v)
             elif k in keys and isinstance(v, list):
-                out += [x for x in v if isinstance(x, str)] + _candidate_paths([x for x in v if not isinstance(x, str)], keys)
+                out += [x for x in v if isinstance(x, str)] + _candidate_paths(
+                    [x for x in v if not isinstance(x, str)], keys
+                )
             else:
                 out += _candidate_paths(v, keys)
     elif isinstance(obj, list):
@@ -127,8 +139,11 @@ def _candidate_paths(obj: Any, keys: tuple[str, ...]) -> list[str]:
     return out
 
 
-def provenance(sae_dirs: Iterable[str | Path] = (), cache: str | Path | None = None,
-               sections: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def provenance(
+    sae_dirs: Iterable[str | Path] = (),
+    cache: str | Path | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Runs (config.json + summary.json) and cache (metadata) behind a report. Without explicit
     arguments, the SAE folders and cache paths named inside the sections' JSON are used."""
     datas = [s.get("data") for s in (sections or {}).values()]
@@ -142,11 +157,19 @@ def provenance(sae_dirs: Iterable[str | Path] = (), cache: str | Path | None = N
         cfg = _load_json(folder / "config.json")
         summ = _load_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
         held = summ.get("held_out") or {}
-        out["runs"].append({"folder": str(folder), "layers": cfg.get("layers"),
-                            "n_latents": (cfg.get("sae") or {}).get("n_latents"), "k": (cfg.get("sae") or {}).get("k"),
-                            "steps": cfg.get("steps"), "tokens": summ.get("tokens"),
-                            "held_out_fvu_mean": held.get("fvu_mean"), "held_out_fvu": held.get("fvu"),
-                            "held_out_layers": held.get("layers")})
+        out["runs"].append(
+            {
+                "folder": str(folder),
+                "layers": cfg.get("layers"),
+                "n_latents": (cfg.get("sae") or {}).get("n_latents"),
+                "k": (cfg.get("sae") or {}).get("k"),
+                "steps": cfg.get("steps"),
+                "tokens": summ.get("tokens"),
+                "held_out_fvu_mean": held.get("fvu_mean"),
+                "held_out_fvu": held.get("fvu"),
+                "held_out_layers": held.get("layers"),
+            }
+        )
         if not caches and isinstance(cfg.get("cache"), dict) and cfg["cache"].get("path"):
             caches.append(cfg["cache"]["path"])
     caches += _candidate_paths(datas, ("cache",))
@@ -158,13 +181,21 @@ def provenance(sae_dirs: Iterable[str | Path] = (), cache: str | Path | None = N
         except Exception:  # a moved or foreign cache: provenance is best effort, the numbers still show
             continue
         m = cm.meta
-        out["cache"] = {"path": str(cm.path), "model": (m.get("model") or {}).get("name"),
-                        "dataset": (m.get("spec") or {}).get("dataset"), "tokens": cm.layout.n_tokens,
-                        "context": cm.layout.context, "layers": list(cm.layers), "d_model": cm.layout.d_model,
-                        "dtype": cm.layout.dtype, "hook": (m.get("spec") or {}).get("hook"),
-                        "prepend_bos": (m.get("tokenizer") or {}).get("prepend_bos"),
-                        "lens": (m.get("lens") or {}).get("source", "none"),
-                        "fingerprint": str(m.get("fingerprint", ""))[:16], "created": m.get("created")}
+        out["cache"] = {
+            "path": str(cm.path),
+            "model": (m.get("model") or {}).get("name"),
+            "dataset": (m.get("spec") or {}).get("dataset"),
+            "tokens": cm.layout.n_tokens,
+            "context": cm.layout.context,
+            "layers": list(cm.layers),
+            "d_model": cm.layout.d_model,
+            "dtype": cm.layout.dtype,
+            "hook": (m.get("spec") or {}).get("hook"),
+            "prepend_bos": (m.get("tokenizer") or {}).get("prepend_bos"),
+            "lens": (m.get("lens") or {}).get("source", "none"),
+            "fingerprint": str(m.get("fingerprint", ""))[:16],
+            "created": m.get("created"),
+        }
         break
     return out
 
@@ -191,8 +222,12 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def pick(data: Any, names: Iterable[str] = (), pred: Callable[[str], bool] | None = None,
-         kind: Callable[[Any], bool] = _is_num) -> tuple[str, Any] | None:
+def pick(
+    data: Any,
+    names: Iterable[str] = (),
+    pred: Callable[[str], bool] | None = None,
+    kind: Callable[[Any], bool] = _is_num,
+) -> tuple[str, Any] | None:
     """The first (key, value) of the flattened data whose last key part is one of `names`
     (case-insensitive), else whose full key satisfies `pred`; only values passing `kind`. Keys under
     a "reference" branch (the reference code's improper formulas) are never picked."""
@@ -267,8 +302,13 @@ def headlines(name: str, data: Any) -> list[tuple[str, str, Any]]:
             out.append((label, hit[0], hit[1]))
     for r in _recon_runs(data) if name == "reconstruction" else []:
         if _is_num((r.get("held_out") or {}).get("fvu_mean")):
-            out.append((f"held-out mean FVU of {r.get('label', r.get('run'))}", "runs[].held_out.fvu_mean",
-                        r["held_out"]["fvu_mean"]))
+            out.append(
+                (
+                    f"held-out mean FVU of {r.get('label', r.get('run'))}",
+                    "runs[].held_out.fvu_mean",
+                    r["held_out"]["fvu_mean"],
+                )
+            )
     return out
 
 
@@ -297,35 +337,60 @@ def claims(sections: dict[str, dict[str, Any]], prov: dict[str, Any]) -> list[di
     # 1. faithfulness: MLSAE mean FVU; MLSAE vs single-layer SAEs on and off their own layer
     runs = prov.get("runs") or []
     recon = data.get("reconstruction") or {}
-    ml_recon = [r for r in _recon_runs(recon) if r.get("multi_layer") and _is_num((r.get("held_out") or {}).get("fvu_mean"))]
-    ml = [r for r in runs if isinstance(r.get("layers"), list) and len(r["layers"]) > 1 and _is_num(r.get("held_out_fvu_mean"))]
+    ml_recon = [
+        r for r in _recon_runs(recon) if r.get("multi_layer") and _is_num((r.get("held_out") or {}).get("fvu_mean"))
+    ]
+    ml = [
+        r
+        for r in runs
+        if isinstance(r.get("layers"), list) and len(r["layers"]) > 1 and _is_num(r.get("held_out_fvu_mean"))
+    ]
     ours_fvu = ml_recon[0]["held_out"]["fvu_mean"] if ml_recon else (ml[0]["held_out_fvu_mean"] if ml else None)
     if ours_fvu is not None:
-        row("A multi-layer SAE reconstructs well (held-out mean FVU over layers)",
-            "0.081-0.106 (Pythia 70m-1b, R=64, k=32)", f"{ours_fvu:.4g}", "reported (model and scale differ)")
+        row(
+            "A multi-layer SAE reconstructs well (held-out mean FVU over layers)",
+            "0.081-0.106 (Pythia 70m-1b, R=64, k=32)",
+            f"{ours_fvu:.4g}",
+            "reported (model and scale differ)",
+        )
     comp = (recon.get("comparison") or {}).get("fvu") if isinstance(recon.get("comparison"), dict) else None
     comp = comp if isinstance(comp, dict) else {}
     ratio = comp.get("mlsae_over_diagonal_mean")
     if not _is_num(ratio):  # fall back on the runs' own summaries: MLSAE vs single-layer SAE at that layer
-        singles = [r for r in runs if isinstance(r.get("layers"), list) and len(r["layers"]) == 1 and r.get("held_out_fvu")]
+        singles = [
+            r for r in runs if isinstance(r.get("layers"), list) and len(r["layers"]) == 1 and r.get("held_out_fvu")
+        ]
         if ml and singles and ml[0].get("held_out_fvu") and ml[0].get("held_out_layers"):
             m_layers, m_fvu = ml[0]["held_out_layers"], ml[0]["held_out_fvu"]
-            ratios = [m_fvu[m_layers.index(r["layers"][0])] / r["held_out_fvu"][0] for r in singles
-                      if r["layers"][0] in m_layers and r["held_out_fvu"][0]]
+            ratios = [
+                m_fvu[m_layers.index(r["layers"][0])] / r["held_out_fvu"][0]
+                for r in singles
+                if r["layers"][0] in m_layers and r["held_out_fvu"][0]
+            ]
             ratio = _mean(ratios) if ratios else None
     if _is_num(ratio):
-        row("MLSAE ~ single-layer SAE on that SAE's own layer (diagonal)", "similar (70m, 160m)",
+        row(
+            "MLSAE ~ single-layer SAE on that SAE's own layer (diagonal)",
+            "similar (70m, 160m)",
             f"MLSAE FVU / single-layer FVU = {ratio:.3g} (mean over layers)",
-            "supported (ratio <= 1.25)" if ratio <= 1.25 else "not supported (ratio > 1.25)")
+            "supported (ratio <= 1.25)" if ratio <= 1.25 else "not supported (ratio > 1.25)",
+        )
     beats, compared = comp.get("mlsae_beats_off_diagonal"), comp.get("off_diagonal_compared")
     if _is_num(beats) and _is_num(compared) and compared > 0:
-        row("MLSAE better than single-layer SAEs on the other layers (off-diagonal)", "better (70m, 160m)",
+        row(
+            "MLSAE better than single-layer SAEs on the other layers (off-diagonal)",
+            "better (70m, 160m)",
             f"beats the best off-diagonal SAE at {beats}/{compared} layers",
-            "supported" if beats == compared else ("partly" if beats > 0 else "not supported"))
+            "supported" if beats == compared else ("partly" if beats > 0 else "not supported"),
+        )
     dce = pick(data.get("delta_ce"), *DCE_MEAN)
     if dce:
-        row("Splicing in reconstructions costs little loss (mean delta CE)", "0.40-0.57 nats (Pythia)",
-            f"{dce[1]:.4g} nats", "reported (model and scale differ)")
+        row(
+            "Splicing in reconstructions costs little loss (mean delta CE)",
+            "0.40-0.57 nats (Pythia)",
+            f"{dce[1]:.4g} nats",
+            "reported (model and scale differ)",
+        )
 
     # 2. latents shared between layers across tokens, not within one token
     for src, label in (("variance", "over the cache's tokens"), ("prompt", "one prompt")):
@@ -333,27 +398,40 @@ def claims(sections: dict[str, dict[str, Any]], prov: dict[str, Any]) -> list[di
         if r2:
             v = r2[1]
             verdict = "supported (< 0.1)" if v < 0.1 else ("partly: below 1, not 10x" if v < 1 else "not supported")
-            row(f"The layer index varies >10x less within a token: E[Var(L|J,T)]/E[Var(L|J)] ({label})",
-                "<< 1 (more than an order of magnitude)", f"{v:.4g}", verdict)
+            row(
+                f"The layer index varies >10x less within a token: E[Var(L|J,T)]/E[Var(L|J)] ({label})",
+                "<< 1 (more than an order of magnitude)",
+                f"{v:.4g}",
+                verdict,
+            )
         pt, ag = pick(data.get(src), *MULTI_TOKEN), pick(data.get(src), *MULTI_AGG)
         if pt and ag:
-            row(f"Most latents fire at several layers over many tokens, fewer at one token ({label})",
-                "aggregated: most; per token: fewer", f"aggregated {ag[1]:.3f} vs per token {pt[1]:.3f}",
-                ("supported" if ag[1] > 0.5 else "partly (aggregated <= 0.5)") if ag[1] > pt[1] else "not supported")
+            row(
+                f"Most latents fire at several layers over many tokens, fewer at one token ({label})",
+                "aggregated: most; per token: fewer",
+                f"aggregated {ag[1]:.3f} vs per token {pt[1]:.3f}",
+                ("supported" if ag[1] > 0.5 else "partly (aggregated <= 0.5)") if ag[1] > pt[1] else "not supported",
+            )
 
     # 3. residual geometry
     res = data.get("resid") or {}
     cos = res.get("cosine_centered")
     if _num_list(cos):
-        row("Adjacent layers' residuals are similar (cosine of layer-mean-centered vectors)",
-            "high, rising with model size", f"mean {_mean(cos):.3f}, min {min(cos):.3f} over {len(cos)} pairs",
-            "supported (mean > 0.5)" if _mean(cos) > 0.5 else "weak (mean <= 0.5)")
+        row(
+            "Adjacent layers' residuals are similar (cosine of layer-mean-centered vectors)",
+            "high, rising with model size",
+            f"mean {_mean(cos):.3f}, min {min(cos):.3f} over {len(cos)} pairs",
+            "supported (mean > 0.5)" if _mean(cos) > 0.5 else "weak (mean <= 0.5)",
+        )
     norm = res.get("norm_mean")
     if _num_list(norm) and len(norm) > 1:
         ups = sum(b > a for a, b in zip(norm, norm[1:]))
-        row("Residual norm grows with depth", "grows (roughly exponentially)",
+        row(
+            "Residual norm grows with depth",
+            "grows (roughly exponentially)",
             f"x{norm[-1] / norm[0]:.3g} first to last layer; rises at {ups}/{len(norm) - 1} steps",
-            "supported" if norm[-1] > norm[0] and ups >= (len(norm) - 1) / 2 else "not supported")
+            "supported" if norm[-1] > norm[0] and ups >= (len(norm) - 1) / 2 else "not supported",
+        )
     return rows
 
 
@@ -392,8 +470,10 @@ def _cell(v: Any, max_items: int = 24) -> str:
 
 def _table(header: list[str], rows: list[list[str]], num_cols: set[int] = frozenset()) -> str:
     h = "".join(f"<th>{_e(c)}</th>" for c in header)
-    body = "".join("<tr>" + "".join(f"<td{' class=n' if i in num_cols else ''}>{c}</td>" for i, c in enumerate(r))
-                   + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td{' class=n' if i in num_cols else ''}>{c}</td>" for i, c in enumerate(r)) + "</tr>"
+        for r in rows
+    )
     return f"<div class=scroll><table><tr>{h}</tr>{body}</table></div>"
 
 
@@ -402,7 +482,8 @@ def _img(path: Path) -> str:
         b64 = base64.b64encode(path.read_bytes()).decode("ascii")
     except OSError:
         return f"<p class=muted>figure {_e(path.name)} could not be read</p>"
-    return f'<figure><img alt="{_e(path.name)}" src="data:image/png;base64,{b64}"><figcaption class=muted>{_e(path.name)}</figcaption></figure>'
+    name = _e(path.name)
+    return f'<figure><img alt="{name}" src="data:image/png;base64,{b64}"><figcaption class=muted>{name}</figcaption></figure>'
 
 
 NOT_PER_LAYER = ("chunks", "windows", "positions")  # index lists that may happen to be as long as `layers`
@@ -415,8 +496,9 @@ def _per_layer(flat: dict[str, Any]) -> tuple[str, set[str]]:
     if lk is None:
         return "", set()
     layers = flat[lk]
-    ok = lambda k, n: (k != lk and _num_list(flat[k]) and len(flat[k]) == n  # noqa: E731
-                       and not any(w in k.lower() for w in NOT_PER_LAYER))
+    ok = lambda k, n: (
+        k != lk and _num_list(flat[k]) and len(flat[k]) == n and not any(w in k.lower() for w in NOT_PER_LAYER)
+    )
     cols = [k for k in flat if ok(k, len(layers))]
     pairs = [k for k in flat if k.rsplit(".", 1)[-1] == "pairs"]
     pcols = [k for k in flat if pairs and len(layers) > 2 and ok(k, len(layers) - 1)]
@@ -425,15 +507,22 @@ def _per_layer(flat: dict[str, Any]) -> tuple[str, set[str]]:
         rows = [[_fmt(l)] + [_fmt(flat[c][i]) for c in cols] for i, l in enumerate(layers)]
         out += _table(["layer", *cols], rows, set(range(len(cols) + 1)))
     if pcols:
-        rows = [[f"{_fmt(a)} → {_fmt(b)}"] + [_fmt(flat[c][i]) for c in pcols] for i, (a, b) in enumerate(zip(layers, layers[1:]))]
+        rows = [
+            [f"{_fmt(a)} → {_fmt(b)}"] + [_fmt(flat[c][i]) for c in pcols]
+            for i, (a, b) in enumerate(zip(layers, layers[1:]))
+        ]
         out += _table(["layers", *pcols], rows, set(range(1, len(pcols) + 1)))
     return out, {lk, *cols, *pcols, *(pairs if pcols else [])}
 
 
 def _matrix(key: str, v: Any, rows: Any = None, cols: Any = None) -> str | None:
     """A small numeric matrix as a table; labelled by `rows` / `cols` when those lists fit its shape."""
-    if not (isinstance(v, list) and 1 < len(v) <= 64 and all(_num_list(r) and len(r) == len(v[0]) for r in v)
-            and len(v[0]) <= 64):
+    if not (
+        isinstance(v, list)
+        and 1 < len(v) <= 64
+        and all(_num_list(r) and len(r) == len(v[0]) for r in v)
+        and len(v[0]) <= 64
+    ):
         return None
     rows = rows if isinstance(rows, list) and len(rows) == len(v) else list(range(len(v)))
     cols = cols if isinstance(cols, list) and len(cols) == len(v[0]) else list(range(len(v[0])))
@@ -456,11 +545,17 @@ def _prompt_tokens(data: dict[str, Any]) -> str:
         return ""
     rows = []
     for t in toks:
-        top = "; ".join(f"{d.get('latent')} @ layers {d.get('layers')}" for d in (t.get("top") or []) if isinstance(d, dict))
-        name = f"<code>{_e(repr(str(t.get('text', '')))[1:-1])}</code>" + (" <span class=muted>(special, excluded)</span>" if t.get("special") else "")
+        top = "; ".join(
+            f"{d.get('latent')} @ layers {d.get('layers')}" for d in (t.get("top") or []) if isinstance(d, dict)
+        )
+        name = f"<code>{_e(repr(str(t.get('text', '')))[1:-1])}</code>" + (
+            " <span class=muted>(special, excluded)</span>" if t.get("special") else ""
+        )
         rows.append([_fmt(t.get("pos")), name, _fmt(t.get("n_active")), _fmt(t.get("n_multi")), _e(top)])
     text = f"<p>Prompt: <code>{_e(data.get('text', ''))}</code></p>" if data.get("text") else ""
-    return text + _table(["#", "token", "active latents", "at >= 2 layers", "top latents and their layers"], rows, {0, 2, 3})
+    return text + _table(
+        ["#", "token", "active latents", "at >= 2 layers", "top latents and their layers"], rows, {0, 2, 3}
+    )
 
 
 def _section_html(name: str, sec: dict[str, Any]) -> str:
@@ -473,7 +568,9 @@ def _section_html(name: str, sec: dict[str, Any]) -> str:
     if isinstance(data, dict):
         hl = headlines(name, data)
         if hl:
-            parts.append(_table(["headline", "value", "key"], [[_e(l), _fmt(v), f"<code>{_e(k)}</code>"] for l, k, v in hl], {1}))
+            parts.append(
+                _table(["headline", "value", "key"], [[_e(l), _fmt(v), f"<code>{_e(k)}</code>"] for l, k, v in hl], {1})
+            )
     parts += [_img(Path(f)) for f in sec.get("figures") or []]
     if isinstance(data, dict):
         body = {k: v for k, v in data.items() if k not in ("definitions", "figures")}
@@ -498,7 +595,9 @@ def _section_html(name: str, sec: dict[str, Any]) -> str:
             parts.append("<h3>All values</h3>" + _table(["key", "value"], kv))
         if isinstance(data.get("definitions"), dict):
             rows = [[f"<code>{_e(k)}</code>", _e(v)] for k, v in data["definitions"].items()]
-            parts.append("<details><summary>Definitions</summary>" + _table(["quantity", "definition"], rows) + "</details>")
+            parts.append(
+                "<details><summary>Definitions</summary>" + _table(["quantity", "definition"], rows) + "</details>"
+            )
     return "\n".join(parts)
 
 
@@ -511,15 +610,18 @@ def _provenance_html(prov: dict[str, Any]) -> str:
     if runs:
         cols = ["folder", "layers", "n_latents", "k", "steps", "tokens", "held_out_fvu_mean"]
         parts.append("<h3>SAE runs</h3>" + _table(cols, [[_cell(r.get(k)) for k in cols] for r in runs]))
-    return "<h2 id=provenance>Provenance</h2>" + ("\n".join(parts) or "<p class=muted>no run or cache metadata found</p>")
+    return "<h2 id=provenance>Provenance</h2>" + (
+        "\n".join(parts) or "<p class=muted>no run or cache metadata found</p>"
+    )
 
 
 def _verdict_class(v: str) -> str:
     return "ok" if v.startswith("supported") else "no" if v.startswith("not") else "meh"
 
 
-def write_report(out_html: str | Path, sections: dict[str, Any], title: str | None = None,
-                 prov: dict[str, Any] | None = None) -> Path:
+def write_report(
+    out_html: str | Path, sections: dict[str, Any], title: str | None = None, prov: dict[str, Any] | None = None
+) -> Path:
     """Write ONE self-contained HTML file. `sections`: {name: JSON path | {"data", "figures", "title"} |
     JSON data}; names in KNOWN get their headline numbers and claims. `prov`: from `provenance()`
     (derived from the sections' JSON when None)."""
@@ -530,24 +632,43 @@ def write_report(out_html: str | Path, sections: dict[str, Any], title: str | No
     title = title or f"Multi-layer SAE analysis{f': {model}' if model else ''}"
     rows = claims(secs, prov)
     claims_html = "<h2 id=claims>Claims checked</h2>" + (
-        _table(["claim (Lawson et al. 2024 poster)", "poster", "ours", "verdict"],
-               [[_e(r["claim"]), _e(r["poster"]), _e(r["ours"]),
-                 f"<span class={_verdict_class(r['verdict'])}>{_e(r['verdict'])}</span>"]
-                for r in rows]) if rows else "<p class=muted>no analysis with the numbers for a claim was found</p>")
+        _table(
+            ["claim (Lawson et al. 2024 poster)", "poster", "ours", "verdict"],
+            [
+                [
+                    _e(r["claim"]),
+                    _e(r["poster"]),
+                    _e(r["ours"]),
+                    f"<span class={_verdict_class(r['verdict'])}>{_e(r['verdict'])}</span>",
+                ]
+                for r in rows
+            ],
+        )
+        if rows
+        else "<p class=muted>no analysis with the numbers for a claim was found</p>"
+    )
     toc = " · ".join(f"<a href='#{_e(n)}'>{_e(s['title'])}</a>" for n, s in secs.items())
-    doc = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{CSS}</style>"
-           f"</head><body><h1>{_e(title)}</h1><p class=muted>generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
-           f" · reproduces Lawson et al., Residual Stream Analysis with Multi-Layer SAEs (arXiv 2409.04185)</p>"
-           f"<p>{toc}</p>{claims_html}{_provenance_html(prov)}"
-           + "".join(_section_html(n, s) for n, s in secs.items()) + "</body></html>")
+    doc = (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{CSS}</style>"
+        f"</head><body><h1>{_e(title)}</h1><p class=muted>generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+        f" · reproduces Lawson et al., Residual Stream Analysis with Multi-Layer SAEs (arXiv 2409.04185)</p>"
+        f"<p>{toc}</p>{claims_html}{_provenance_html(prov)}"
+        + "".join(_section_html(n, s) for n, s in secs.items())
+        + "</body></html>"
+    )
     out = Path(out_html)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(doc, encoding="utf-8")
     return out
 
 
-def report_folder(folder: str | Path, out_html: str | Path | None = None, sae_dirs: Iterable[str | Path] = (),
-                  cache: str | Path | None = None, title: str | None = None) -> Path:
+def report_folder(
+    folder: str | Path,
+    out_html: str | Path | None = None,
+    sae_dirs: Iterable[str | Path] = (),
+    cache: str | Path | None = None,
+    title: str | None = None,
+) -> Path:
     """collect_sections + provenance + write_report: <folder>/report.html by default."""
     secs = collect_sections(folder)
     prov = provenance(sae_dirs, cache, secs)

@@ -47,16 +47,19 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Iterator  # noqa: E402
 
 import torch  # noqa: E402
-from bench.common import sync, cpu_seconds, cpu_share, fmt_rate, best_median  # noqa: E402
 
 from analyze.layers import LayerDistribution, run_variance  # noqa: E402
+from bench.common import best_median, cpu_seconds, cpu_share, fmt_rate, sync  # noqa: E402
 from harvest import ChunkReader, open_cache  # noqa: E402
 from harvest.models import resolve_device  # noqa: E402
 from train import load_sae  # noqa: E402
 from train.sae import TopKSae  # noqa: E402
 
-RV_DEFAULTS = {n: p.default for n, p in inspect.signature(run_variance).parameters.items()
-               if p.default is not inspect.Parameter.empty}
+RV_DEFAULTS = {
+    n: p.default
+    for n, p in inspect.signature(run_variance).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}
 POSTER_TOKENS = 10_000_000
 
 
@@ -77,14 +80,17 @@ def fmt_duration(s: float) -> str:
 @dataclass
 class Series:
     """Repeated measurements of one path: tokens/s per repeat, CPU share per repeat."""
+
     tps: list[float] = field(default_factory=list)
     share: list[float] = field(default_factory=list)
     extra: list[float] = field(default_factory=list)  # path-specific seconds (run_variance: whole-call wall)
 
     def line(self) -> str:
         b, m = best_median(self.tps)
-        return (f"best {fmt_rate(b):>14s}  median {fmt_rate(m):>14s}   [{', '.join(f'{x:,.0f}' for x in self.tps)}]"
-                f"  CPU share {statistics.median(self.share):.2f}")
+        return (
+            f"best {fmt_rate(b):>14s}  median {fmt_rate(m):>14s}   [{', '.join(f'{x:,.0f}' for x in self.tps)}]"
+            f"  CPU share {statistics.median(self.share):.2f}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,14 +106,16 @@ class VarianceRun:
     notes: list[str]
 
 
-def time_run_variance(sae_dir: Path, cache: Path, tokens: int, out: Path, device: str, rows: int,
-                      figures: bool) -> VarianceRun:
+def time_run_variance(
+    sae_dir: Path, cache: Path, tokens: int, out: Path, device: str, rows: int, figures: bool
+) -> VarianceRun:
     notes: list[str] = []
     shutil.rmtree(out, ignore_errors=True)
     sync(device)
     c0, t = cpu_seconds(), time.perf_counter()
-    summary = run_variance(sae_dir, cache, tokens, out, device=device, progress=False, rows=rows,
-                           figures=figures, log=notes.append)
+    summary = run_variance(
+        sae_dir, cache, tokens, out, device=device, progress=False, rows=rows, figures=figures, log=notes.append
+    )
     sync(device)
     wall = time.perf_counter() - t
     return VarianceRun(summary["tokens"], wall, summary["seconds"], cpu_share(cpu_seconds() - c0, wall), notes)
@@ -131,8 +139,9 @@ def kept_chunks(reader: ChunkReader, budget: int, device: str) -> Iterator[torch
 
 
 @torch.no_grad()
-def time_bare_stream(sae: TopKSae, cache: Any, layers: list[int], budget: int, rows: int, device: str,
-                     seed: int) -> tuple[int, float, float]:
+def time_bare_stream(
+    sae: TopKSae, cache: Any, layers: list[int], budget: int, rows: int, device: str, seed: int
+) -> tuple[int, float, float]:
     """(tokens, seconds, CPU share) of reader -> keep -> device -> sae.encode; the reader's construction
     (buffer allocation) is outside the time, as it is outside run_variance's `seconds`."""
     reader = ChunkReader(cache, layers=layers, seed=seed, pin_memory=device.startswith("cuda"))
@@ -141,7 +150,7 @@ def time_bare_stream(sae: TopKSae, cache: Any, layers: list[int], budget: int, r
     c0, t = cpu_seconds(), time.perf_counter()
     for x_all in kept_chunks(reader, budget, device):
         for s in range(0, x_all.shape[1], rows):
-            sae.encode(x_all[:, s:s + rows].float())
+            sae.encode(x_all[:, s : s + rows].float())
         done += x_all.shape[1]
     sync(device)
     wall = time.perf_counter() - t
@@ -155,7 +164,7 @@ def time_bare_encode(sae: TopKSae, chunks: list[torch.Tensor], rows: int, device
     c0, t = cpu_seconds(), time.perf_counter()
     for x_all in chunks:
         for s in range(0, x_all.shape[1], rows):
-            sae.encode(x_all[:, s:s + rows].float())
+            sae.encode(x_all[:, s : s + rows].float())
     sync(device)
     wall = time.perf_counter() - t
     return sum(x.shape[1] for x in chunks), wall, cpu_share(cpu_seconds() - c0, wall)
@@ -227,16 +236,29 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=8192, help="kept tokens per measurement")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--rows", type=int, default=RV_DEFAULTS["rows"],
-                   help=f"tokens per sub-batch (run_variance's default: {RV_DEFAULTS['rows']})")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=RV_DEFAULTS["rows"],
+        help=f"tokens per sub-batch (run_variance's default: {RV_DEFAULTS['rows']})",
+    )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup-tokens", type=int,
-                   help="token budget of the warm-up runs (default: min(--tokens, --rows))")
-    p.add_argument("--out", type=Path, default=Path("/tmp/bench-analyze"),
-                   help="scratch folder for run_variance's outputs (replaced; never the run folder)")
+    p.add_argument(
+        "--warmup-tokens", type=int, help="token budget of the warm-up runs (default: min(--tokens, --rows))"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("/tmp/bench-analyze"),
+        help="scratch folder for run_variance's outputs (replaced; never the run folder)",
+    )
     p.add_argument("--no-figures", action="store_true", help="run_variance without its two PNG figures")
-    p.add_argument("--preload-gb", type=float, default=4.0,
-                   help="skip measurement 3 when the kept tokens (storage dtype) exceed this on the device")
+    p.add_argument(
+        "--preload-gb",
+        type=float,
+        default=4.0,
+        help="skip measurement 3 when the kept tokens (storage dtype) exceed this on the device",
+    )
     return p.parse_args()
 
 
@@ -259,14 +281,21 @@ def main() -> None:
     warm = args.warmup_tokens or min(args.tokens, args.rows)
     L, d, n_lat = len(layers), sae.cfg.d_model, sae.cfg.n_latents
     cuda_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "none"
-    print(f"# analyze variance benchmark: run {run} (n_latents {n_lat:,}, k {sae.cfg.k}, d {d}), "
-          f"{L} layers {layers[0]}..{layers[-1]}")
-    print(f"# cache {cache_path} ({cache.layout.n_tokens:,} tokens, chunk {cache.layout.chunk_tokens}, "
-          f"{cache.layout.dtype}); {args.tokens:,} kept tokens per measurement, sub-batch {args.rows} tokens "
-          f"x {L} layers, seed {seed}")
-    print(f"# device {device} (cuda {cuda_name}), torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f} (other processes skew timings); {args.repeats} repeats "
-          f"after a {warm:,}-token warm-up; figures {'on' if figures else 'off'}", flush=True)
+    print(
+        f"# analyze variance benchmark: run {run} (n_latents {n_lat:,}, k {sae.cfg.k}, d {d}), "
+        f"{L} layers {layers[0]}..{layers[-1]}"
+    )
+    print(
+        f"# cache {cache_path} ({cache.layout.n_tokens:,} tokens, chunk {cache.layout.chunk_tokens}, "
+        f"{cache.layout.dtype}); {args.tokens:,} kept tokens per measurement, sub-batch {args.rows} tokens "
+        f"x {L} layers, seed {seed}"
+    )
+    print(
+        f"# device {device} (cuda {cuda_name}), torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} (other processes skew timings); {args.repeats} repeats "
+        f"after a {warm:,}-token warm-up; figures {'on' if figures else 'off'}",
+        flush=True,
+    )
 
     # warm-up: imports (matplotlib, rich), CUDA context and kernels, the SAE's CPU workspace, page cache
     t = time.perf_counter()
@@ -287,6 +316,7 @@ def main() -> None:
     rv_tokens: set[int] = set()
     bare_tokens: set[int] = set()
     notes: set[str] = set()
+
     def measure_rv() -> str:
         res = time_run_variance(run, cache_path, args.tokens, out, device, args.rows, figures)
         rv.tps.append(res.tokens / res.wall_s)
@@ -314,7 +344,7 @@ def main() -> None:
 
     paths = [measure_rv, measure_bare, *([measure_alone] if chunks is not None else [])]
     for r in range(args.repeats):
-        order = paths[r % len(paths):] + paths[:r % len(paths)]  # rotated: no path always follows the same one
+        order = paths[r % len(paths) :] + paths[: r % len(paths)]  # rotated: no path always follows the same one
         print(f"  repeat {r + 1}: " + ", ".join(f() for f in order), flush=True)
 
     # 4. breakdown inside one run_variance stream, and inside one bare streamed encode
@@ -339,11 +369,15 @@ def main() -> None:
         print(f"3. bare encode alone (preloaded)   {alone.line()}")
         gflop = 2 * vectors * d * n_lat / 1e9
         b, m = best_median(alone.tps)
-        print(f"   encoder matmul: {2 * d * n_lat / 1e6:.1f} MFLOP per vector; best {b * L * 2 * d * n_lat / 1e9:,.1f} "
-              f"GFLOP/s, median {m * L * 2 * d * n_lat / 1e9:,.1f} GFLOP/s ({gflop:,.0f} GFLOP per pass)")
+        print(
+            f"   encoder matmul: {2 * d * n_lat / 1e6:.1f} MFLOP per vector; best {b * L * 2 * d * n_lat / 1e9:,.1f} "
+            f"GFLOP/s, median {m * L * 2 * d * n_lat / 1e9:,.1f} GFLOP/s ({gflop:,.0f} GFLOP per pass)"
+        )
     else:
-        print(f"3. bare encode alone: skipped ({preload_bytes / 1e9:.1f} GB of kept tokens > --preload-gb "
-              f"{args.preload_gb})")
+        print(
+            f"3. bare encode alone: skipped ({preload_bytes / 1e9:.1f} GB of kept tokens > --preload-gb "
+            f"{args.preload_gb})"
+        )
 
     def ratio(a: Series, b: Series) -> tuple[float, float]:
         return max(a.tps) / max(b.tps), statistics.median(a.tps) / statistics.median(b.tps)
@@ -351,10 +385,13 @@ def main() -> None:
     print("\nratios (tokens/s over tokens/s; best with best, median with median):")
     rows: list[tuple[str, float, float, str]] = [
         ("run_variance stream / bare streamed encode", *ratio(stream, bare), "  (target >= 0.8)"),
-        ("run_variance whole call / bare streamed encode", *ratio(rv, bare), "  (incl. load + outputs)")]
+        ("run_variance whole call / bare streamed encode", *ratio(rv, bare), "  (incl. load + outputs)"),
+    ]
     if chunks is not None:
-        rows += [("run_variance stream / encode alone", *ratio(stream, alone), ""),
-                 ("bare streamed encode / encode alone", *ratio(bare, alone), "  (cost of reading + copies)")]
+        rows += [
+            ("run_variance stream / encode alone", *ratio(stream, alone), ""),
+            ("bare streamed encode / encode alone", *ratio(bare, alone), "  (cost of reading + copies)"),
+        ]
     width = max(len(r[0]) for r in rows)
     for name, b, m, tail in rows:
         print(f"  {name:<{width}}  best {b:.3f}  median {m:.3f}{tail}")
@@ -362,40 +399,59 @@ def main() -> None:
     print("\n4. inside one instrumented run (on CUDA every wrapped call is synchronized):")
     print(f"  {'':28s} {'run_variance stream':>21s} {'bare streamed encode':>21s}")
     cols = [(timers, inst.stream_s), (bare_timers, bare_s)]
-    for label, key in [("sae.encode", "encode"), ("LayerDistribution.update", "update"),
-                       ("waiting for the reader", "read wait"), ("rest (keep, copies, cast)", None)]:
+    for label, key in [
+        ("sae.encode", "encode"),
+        ("LayerDistribution.update", "update"),
+        ("waiting for the reader", "read wait"),
+        ("rest (keep, copies, cast)", None),
+    ]:
         cells = []
         for tm, total in cols:
             x = tm.get(key, 0.0) if key else total - sum(tm.values())
             cells.append(f"{x:8.2f} s {x / total:7.1%}")
         print(f"  {label:<28s} {cells[0]:>21s} {cells[1]:>21s}")
-    print(f"  {'total':<28s} {inst.stream_s:8.2f} s {'':7s} {bare_s:8.2f} s {'':7s}   "
-          f"(CPU share {inst.share:.2f} / {bare_share:.2f})")
+    print(
+        f"  {'total':<28s} {inst.stream_s:8.2f} s {'':7s} {bare_s:8.2f} s {'':7s}   "
+        f"(CPU share {inst.share:.2f} / {bare_share:.2f})"
+    )
     enc = timers.get("encode", 0.0)
-    print(f"  in-run ratio encode / run_variance stream: {enc / inst.stream_s:.3f}  (one run, so less exposed to "
-          f"load elsewhere; target >= 0.8)")
-    print("  reader wait: mostly the first chunk (the reader starts up to 8 reads at once, into fresh buffers) and,\n"
-          "  when the budget ends before the chunks do, the reads still in flight (the pool waits for them)")
-    print(f"  run_variance outside its stream: {inst.wall_s - inst.stream_s:.2f} s (load SAE, open cache, reader "
-          f"buffers, write files{', figures' if figures else ''})")
+    print(
+        f"  in-run ratio encode / run_variance stream: {enc / inst.stream_s:.3f}  (one run, so less exposed to "
+        f"load elsewhere; target >= 0.8)"
+    )
+    print(
+        "  reader wait: mostly the first chunk (the reader starts up to 8 reads at once, into fresh buffers) and,\n"
+        "  when the budget ends before the chunks do, the reads still in flight (the pool waits for them)"
+    )
+    print(
+        f"  run_variance outside its stream: {inst.wall_s - inst.stream_s:.2f} s (load SAE, open cache, reader "
+        f"buffers, write files{', figures' if figures else ''})"
+    )
 
     fixed = statistics.median([w - s for w, s in zip(rv.extra, stream.extra)])
     print(f"\nextrapolated wall time for {POSTER_TOKENS:,} tokens ({L} layers, n_latents {n_lat:,}, device {device}):")
-    for name, series, add in [("run_variance", stream, fixed), ("bare streamed encode", bare, 0.0),
-                              *([("bare encode alone", alone, 0.0)] if chunks is not None else [])]:
+    for name, series, add in [
+        ("run_variance", stream, fixed),
+        ("bare streamed encode", bare, 0.0),
+        *([("bare encode alone", alone, 0.0)] if chunks is not None else []),
+    ]:
         b, m = best_median(series.tps)
         extra = f" + {fixed:.1f} s setup/outputs" if add else ""
-        print(f"  {name:<22s} at best {fmt_duration(POSTER_TOKENS / b + add):>10s}, at median "
-              f"{fmt_duration(POSTER_TOKENS / m + add):>10s}{extra}")
+        print(
+            f"  {name:<22s} at best {fmt_duration(POSTER_TOKENS / b + add):>10s}, at median "
+            f"{fmt_duration(POSTER_TOKENS / m + add):>10s}{extra}"
+        )
     print(f"\n(load average now {os.getloadavg()[0]:.2f})")
-    print("note: (1) and (2) read the same chunks in the same seeded order with the same keep mask and token\n"
-          "      budget, cut the same sub-batches and encode them on the same device; (2) skips the accumulator\n"
-          "      (LayerDistribution.update) and the progress bar (run_variance runs here with progress=False).\n"
-          "      The stream ratio is the fair one: the whole call adds fixed costs (loading the SAE, allocating\n"
-          "      the reader's buffers, writing outputs and figures) that do not scale with tokens. The\n"
-          "      instrumented run's encode share is measured within one run, so load from other processes\n"
-          "      affects it less than the cross-run ratios. On a CPU the reader's threads compete with the\n"
-          "      encoder for cores.")
+    print(
+        "note: (1) and (2) read the same chunks in the same seeded order with the same keep mask and token\n"
+        "      budget, cut the same sub-batches and encode them on the same device; (2) skips the accumulator\n"
+        "      (LayerDistribution.update) and the progress bar (run_variance runs here with progress=False).\n"
+        "      The stream ratio is the fair one: the whole call adds fixed costs (loading the SAE, allocating\n"
+        "      the reader's buffers, writing outputs and figures) that do not scale with tokens. The\n"
+        "      instrumented run's encode share is measured within one run, so load from other processes\n"
+        "      affects it less than the cross-run ratios. On a CPU the reader's threads compete with the\n"
+        "      encoder for cores."
+    )
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ from typing import Any, Callable, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from bench.common import sync, cpu_seconds, cpu_share, fmt_rate, best_median, print_summary  # noqa: E402
 
 import harvest.cache as hcache  # noqa: E402
 import harvest.run as hrun  # noqa: E402
+from bench.common import best_median, cpu_seconds, cpu_share, fmt_rate, print_summary, sync  # noqa: E402
 from harvest.cache import CacheWriter, Layout, create_cache, open_cache  # noqa: E402
 from harvest.models import load_bridge, load_config, load_tokenizer, resolve_device, resolve_model  # noqa: E402
 from harvest.reader import ChunkReader  # noqa: E402
@@ -120,8 +120,14 @@ def measure_forward(spec: CacheSpec) -> ForwardResult:
     t = time.perf_counter()
     prepend_bos = {"auto": adds_bos(tokenizer), "always": True, "never": False}[spec.prepend_bos]
     data = resolve_dataset(spec.dataset)
-    windows = make_windows(iter_documents(data, spec.split, spec.text_column, spec.dataset_config), tokenizer,
-                           spec.context, spec.n_sequences(), prepend_bos, dataset_name=f"dataset {spec.dataset!r}")
+    windows = make_windows(
+        iter_documents(data, spec.split, spec.text_column, spec.dataset_config),
+        tokenizer,
+        spec.context,
+        spec.n_sequences(),
+        prepend_bos,
+        dataset_name=f"dataset {spec.dataset!r}",
+    )
     tokenize_s = time.perf_counter() - t
 
     def batches() -> Iterator[torch.Tensor]:
@@ -130,7 +136,7 @@ def measure_forward(spec: CacheSpec) -> ForwardResult:
 
     def full(ids: torch.Tensor) -> None:
         with torch.inference_mode():
-            logits = bridge(ids, return_type="logits")
+            logits = bridge(ids, return_type="logits")  # noqa: F821 (deleted after its last use)
         del logits
 
     # warm-up: one window through each path
@@ -153,8 +159,19 @@ def measure_forward(spec: CacheSpec) -> ForwardResult:
         full_s += time.perf_counter() - t
     share = cpu_share(cpu_seconds() - c0, time.perf_counter() - w0)
 
-    res = ForwardResult(device, len(windows), windows.size, len(layers), cfg.hidden_size, resolve_s, load_s,
-                        tokenize_s, forward_s, full_s, share)
+    res = ForwardResult(
+        device,
+        len(windows),
+        windows.size,
+        len(layers),
+        cfg.hidden_size,
+        resolve_s,
+        load_s,
+        tokenize_s,
+        forward_s,
+        full_s,
+        share,
+    )
     del bridge
     gc.collect()
     if device.startswith("cuda"):
@@ -169,6 +186,7 @@ def measure_forward(spec: CacheSpec) -> ForwardResult:
 @dataclass
 class Timers:
     """Seconds spent inside instrumented harvest functions, and when the first block started."""
+
     total: dict[str, float] = field(default_factory=dict)
     first_block_at: float | None = None
 
@@ -244,21 +262,43 @@ def measure_harvest(spec: CacheSpec) -> HarvestResult:
         end = time.perf_counter()
         share = cpu_share(cpu_seconds() - c0, end - t)
     first = timers.first_block_at if timers.first_block_at is not None else end
-    return HarvestResult(summary.path, summary.tokens_this_run, summary.blocks_this_run, spec.chunk_tokens,
-                         spec.shard_tokens, spec.shuffle_tokens, end - t, first - t, end - first,
-                         dict(timers.total), summary.tokens_per_s, summary.bytes_on_disk, share)
+    return HarvestResult(
+        summary.path,
+        summary.tokens_this_run,
+        summary.blocks_this_run,
+        spec.chunk_tokens,
+        spec.shard_tokens,
+        spec.shuffle_tokens,
+        end - t,
+        first - t,
+        end - first,
+        dict(timers.total),
+        summary.tokens_per_s,
+        summary.bytes_on_disk,
+        share,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. reads
 
 
-def synthetic_cache(path: Path, n_layers: int, d_model: int, n_tokens: int, chunk: int, shard: int,
-                    context: int = 1024) -> tuple[Path, float | None]:
+def synthetic_cache(
+    path: Path, n_layers: int, d_model: int, n_tokens: int, chunk: int, shard: int, context: int = 1024
+) -> tuple[Path, float | None]:
     """A complete bf16 cache of random values written through CacheWriter; reused if already there."""
     block = shard  # one shard per write block keeps the in-memory block small (18 x 65536 x 640 bf16 = 1.5 GB)
-    layout = Layout(n_tokens=n_tokens, context=context, layers=tuple(range(n_layers)), d_model=d_model,
-                    dtype="bfloat16", chunk_tokens=chunk, shard_tokens=shard, block_tokens=block, compression="none")
+    layout = Layout(
+        n_tokens=n_tokens,
+        context=context,
+        layers=tuple(range(n_layers)),
+        d_model=d_model,
+        dtype="bfloat16",
+        chunk_tokens=chunk,
+        shard_tokens=shard,
+        block_tokens=block,
+        compression="none",
+    )
     try:
         old = open_cache(path)
         if old.layout == layout and old.complete:
@@ -280,8 +320,12 @@ def synthetic_cache(path: Path, n_layers: int, d_model: int, n_tokens: int, chun
         n = stop - start
         pos = np.arange(start, stop)
         # no all-zero token column: zarr skips chunks equal to fill_value (0) and write_block then fails
-        tokens = {"token_ids": np.ones(n, np.int32), "keep": np.ones(n, bool),
-                  "seq": (pos // context).astype(np.int32), "pos": (pos % context).astype(np.int32)}
+        tokens = {
+            "token_ids": np.ones(n, np.int32),
+            "keep": np.ones(n, bool),
+            "seq": (pos // context).astype(np.int32),
+            "pos": (pos % context).astype(np.int32),
+        }
         writer.write_block(b, np.ascontiguousarray(data[:, :n]), tokens, stats)
     return path, time.perf_counter() - t
 
@@ -379,8 +423,10 @@ def measure_reads(cache_path: Path, repeats: int, prefetch: int, note: str) -> R
     all_files = [f for f in cache.path.rglob("*") if f.is_file()]
     reader = ChunkReader(cache, seed=0, prefetch=prefetch)
     buf = bytearray(max(f.stat().st_size for f in files))
-    runs: dict[str, Callable[[], int]] = {"reader": lambda: read_with_reader(reader),
-                                          "sequential": lambda: read_sequential(files, buf)}
+    runs: dict[str, Callable[[], int]] = {
+        "reader": lambda: read_with_reader(reader),
+        "sequential": lambda: read_sequential(files, buf),
+    }
     gbps: dict[str, list[float]] = {}
     resident = None
     for temp in ["warm", "cold"]:
@@ -415,16 +461,25 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--chunk-tokens", type=int, help="harvest chunk (default: chosen for >= 3 blocks)")
     p.add_argument("--shard-tokens", type=int, help="harvest shard (default: chosen for >= 3 blocks)")
     p.add_argument("--shuffle-tokens", type=int, help="harvest write block (default: chosen for >= 3 blocks)")
-    p.add_argument("--read-tokens", type=int, default=262_144,
-                   help="tokens of the synthetic read cache; 0 or <= the harvested tokens: read the harvested cache")
+    p.add_argument(
+        "--read-tokens",
+        type=int,
+        default=262_144,
+        help="tokens of the synthetic read cache; 0 or <= the harvested tokens: read the harvested cache",
+    )
     p.add_argument("--read-layers", type=int, default=18, help="synthetic read cache layers (gemma-3-270m: 18)")
     p.add_argument("--read-d-model", type=int, default=640, help="synthetic read cache width (gemma-3-270m: 640)")
     p.add_argument("--read-chunk-tokens", type=int, default=4096)
     p.add_argument("--read-shard-tokens", type=int, default=65_536)
     p.add_argument("--prefetch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--skip", choices=["forward", "harvest", "reads"], action="append", default=[],
-                   help="skip a measurement (repeatable)")
+    p.add_argument(
+        "--skip",
+        choices=["forward", "harvest", "reads"],
+        action="append",
+        default=[],
+        help="skip a measurement (repeatable)",
+    )
     return p.parse_args()
 
 
@@ -434,17 +489,30 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     n_tokens = -(-args.tokens // args.context) * args.context
     chunk, shard, shuffle = choose_layout(n_tokens, args.context)
-    spec = CacheSpec(model=args.model, dataset=args.dataset, tokens=args.tokens, context=args.context,
-                     batch_size=args.batch_size, device=args.device, out=str(out / "harvest"),
-                     chunk_tokens=args.chunk_tokens or chunk, shard_tokens=args.shard_tokens or shard,
-                     shuffle_tokens=args.shuffle_tokens or shuffle).validate()
-    print(f"# harvest benchmark: model {spec.model}, dataset {spec.dataset}, {n_tokens:,} tokens "
-          f"({n_tokens // spec.context} windows of {spec.context}), batch {spec.batch_size}, "
-          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
-          f"cuda {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}, "
-          f"load average {os.getloadavg()[0]:.2f} (other processes skew timings)")
-    print(f"# harvest layout: chunk {spec.chunk_tokens}, shard {spec.shard_tokens}, shuffle (write block) "
-          f"{spec.shuffle_tokens} -> {-(-n_tokens // spec.shuffle_tokens)} blocks", flush=True)
+    spec = CacheSpec(
+        model=args.model,
+        dataset=args.dataset,
+        tokens=args.tokens,
+        context=args.context,
+        batch_size=args.batch_size,
+        device=args.device,
+        out=str(out / "harvest"),
+        chunk_tokens=args.chunk_tokens or chunk,
+        shard_tokens=args.shard_tokens or shard,
+        shuffle_tokens=args.shuffle_tokens or shuffle,
+    ).validate()
+    print(
+        f"# harvest benchmark: model {spec.model}, dataset {spec.dataset}, {n_tokens:,} tokens "
+        f"({n_tokens // spec.context} windows of {spec.context}), batch {spec.batch_size}, "
+        f"torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+        f"cuda {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}, "
+        f"load average {os.getloadavg()[0]:.2f} (other processes skew timings)"
+    )
+    print(
+        f"# harvest layout: chunk {spec.chunk_tokens}, shard {spec.shard_tokens}, shuffle (write block) "
+        f"{spec.shuffle_tokens} -> {-(-n_tokens // spec.shuffle_tokens)} blocks",
+        flush=True,
+    )
     rows: list[tuple[str, str]] = []
 
     fwd = None
@@ -455,13 +523,22 @@ def main() -> None:
         print(f"resolve model    {fwd.resolve_s:8.2f} s  (GGUF conversion happens here the first time only)")
         print(f"load model       {fwd.load_s:8.2f} s  (config + tokenizer + bridge)")
         print(f"tokenize         {fwd.tokenize_s:8.2f} s")
-        print(f"forward_layers   {fwd.forward_s:8.2f} s  {fmt_rate(fwd.forward_tps, 'tok/s')}  (stops after the last block)")
-        print(f"full forward     {fwd.full_s:8.2f} s  {fmt_rate(fwd.full_tps, 'tok/s')}  (+ final norm + unembed -> logits)")
-        print(f"speedup of skipping norm+unembed: x{fwd.full_s / fwd.forward_s:.2f}  (timed interleaved batch by "
-              f"batch after a 1-window warm-up; CPU share {fwd.cpu_share:.2f})", flush=True)
-        rows += [("forward-only (forward_layers)", fmt_rate(fwd.forward_tps, "tok/s")),
-                 ("full forward (logits)", fmt_rate(fwd.full_tps, "tok/s")),
-                 ("speedup, skip norm+unembed", f"x{fwd.full_s / fwd.forward_s:.2f}")]
+        print(
+            f"forward_layers   {fwd.forward_s:8.2f} s  {fmt_rate(fwd.forward_tps, 'tok/s')}  (stops after the last block)"
+        )
+        print(
+            f"full forward     {fwd.full_s:8.2f} s  {fmt_rate(fwd.full_tps, 'tok/s')}  (+ final norm + unembed -> logits)"
+        )
+        print(
+            f"speedup of skipping norm+unembed: x{fwd.full_s / fwd.forward_s:.2f}  (timed interleaved batch by "
+            f"batch after a 1-window warm-up; CPU share {fwd.cpu_share:.2f})",
+            flush=True,
+        )
+        rows += [
+            ("forward-only (forward_layers)", fmt_rate(fwd.forward_tps, "tok/s")),
+            ("full forward (logits)", fmt_rate(fwd.full_tps, "tok/s")),
+            ("speedup, skip norm+unembed", f"x{fwd.full_s / fwd.forward_s:.2f}"),
+        ]
 
     hv = None
     if "harvest" not in args.skip:
@@ -471,59 +548,85 @@ def main() -> None:
         other = t.get("compute_block", 0) - t.get("forward", 0)
         exposed = hv.loop_s - t.get("compute_block", 0)
         print(f"{hv.n_tokens:,} tokens in {hv.n_blocks} blocks -> {hv.path} ({hv.bytes_on_disk / 1e6:,.1f} MB)")
-        print(f"harvest() wall         {hv.wall_s:8.2f} s  (harvest's own Summary.tokens_per_s: "
-              f"{fmt_rate(hv.summary_tps, 'tok/s')})")
-        print(f"  setup                {hv.setup_s:8.2f} s  (tokenize {t.get('tokenize', 0):.2f}, create cache "
-              f"{t.get('create_cache', 0):.2f}, load bridge {t.get('load_bridge', 0):.2f}, rest: resolve/config)")
+        print(
+            f"harvest() wall         {hv.wall_s:8.2f} s  (harvest's own Summary.tokens_per_s: "
+            f"{fmt_rate(hv.summary_tps, 'tok/s')})"
+        )
+        print(
+            f"  setup                {hv.setup_s:8.2f} s  (tokenize {t.get('tokenize', 0):.2f}, create cache "
+            f"{t.get('create_cache', 0):.2f}, load bridge {t.get('load_bridge', 0):.2f}, rest: resolve/config)"
+        )
         print(f"  loop                 {hv.loop_s:8.2f} s  {fmt_rate(hv.loop_tps, 'tok/s')}  (first block -> return)")
         print(f"    forward_layers     {t.get('forward', 0):8.2f} s")
         print(f"    other block work   {other:8.2f} s  (stats, bf16 cast, permutation copy)")
-        print(f"    exposed write wait {exposed:8.2f} s  (loop - compute; includes the last block's write + "
-              f"final open/size)")
+        print(
+            f"    exposed write wait {exposed:8.2f} s  (loop - compute; includes the last block's write + "
+            f"final open/size)"
+        )
         print(f"  background writes    {t.get('write_block', 0):8.2f} s  (on the writer thread, overlapped)")
         in_run = t.get("forward", 0) / hv.loop_s
-        print(f"in-run ratio forward_layers / loop: {in_run:.3f}  (same run, so immune to load elsewhere; "
-              f"CPU share {hv.cpu_share:.2f})")
-        rows += [("harvest loop", fmt_rate(hv.loop_tps, "tok/s")),
-                 ("harvest in-run forward / loop", f"{in_run:.3f}"),
-                 ("harvest wall incl. setup", fmt_rate(hv.n_tokens / hv.wall_s, "tok/s"))]
+        print(
+            f"in-run ratio forward_layers / loop: {in_run:.3f}  (same run, so immune to load elsewhere; "
+            f"CPU share {hv.cpu_share:.2f})"
+        )
+        rows += [
+            ("harvest loop", fmt_rate(hv.loop_tps, "tok/s")),
+            ("harvest in-run forward / loop", f"{in_run:.3f}"),
+            ("harvest wall incl. setup", fmt_rate(hv.n_tokens / hv.wall_s, "tok/s")),
+        ]
         if fwd is not None and fwd.n_tokens == hv.n_tokens:
             ratio = hv.loop_tps / fwd.forward_tps
             alt = fwd.forward_s + fwd.load_s + fwd.tokenize_s
             print(f"harvest loop / forward-only throughput: {ratio:.3f}  (target >= 0.95)")
-            print(f"harvest wall {hv.wall_s:.2f} s vs forward-only + load + tokenize (measured in 1) {alt:.2f} s: "
-                  f"ratio {alt / hv.wall_s:.3f}")
-            rows += [("harvest loop / forward-only", f"{ratio:.3f}  (target >= 0.95)"),
-                     ("(fwd+load+tok in 1) / harvest wall", f"{alt / hv.wall_s:.3f}")]
-        print("note: the fair comparison is the loop: from the first block's forward to harvest() returning. It\n"
-              "      excludes one-time setup (model resolve/load, tokenizing, creating the cache), which neither\n"
-              "      depends on the write path nor scales with tokens, but includes everything per-token the\n"
-              "      harvest adds to forward_layers (float64 statistics, bf16 cast, permutation copy, writer\n"
-              "      queue back-pressure) and the final block's un-overlapped write. Summary.tokens_per_s should\n"
-              "      agree with the loop rate if it excludes loading (older versions divided by the whole wall).\n"
-              "      The loop's first forward runs on a freshly loaded model (no warm-up), unlike (1).\n"
-              "      (1) and (2) run at different times: where the CPU shares differ, other load skewed one of\n"
-              "      them, and the in-run ratio (forward time inside the harvest / loop time) is the sounder.\n"
-              "      Timers wrap harvest functions without changing them. On a CPU the writer thread competes\n"
-              "      with the forward for cores, so overlap is not free there.", flush=True)
+            print(
+                f"harvest wall {hv.wall_s:.2f} s vs forward-only + load + tokenize (measured in 1) {alt:.2f} s: "
+                f"ratio {alt / hv.wall_s:.3f}"
+            )
+            rows += [
+                ("harvest loop / forward-only", f"{ratio:.3f}  (target >= 0.95)"),
+                ("(fwd+load+tok in 1) / harvest wall", f"{alt / hv.wall_s:.3f}"),
+            ]
+        print(
+            "note: the fair comparison is the loop: from the first block's forward to harvest() returning. It\n"
+            "      excludes one-time setup (model resolve/load, tokenizing, creating the cache), which neither\n"
+            "      depends on the write path nor scales with tokens, but includes everything per-token the\n"
+            "      harvest adds to forward_layers (float64 statistics, bf16 cast, permutation copy, writer\n"
+            "      queue back-pressure) and the final block's un-overlapped write. Summary.tokens_per_s should\n"
+            "      agree with the loop rate if it excludes loading (older versions divided by the whole wall).\n"
+            "      The loop's first forward runs on a freshly loaded model (no warm-up), unlike (1).\n"
+            "      (1) and (2) run at different times: where the CPU shares differ, other load skewed one of\n"
+            "      them, and the in-run ratio (forward time inside the harvest / loop time) is the sounder.\n"
+            "      Timers wrap harvest functions without changing them. On a CPU the writer thread competes\n"
+            "      with the forward for cores, so overlap is not free there.",
+            flush=True,
+        )
 
     if "reads" not in args.skip:
         print("\n== 3. fast reader vs sequential read ==", flush=True)
         harvested = Path(spec.out)
         if args.read_tokens and (hv is None or args.read_tokens > hv.n_tokens):
-            path, write_s = synthetic_cache(out / f"read-{args.read_layers}x{args.read_d_model}x{args.read_tokens}",
-                                            args.read_layers, args.read_d_model, args.read_tokens,
-                                            args.read_chunk_tokens, args.read_shard_tokens)
-            note = (f"synthetic bf16 cache {args.read_layers} layers x d {args.read_d_model} x {args.read_tokens:,} "
-                    f"tokens, chunk {args.read_chunk_tokens}, shard {args.read_shard_tokens}"
-                    + (f" (written in {write_s:.1f} s)" if write_s is not None else " (reused)"))
+            path, write_s = synthetic_cache(
+                out / f"read-{args.read_layers}x{args.read_d_model}x{args.read_tokens}",
+                args.read_layers,
+                args.read_d_model,
+                args.read_tokens,
+                args.read_chunk_tokens,
+                args.read_shard_tokens,
+            )
+            note = (
+                f"synthetic bf16 cache {args.read_layers} layers x d {args.read_d_model} x {args.read_tokens:,} "
+                f"tokens, chunk {args.read_chunk_tokens}, shard {args.read_shard_tokens}"
+                + (f" (written in {write_s:.1f} s)" if write_s is not None else " (reused)")
+            )
         else:
             path, note = harvested, "the harvested cache"
         rd = measure_reads(path, args.repeats, args.prefetch, note)
         lay = open_cache(path).layout
         chunk_mb = lay.chunk_tokens * lay.d_model * 2 / 1e6
-        print(f"{note}: {rd.bytes_acts / 1e9:.2f} GB of acts, {lay.n_chunks} chunks x {len(lay.layers)} layers x "
-              f"{chunk_mb:.1f} MB; reader prefetch {args.prefetch}; {args.repeats} repeats each")
+        print(
+            f"{note}: {rd.bytes_acts / 1e9:.2f} GB of acts, {lay.n_chunks} chunks x {len(lay.layers)} layers x "
+            f"{chunk_mb:.1f} MB; reader prefetch {args.prefetch}; {args.repeats} repeats each"
+        )
         if rd.resident_after_evict is not None:
             print(f"page cache after eviction (mincore): {rd.resident_after_evict:.1%} of the acts pages resident")
         for key, xs in rd.gbps.items():
@@ -535,11 +638,13 @@ def main() -> None:
             sb, sm = best_median(rd.gbps[f"sequential {temp}"])
             print(f"reader / sequential, {temp}: best {rb / sb:.2f}, median {rm / sm:.2f}  (target >= 0.8)")
             rows.append((f"reader / sequential, {temp}", f"{rb / sb:.2f} best, {rm / sm:.2f} median  (>= 0.8)"))
-        print("note: the reader reads one chunk of every layer per item, in a seeded random chunk order, with\n"
-              "      several chunks in flight; the sequential read streams every acts shard file in order on one\n"
-              "      thread, each file whole into one reusable buffer of the largest file's size. Cold runs evict\n"
-              "      the cache's files (fsync + POSIX_FADV_DONTNEED) before each repeat; the reader's parsed shard\n"
-              "      indexes stay in memory, as in a long-lived reader.")
+        print(
+            "note: the reader reads one chunk of every layer per item, in a seeded random chunk order, with\n"
+            "      several chunks in flight; the sequential read streams every acts shard file in order on one\n"
+            "      thread, each file whole into one reusable buffer of the largest file's size. Cold runs evict\n"
+            "      the cache's files (fsync + POSIX_FADV_DONTNEED) before each repeat; the reader's parsed shard\n"
+            "      indexes stay in memory, as in a long-lived reader."
+        )
 
     print_summary(rows)
 

@@ -30,8 +30,8 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from bench.common import sync  # noqa: E402
 
+from bench.common import sync  # noqa: E402
 from train.objectives import DeadLatents, training_loss  # noqa: E402
 from train.sae import SaeConfig, TopKSae  # noqa: E402
 
@@ -48,8 +48,14 @@ def synthetic_batch(n_layers: int, n_tokens: int, d: int, device: str, gen: torc
     return x.view(n_layers, n_tokens, d).to(device)
 
 
-def make_step(sae: TopKSae, opt: torch.optim.Optimizer, tracker: DeadLatents, dead_mask: torch.Tensor | None,
-              device: str, timers: dict[str, float] | None = None):
+def make_step(
+    sae: TopKSae,
+    opt: torch.optim.Optimizer,
+    tracker: DeadLatents,
+    dead_mask: torch.Tensor | None,
+    device: str,
+    timers: dict[str, float] | None = None,
+):
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
     def lap(name: str, t0: float) -> float:
@@ -109,8 +115,11 @@ def bench(args, device: str, dead_frac: float) -> None:
             step(batches[i % 2])
         sync(device)
         rates.append(args.steps * args.vectors / (time.perf_counter() - t0))
-    print(f"{device:5s} dead={n_dead:5d} ({dead_frac:5.1%})  best {max(rates):9,.0f} vectors/s  "
-          f"median {statistics.median(rates):9,.0f}  ({1e3 * args.vectors / max(rates):6.1f} ms/step)", flush=True)
+    print(
+        f"{device:5s} dead={n_dead:5d} ({dead_frac:5.1%})  best {max(rates):9,.0f} vectors/s  "
+        f"median {statistics.median(rates):9,.0f}  ({1e3 * args.vectors / max(rates):6.1f} ms/step)",
+        flush=True,
+    )
 
     if args.breakdown:
         timers: dict[str, float] = {}
@@ -141,8 +150,11 @@ def encoder_matmul_ceiling(args, device: str) -> None:
             torch.matmul(xd, Wd.t(), out=od)
             sync(device)
             best = min(best, time.perf_counter() - t0)
-        print(f"{device:5s} encoder matmul alone ({str(dt).removeprefix('torch.')}): {1e3 * best:.1f} ms "
-              f"-> ceiling {args.vectors / best:,.0f} vectors/s", flush=True)
+        print(
+            f"{device:5s} encoder matmul alone ({str(dt).removeprefix('torch.')}): {1e3 * best:.1f} ms "
+            f"-> ceiling {args.vectors / best:,.0f} vectors/s",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -151,7 +163,9 @@ def main() -> None:
     ap.add_argument("--n-latents", type=int, default=5120)
     ap.add_argument("-k", type=int, default=32)
     ap.add_argument("--vectors", type=int, default=4096, help="vectors per step (tokens x layers)")
-    ap.add_argument("--layers", type=int, default=8, help="layers per minibatch (the batch is [layers, vectors/layers, d])")
+    ap.add_argument(
+        "--layers", type=int, default=8, help="layers per minibatch (the batch is [layers, vectors/layers, d])"
+    )
     ap.add_argument("--dead", default="0,0.01,0.05,0.1", help="comma-separated fractions of forced-dead latents")
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
     ap.add_argument("--repeats", type=int, default=5, help="timed blocks; best and median reported")
@@ -159,8 +173,10 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="also time forward/loss/backward/optimizer (synced)")
     args = ap.parse_args()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "auto" else [args.device]
-    print(f"d={args.d_model} n_latents={args.n_latents} k={args.k} vectors/step={args.vectors} "
-          f"({args.layers} layers); torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"d={args.d_model} n_latents={args.n_latents} k={args.k} vectors/step={args.vectors} "
+        f"({args.layers} layers); torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    )
     for device in devices:
         encoder_matmul_ceiling(args, device)
         for frac in (float(f) for f in args.dead.split(",")):

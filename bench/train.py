@@ -56,12 +56,12 @@ from dataclasses import dataclass, field  # noqa: E402
 from typing import Any, Iterator  # noqa: E402
 
 import torch  # noqa: E402
-from bench.common import sync, cpu_seconds, cpu_share, fmt_rate, print_summary  # noqa: E402
 
 import train.loop as tloop  # noqa: E402
+from bench.common import cpu_seconds, cpu_share, fmt_rate, print_summary, sync  # noqa: E402
 from harvest import open_cache  # noqa: E402
-from harvest.models import resolve_device  # noqa: E402
 from harvest.env import Dist  # noqa: E402
+from harvest.models import resolve_device  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import MinibatchStream, split_chunks  # noqa: E402
 from train.objectives import DeadLatents  # noqa: E402
@@ -90,15 +90,23 @@ def settle(timeout: float = 120.0) -> float:
 
 def autocast_for(device: str) -> Any:
     """The loop's own choice (train.loop._train)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
+    return (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
 
 
 def tree_note() -> str:
     """Uncommitted changes under train/ and harvest/ (what was measured is the working tree, not HEAD)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "train", "harvest"], cwd=_BENCH_DIR.parent,
-                             capture_output=True, text=True, timeout=10).stdout.split()
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--", "train", "harvest"],
+            cwd=_BENCH_DIR.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.split()
         changed = [p for p in out if "/" in p]
         return f"uncommitted changes in {', '.join(changed)}" if changed else "train/ and harvest/ as committed"
     except Exception:
@@ -126,30 +134,53 @@ def shapes_of(args: argparse.Namespace) -> Shapes:
 
 
 def base_config(args: argparse.Namespace, out: str, **kw: Any) -> TrainConfig:
-    fields = dict(cache=args.cache, layers=args.layers, expansion_factor=args.expansion_factor, k=args.k,
-                  tokens=args.steps * args.batch_tokens, batch_tokens=args.batch_tokens, eval_tokens=args.eval_tokens,
-                  dead_tokens=args.dead_tokens, round_chunks=args.round_chunks, seed=args.seed, device=args.device,
-                  prefetch=args.prefetch, checkpoint_every=args.checkpoint_every, out=out)
+    fields = dict(
+        cache=args.cache,
+        layers=args.layers,
+        expansion_factor=args.expansion_factor,
+        k=args.k,
+        tokens=args.steps * args.batch_tokens,
+        batch_tokens=args.batch_tokens,
+        eval_tokens=args.eval_tokens,
+        dead_tokens=args.dead_tokens,
+        round_chunks=args.round_chunks,
+        seed=args.seed,
+        device=args.device,
+        prefetch=args.prefetch,
+        checkpoint_every=args.checkpoint_every,
+        out=out,
+    )
     fields.update(kw)
     return TrainConfig(**fields).validate()
 
 
 def make_stream(sh: Shapes, cfg: TrainConfig) -> MinibatchStream:
     """The stream train.loop._train builds for a single-process run."""
-    return MinibatchStream(sh.cache, sh.train_chunks, sh.layers, cfg.batch_tokens, cfg.round_chunks, sh.device,
-                           seed=cfg.seed, include_special=cfg.include_special, prefetch=cfg.prefetch)
+    return MinibatchStream(
+        sh.cache,
+        sh.train_chunks,
+        sh.layers,
+        cfg.batch_tokens,
+        cfg.round_chunks,
+        sh.device,
+        seed=cfg.seed,
+        include_special=cfg.include_special,
+        prefetch=cfg.prefetch,
+    )
 
 
 def make_run(sh: Shapes, cfg: TrainConfig, out: Path) -> tloop.Run:
     """A Run built exactly as train.loop._train builds a new one (same seed -> same initial SAE)."""
-    sae_cfg = SaeConfig.from_expansion(sh.d_model, cfg.expansion_factor, cfg.k, k_aux=cfg.k_aux,
-                                       aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens)
+    sae_cfg = SaeConfig.from_expansion(
+        sh.d_model, cfg.expansion_factor, cfg.k, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens
+    )
     lr = tloop._lr(cfg, sae_cfg.n_latents)
     sae = TopKSae(sae_cfg, device=sh.device, generator=torch.Generator().manual_seed(cfg.seed))
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
     layer_idx = torch.tensor(list(range(len(sh.layers))), device=sh.device)
-    return tloop.Run(cfg, out, layer_idx, sh.layers, sae, opt, DeadLatents(sae_cfg.n_latents, cfg.dead_tokens,
-                                                                           sh.device), lr)
+    return tloop.Run(
+        cfg, out, layer_idx, sh.layers, sae, opt, DeadLatents(sae_cfg.n_latents, cfg.dead_tokens, sh.device), lr
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +229,9 @@ def read_pool(sh: Shapes, cfg: TrainConfig, steps: int, pool_bytes: float) -> tu
     return pool, read_s
 
 
-def measure_step(sh: Shapes, cfg: TrainConfig, steps: int, pool: list[torch.Tensor], read_s: float,
-                 tmp: Path) -> StepResult:
+def measure_step(
+    sh: Shapes, cfg: TrainConfig, steps: int, pool: list[torch.Tensor], read_s: float, tmp: Path
+) -> StepResult:
     n_layers, n_pool = len(sh.layers), len(pool)
     run = make_run(sh, cfg, tmp / "in-memory")
     dist, autocast = Dist(), autocast_for(sh.device)
@@ -218,8 +250,19 @@ def measure_step(sh: Shapes, cfg: TrainConfig, steps: int, pool: list[torch.Tens
         step_s.append(time.perf_counter() - t)
         cpu_s += cpu_seconds() - c0
     share = cpu_share(cpu_s, sum(step_s))
-    return StepResult(n_layers, run.sae.cfg.n_latents, n_layers * cfg.batch_tokens, n_pool, n_pool >= steps,
-                      step_s, cpu_s, dead, parts[0] if parts else float("nan"), read_s, share)
+    return StepResult(
+        n_layers,
+        run.sae.cfg.n_latents,
+        n_layers * cfg.batch_tokens,
+        n_pool,
+        n_pool >= steps,
+        step_s,
+        cpu_s,
+        dead,
+        parts[0] if parts else float("nan"),
+        read_s,
+        share,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +272,7 @@ def measure_step(sh: Shapes, cfg: TrainConfig, steps: int, pool: list[torch.Tens
 @dataclass
 class Trace:
     """Timestamps and seconds collected inside one train() call."""
+
     device: str
     steps: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of every _step call
     step_cpu: list[float] = field(default_factory=list)  # process CPU time at the end of every _step call
@@ -287,8 +331,13 @@ def instrument(trace: Trace) -> Iterator[None]:
             finally:
                 it.close()
 
-    patches = {"_step": step, "evaluate": evaluate, "_init_b_pre": init_b_pre, "_checkpoint": checkpoint,
-               "MinibatchStream": TimedStream}
+    patches = {
+        "_step": step,
+        "evaluate": evaluate,
+        "_init_b_pre": init_b_pre,
+        "_checkpoint": checkpoint,
+        "MinibatchStream": TimedStream,
+    }
     for name, fn in patches.items():
         setattr(tloop, name, fn)
     try:
@@ -346,31 +395,52 @@ def run_train(configs: list[TrainConfig], device: str) -> TrainResult:
     last_end = trace.steps[-1][1]
     ends = [trace.steps[i * n_runs + n_runs - 1][1] for i in range(steps)]
     cpus = [trace.step_cpu[i * n_runs + n_runs - 1] for i in range(steps)]
-    in_loop = lambda iv: step0_end <= iv[0] and iv[1] <= last_end  # noqa: E731
+    in_loop = lambda iv: step0_end <= iv[0] and iv[1] <= last_end
     metrics_last = []
     for c in configs:
         lines = (Path(c.out) / "metrics.jsonl").read_text().splitlines()
         metrics_last.append(json.loads(lines[-1]) if lines else {})
     first_wait = trace.waits[0]
     return TrainResult(
-        n_runs, steps, configs[0].batch_tokens, end - t0, first_wait[0] - t0, first_wait[1] - first_wait[0],
-        step0_end - first_wait[1], last_end - step0_end, end - last_end, sum(trace.evals), trace.init_s,
-        sum(b - a for a, b in trace.checkpoints), sum(1 for iv in trace.checkpoints if in_loop(iv)),
-        sum(b - a for a, b in trace.steps if in_loop((a, b))), sum(b - a for a, b in trace.waits if in_loop((a, b))),
-        [b - a for a, b in zip(ends, ends[1:])], cpus[-1] - cpus[0],
-        cpu_s, cpu_share(cpu_s, end - t0), leftover, summaries, metrics_last)
+        n_runs,
+        steps,
+        configs[0].batch_tokens,
+        end - t0,
+        first_wait[0] - t0,
+        first_wait[1] - first_wait[0],
+        step0_end - first_wait[1],
+        last_end - step0_end,
+        end - last_end,
+        sum(trace.evals),
+        trace.init_s,
+        sum(b - a for a, b in trace.checkpoints),
+        sum(1 for iv in trace.checkpoints if in_loop(iv)),
+        sum(b - a for a, b in trace.steps if in_loop((a, b))),
+        sum(b - a for a, b in trace.waits if in_loop((a, b))),
+        [b - a for a, b in zip(ends, ends[1:])],
+        cpus[-1] - cpus[0],
+        cpu_s,
+        cpu_share(cpu_s, end - t0),
+        leftover,
+        summaries,
+        metrics_last,
+    )
 
 
 def print_train(tr: TrainResult, label: str) -> None:
     other = tr.loop_s - tr.step_in_loop_s - tr.wait_in_loop_s
-    line = lambda name, s, extra="": print(f"  {name:<52s}{s:7.2f} s{extra}")  # noqa: E731
+    line = lambda name, s, extra="": print(f"  {name:<52s}{s:7.2f} s{extra}")
     print(f"{label}: train() wall {tr.wall_s:.2f} s, CPU {tr.cpu_s:.2f} s  (CPU share {tr.cpu_share:.2f})")
     line("setup (open cache, keep counts, SAEs, stream)", tr.setup_s)
     line("first batch (first round read)", tr.first_batch_s)
     line(f"step 0 (b_pre init {tr.init_s:.2f} s, initial eval, step 0)", tr.step0_s)
-    line(f"loop: steps 1..{tr.steps - 1}", tr.loop_s, f"  {fmt_rate(tr.loop_tokens_per_s, 'tok/s')}  (median step "
-                                                   f"{fmt_rate(tr.median_tokens_per_s, 'tok/s')}; CPU share "
-                                                   f"{cpu_share(tr.loop_cpu_s, tr.loop_s):.2f})")
+    line(
+        f"loop: steps 1..{tr.steps - 1}",
+        tr.loop_s,
+        f"  {fmt_rate(tr.loop_tokens_per_s, 'tok/s')}  (median step "
+        f"{fmt_rate(tr.median_tokens_per_s, 'tok/s')}; CPU share "
+        f"{cpu_share(tr.loop_cpu_s, tr.loop_s):.2f})",
+    )
     line("  _step calls", tr.step_in_loop_s)
     line("  waiting for batches (next(batches))", tr.wait_in_loop_s)
     line(f"  rest (float cast, index_select, metrics, {tr.checkpoints_in_loop} ckpt)", other)
@@ -426,8 +496,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="steps of every run; step 0 is the untimed warm-up")
     p.add_argument("--layers", default="all", help="all (multi-layer SAE) or one layer number")
     p.add_argument("--device", default="auto")
-    p.add_argument("--eval-tokens", type=int, default=0,
-                   help="held-out tokens of every train() call (0: none; the evaluations are timed either way)")
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=0,
+        help="held-out tokens of every train() call (0: none; the evaluations are timed either way)",
+    )
     p.add_argument("--dead-tokens", type=int, help="TrainConfig.dead_tokens (default 4 x batch tokens)")
     p.add_argument("--round-chunks", type=int, default=TrainConfig.round_chunks)
     p.add_argument("--prefetch", type=int, default=TrainConfig.prefetch)
@@ -435,18 +509,30 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sweep-expansion", help="two expansion factors (default: expansion_factor/2, expansion_factor)")
     p.add_argument("--sweep-k", help="two k (default: k/2, k)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="repeat (1)+(2) and (3), alternating; the best of each is reported (other load skews timings)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="repeat (1)+(2) and (3), alternating; the best of each is reported (other load skews timings)",
+    )
     p.add_argument("--pool-gb", type=float, default=2.0, help="memory for the in-memory batches of (1)")
     p.add_argument("--out", help="scratch folder for run outputs (default: a temporary folder, removed)")
-    p.add_argument("--skip", choices=["step", "train", "sweep"], action="append", default=[],
-                   help="skip a measurement (repeatable)")
+    p.add_argument(
+        "--skip",
+        choices=["step", "train", "sweep"],
+        action="append",
+        default=[],
+        help="skip a measurement (repeatable)",
+    )
     args = p.parse_args()
     if args.dead_tokens is None:
         args.dead_tokens = 4 * args.batch_tokens
-    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    args.sweep_expansion = ints(args.sweep_expansion) if args.sweep_expansion else sorted(
-        {max(1, args.expansion_factor // 2), args.expansion_factor})
+    ints = lambda s: [int(v) for v in s.split(",")]
+    args.sweep_expansion = (
+        ints(args.sweep_expansion)
+        if args.sweep_expansion
+        else sorted({max(1, args.expansion_factor // 2), args.expansion_factor})
+    )
     args.sweep_k = ints(args.sweep_k) if args.sweep_k else sorted({max(1, args.k // 2), args.k})
     return args
 
@@ -470,15 +556,22 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
     lay = sh.cache.layout
     n_layers = len(sh.layers)
     vectors = args.batch_tokens * n_layers
-    print(f"# train benchmark: cache {sh.cache.path} ({lay.n_tokens:,} tokens x {len(lay.layers)} layers x d "
-          f"{lay.d_model}, {lay.dtype}, chunk {lay.chunk_tokens}); {len(sh.train_chunks)} training chunks, "
-          f"{len(sh.eval_chunks)} held-out")
-    print(f"# SAE: layers {args.layers} ({n_layers}), n_latents {args.expansion_factor * sh.d_model:,} "
-          f"(x{args.expansion_factor}), k {args.k}, batch {args.batch_tokens} tokens = {vectors:,} vectors, "
-          f"{args.steps} steps, dead_tokens {args.dead_tokens:,}, round_chunks {args.round_chunks}")
-    print(f"# device {sh.device}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, cuda {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}, "
-          f"load average {os.getloadavg()[0]:.2f} (other processes skew timings); {tree_note()}", flush=True)
+    print(
+        f"# train benchmark: cache {sh.cache.path} ({lay.n_tokens:,} tokens x {len(lay.layers)} layers x d "
+        f"{lay.d_model}, {lay.dtype}, chunk {lay.chunk_tokens}); {len(sh.train_chunks)} training chunks, "
+        f"{len(sh.eval_chunks)} held-out"
+    )
+    print(
+        f"# SAE: layers {args.layers} ({n_layers}), n_latents {args.expansion_factor * sh.d_model:,} "
+        f"(x{args.expansion_factor}), k {args.k}, batch {args.batch_tokens} tokens = {vectors:,} vectors, "
+        f"{args.steps} steps, dead_tokens {args.dead_tokens:,}, round_chunks {args.round_chunks}"
+    )
+    print(
+        f"# device {sh.device}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
+        f"{os.cpu_count()} CPUs, cuda {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}, "
+        f"load average {os.getloadavg()[0]:.2f} (other processes skew timings); {tree_note()}",
+        flush=True,
+    )
     rows: list[tuple[str, str]] = []
 
     st = tr = None
@@ -491,11 +584,22 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
         if "train" not in args.skip:
             trs.append(run_train([base_config(args, str(tmp / f"train-{r}"))], sh.device))
         if args.repeats > 1:
-            print(f"# repeat {r + 1}/{args.repeats}: "
-                  + (f"in-memory {fmt_rate(sts[-1].vectors_per_s / n_layers, 'tok/s')} (CPU share "
-                     f"{sts[-1].cpu_share:.2f})  " if sts else "")
-                  + (f"train loop {fmt_rate(trs[-1].loop_tokens_per_s, 'tok/s')} (CPU share "
-                     f"{cpu_share(trs[-1].loop_cpu_s, trs[-1].loop_s):.2f})" if trs else ""), flush=True)
+            print(
+                f"# repeat {r + 1}/{args.repeats}: "
+                + (
+                    f"in-memory {fmt_rate(sts[-1].vectors_per_s / n_layers, 'tok/s')} (CPU share "
+                    f"{sts[-1].cpu_share:.2f})  "
+                    if sts
+                    else ""
+                )
+                + (
+                    f"train loop {fmt_rate(trs[-1].loop_tokens_per_s, 'tok/s')} (CPU share "
+                    f"{cpu_share(trs[-1].loop_cpu_s, trs[-1].loop_s):.2f})"
+                    if trs
+                    else ""
+                ),
+                flush=True,
+            )
     del pool
     best = " (the best of --repeats)" if args.repeats > 1 else ""
 
@@ -503,27 +607,46 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
         st = max(sts, key=lambda x: x.vectors_per_s)
         print(f"\n== 1. bare training step on in-memory batches (train.loop._step){best} ==", flush=True)
         ms = [1e3 * s for s in st.step_s]
-        print(f"{st.n_pool} batches read into memory in {st.read_s:.2f} s ("
-              + ("exactly train()'s batches, in order" if st.replays_train else
-                 f"cycled over {args.steps} steps: --pool-gb too small to replay train()'s batches") + ")")
-        print(f"steps 1..{args.steps - 1}: {st.total_s:.2f} s  {fmt_rate(st.vectors_per_s, 'vectors/s')}  "
-              f"= {fmt_rate(st.vectors_per_s / n_layers, 'tok/s')}  (per step: median {statistics.median(ms):.1f} "
-              f"ms, min {min(ms):.1f}, max {max(ms):.1f}; CPU share {st.cpu_share:.2f})")
-        print(f"dead fraction entering the timed steps: mean {statistics.mean(st.dead):.1%}, min {min(st.dead):.1%}, "
-              f"max {max(st.dead):.1%}  (AuxK runs whenever > 0); last loss {st.last_loss:.6f}", flush=True)
-        rows += [("in-memory step", f"{fmt_rate(st.vectors_per_s, 'vectors/s')} = "
-                                    f"{fmt_rate(st.vectors_per_s / n_layers, 'tok/s')}")]
+        print(
+            f"{st.n_pool} batches read into memory in {st.read_s:.2f} s ("
+            + (
+                "exactly train()'s batches, in order"
+                if st.replays_train
+                else f"cycled over {args.steps} steps: --pool-gb too small to replay train()'s batches"
+            )
+            + ")"
+        )
+        print(
+            f"steps 1..{args.steps - 1}: {st.total_s:.2f} s  {fmt_rate(st.vectors_per_s, 'vectors/s')}  "
+            f"= {fmt_rate(st.vectors_per_s / n_layers, 'tok/s')}  (per step: median {statistics.median(ms):.1f} "
+            f"ms, min {min(ms):.1f}, max {max(ms):.1f}; CPU share {st.cpu_share:.2f})"
+        )
+        print(
+            f"dead fraction entering the timed steps: mean {statistics.mean(st.dead):.1%}, min {min(st.dead):.1%}, "
+            f"max {max(st.dead):.1%}  (AuxK runs whenever > 0); last loss {st.last_loss:.6f}",
+            flush=True,
+        )
+        rows += [
+            (
+                "in-memory step",
+                f"{fmt_rate(st.vectors_per_s, 'vectors/s')} = {fmt_rate(st.vectors_per_s / n_layers, 'tok/s')}",
+            )
+        ]
 
     if trs:
         tr = max(trs, key=lambda x: x.loop_tokens_per_s)
         print(f"\n== 2. train.loop.train from the cache, one SAE{best} ==", flush=True)
         print_train(tr, "one SAE")
         m, s = tr.metrics_last[0], tr.summaries[0]
-        print(f"metrics.jsonl, last line: tokens_per_s {m.get('tokens_per_s', float('nan')):,.0f}, loss "
-              f"{m.get('loss', float('nan')):.6f}, dead_fraction {m.get('dead_fraction', float('nan')):.1%}; "
-              f"summary.json tokens_per_s {s['tokens_per_s']:,.0f}")
-        print("  (those two include step 0: the b_pre init, the initial evaluation and the first round read;\n"
-              "   the loop rate above excludes them and everything after the last step)")
+        print(
+            f"metrics.jsonl, last line: tokens_per_s {m.get('tokens_per_s', float('nan')):,.0f}, loss "
+            f"{m.get('loss', float('nan')):.6f}, dead_fraction {m.get('dead_fraction', float('nan')):.1%}; "
+            f"summary.json tokens_per_s {s['tokens_per_s']:,.0f}"
+        )
+        print(
+            "  (those two include step 0: the b_pre init, the initial evaluation and the first round read;\n"
+            "   the loop rate above excludes them and everything after the last step)"
+        )
         rows.append(("train from cache (loop)", fmt_rate(tr.loop_tokens_per_s, "tok/s")))
         if st is not None:
             ratio = tr.loop_tokens_per_s * n_layers / st.vectors_per_s
@@ -531,75 +654,113 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
             n = len(st.step_s)
             cpu_ratio = (st.cpu_s / n) / (tr.loop_cpu_s / (tr.steps - 1))
             loop_share = cpu_share(tr.loop_cpu_s, tr.loop_s)
-            print(f"train-from-cache / in-memory step throughput: {ratio:.3f}  (target >= 0.9; from total times; "
-                  f"CPU shares {loop_share:.2f} / {st.cpu_share:.2f})")
-            print(f"  same from median step times (robust to load spikes): {med:.3f}  (median step "
-                  f"{1e3 * statistics.median(tr.loop_step_s):.1f} ms in the loop, "
-                  f"{1e3 * statistics.median(st.step_s):.1f} ms in memory)")
-            print(f"  CPU time per step, in memory / in the loop (all threads): {cpu_ratio:.3f}  "
-                  f"({st.cpu_s / n:.3f} s / {tr.loop_cpu_s / (tr.steps - 1):.3f} s; < 1: the data path costs CPU)")
+            print(
+                f"train-from-cache / in-memory step throughput: {ratio:.3f}  (target >= 0.9; from total times; "
+                f"CPU shares {loop_share:.2f} / {st.cpu_share:.2f})"
+            )
+            print(
+                f"  same from median step times (robust to load spikes): {med:.3f}  (median step "
+                f"{1e3 * statistics.median(tr.loop_step_s):.1f} ms in the loop, "
+                f"{1e3 * statistics.median(st.step_s):.1f} ms in memory)"
+            )
+            print(
+                f"  CPU time per step, in memory / in the loop (all threads): {cpu_ratio:.3f}  "
+                f"({st.cpu_s / n:.3f} s / {tr.loop_cpu_s / (tr.steps - 1):.3f} s; < 1: the data path costs CPU)"
+            )
             # bit-identical on the CPU; CUDA's atomics (index_add_, embedding_bag backward) drift a little
             tol = 1e-6 if sh.device == "cpu" else 1e-2
             same = st.replays_train and abs(st.last_loss - m.get("loss", float("nan"))) <= tol * abs(st.last_loss)
-            print(f"same work: last-step loss in-memory {st.last_loss:.6f} vs train() {m.get('loss', float('nan')):.6f}"
-                  f" -> {'same batches and numerics' if same else 'DIFFERENT (see the pool note in 1)'}", flush=True)
-            rows += [("train from cache / in-memory step", f"{ratio:.3f}  (target >= 0.9)"),
-                     ("  same, median steps / CPU per step", f"{med:.3f} / {cpu_ratio:.3f}")]
+            print(
+                f"same work: last-step loss in-memory {st.last_loss:.6f} vs train() {m.get('loss', float('nan')):.6f}"
+                f" -> {'same batches and numerics' if same else 'DIFFERENT (see the pool note in 1)'}",
+                flush=True,
+            )
+            rows += [
+                ("train from cache / in-memory step", f"{ratio:.3f}  (target >= 0.9)"),
+                ("  same, median steps / CPU per step", f"{med:.3f} / {cpu_ratio:.3f}"),
+            ]
 
     if "sweep" not in args.skip:
         grid = [(e, k) for e in args.sweep_expansion for k in args.sweep_k]
-        print(f"\n== 3. sweep of {len(grid)} SAEs (expansion x k = {grid}): one pass vs one after another ==",
-              flush=True)
+        print(
+            f"\n== 3. sweep of {len(grid)} SAEs (expansion x k = {grid}): one pass vs one after another ==", flush=True
+        )
         sws: list[TrainResult] = []
         seps: list[list[TrainResult]] = [[] for _ in grid]
         for r in range(args.repeats):  # one pass, then the same configs one after another; alternating
-            sws.append(run_train([base_config(args, str(tmp / f"sweep{r}-x{e}-k{k}"), expansion_factor=e, k=k)
-                                  for e, k in grid], sh.device))
+            sws.append(
+                run_train(
+                    [base_config(args, str(tmp / f"sweep{r}-x{e}-k{k}"), expansion_factor=e, k=k) for e, k in grid],
+                    sh.device,
+                )
+            )
             for i, (e, k) in enumerate(grid):
-                seps[i].append(run_train([base_config(args, str(tmp / f"alone{r}-x{e}-k{k}"), expansion_factor=e,
-                                                      k=k)], sh.device))
+                seps[i].append(
+                    run_train([base_config(args, str(tmp / f"alone{r}-x{e}-k{k}"), expansion_factor=e, k=k)], sh.device)
+                )
             if args.repeats > 1:
-                print(f"# repeat {r + 1}/{args.repeats}: one pass {sws[-1].wall_s:.2f} s (CPU share "
-                      f"{sws[-1].cpu_share:.2f}), separately {sum(x[-1].wall_s for x in seps):.2f} s (CPU shares "
-                      f"{', '.join(f'{x[-1].cpu_share:.2f}' for x in seps)})", flush=True)
+                print(
+                    f"# repeat {r + 1}/{args.repeats}: one pass {sws[-1].wall_s:.2f} s (CPU share "
+                    f"{sws[-1].cpu_share:.2f}), separately {sum(x[-1].wall_s for x in seps):.2f} s (CPU shares "
+                    f"{', '.join(f'{x[-1].cpu_share:.2f}' for x in seps)})",
+                    flush=True,
+                )
         sw = min(sws, key=lambda x: x.wall_s)
         sep = [min(x, key=lambda y: y.wall_s) for x in seps]
         print_train(sw, f"one pass, {len(grid)} SAEs{best}")
         for (e, k), x in zip(grid, sep):
-            print(f"alone x{e} k{k}{best}: wall {x.wall_s:6.2f} s (setup {x.setup_s:.2f}, first batch "
-                  f"{x.first_batch_s:.2f}, step 0 {x.step0_s:.2f}, loop {x.loop_s:.2f}: steps {x.step_in_loop_s:.2f} "
-                  f"+ waits {x.wait_in_loop_s:.2f}, tail {x.tail_s:.2f}, evals {x.eval_s:.2f}; CPU {x.cpu_s:.2f} s, "
-                  f"share {x.cpu_share:.2f})", flush=True)
+            print(
+                f"alone x{e} k{k}{best}: wall {x.wall_s:6.2f} s (setup {x.setup_s:.2f}, first batch "
+                f"{x.first_batch_s:.2f}, step 0 {x.step0_s:.2f}, loop {x.loop_s:.2f}: steps {x.step_in_loop_s:.2f} "
+                f"+ waits {x.wait_in_loop_s:.2f}, tail {x.tail_s:.2f}, evals {x.eval_s:.2f}; CPU {x.cpu_s:.2f} s, "
+                f"share {x.cpu_share:.2f})",
+                flush=True,
+            )
         sep_wall = sum(r.wall_s for r in sep)
         sep_cpu = sum(r.cpu_s for r in sep)
         sep_noeval = sum(r.wall_s - r.eval_s for r in sep)
-        print(f"wall: one pass {sw.wall_s:.2f} s, separately {sep_wall:.2f} s -> ratio sweep/separate "
-              f"{sw.wall_s / sep_wall:.3f}  (target <= 0.5 when reading the cache dominates)")
-        print(f"wall without held-out evaluations: one pass {sw.wall_s - sw.eval_s:.2f} s, separately "
-              f"{sep_noeval:.2f} s -> ratio {(sw.wall_s - sw.eval_s) / sep_noeval:.3f}")
-        print(f"CPU time: one pass {sw.cpu_s:.2f} s, separately {sep_cpu:.2f} s -> ratio {sw.cpu_s / sep_cpu:.3f}  "
-              f"(less sensitive to light load; heavy load inflates it too: OpenMP threads spin)")
+        print(
+            f"wall: one pass {sw.wall_s:.2f} s, separately {sep_wall:.2f} s -> ratio sweep/separate "
+            f"{sw.wall_s / sep_wall:.3f}  (target <= 0.5 when reading the cache dominates)"
+        )
+        print(
+            f"wall without held-out evaluations: one pass {sw.wall_s - sw.eval_s:.2f} s, separately "
+            f"{sep_noeval:.2f} s -> ratio {(sw.wall_s - sw.eval_s) / sep_noeval:.3f}"
+        )
+        print(
+            f"CPU time: one pass {sw.cpu_s:.2f} s, separately {sep_cpu:.2f} s -> ratio {sw.cpu_s / sep_cpu:.3f}  "
+            f"(less sensitive to light load; heavy load inflates it too: OpenMP threads spin)"
+        )
         shares = [sw.cpu_share] + [x.cpu_share for x in sep]
         if max(shares) - min(shares) > 0.15:
-            print(f"  (CPU shares range {min(shares):.2f}..{max(shares):.2f}: other load skewed the wall times; "
-                  f"trust the CPU-time ratio more, or use --repeats)")
-        rows += [("sweep wall, one pass / separate", f"{sw.wall_s:.2f} / {sep_wall:.2f} s = "
-                                                     f"{sw.wall_s / sep_wall:.3f}  (target <= 0.5 if data-bound)"),
-                 ("sweep CPU time, one pass / separate",
-                  f"{sw.cpu_s:.2f} / {sep_cpu:.2f} s = {sw.cpu_s / sep_cpu:.3f}")]
+            print(
+                f"  (CPU shares range {min(shares):.2f}..{max(shares):.2f}: other load skewed the wall times; "
+                f"trust the CPU-time ratio more, or use --repeats)"
+            )
+        rows += [
+            (
+                "sweep wall, one pass / separate",
+                f"{sw.wall_s:.2f} / {sep_wall:.2f} s = {sw.wall_s / sep_wall:.3f}  (target <= 0.5 if data-bound)",
+            ),
+            ("sweep CPU time, one pass / separate", f"{sw.cpu_s:.2f} / {sep_cpu:.2f} s = {sw.cpu_s / sep_cpu:.3f}"),
+        ]
 
         # what dominates: the data path alone vs the SAE compute alone
         print("\n-- what dominates: data vs SAE compute --", flush=True)
         ds = min((measure_stream(sh, cfg, args.steps) for _ in range(args.repeats)), key=lambda x: x.total_s)
         rest_mean = statistics.mean(ds.rest_s) if ds.rest_s else 0.0
-        print(f"MinibatchStream alone, {ds.n_batches} batches (+ .float(), index_select, as the loop){best}: "
-              f"{ds.total_s:.2f} s = first batch {ds.first_s:.2f} s (first round read) + "
-              f"{1e3 * rest_mean:.1f} ms per later batch  (CPU share {ds.cpu_share:.2f})")
+        print(
+            f"MinibatchStream alone, {ds.n_batches} batches (+ .float(), index_select, as the loop){best}: "
+            f"{ds.total_s:.2f} s = first batch {ds.first_s:.2f} s (first round read) + "
+            f"{1e3 * rest_mean:.1f} ms per later batch  (CPU share {ds.cpu_share:.2f})"
+        )
         round_chunks = min(args.round_chunks, len(sh.train_chunks))
         per_round = round_chunks * lay.chunk_tokens / args.batch_tokens
         steady = ds.first_s / per_round + rest_mean
-        print(f"  a round is {round_chunks} chunks = ~{per_round:.0f} batches: amortized over a long run, the data "
-              f"path costs ~{1e3 * steady:.1f} ms per step (round read / batches per round + later batch)")
+        print(
+            f"  a round is {round_chunks} chunks = ~{per_round:.0f} batches: amortized over a long run, the data "
+            f"path costs ~{1e3 * steady:.1f} ms per step (round read / batches per round + later batch)"
+        )
         if st is not None:
             one_step, src = statistics.mean(st.step_s), "bare step of (1), mean"
         elif tr is not None:
@@ -609,26 +770,39 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
         sweep_step = sw.step_in_loop_s / (sw.steps - 1)
         data, c_one, c_sweep = ds.total_s, one_step * args.steps, sweep_step * args.steps
         who = f"one x{args.expansion_factor} k{args.k} SAE" if st or tr else "one SAE (sweep average)"
-        print(f"over {args.steps} steps: data alone {data:.2f} s vs SAE compute of {who} {c_one:.2f} s "
-              f"({src} {1e3 * one_step:.1f} ms) -> data/compute {data / c_one:.3f}; "
-              f"vs compute of the {len(grid)}-SAE sweep {c_sweep:.2f} s -> data/compute {data / c_sweep:.3f}")
-        print(f"long run, per step: data ~{1e3 * steady:.1f} ms vs one SAE's step {1e3 * one_step:.1f} ms -> "
-              f"data/compute {steady / one_step:.3f}")
+        print(
+            f"over {args.steps} steps: data alone {data:.2f} s vs SAE compute of {who} {c_one:.2f} s "
+            f"({src} {1e3 * one_step:.1f} ms) -> data/compute {data / c_one:.3f}; "
+            f"vs compute of the {len(grid)}-SAE sweep {c_sweep:.2f} s -> data/compute {data / c_sweep:.3f}"
+        )
+        print(
+            f"long run, per step: data ~{1e3 * steady:.1f} ms vs one SAE's step {1e3 * one_step:.1f} ms -> "
+            f"data/compute {steady / one_step:.3f}"
+        )
         fixed = sum(r.setup_s + r.first_batch_s for r in sep)
-        print(f"inside the sweep's loop: waiting for batches {sw.wait_in_loop_s:.2f} s "
-              f"({sw.wait_in_loop_s / max(sw.loop_s, 1e-9):.1%} of the loop), _step {sw.step_in_loop_s:.2f} s; "
-              f"setup + first round read: one pass {sw.setup_s + sw.first_batch_s:.2f} s, separately {fixed:.2f} s")
+        print(
+            f"inside the sweep's loop: waiting for batches {sw.wait_in_loop_s:.2f} s "
+            f"({sw.wait_in_loop_s / max(sw.loop_s, 1e-9):.1%} of the loop), _step {sw.step_in_loop_s:.2f} s; "
+            f"setup + first round read: one pass {sw.setup_s + sw.first_batch_s:.2f} s, separately {fixed:.2f} s"
+        )
         # one pass does the data work once and the compute of every SAE; separate runs do the data work n times
         bound = (data + c_sweep) / (len(grid) * data + c_sweep)
         dominant = "SAE compute" if c_one > data else "reading the cache"
-        print(f"-> on {sh.device}, for this cache and these shapes, {dominant} dominates (data alone is "
-              f"{data / c_one:.0%} of one SAE's compute). Expected sweep/separate from these parts: "
-              f"(data + compute of all) / ({len(grid)} x data + compute of all) = {bound:.2f}"
-              + ("; a ratio <= 0.5 needs data to dominate" if bound > 0.5 and c_one > data else ""), flush=True)
-        rows += [("data alone / compute (one SAE)", f"{data / c_one:.3f} over {args.steps} steps, "
-                                                    f"{steady / one_step:.3f} amortized"),
-                 ("expected sweep/separate from parts", f"{bound:.3f}"),
-                 ("dominant", dominant)]
+        print(
+            f"-> on {sh.device}, for this cache and these shapes, {dominant} dominates (data alone is "
+            f"{data / c_one:.0%} of one SAE's compute). Expected sweep/separate from these parts: "
+            f"(data + compute of all) / ({len(grid)} x data + compute of all) = {bound:.2f}"
+            + ("; a ratio <= 0.5 needs data to dominate" if bound > 0.5 and c_one > data else ""),
+            flush=True,
+        )
+        rows += [
+            (
+                "data alone / compute (one SAE)",
+                f"{data / c_one:.3f} over {args.steps} steps, {steady / one_step:.3f} amortized",
+            ),
+            ("expected sweep/separate from parts", f"{bound:.3f}"),
+            ("dominant", dominant),
+        ]
 
     print_summary(rows)
 

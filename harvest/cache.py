@@ -121,8 +121,10 @@ class Layout:
         try:
             return self.layers.index(layer)
         except ValueError:
-            raise CacheError(f"layer {layer} is not in this cache (it holds layers {list(self.layers)}): "
-                             f"choose one of those or harvest it")
+            raise CacheError(
+                f"layer {layer} is not in this cache (it holds layers {list(self.layers)}): "
+                f"choose one of those or harvest it"
+            )
 
     def bytes_per_token(self) -> int:
         return len(self.layers) * self.d_model * STORAGE_DTYPES[self.dtype][0].itemsize
@@ -169,8 +171,10 @@ def file_checksum(path: Path, fsync: bool = False) -> tuple[int, int]:
 
 def _storage_error(e: OSError, path: Path) -> StorageError:
     if e.errno == errno.ENOSPC:
-        return StorageError(f"disk full while writing {path}: free space there or pass --out on a larger disk; "
-                            f"rerun the same command to resume")
+        return StorageError(
+            f"disk full while writing {path}: free space there or pass --out on a larger disk; "
+            f"rerun the same command to resume"
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StorageError(f"cannot write {path} ({e.strerror}): choose a writable --out")
     return StorageError(f"writing {path} failed ({e.strerror or e}): check the disk, then rerun to resume")
@@ -188,8 +192,9 @@ def _codecs(compression: str, itemsize: int) -> dict[str, Any]:
     return {"compressors": BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize, blocksize=1 << 20)}
 
 
-def create_cache(path: Path, meta: dict[str, Any], layout: Layout, windows: np.ndarray,
-                 lens: "LensSource | None" = None) -> None:
+def create_cache(
+    path: Path, meta: dict[str, Any], layout: Layout, windows: np.ndarray, lens: "LensSource | None" = None
+) -> None:
     """Create an empty cache with its metadata, token windows and (a copy of) its tuned lens, atomically
     (temp folder + rename). The lens copy keeps the cache self-contained: analyses read it from there."""
     path = Path(path)
@@ -202,16 +207,34 @@ def create_cache(path: Path, meta: dict[str, Any], layout: Layout, windows: np.n
         root = zarr.open_group(str(tmp), mode="w", attributes={META_KEY: meta})
         np_dtype = STORAGE_DTYPES[layout.dtype][0]
         d, n = layout.d_model, layout.n_tokens
-        root.create_array("acts", shape=(len(layout.layers), n, d), dtype=np_dtype,
-                          chunks=(1, layout.chunk_tokens, d), shards=(1, layout.shard_tokens, d), fill_value=0,
-                          **_codecs(layout.compression, np_dtype.itemsize),
-                          dimension_names=("layer", "token", "feature"))
+        root.create_array(
+            "acts",
+            shape=(len(layout.layers), n, d),
+            dtype=np_dtype,
+            chunks=(1, layout.chunk_tokens, d),
+            shards=(1, layout.shard_tokens, d),
+            fill_value=0,
+            **_codecs(layout.compression, np_dtype.itemsize),
+            dimension_names=("layer", "token", "feature"),
+        )
         for name, dt in TOKEN_ARRAYS.items():
-            root.create_array(name, shape=(n,), dtype=dt, chunks=(layout.chunk_tokens,),
-                              shards=(layout.shard_tokens,), fill_value=0, compressors=None)
+            root.create_array(
+                name,
+                shape=(n,),
+                dtype=dt,
+                chunks=(layout.chunk_tokens,),
+                shards=(layout.shard_tokens,),
+                fill_value=0,
+                compressors=None,
+            )
         rows = max(1, (1 << 20) // layout.context)
-        w = root.create_array("windows", shape=windows.shape, dtype="int32",
-                              chunks=(min(rows, len(windows)), layout.context), compressors=None)
+        w = root.create_array(
+            "windows",
+            shape=windows.shape,
+            dtype="int32",
+            chunks=(min(rows, len(windows)), layout.context),
+            compressors=None,
+        )
         w[...] = windows.astype(np.int32)
         (tmp / "manifest").mkdir()
         if lens is not None:
@@ -238,8 +261,10 @@ class Cache:
         except (KeyError, json.JSONDecodeError):
             raise CacheError(f"{self.path} is a zarr group but not an mlsae cache: check the path")
         if attrs.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{self.path} has cache format version {attrs.get('format_version')}, this code reads "
-                             f"{FORMAT_VERSION}: re-harvest it or install a matching version")
+            raise CacheError(
+                f"{self.path} has cache format version {attrs.get('format_version')}, this code reads "
+                f"{FORMAT_VERSION}: re-harvest it or install a matching version"
+            )
         self.meta: dict[str, Any] = attrs
         self.layout = Layout.from_dict(attrs["layout"])
 
@@ -271,8 +296,10 @@ class Cache:
             return None
         folder = self.path / LENS_DIR
         if not (folder / "params.pt").is_file() or params_sha256(folder) != rec["params_sha256"]:
-            raise CacheError(f"{folder} is missing or differs from the lens the cache was harvested with "
-                             f"(sha256 {rec['params_sha256'][:12]}): restore it from {rec['path']} or re-harvest")
+            raise CacheError(
+                f"{folder} is missing or differs from the lens the cache was harvested with "
+                f"(sha256 {rec['params_sha256'][:12]}): restore it from {rec['path']} or re-harvest"
+            )
         return Lens.load(folder, self.layout.d_model, self.meta["model"]["n_layers"])
 
     # -- manifest ------------------------------------------------------------------------------
@@ -301,8 +328,10 @@ class Cache:
     def require_complete(self) -> None:
         done = len(self.complete_blocks())
         if done != self.layout.n_blocks:
-            raise CacheError(f"cache {self.path} is incomplete ({done}/{self.layout.n_blocks} blocks): "
-                             f"rerun the same `harvest run` command to finish it")
+            raise CacheError(
+                f"cache {self.path} is incomplete ({done}/{self.layout.n_blocks} blocks): "
+                f"rerun the same `harvest run` command to finish it"
+            )
 
     def complete_chunks(self) -> list[int]:
         return [c for b in self.complete_blocks() for c in self.layout.chunks_of_block(b)]
@@ -364,8 +393,7 @@ class CacheWriter(Cache):
         group = zarr.open_group(str(self.path), mode="r+")
         # write_empty_chunks: zarr otherwise skips chunks equal to the fill value (a block of one window
         # has seq == 0 everywhere), leaving out files and index entries that readers and checksums expect.
-        self._arrays = {name: group[name].with_config({"write_empty_chunks": True})
-                        for name in ["acts", *TOKEN_ARRAYS]}
+        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in ["acts", *TOKEN_ARRAYS]}
 
     def write_block(self, b: int, acts: np.ndarray, tokens: dict[str, np.ndarray], stats: LayerStats) -> None:
         """acts [n_layers, block_len, d] in storage dtype, already permuted; tokens: TOKEN_ARRAYS columns."""

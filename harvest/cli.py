@@ -13,8 +13,12 @@ from rich.table import Table
 from .flags import run_app, with_dataclass_flags
 from .spec import CacheSpec, spec_fields
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Harvest per-layer residual streams into a sharded zarr cache.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Harvest per-layer residual streams into a sharded zarr cache.",
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -29,8 +33,11 @@ def _human(n: float) -> str:
 
 @app.command()
 @with_dataclass_flags(spec_fields())
-def run(spec: Optional[Path] = typer.Option(None, "--spec", help="YAML spec file (cache_spec.yaml); flags override it."),
-        quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
+def run(
+    spec: Optional[Path] = typer.Option(None, "--spec", help="YAML spec file (cache_spec.yaml); flags override it."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    **overrides: Any,
+) -> None:
     """Harvest (or resume) a cache. Same spec and --out again = resume; finished caches are left as they are."""
     from .run import harvest
 
@@ -41,10 +48,12 @@ def run(spec: Optional[Path] = typer.Option(None, "--spec", help="YAML spec file
     if s.blocks_this_run == 0:
         console.print(f"{s.path}: already complete ({s.tokens_total:,} tokens), nothing to do")
         return
-    console.print(f"[bold green]done[/] {s.path}: {s.tokens_total:,} tokens x {len(s.layers)} layers, "
-                  f"{_human(s.bytes_on_disk)} on disk; this run harvested {s.tokens_this_run:,} tokens in {s.loop_seconds:.1f} s "
-                  f"({s.tokens_per_s:,.0f} tok/s), {s.seconds:.1f} s in all with loading and tokenizing"
-                  f"{' (resumed)' if s.resumed else ''}")
+    console.print(
+        f"[bold green]done[/] {s.path}: {s.tokens_total:,} tokens x {len(s.layers)} layers, "
+        f"{_human(s.bytes_on_disk)} on disk; this run harvested {s.tokens_this_run:,} tokens in {s.loop_seconds:.1f} s "
+        f"({s.tokens_per_s:,.0f} tok/s), {s.seconds:.1f} s in all with loading and tokenizing"
+        f"{' (resumed)' if s.resumed else ''}"
+    )
 
 
 @app.command()
@@ -56,25 +65,40 @@ def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
     lay, meta = cache.layout, cache.meta
     done = len(cache.complete_blocks())
     console.print(f"[bold]{path}[/]  fingerprint {cache.fingerprint}")
-    console.print(f"model {meta['model']['name']} ({meta['model']['architecture']}), dataset {meta['spec']['dataset']}, "
-                  f"hook {meta['spec']['hook']}")
+    console.print(
+        f"model {meta['model']['name']} ({meta['model']['architecture']}), dataset {meta['spec']['dataset']}, "
+        f"hook {meta['spec']['hook']}"
+    )
     if cache.lens_record is not None:
         from rich.markup import escape
 
         rec = cache.lens_record
-        console.print(escape(f"tuned lens {rec['source']} (params sha256 {rec['params_sha256'][:12]}; copy in "
-                             f"{path}/lens): {rec['mapping']}"))
-    console.print(f"shape \\[layers={len(lay.layers)}, tokens={lay.n_tokens:,}, d={lay.d_model}] = "
-                  f"{lay.n_sequences:,} windows x {lay.context}; dtype {lay.dtype}, compression {lay.compression}")
-    console.print(f"chunks {lay.chunk_tokens} tokens, shards {lay.shard_tokens}, shuffle blocks {lay.block_tokens}; "
-                  f"size on disk {_human(cache.size_on_disk())}")
+        console.print(
+            escape(
+                f"tuned lens {rec['source']} (params sha256 {rec['params_sha256'][:12]}; copy in "
+                f"{path}/lens): {rec['mapping']}"
+            )
+        )
+    console.print(
+        f"shape \\[layers={len(lay.layers)}, tokens={lay.n_tokens:,}, d={lay.d_model}] = "
+        f"{lay.n_sequences:,} windows x {lay.context}; dtype {lay.dtype}, compression {lay.compression}"
+    )
+    console.print(
+        f"chunks {lay.chunk_tokens} tokens, shards {lay.shard_tokens}, shuffle blocks {lay.block_tokens}; "
+        f"size on disk {_human(cache.size_on_disk())}"
+    )
     state = "[green]complete[/]" if done == lay.n_blocks else "[yellow]incomplete[/] (rerun `harvest run` to resume)"
     console.print(f"blocks {done}/{lay.n_blocks} {state}")
     stats = cache.stats()
     table = Table("layer", "kept vectors", "mean norm", "mean feature std", "max |mean|")
     for i, l in enumerate(lay.layers):
-        table.add_row(str(l), f"{int(stats.count[i]):,}", f"{stats.mean_norm[i]:.4g}",
-                      f"{stats.var[i].sqrt().mean():.4g}", f"{stats.mean[i].abs().max():.4g}")
+        table.add_row(
+            str(l),
+            f"{int(stats.count[i]):,}",
+            f"{stats.mean_norm[i]:.4g}",
+            f"{stats.var[i].sqrt().mean():.4g}",
+            f"{stats.mean[i].abs().max():.4g}",
+        )
     console.print(table)
     console.print("spec: " + ", ".join(f"{k}={v}" for k, v in meta["spec"].items()))
 
@@ -101,8 +125,12 @@ def verify(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
     console.print(f"[green]ok[/] {path}: {cache.layout.n_blocks} blocks, {cache.layout.n_tokens:,} tokens verified")
 
 
-lens_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                       help="Tuned lenses: train one for a model (FAR.AI file layout).")
+lens_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Tuned lenses: train one for a model (FAR.AI file layout).",
+)
 app.add_typer(lens_app, name="lens")
 
 
@@ -116,9 +144,11 @@ def _lens_fields() -> list:
 
 @lens_app.command("train")
 @with_dataclass_flags(_lens_fields())
-def lens_train(config: Optional[Path] = typer.Option(None, "--config", help="YAML file of the fields below; flags "
-                                                     "override it."),
-               quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
+def lens_train(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of the fields below; flags override it."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    **overrides: Any,
+) -> None:
     """Train a tuned lens (forward KL to the final layer, the tuned-lens recipe) and report held-out KL per
     block against the logit lens. Defaults take ~11 minutes on a 2-core CPU for the embedded Gemma 3 270M."""
     from dataclasses import fields
@@ -133,13 +163,16 @@ def lens_train(config: Optional[Path] = typer.Option(None, "--config", help="YAM
     report = run_lens_training(spec, cfg, progress=not quiet, log=lambda m: err_console.print(f"[dim]{m}[/]"))
     console.print(report.table())
     gain = [t / z for z, t in zip(report.kl_logit_lens, report.kl_tuned_lens) if z > 0]
-    console.print(f"[bold green]done[/] {spec.out}: {report.steps} steps on {report.train_tokens:,} tokens in "
-                  f"{report.seconds:.0f} s; held-out KL ({report.heldout_tokens:,} tokens) tuned/logit lens: median "
-                  f"{sorted(gain)[len(gain) // 2]:.3f} over {len(gain)} blocks")
+    console.print(
+        f"[bold green]done[/] {spec.out}: {report.steps} steps on {report.train_tokens:,} tokens in "
+        f"{report.seconds:.0f} s; held-out KL ({report.heldout_tokens:,} tokens) tuned/logit lens: median "
+        f"{sorted(gain)[len(gain) // 2]:.3f} over {len(gain)} blocks"
+    )
 
 
 def main() -> None:
     run_app(app, "interrupted: rerun the same command to resume")
+
 
 if __name__ == "__main__":
     main()

@@ -23,8 +23,9 @@ def flag_field(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def with_dataclass_flags(fields: Iterable[dataclasses.Field], exclude: Iterable[str] = (),
-                         short: dict[str, str] | None = None) -> Callable[[Callable], Callable]:
+def with_dataclass_flags(
+    fields: Iterable[dataclasses.Field], exclude: Iterable[str] = (), short: dict[str, str] | None = None
+) -> Callable[[Callable], Callable]:
     """Decorator: append one optional flag per field (--field-name; bools as --x/--no-x), default None
     (= not given). The command receives them in **overrides; `None` means "keep the spec's value"."""
     skip, short = set(exclude), short or {}
@@ -36,11 +37,19 @@ def with_dataclass_flags(fields: Iterable[dataclasses.Field], exclude: Iterable[
                 continue
             base = _TYPES[str(f.type)]
             flag = f"--{f.name.replace('_', '-')}"
-            names = [f"{flag}/--no-{f.name.replace('_', '-')}"] if base is bool else [flag, *short.get(f.name, "").split()]
-            params.append(inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[base],
-                default=typer.Option(None, *names, help=f"{f.metadata['help']} [default: {f.default}]",
-                                     show_default=False)))
+            names = (
+                [f"{flag}/--no-{f.name.replace('_', '-')}"] if base is bool else [flag, *short.get(f.name, "").split()]
+            )
+            params.append(
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    annotation=Optional[base],
+                    default=typer.Option(
+                        None, *names, help=f"{f.metadata['help']} [default: {f.default}]", show_default=False
+                    ),
+                )
+            )
         fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         return fn
 

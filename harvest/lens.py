@@ -62,8 +62,10 @@ class LensConfig:
         known = {f for f in cls.__dataclass_fields__}
         missing = [k for k in ("d_model", "num_hidden_layers") if k not in d]
         if missing:
-            raise LensError(f"lens config.json lacks {', '.join(missing)}: use a tuned-lens folder "
-                            f"(config.json + params.pt) or retrain with `harvest lens train`")
+            raise LensError(
+                f"lens config.json lacks {', '.join(missing)}: use a tuned-lens folder "
+                f"(config.json + params.pt) or retrain with `harvest lens train`"
+            )
         d = {k: v for k, v in d.items() if k in known}  # unknown keys are ignored, as the library does
         d.setdefault("base_model_name_or_path", "")
         return cls(**d)
@@ -130,17 +132,23 @@ def final_norm_and_unembed(bridge: Any) -> tuple[FinalNorm, Unembed]:
     """The final norm and unembedding of the Hugging Face model under a TransformerBridge."""
     hf = bridge.original_model
     base = hf.base_model
-    norm = next((getattr(base, n) for n in ("norm", "final_layer_norm", "ln_f") if getattr(base, n, None) is not None),
-                None)
+    norm = next(
+        (getattr(base, n) for n in ("norm", "final_layer_norm", "ln_f") if getattr(base, n, None) is not None), None
+    )
     out = hf.get_output_embeddings()
     if norm is None or out is None:
-        raise LensError(f"cannot find the final norm / unembedding of {type(hf).__name__}: "
-                        f"the tuned lens supports models with base_model.norm or .final_layer_norm")
+        raise LensError(
+            f"cannot find the final norm / unembedding of {type(hf).__name__}: "
+            f"the tuned lens supports models with base_model.norm or .final_layer_norm"
+        )
     out = _unwrap(out)
     cfg = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
     cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3: logits = cap * tanh(logits / cap)
-    return FinalNorm(_unwrap(norm)), Unembed(out.weight.detach(), None if getattr(out, "bias", None) is None
-                                             else out.bias.detach(), float(cap) if cap else None)
+    return FinalNorm(_unwrap(norm)), Unembed(
+        out.weight.detach(),
+        None if getattr(out, "bias", None) is None else out.bias.detach(),
+        float(cap) if cap else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,16 +225,21 @@ class Lens(nn.Module):
         try:
             state = torch.load(params_path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise LensError(f"cannot read {params_path} ({type(e).__name__}): re-download the lens or retrain it "
-                            f"with `harvest lens train`")
+            raise LensError(
+                f"cannot read {params_path} ({type(e).__name__}): re-download the lens or retrain it "
+                f"with `harvest lens train`"
+            )
         if not isinstance(state, dict):
-            raise LensError(f"{params_path} is not a state dict: re-download the lens or retrain it with "
-                            f"`harvest lens train`")
+            raise LensError(
+                f"{params_path} is not a state dict: re-download the lens or retrain it with `harvest lens train`"
+            )
         if any(k.startswith(("layer_translators.", "unembed.", "layer_norm", "probes.")) for k in state):
-            raise LensError(f"{params_path} has the old tuned-lens v0.0.x layout (keys like layer_translators.0.weight"
-                            f" or unembed.*): "
-                            f"convert it with tuned-lens>=0.1 (TunedLens.load then .save) or retrain with "
-                            f"`harvest lens train`")
+            raise LensError(
+                f"{params_path} has the old tuned-lens v0.0.x layout (keys like layer_translators.0.weight"
+                f" or unembed.*): "
+                f"convert it with tuned-lens>=0.1 (TunedLens.load then .save) or retrain with "
+                f"`harvest lens train`"
+            )
         if not cfg_path.is_file():
             raise LensError(f"no {CONFIG_FILE} next to {params_path}: lenses are a folder with both files")
         try:
@@ -237,24 +250,31 @@ class Lens(nn.Module):
         found = (config.d_model, config.num_hidden_layers)
         expected = (d_model or found[0], n_layers or found[1])
         if found != expected:
-            raise LensError(f"lens {folder} is for d_model={found[0]}, {found[1]} layers but the model has "
-                            f"d_model={expected[0]}, {expected[1]} layers: use the lens trained for this model")
+            raise LensError(
+                f"lens {folder} is for d_model={found[0]}, {found[1]} layers but the model has "
+                f"d_model={expected[0]}, {expected[1]} layers: use the lens trained for this model"
+            )
         lens = cls(config)
         want = lens.layer_translators.state_dict()
         if set(state) != set(want):
             extra, miss = sorted(set(state) - set(want))[:3], sorted(set(want) - set(state))[:3]
-            raise LensError(f"{params_path} keys do not match {found[1]} translators (missing {miss}, unexpected "
-                            f"{extra}): use the lens trained for this model")
+            raise LensError(
+                f"{params_path} keys do not match {found[1]} translators (missing {miss}, unexpected "
+                f"{extra}): use the lens trained for this model"
+            )
         for k, v in state.items():
             if tuple(v.shape) != tuple(want[k].shape):
-                raise LensError(f"{params_path}: {k} has shape {tuple(v.shape)}, expected {tuple(want[k].shape)} "
-                                f"for d_model={expected[0]}: use the lens trained for this model")
+                raise LensError(
+                    f"{params_path}: {k} has shape {tuple(v.shape)}, expected {tuple(want[k].shape)} "
+                    f"for d_model={expected[0]}: use the lens trained for this model"
+                )
         lens.layer_translators.load_state_dict({k: v.float() for k, v in state.items()})
         return lens
 
     @classmethod
-    def from_hub(cls, model_id: str, d_model: int | None = None, n_layers: int | None = None,
-                 revision: str = "main") -> "Lens":
+    def from_hub(
+        cls, model_id: str, d_model: int | None = None, n_layers: int | None = None, revision: str = "main"
+    ) -> "Lens":
         """A pretrained lens from the space AlignmentResearch/tuned-lens, folder lens/<model id>/."""
         return cls.load(_hub_folder(model_id, revision), d_model, n_layers)
 
@@ -264,12 +284,16 @@ def _hub_folder(model_id: str, revision: str = "main") -> Path:
     try:
         from huggingface_hub import hf_hub_download
 
-        paths = [hf_hub_download(HUB_REPO, f, repo_type="space", subfolder=f"lens/{model_id}", revision=revision)
-                 for f in (PARAMS_FILE, CONFIG_FILE)]
+        paths = [
+            hf_hub_download(HUB_REPO, f, repo_type="space", subfolder=f"lens/{model_id}", revision=revision)
+            for f in (PARAMS_FILE, CONFIG_FILE)
+        ]
     except Exception as e:  # offline, no such lens, network errors: all one message
-        raise LensError(f"cannot fetch the tuned lens for {model_id!r} from the Hub space {HUB_REPO} "
-                        f"({type(e).__name__}): go online, pass a local lens folder, or train one with "
-                        f"`harvest lens train`")
+        raise LensError(
+            f"cannot fetch the tuned lens for {model_id!r} from the Hub space {HUB_REPO} "
+            f"({type(e).__name__}): go online, pass a local lens folder, or train one with "
+            f"`harvest lens train`"
+        )
     return Path(paths[0]).parent
 
 
@@ -300,9 +324,14 @@ class LensSource:
 
     def record(self, layers: list[int], n_layers: int) -> dict:
         """What a cache (and every run trained on it) says about its lens."""
-        return {"source": self.value, "path": str(self.folder), "params_sha256": self.sha256, "mapping": MAPPING,
-                "translators": {str(l): translator_for_block_output(l, n_layers) for l in layers},
-                "config": json.loads((self.folder / CONFIG_FILE).read_text())}
+        return {
+            "source": self.value,
+            "path": str(self.folder),
+            "params_sha256": self.sha256,
+            "mapping": MAPPING,
+            "translators": {str(l): translator_for_block_output(l, n_layers) for l in layers},
+            "config": json.loads((self.folder / CONFIG_FILE).read_text()),
+        }
 
     def copy_to(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -318,13 +347,17 @@ def resolve_lens(value: str, model_hub_id: str | None) -> LensSource | None:
     if value == "hub" or value.startswith("hub:"):
         model_id = value[4:] or model_hub_id
         if not model_id:
-            raise LensError("lens = 'hub' needs a Hub model id and this model is local: use --lens hub:<model id> "
-                            "(e.g. hub:EleutherAI/pythia-70m) or a local lens folder")
+            raise LensError(
+                "lens = 'hub' needs a Hub model id and this model is local: use --lens hub:<model id> "
+                "(e.g. hub:EleutherAI/pythia-70m) or a local lens folder"
+            )
         folder = _hub_folder(model_id)
     else:
         folder = Path(value).expanduser()
         if not (folder / PARAMS_FILE).is_file():
-            raise LensError(f"no lens at {value}: pass a folder with {CONFIG_FILE} and {PARAMS_FILE} (train one with "
-                            f"`harvest lens train`), 'hub' or 'hub:<model id>', or 'none'")
+            raise LensError(
+                f"no lens at {value}: pass a folder with {CONFIG_FILE} and {PARAMS_FILE} (train one with "
+                f"`harvest lens train`), 'hub' or 'hub:<model id>', or 'none'"
+            )
     folder = folder.resolve()
     return LensSource(value, folder, params_sha256(folder))

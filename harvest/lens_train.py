@@ -21,7 +21,6 @@ from .flags import flag_field
 from .lens import FinalNorm, Lens, LensError, Unembed, final_norm_and_unembed
 from .spec import ModelText
 
-
 # ---------------------------------------------------------------------------------------------
 # KL in vocabulary chunks
 
@@ -81,8 +80,9 @@ def chunked_kl(x: torch.Tensor, target: torch.Tensor, unembed: Unembed, chunk: i
     d = x.shape[-1]
     layered = x.dim() == target.dim() + 1
     xs = x if layered else x.unsqueeze(0)
-    kl = _ChunkedKL.apply(xs.reshape(xs.shape[0], -1, d).float(), target.reshape(-1, d).float().detach(),
-                          unembed, chunk)
+    kl = _ChunkedKL.apply(
+        xs.reshape(xs.shape[0], -1, d).float(), target.reshape(-1, d).float().detach(), unembed, chunk
+    )
     return kl.reshape(xs.shape[:-1]) if layered else kl.reshape(x.shape[:-1])
 
 
@@ -116,8 +116,11 @@ class LensTrainConfig:
     weight_decay: float = _f(1e-3, "Weight decay (pulls translators toward the identity).")
     clip: float = _f(1.0, "Gradient-norm clip over all translators.")
     vocab_chunk: int = _f(8192, "Vocabulary rows per KL chunk (memory: rows x layers x tokens floats).")
-    kl_dtype: str = _f("float32", "Matmul dtype of the training KL: float32, or bfloat16 (1.5x faster per step on "
-                                  "a 2-core AVX512-BF16 CPU; the held-out report is always float32).")
+    kl_dtype: str = _f(
+        "float32",
+        "Matmul dtype of the training KL: float32, or bfloat16 (1.5x faster per step on "
+        "a 2-core AVX512-BF16 CPU; the held-out report is always float32).",
+    )
     train_embedding: bool = _f(False, "Also train translator 0 (the embeddings; never applied to block outputs).")
     seed: int = _f(0, "Seed of the window order.")
     checkpoint_every: int = _f(4, "Steps between resumable checkpoints (an interrupted run resumes from the last).")
@@ -155,8 +158,9 @@ class LensReport:
         return "\n".join(rows)
 
 
-def _residuals(bridge: Any, ids: torch.Tensor, n_layers: int,
-               embedding: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _residuals(
+    bridge: Any, ids: torch.Tensor, n_layers: int, embedding: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block outputs [n_layers, B, T, d] float32 and optionally the embeddings (block 0's input)."""
     from .run import forward_layers
 
@@ -166,8 +170,9 @@ def _residuals(bridge: Any, ids: torch.Tensor, n_layers: int,
     return resid, emb
 
 
-def _heldout_kl(lens: Lens, bridge: Any, windows: torch.Tensor, norm: FinalNorm, unembed: Unembed,
-                cfg: LensTrainConfig, device: Any) -> tuple[list[float], list[float]]:
+def _heldout_kl(
+    lens: Lens, bridge: Any, windows: torch.Tensor, norm: FinalNorm, unembed: Unembed, cfg: LensTrainConfig, device: Any
+) -> tuple[list[float], list[float]]:
     n = lens.n_layers
     zero = Lens(lens.config).to(device)
     tot_t, tot_z = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
@@ -192,17 +197,26 @@ def _training_identity(cfg: LensTrainConfig, windows: torch.Tensor, d: int, n: i
     return h.hexdigest()
 
 
-def train_lens(bridge: Any, windows: torch.Tensor, steps: int | None = None, cfg: LensTrainConfig | None = None,
-               progress: bool = True, name: str = "", checkpoint: Path | None = None,
-               log: Any = print) -> tuple[Lens, LensReport]:
+def train_lens(
+    bridge: Any,
+    windows: torch.Tensor,
+    steps: int | None = None,
+    cfg: LensTrainConfig | None = None,
+    progress: bool = True,
+    name: str = "",
+    checkpoint: Path | None = None,
+    log: Any = print,
+) -> tuple[Lens, LensReport]:
     """Train translators 1..n_layers-1 (and 0 if cfg.train_embedding) on `windows` [n, ctx]; report held-out KL.
     With `checkpoint`, the state is saved there every cfg.checkpoint_every steps and a run of the same recipe
     on the same windows resumes from it, bit for bit."""
     cfg = replace(cfg or LensTrainConfig(), **({} if steps is None else {"steps": steps}))
     windows = torch.as_tensor(windows).long()
     if len(windows) <= cfg.heldout:
-        raise LensError(f"{len(windows)} windows leave none for training after {cfg.heldout} held out: "
-                        f"use more tokens or hold out fewer windows")
+        raise LensError(
+            f"{len(windows)} windows leave none for training after {cfg.heldout} held out: "
+            f"use more tokens or hold out fewer windows"
+        )
     train, held = windows[: len(windows) - cfg.heldout], windows[len(windows) - cfg.heldout :]
     cfg.validate()
     norm, unembed = final_norm_and_unembed(bridge)
@@ -234,8 +248,15 @@ def train_lens(bridge: Any, windows: torch.Tensor, steps: int | None = None, cfg
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("lens"), BarColumn(), MofNCompleteColumn(), TextColumn("KL {task.fields[kl]:.3f}"),
-                  TimeElapsedColumn(), disable=not progress, transient=False) as bar:
+    with Progress(
+        TextColumn("lens"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("KL {task.fields[kl]:.3f}"),
+        TimeElapsedColumn(),
+        disable=not progress,
+        transient=False,
+    ) as bar:
         task = bar.add_task("train", total=cfg.steps, kl=float("nan"), completed=start)
         for step in range(start, cfg.steps):
             if pos + cfg.batch > len(order):  # new epoch, reshuffled
@@ -250,8 +271,9 @@ def train_lens(bridge: Any, windows: torch.Tensor, steps: int | None = None, cfg
             # one chunked KL so the target's logits are computed once per vocabulary chunk, not once per
             # layer; the sum of per-layer mean KLs gives each translator the gradient of its own layer's
             # loss, as the library's one-backward-per-layer loop does.
-            xs = torch.stack([norm(lens.layer_translators[i](h) + h)
-                              for i in trained for h in [emb if i == 0 else resid[i - 1]]])
+            xs = torch.stack(
+                [norm(lens.layer_translators[i](h) + h) for i in trained for h in [emb if i == 0 else resid[i - 1]]]
+            )
             per_layer = chunked_kl(xs, target, train_unembed, cfg.vocab_chunk).flatten(1).mean(1)
             per_layer.sum().backward()
             total = per_layer.sum().item()
@@ -261,15 +283,34 @@ def train_lens(bridge: Any, windows: torch.Tensor, steps: int | None = None, cfg
             bar.update(task, advance=1, kl=total / len(trained))
             if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-                torch.save({"identity": identity, "lens": lens.state_dict(), "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "gen": gen.get_state(), "order": order, "pos": pos,
-                            "step": step + 1, "seconds": time.time() - t0}, tmp)
+                torch.save(
+                    {
+                        "identity": identity,
+                        "lens": lens.state_dict(),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "gen": gen.get_state(),
+                        "order": order,
+                        "pos": pos,
+                        "step": step + 1,
+                        "seconds": time.time() - t0,
+                    },
+                    tmp,
+                )
                 os.replace(tmp, checkpoint)
     seconds = time.time() - t0
     lens.eval()
     kl_z, kl_t = _heldout_kl(lens, bridge, held, norm, unembed, cfg, device)
-    report = LensReport(list(range(n)), kl_z, kl_t, cfg.steps, cfg.steps * cfg.batch * windows.shape[1],
-                        held.numel(), seconds, {**asdict(cfg), "lr": cfg.lr})
+    report = LensReport(
+        list(range(n)),
+        kl_z,
+        kl_t,
+        cfg.steps,
+        cfg.steps * cfg.batch * windows.shape[1],
+        held.numel(),
+        seconds,
+        {**asdict(cfg), "lr": cfg.lr},
+    )
     return lens.cpu(), report
 
 
@@ -282,8 +323,11 @@ class LensSpec(ModelText):
     """What to train a lens on; with LensTrainConfig, the `harvest lens train` flags one to one."""
 
     context: int = _f(128, "Tokens per context window.")
-    tokens: int = _f(3584, "Tokens read, rounded up to whole windows; the last `heldout` windows are held out "
-                           "(default: 28 windows, 24 to train on, 4 held out).")
+    tokens: int = _f(
+        3584,
+        "Tokens read, rounded up to whole windows; the last `heldout` windows are held out "
+        "(default: 28 windows, 24 to train on, 4 held out).",
+    )
     prepend_bos: str = _f("auto", "Start each window with BOS: auto (where the tokenizer adds one), always, never.")
     model_dtype: str = _f("float32", "dtype the model runs in: float32, bfloat16 or float16.")
     device: str = _f("auto", "auto (cuda if present), cpu, cuda or cuda:N.")
@@ -317,20 +361,34 @@ def run_lens_training(spec: LensSpec, cfg: LensTrainConfig, progress: bool = Tru
     bos = {"auto": adds_bos(tokenizer), "always": True, "never": False}[spec.prepend_bos]
     n_windows = -(-spec.tokens // spec.context)
     if n_windows <= cfg.heldout:
-        raise LensError(f"{n_windows} windows of {spec.context} tokens leave none for training after {cfg.heldout} "
-                        f"held out: raise --tokens or lower --heldout")
+        raise LensError(
+            f"{n_windows} windows of {spec.context} tokens leave none for training after {cfg.heldout} "
+            f"held out: raise --tokens or lower --heldout"
+        )
     data = resolve_dataset(spec.dataset)
-    windows = make_windows(iter_documents(data, spec.split, spec.text_column, spec.dataset_config), tokenizer,
-                           spec.context, n_windows, bos, dataset_name=f"dataset {spec.dataset!r}")
+    windows = make_windows(
+        iter_documents(data, spec.split, spec.text_column, spec.dataset_config),
+        tokenizer,
+        spec.context,
+        n_windows,
+        bos,
+        dataset_name=f"dataset {spec.dataset!r}",
+    )
     device = resolve_device(spec.device)
     bridge = load_bridge(model, tokenizer, device, TORCH_DTYPES[spec.model_dtype])
     # Work happens in a hidden sibling folder (checkpoints included) renamed to `out` when complete, so `out`
     # never holds half a lens; rerunning the same command resumes from the last checkpoint.
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    lens, report = train_lens(bridge, torch.from_numpy(windows), cfg=cfg, progress=progress,
-                              name=model.path if not Path(model.path).exists() else model.name,
-                              checkpoint=tmp / CHECKPOINT_FILE, log=log)
+    lens, report = train_lens(
+        bridge,
+        torch.from_numpy(windows),
+        cfg=cfg,
+        progress=progress,
+        name=model.path if not Path(model.path).exists() else model.name,
+        checkpoint=tmp / CHECKPOINT_FILE,
+        log=log,
+    )
     report.config = {**report.config, **asdict(spec), "n_layers": n_layers, "prepend_bos": bos}
     lens.save(tmp)
     (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=1))

@@ -44,8 +44,11 @@ def _sha256(path: Path) -> str:
 def _folder_identity(folder: Path) -> dict[str, Any]:
     """Config hash plus weight file names and sizes: cheap, and changes when the weights change."""
     cfg = (folder / "config.json").read_bytes()
-    weights = sorted((p.name, p.stat().st_size) for p in folder.iterdir()
-                     if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file())
+    weights = sorted(
+        (p.name, p.stat().st_size)
+        for p in folder.iterdir()
+        if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file()
+    )
     return {"config_sha256": hashlib.sha256(cfg).hexdigest(), "weights": weights}
 
 
@@ -73,8 +76,10 @@ def convert_gguf(gguf: Path, sha256: str) -> Path:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many types for unreadable GGUF files
-        raise ModelError(f"cannot read GGUF file {gguf} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-                         f"check that it is a complete GGUF of an architecture transformers supports")
+        raise ModelError(
+            f"cannot read GGUF file {gguf} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+            f"check that it is a complete GGUF of an architecture transformers supports"
+        )
     # The dequantized weights are plain float32 tensors; drop the quantizer so they can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -107,12 +112,16 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, str(convert_gguf(p.resolve(), sha)), {"gguf_sha256": sha})
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise ModelError(f"folder {p} has no config.json: pass a Hugging Face model folder, a .gguf file, "
-                             f"an embedded name ({', '.join(EMBEDDED_MODELS)}) or a Hub id")
+            raise ModelError(
+                f"folder {p} has no config.json: pass a Hugging Face model folder, a .gguf file, "
+                f"an embedded name ({', '.join(EMBEDDED_MODELS)}) or a Hub id"
+            )
         return ModelSource(name, str(p.resolve()), _folder_identity(p))
     if p.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelError(f"model {name!r} not found: pass a Hugging Face model folder, a .gguf file, "
-                         f"an embedded name ({', '.join(EMBEDDED_MODELS)}) or a Hub id")
+        raise ModelError(
+            f"model {name!r} not found: pass a Hugging Face model folder, a .gguf file, "
+            f"an embedded name ({', '.join(EMBEDDED_MODELS)}) or a Hub id"
+        )
     return ModelSource(name, name, {"hub_id": name})
 
 
@@ -123,9 +132,11 @@ def load_config(source: ModelSource) -> Any:
     try:
         cfg = AutoConfig.from_pretrained(source.path)
     except Exception as e:
-        raise ModelError(f"model {source.name!r} not found ({type(e).__name__}): not an embedded name "
-                         f"({', '.join(EMBEDDED_MODELS)}), local folder or .gguf file, and the Hugging Face Hub "
-                         f"did not provide it; check the name, or download it where there is a network")
+        raise ModelError(
+            f"model {source.name!r} not found ({type(e).__name__}): not an embedded name "
+            f"({', '.join(EMBEDDED_MODELS)}), local folder or .gguf file, and the Hugging Face Hub "
+            f"did not provide it; check the name, or download it where there is a network"
+        )
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
     if getattr(cfg, "num_hidden_layers", None) is None or getattr(cfg, "hidden_size", None) is None:
@@ -141,8 +152,10 @@ def load_tokenizer(source: ModelSource) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source.path)
     except Exception as e:
-        raise ModelError(f"cannot load the tokenizer of {source.name!r} ({type(e).__name__}): the model folder "
-                         f"needs tokenizer files (tokenizer.json or similar)")
+        raise ModelError(
+            f"cannot load the tokenizer of {source.name!r} ({type(e).__name__}): the model folder "
+            f"needs tokenizer files (tokenizer.json or similar)"
+        )
 
 
 def load_bridge(source: ModelSource, tokenizer: Any, device: str, dtype: torch.dtype) -> Any:
@@ -154,13 +167,16 @@ def load_bridge(source: ModelSource, tokenizer: Any, device: str, dtype: torch.d
 
     try:
         hf = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).eval()
-        bridge = TransformerBridge.boot_transformers(source.path, hf_model=hf, tokenizer=tokenizer,
-                                                     device=device, dtype=dtype)
+        bridge = TransformerBridge.boot_transformers(
+            source.path, hf_model=hf, tokenizer=tokenizer, device=device, dtype=dtype
+        )
     except ModelError:
         raise
     except Exception as e:
-        raise ModelError(f"TransformerLens cannot boot {source.name!r} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200] if str(e) else ''}): use an architecture TransformerLens 4 supports")
+        raise ModelError(
+            f"TransformerLens cannot boot {source.name!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}): use an architecture TransformerLens 4 supports"
+        )
     bridge.eval()
     return bridge
 

@@ -58,9 +58,19 @@ class ChunkReader:
     until `hold` further chunks have been requested. Copy (or move to the GPU) what you keep longer.
     """
 
-    def __init__(self, cache: Cache, layers: Sequence[int] | None = None, seed: int = 0, prefetch: int = 8,
-                 hold: int = 1, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-                 chunks: Sequence[int] | None = None, allow_incomplete: bool = False):
+    def __init__(
+        self,
+        cache: Cache,
+        layers: Sequence[int] | None = None,
+        seed: int = 0,
+        prefetch: int = 8,
+        hold: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        pin_memory: bool = False,
+        chunks: Sequence[int] | None = None,
+        allow_incomplete: bool = False,
+    ):
         if not allow_incomplete:
             cache.require_complete()
         self.cache, self.layout = cache, cache.layout
@@ -76,8 +86,9 @@ class ChunkReader:
         shape = (len(self.layers), self.layout.chunk_tokens, self.layout.d_model)
         np_dtype = STORAGE_DTYPES[self.layout.dtype][0]
         self._bufs = [self._alloc(shape, np_dtype, pin_memory) for _ in range(n_bufs)]
-        self._tok_bufs = [{n: np.empty(self.layout.chunk_tokens, dt) for n, dt in TOKEN_ARRAYS.items()}
-                          for _ in range(n_bufs)]
+        self._tok_bufs = [
+            {n: np.empty(self.layout.chunk_tokens, dt) for n, dt in TOKEN_ARRAYS.items()} for _ in range(n_bufs)
+        ]
 
     @staticmethod
     def _alloc(shape: tuple[int, ...], np_dtype: np.dtype, pin: bool) -> np.ndarray:
@@ -131,8 +142,12 @@ class ChunkReader:
                 out[:n] = g["acts"][li, start:stop]
             for name, out in toks.items():
                 out[:n] = g[name][start:stop]
-        return Chunk(c, start, from_storage(acts[:, :n], self.layout.dtype),
-                     *(torch.from_numpy(toks[name][:n]) for name in ["token_ids", "keep", "seq", "pos"]))
+        return Chunk(
+            c,
+            start,
+            from_storage(acts[:, :n], self.layout.dtype),
+            *(torch.from_numpy(toks[name][:n]) for name in ["token_ids", "keep", "seq", "pos"]),
+        )
 
     def _shard_index(self, path: str, n_inner: int) -> np.ndarray:
         idx = self._index.get(path)
@@ -150,8 +165,10 @@ class ChunkReader:
         n_inner = self.layout.shard_tokens // self.layout.chunk_tokens
         offset, nbytes = self._shard_index(path, n_inner)[inner]
         if offset == ABSENT:
-            raise CacheError(f"{path}: chunk {inner} is absent although its block is in the manifest: "
-                             f"run `harvest verify` and re-harvest")
+            raise CacheError(
+                f"{path}: chunk {inner} is absent although its block is in the manifest: "
+                f"run `harvest verify` and re-harvest"
+            )
         fd = os.open(path, os.O_RDONLY)
         try:
             if self._codec[array] == "raw":

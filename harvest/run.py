@@ -19,10 +19,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .cache import (FLOAT16_MAX, STORAGE_DTYPES, CacheWriter, Layout, create_cache, open_cache, to_storage)
+from .cache import FLOAT16_MAX, STORAGE_DTYPES, CacheWriter, Layout, create_cache, open_cache, to_storage
 from .env import Dist, library_versions
-from .lens import Lens, resolve_lens
 from .errors import CacheError, SpecError, StorageError, UserError
+from .lens import Lens, resolve_lens
 from .models import ModelSource, load_bridge, load_config, load_tokenizer, resolve_device, resolve_model
 from .spec import CacheSpec, fingerprint
 from .stats import LayerStats
@@ -54,8 +54,9 @@ def forward_layers(bridge: Any, ids: torch.Tensor, layers: list[int], hook: str)
 
     try:
         with torch.inference_mode():
-            bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{l}.hook_{hook}", make(i)) for i, l in enumerate(layers)],
-                                  return_type=None)
+            bridge.run_with_hooks(
+                ids, fwd_hooks=[(f"blocks.{l}.hook_{hook}", make(i)) for i, l in enumerate(layers)], return_type=None
+            )
     except _StopForward:
         pass
     return torch.stack(out)  # type: ignore[arg-type]
@@ -142,8 +143,10 @@ def _check_existing(out: Path, identity: dict[str, Any], fp: str) -> bool:
     if cache.fingerprint != fp:
         old = cache.meta.get("identity", {})
         diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in identity.items() if old.get(k) != v]
-        raise CacheError(f"{out} holds a cache of a different spec ({'; '.join(diffs[:4]) or 'fingerprint differs'}): "
-                         f"use another --out, or remove the old cache to replace it")
+        raise CacheError(
+            f"{out} holds a cache of a different spec ({'; '.join(diffs[:4]) or 'fingerprint differs'}): "
+            f"use another --out, or remove the old cache to replace it"
+        )
     return True
 
 
@@ -162,8 +165,10 @@ def _check_disk_space(out: Path, layout: Layout, remaining_tokens: int) -> None:
     need = remaining_tokens * per_token / (1.2 if layout.compression != "none" else 1.0)
     free = shutil.disk_usage(out if out.exists() else out.parent).free
     if need > free:
-        raise StorageError(f"not enough disk space at {out}: the cache needs ~{need / 1e9:.2f} GB, "
-                           f"{free / 1e9:.2f} GB are free; free space, lower --tokens, or choose another --out")
+        raise StorageError(
+            f"not enough disk space at {out}: the cache needs ~{need / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB are free; free space, lower --tokens, or choose another --out"
+        )
 
 
 def harvest(spec: CacheSpec, show_progress: bool = True, log: Callable[[str], None] = print) -> Summary:
@@ -176,8 +181,14 @@ def harvest(spec: CacheSpec, show_progress: bool = True, log: Callable[[str], No
 
 
 def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[str], None]) -> Summary:
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     t0 = time.time()
     out = Path(spec.out)
@@ -194,14 +205,27 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
     tokenizer = load_tokenizer(model)
     prepend_bos = {"auto": adds_bos(tokenizer), "always": True, "never": False}[spec.prepend_bos]
     # The lens's identity is its content, not where the folder is.
-    identity = {**spec.identity(), "model_identity": model.identity, "dataset_identity": data.identity,
-                "layers": layers, "prepend_bos": prepend_bos,
-                "lens": "none" if lens_source is None else {"params_sha256": lens_source.sha256}}
+    identity = {
+        **spec.identity(),
+        "model_identity": model.identity,
+        "dataset_identity": data.identity,
+        "layers": layers,
+        "prepend_bos": prepend_bos,
+        "lens": "none" if lens_source is None else {"params_sha256": lens_source.sha256},
+    }
     identity = _json_safe(identity)
     fp = fingerprint(identity)
-    layout = Layout(n_tokens=spec.n_sequences() * spec.context, context=spec.context, layers=tuple(layers),
-                    d_model=cfg.hidden_size, dtype=spec.dtype, chunk_tokens=spec.chunk_tokens,
-                    shard_tokens=spec.shard_tokens, block_tokens=spec.shuffle_tokens, compression=spec.compression)
+    layout = Layout(
+        n_tokens=spec.n_sequences() * spec.context,
+        context=spec.context,
+        layers=tuple(layers),
+        d_model=cfg.hidden_size,
+        dtype=spec.dtype,
+        chunk_tokens=spec.chunk_tokens,
+        shard_tokens=spec.shard_tokens,
+        block_tokens=spec.shuffle_tokens,
+        compression=spec.compression,
+    )
     created = [False]
 
     def create() -> None:
@@ -209,25 +233,52 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
             return
         _check_writable(out)
         _check_disk_space(out, layout, layout.n_tokens)
-        with Progress(TextColumn("tokenizing"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      disable=not show_progress, transient=True) as bar:
+        with Progress(
+            TextColumn("tokenizing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not show_progress,
+            transient=True,
+        ) as bar:
             task = bar.add_task("", total=layout.n_tokens)
-            windows = make_windows(iter_documents(data, spec.split, spec.text_column, spec.dataset_config), tokenizer,
-                                   spec.context, layout.n_sequences, prepend_bos,
-                                   progress=lambda n: bar.advance(task, n), dataset_name=f"dataset {spec.dataset!r}")
-        meta = {"fingerprint": fp, "identity": identity, "spec": spec.to_dict(),
-                "model": {"name": model.name, "path": model.path, "identity": model.identity,
-                          "architecture": (cfg.architectures or [type(cfg).__name__])[0],
-                          "n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size,
-                          "config": _json_safe(cfg.to_dict())},
-                "tokenizer": {"class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
-                              "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                              "pad_token_id": tokenizer.pad_token_id,
-                              "special_ids": sorted(set(tokenizer.all_special_ids)), "prepend_bos": prepend_bos},
-                "hooks": [f"blocks.{l}.hook_{spec.hook}" for l in layers],
-                "storage_dtype": str(STORAGE_DTYPES[spec.dtype][0]), "versions": library_versions(),
-                "lens": None if lens_source is None else lens_source.record(layers, cfg.num_hidden_layers),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            windows = make_windows(
+                iter_documents(data, spec.split, spec.text_column, spec.dataset_config),
+                tokenizer,
+                spec.context,
+                layout.n_sequences,
+                prepend_bos,
+                progress=lambda n: bar.advance(task, n),
+                dataset_name=f"dataset {spec.dataset!r}",
+            )
+        meta = {
+            "fingerprint": fp,
+            "identity": identity,
+            "spec": spec.to_dict(),
+            "model": {
+                "name": model.name,
+                "path": model.path,
+                "identity": model.identity,
+                "architecture": (cfg.architectures or [type(cfg).__name__])[0],
+                "n_layers": cfg.num_hidden_layers,
+                "d_model": cfg.hidden_size,
+                "config": _json_safe(cfg.to_dict()),
+            },
+            "tokenizer": {
+                "class": type(tokenizer).__name__,
+                "vocab_size": len(tokenizer),
+                "bos_token_id": tokenizer.bos_token_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "pad_token_id": tokenizer.pad_token_id,
+                "special_ids": sorted(set(tokenizer.all_special_ids)),
+                "prepend_bos": prepend_bos,
+            },
+            "hooks": [f"blocks.{l}.hook_{spec.hook}" for l in layers],
+            "storage_dtype": str(STORAGE_DTYPES[spec.dtype][0]),
+            "versions": library_versions(),
+            "lens": None if lens_source is None else lens_source.record(layers, cfg.num_hidden_layers),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         create_cache(out, meta, layout, windows, lens_source)
         created[0] = True
 
@@ -257,18 +308,35 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
                 lens = lens.to(device)
             special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
             my_tokens = sum(layout.block_range(b)[1] - layout.block_range(b)[0] for b in todo)
-            columns = [TextColumn(f"harvest{f' rank 0/{dist.world_size}' if dist.world_size > 1 else ''}"),
-                       BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                       TextColumn("{task.fields[rate]:>8.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn()]
+            columns = [
+                TextColumn(f"harvest{f' rank 0/{dist.world_size}' if dist.world_size > 1 else ''}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("tokens"),
+                TextColumn("{task.fields[rate]:>8.0f} tok/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+            ]
             t_loop = time.time()  # after model loading
             with Progress(*columns, disable=not show_progress) as bar:
                 task = bar.add_task("", total=my_tokens, rate=0.0)
                 bg = BackgroundWriter(writer)
                 try:
                     for b in todo:
-                        acts, tokens, stats = _compute_block(b, bridge, lens, windows, layout, spec, special, device,
-                                                             lambda n: (bar.advance(task, n), bar.update(
-                                                                 task, rate=bar.tasks[0].completed / max(1e-9, time.time() - t_loop))))
+                        acts, tokens, stats = _compute_block(
+                            b,
+                            bridge,
+                            lens,
+                            windows,
+                            layout,
+                            spec,
+                            special,
+                            device,
+                            lambda n: (
+                                bar.advance(task, n),
+                                bar.update(task, rate=bar.tasks[0].completed / max(1e-9, time.time() - t_loop)),
+                            ),
+                        )
                         bg.submit(b, acts, tokens, stats)
                         tokens_this_run += acts.shape[1]
                 finally:
@@ -280,14 +348,32 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
         raise
     now = time.time()
     cache = open_cache(out)
-    return Summary(str(out), layout.n_tokens, tokens_this_run * dist.world_size, layout.n_blocks,
-                   layout.n_blocks - len(done), now - t0, now - t_loop, tokens_this_run / max(now - t_loop, 1e-9),
-                   cache.size_on_disk(), resumed, list(layers))
+    return Summary(
+        str(out),
+        layout.n_tokens,
+        tokens_this_run * dist.world_size,
+        layout.n_blocks,
+        layout.n_blocks - len(done),
+        now - t0,
+        now - t_loop,
+        tokens_this_run / max(now - t_loop, 1e-9),
+        cache.size_on_disk(),
+        resumed,
+        list(layers),
+    )
 
 
-def _compute_block(b: int, bridge: Any, lens: Lens | None, windows: np.ndarray, layout: Layout, spec: CacheSpec,
-                   special: np.ndarray, device: str,
-                   advance: Callable[[int], None]) -> tuple[np.ndarray, dict[str, np.ndarray], LayerStats]:
+def _compute_block(
+    b: int,
+    bridge: Any,
+    lens: Lens | None,
+    windows: np.ndarray,
+    layout: Layout,
+    spec: CacheSpec,
+    special: np.ndarray,
+    device: str,
+    advance: Callable[[int], None],
+) -> tuple[np.ndarray, dict[str, np.ndarray], LayerStats]:
     """Forward every window of block b (through the lens, if any); return its permuted storage array, token
     columns and statistics."""
     start, stop = layout.block_range(b)
@@ -296,8 +382,7 @@ def _compute_block(b: int, bridge: Any, lens: Lens | None, windows: np.ndarray, 
     perm = block_permutation(spec.seed, b, n)
     dest = torch.from_numpy(np.argsort(perm))  # block-local source position -> cache position
     torch_dtype = STORAGE_DTYPES[spec.dtype][1]
-    buf = torch.empty((len(layout.layers), n, layout.d_model), dtype=torch_dtype,
-                      pin_memory=device.startswith("cuda"))
+    buf = torch.empty((len(layout.layers), n, layout.d_model), dtype=torch_dtype, pin_memory=device.startswith("cuda"))
     seqs = windows[first_seq : first_seq + n // ctx]
     is_kept = ~np.isin(seqs, special) if spec.special_tokens == "exclude" else np.ones(seqs.shape, bool)
     stats = LayerStats.zeros(len(layout.layers), layout.d_model)
@@ -311,8 +396,10 @@ def _compute_block(b: int, bridge: Any, lens: Lens | None, windows: np.ndarray, 
             peak = x.abs().amax(dim=(1, 2))
             if (peak > FLOAT16_MAX).any():
                 l = int(torch.argmax(peak))
-                raise StorageError(f"layer {layout.layers[l]} reaches |x| = {peak[l]:.3g}, beyond float16's maximum "
-                                   f"{FLOAT16_MAX:.0f}: use --dtype bfloat16 (default) or float32")
+                raise StorageError(
+                    f"layer {layout.layers[l]} reaches |x| = {peak[l]:.3g}, beyond float16's maximum "
+                    f"{FLOAT16_MAX:.0f}: use --dtype bfloat16 (default) or float32"
+                )
         stored = x.to(torch_dtype)
         kept = torch.from_numpy(is_kept[i : i + spec.batch_size].reshape(-1)).to(device)
         stats = stats.merge(LayerStats.of(stored[:, kept]))  # statistics of the values as stored
@@ -322,6 +409,10 @@ def _compute_block(b: int, bridge: Any, lens: Lens | None, windows: np.ndarray, 
     src_pos = perm  # the source position of every cache position, in cache order
     seq = (first_seq + src_pos // ctx).astype(np.int32)
     pos = (src_pos % ctx).astype(np.int32)
-    tokens = {"token_ids": windows[seq, pos].astype(np.int32), "keep": is_kept.reshape(-1)[src_pos],
-              "seq": seq, "pos": pos}
+    tokens = {
+        "token_ids": windows[seq, pos].astype(np.int32),
+        "keep": is_kept.reshape(-1)[src_pos],
+        "seq": seq,
+        "pos": pos,
+    }
     return to_storage(buf, spec.dtype), tokens, stats

@@ -51,9 +51,14 @@ class CacheSpec(ModelText):
     hook: str = _f("resid_post", "Hook point per block: resid_post (paper), resid_pre or resid_mid.")
     dtype: str = _f("bfloat16", "Storage dtype: bfloat16 (default), float32, or float16 (errors on overflow).")
     model_dtype: str = _f("float32", "dtype the model runs in: float32, bfloat16 or float16.")
-    lens: str = _f("none", "Tuned lens applied before storing: none, a lens folder (config.json + params.pt, e.g. "
-                           "from `harvest lens train`), hub (the FAR.AI lens of this Hub model) or hub:<model id>.")
-    special_tokens: str = _f("exclude", "exclude: keep=False for BOS/EOS/PAD (default); include: keep every token (reference).")
+    lens: str = _f(
+        "none",
+        "Tuned lens applied before storing: none, a lens folder (config.json + params.pt, e.g. "
+        "from `harvest lens train`), hub (the FAR.AI lens of this Hub model) or hub:<model id>.",
+    )
+    special_tokens: str = _f(
+        "exclude", "exclude: keep=False for BOS/EOS/PAD (default); include: keep every token (reference)."
+    )
     prepend_bos: str = _f("auto", "Start each window with BOS: auto (where the tokenizer adds one), always, never.")
     batch_size: int = _f(4, "Context windows per forward pass.")
     chunk_tokens: int = _f(4096, "Tokens per inner chunk (the unit of random reads); aim for 4-8 MB per layer.")
@@ -76,8 +81,14 @@ class CacheSpec(ModelText):
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> "CacheSpec":
         """Checks that need no model or data; raises SpecError naming the field and the fix."""
-        for name, allowed in [("dtype", STORAGE_DTYPES), ("model_dtype", MODEL_DTYPES), ("compression", COMPRESSIONS),
-                              ("hook", HOOKS), ("special_tokens", SPECIAL_TOKEN_POLICIES), ("prepend_bos", BOS_POLICIES)]:
+        for name, allowed in [
+            ("dtype", STORAGE_DTYPES),
+            ("model_dtype", MODEL_DTYPES),
+            ("compression", COMPRESSIONS),
+            ("hook", HOOKS),
+            ("special_tokens", SPECIAL_TOKEN_POLICIES),
+            ("prepend_bos", BOS_POLICIES),
+        ]:
             if getattr(self, name) not in allowed:
                 raise SpecError(f"{name} = {getattr(self, name)!r} is not supported: use one of {', '.join(allowed)}")
         for name in ["context", "tokens", "batch_size", "chunk_tokens", "shard_tokens", "shuffle_tokens"]:
@@ -87,15 +98,21 @@ class CacheSpec(ModelText):
         if self.context < 2:
             raise SpecError(f"context = {self.context} is too short: use at least 2 tokens")
         if self.shard_tokens % self.chunk_tokens:
-            raise SpecError(f"shard_tokens = {self.shard_tokens} must be a multiple of chunk_tokens = {self.chunk_tokens}")
+            raise SpecError(
+                f"shard_tokens = {self.shard_tokens} must be a multiple of chunk_tokens = {self.chunk_tokens}"
+            )
         unit = math.lcm(self.shard_tokens, self.context)
         if self.shuffle_tokens % unit:
             lo = max(unit, self.shuffle_tokens // unit * unit)
-            raise SpecError(f"shuffle_tokens = {self.shuffle_tokens} must be a multiple of both shard_tokens and context "
-                            f"(lcm {unit}): use e.g. {lo}")
+            raise SpecError(
+                f"shuffle_tokens = {self.shuffle_tokens} must be a multiple of both shard_tokens and context "
+                f"(lcm {unit}): use e.g. {lo}"
+            )
         if self.lens != "none" and self.hook != "resid_post":
-            raise SpecError(f"lens = {self.lens!r} with hook = {self.hook!r}: lens translators are mapped to block "
-                            f"outputs; use --hook resid_post, or --lens none")
+            raise SpecError(
+                f"lens = {self.lens!r} with hook = {self.hook!r}: lens translators are mapped to block "
+                f"outputs; use --hook resid_post, or --lens none"
+            )
         self.layer_list(None)  # syntax check
         return self
 

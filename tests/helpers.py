@@ -41,8 +41,10 @@ def hf_block_outputs(model_dir: Path, ids: torch.Tensor) -> list[torch.Tensor]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=torch.float32).eval()
     layers = model.base_model.layers
     outs: list[torch.Tensor] = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: outs.append((o[0] if isinstance(o, tuple) else o).detach()))
-             for layer in layers]
+    hooks = [
+        layer.register_forward_hook(lambda m, i, o: outs.append((o[0] if isinstance(o, tuple) else o).detach()))
+        for layer in layers
+    ]
     with torch.no_grad():
         normed_last = model(ids, output_hidden_states=True).hidden_states[-1]
     for h in hooks:

@@ -9,12 +9,25 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from harvest import open_cache
 from helpers import run_cli
 
-SMALL = ["--context", "16", "--tokens", "320", "--chunk-tokens", "32", "--shard-tokens", "64",
-         "--shuffle-tokens", "128", "--batch-size", "4", "--quiet"]
+from harvest import open_cache
+
+SMALL = [
+    "--context",
+    "16",
+    "--tokens",
+    "320",
+    "--chunk-tokens",
+    "32",
+    "--shard-tokens",
+    "64",
+    "--shuffle-tokens",
+    "128",
+    "--batch-size",
+    "4",
+    "--quiet",
+]
 
 
 def run_args(model, dataset, out, *extra) -> list[str]:
@@ -56,8 +69,7 @@ def test_missing_text_column(tmp_path, neox_dir, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"body": f"document number {i} " * 20}) for i in range(50)))
     out = tmp_path / "c"
-    assert_user_error(run_cli(run_args(neox_dir, data, out), capsys), "no column 'text'", "body",
-                             "--text-column")
+    assert_user_error(run_cli(run_args(neox_dir, data, out), capsys), "no column 'text'", "body", "--text-column")
     assert not out.exists()
     code, _, err = run_cli(run_args(neox_dir, data, out, "--text-column", "body"), capsys)
     assert code == 0, err
@@ -66,8 +78,11 @@ def test_missing_text_column(tmp_path, neox_dir, capsys):
 
 def test_budget_larger_than_the_data(tmp_path, neox_dir, text_dir, capsys):
     out = tmp_path / "c"
-    assert_user_error(run_cli(run_args(neox_dir, text_dir, out, "--tokens", "10000000"), capsys),
-                             "holds only", "lower --tokens to at most")
+    assert_user_error(
+        run_cli(run_args(neox_dir, text_dir, out, "--tokens", "10000000"), capsys),
+        "holds only",
+        "lower --tokens to at most",
+    )
     assert not out.exists()
 
 
@@ -75,8 +90,12 @@ def test_existing_cache_with_another_spec(tmp_path, neox_dir, text_dir, capsys):
     out = tmp_path / "c"
     assert run_cli(run_args(neox_dir, text_dir, out), capsys)[0] == 0
     fp = open_cache(out).fingerprint
-    assert_user_error(run_cli(run_args(neox_dir, text_dir, out, "--seed", "1"), capsys),
-                      "different spec", "seed: 0 -> 1", "another --out")
+    assert_user_error(
+        run_cli(run_args(neox_dir, text_dir, out, "--seed", "1"), capsys),
+        "different spec",
+        "seed: 0 -> 1",
+        "another --out",
+    )
     assert open_cache(out).fingerprint == fp and open_cache(out).complete
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file.txt").write_text("x")
@@ -85,8 +104,9 @@ def test_existing_cache_with_another_spec(tmp_path, neox_dir, text_dir, capsys):
 
 def test_layer_out_of_range(tmp_path, neox_dir, text_dir, capsys):
     out = tmp_path / "c"
-    assert_user_error(run_cli(run_args(neox_dir, text_dir, out, "--layers", "1,5"), capsys),
-                      "[5] out of range", "3 blocks")
+    assert_user_error(
+        run_cli(run_args(neox_dir, text_dir, out, "--layers", "1,5"), capsys), "[5] out of range", "3 blocks"
+    )
     assert_user_error(run_cli(run_args(neox_dir, text_dir, out, "--layers", "two"), capsys), "layers")
     assert not out.exists()
 
@@ -94,8 +114,9 @@ def test_layer_out_of_range(tmp_path, neox_dir, text_dir, capsys):
 def test_invalid_spec_values(tmp_path, neox_dir, text_dir, capsys):
     out = tmp_path / "c"
     assert_user_error(run_cli(run_args(neox_dir, text_dir, out, "--dtype", "int8"), capsys), "dtype", "bfloat16")
-    assert_user_error(run_cli(run_args(neox_dir, text_dir, out, "--shuffle-tokens", "100"), capsys),
-                      "shuffle_tokens", "multiple")
+    assert_user_error(
+        run_cli(run_args(neox_dir, text_dir, out, "--shuffle-tokens", "100"), capsys), "shuffle_tokens", "multiple"
+    )
     bad = tmp_path / "spec.yaml"
     bad.write_text("tokens: 100\nbogus_field: 3\n")
     assert_user_error(run_cli(["run", "--spec", bad], capsys), "bogus_field")
@@ -112,8 +133,9 @@ def test_float16_overflow(tmp_path, neox_dir, text_dir, capsys):
     model.save_pretrained(big)
     AutoTokenizer.from_pretrained(neox_dir).save_pretrained(big)
     out = tmp_path / "c"
-    assert_user_error(run_cli(run_args(big, text_dir, out, "--dtype", "float16"), capsys),
-                      "beyond float16", "--dtype bfloat16")
+    assert_user_error(
+        run_cli(run_args(big, text_dir, out, "--dtype", "float16"), capsys), "beyond float16", "--dtype bfloat16"
+    )
     assert not out.exists()  # the run wrote nothing of value, so it leaves nothing behind
     assert run_cli(run_args(big, text_dir, out, "--dtype", "bfloat16"), capsys)[0] == 0
 
@@ -137,8 +159,9 @@ def tiny_disk(tmp_path):
     subprocess.run(["umount", str(mnt)])
 
 
-def test_disk_full_while_writing_is_a_clean_error_and_resumable(tiny_disk, tmp_path, neox_dir, text_dir, capsys,
-                                                                monkeypatch):
+def test_disk_full_while_writing_is_a_clean_error_and_resumable(
+    tiny_disk, tmp_path, neox_dir, text_dir, capsys, monkeypatch
+):
     import harvest.run
 
     # the pre-check is fooled, so the real file system runs out of space in the middle of the run

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import hf_block_outputs
 
 from harvest import ChunkReader, open_cache
 from harvest.models import resolve_model
 from harvest.run import harvest
 from harvest.spec import CacheSpec
-from helpers import hf_block_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +20,17 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def gemma_cache(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gemma") / "cache"
-    spec = CacheSpec(model="gemma-3-270m", dataset="sotu", context=64, tokens=192, batch_size=3, chunk_tokens=64,
-                     shard_tokens=64, shuffle_tokens=128, out=str(out))
+    spec = CacheSpec(
+        model="gemma-3-270m",
+        dataset="sotu",
+        context=64,
+        tokens=192,
+        batch_size=3,
+        chunk_tokens=64,
+        shard_tokens=64,
+        shuffle_tokens=128,
+        out=str(out),
+    )
     harvest(spec, show_progress=False)
     return out
 
@@ -50,7 +59,7 @@ def test_gemma_windows_start_with_bos_and_mask_specials(gemma_cache):
     assert tok["prepend_bos"] is True and tok["bos_token_id"] == 2
     windows = cache.windows().numpy()
     assert (windows[:, 0] == 2).all()
-    assert (windows[0, 1] == tok["eos_token_id"])  # the first document is preceded by EOS
+    assert windows[0, 1] == tok["eos_token_id"]  # the first document is preceded by EOS
     ids, keep = cache.read_tokens("token_ids").numpy(), cache.read_tokens("keep").numpy()
     assert np.array_equal(keep, ~np.isin(ids, tok["special_ids"]))
     assert (~keep).sum() >= len(windows)  # at least every BOS
@@ -68,8 +77,17 @@ def test_gemma_windows_start_with_bos_and_mask_specials(gemma_cache):
 @pytest.fixture(scope="module")
 def gemma_train_cache(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gemma-train") / "cache"
-    spec = CacheSpec(model="gemma-3-270m", dataset="sotu", context=256, tokens=4096, batch_size=4, chunk_tokens=256,
-                     shard_tokens=1024, shuffle_tokens=4096, out=str(out))
+    spec = CacheSpec(
+        model="gemma-3-270m",
+        dataset="sotu",
+        context=256,
+        tokens=4096,
+        batch_size=4,
+        chunk_tokens=256,
+        shard_tokens=1024,
+        shuffle_tokens=4096,
+        out=str(out),
+    )
     harvest(spec, show_progress=False)
     return out
 
@@ -81,8 +99,18 @@ def test_mlsae_trains_on_the_gemma_cache(gemma_train_cache, tmp_path):
     from train.loop import train
 
     out = tmp_path / "run"
-    cfg = TrainConfig(cache=str(gemma_train_cache), out=str(out), expansion_factor=2, k=16, batch_tokens=256,
-                      tokens=256 * 60, eval_tokens=768, round_chunks=8, lr=1e-3, log_every=10)
+    cfg = TrainConfig(
+        cache=str(gemma_train_cache),
+        out=str(out),
+        expansion_factor=2,
+        k=16,
+        batch_tokens=256,
+        tokens=256 * 60,
+        eval_tokens=768,
+        round_chunks=8,
+        lr=1e-3,
+        log_every=10,
+    )
     [s] = train([cfg], show_progress=False)
     init, final = s["held_out_initial"], s["held_out"]
     assert final["tokens"] > 700 and len(final["fvu"]) == 18

@@ -33,8 +33,24 @@ def gcache(neox_dir, text_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def gsae(gcache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gsae") / "run"
-    train([TrainConfig(cache=str(gcache), out=str(out), expansion_factor=4, k=4, batch_tokens=256, eval_tokens=256,
-                       round_chunks=2, tokens=256 * 4, lr=3e-3, log_every=2, device="cpu")], show_progress=False)
+    train(
+        [
+            TrainConfig(
+                cache=str(gcache),
+                out=str(out),
+                expansion_factor=4,
+                k=4,
+                batch_tokens=256,
+                eval_tokens=256,
+                round_chunks=2,
+                tokens=256 * 4,
+                lr=3e-3,
+                log_every=2,
+                device="cpu",
+            )
+        ],
+        show_progress=False,
+    )
     return out
 
 
@@ -155,7 +171,9 @@ def test_prompt_writes_outputs_and_multi_layer_fraction_is_a_direct_count(gcache
     assert [t["n_multi"] for t in r["tokens"][1:]] == multi
     ml = r["multi_layer"]
     assert ml["per_token_pooled"] == pytest.approx(sum(multi) / sum(active))
-    assert ml["per_token_mean"] == pytest.approx(sum(m / a for m, a in zip(multi, active) if a) / sum(a > 0 for a in active))
+    assert ml["per_token_mean"] == pytest.approx(
+        sum(m / a for m, a in zip(multi, active) if a) / sum(a > 0 for a in active)
+    )
     assert ml["aggregated"] == pytest.approx(sum(len(s) >= 2 for s in layers_of.values()) / len(layers_of))
     # aggregating over tokens can only add layers: a latent at >= 2 layers at some token is counted as such
     # (the two FRACTIONS need not be ordered: on Gemma, per-token pooled 0.64 > aggregated 0.53 for one prompt)
@@ -197,16 +215,38 @@ def _png(path: Path) -> None:
 def test_report_is_self_contained_with_figures_numbers_and_claims(gcache, gsae, tmp_path):
     out = tmp_path / "analysis"
     run_resid(gcache, out, sae_dir=gsae)
-    (out / "variance.json").write_text(json.dumps({  # the layout of analyze/layers.py
-        "tokens": 123456, "layers": [0, 1, 2], "var_l": 0.66, "exp_var_l_given_j": 0.47, "ratio_latent": 0.7123,
-        "ratio_token": 0.04321, "multi_layer": {"per_token_mean": 0.25, "per_token_pooled": 0.2345,
-                                                "aggregated": 0.8765},
-        "reference_formulas": {"ratio_token_ref": 0.999}, "figures": ["layer_heatmap.png"]}))
-    (out / "reconstruction.json").write_text(json.dumps({  # the layout of analyze/reconstruction.py
-        "layers": [0, 1, 2], "rows": ["MLSAE", "L1"], "fvu_matrix": [[0.11, 0.13, 0.17], [0.5, 0.12, 0.6]],
-        "runs": [{"label": "MLSAE", "multi_layer": True, "held_out": {"fvu_mean": 0.1357}}],
-        "comparison": {"fvu": {"mlsae_over_diagonal_mean": 1.0833, "mlsae_beats_off_diagonal": 2,
-                               "off_diagonal_compared": 2}}}))
+    (out / "variance.json").write_text(
+        json.dumps(
+            {  # the layout of analyze/layers.py
+                "tokens": 123456,
+                "layers": [0, 1, 2],
+                "var_l": 0.66,
+                "exp_var_l_given_j": 0.47,
+                "ratio_latent": 0.7123,
+                "ratio_token": 0.04321,
+                "multi_layer": {"per_token_mean": 0.25, "per_token_pooled": 0.2345, "aggregated": 0.8765},
+                "reference_formulas": {"ratio_token_ref": 0.999},
+                "figures": ["layer_heatmap.png"],
+            }
+        )
+    )
+    (out / "reconstruction.json").write_text(
+        json.dumps(
+            {  # the layout of analyze/reconstruction.py
+                "layers": [0, 1, 2],
+                "rows": ["MLSAE", "L1"],
+                "fvu_matrix": [[0.11, 0.13, 0.17], [0.5, 0.12, 0.6]],
+                "runs": [{"label": "MLSAE", "multi_layer": True, "held_out": {"fvu_mean": 0.1357}}],
+                "comparison": {
+                    "fvu": {
+                        "mlsae_over_diagonal_mean": 1.0833,
+                        "mlsae_beats_off_diagonal": 2,
+                        "off_diagonal_compared": 2,
+                    }
+                },
+            }
+        )
+    )
     (out / "delta_ce.json").write_text("{not json")  # a broken file is shown as such, not fatal
     for name in ["layer_heatmap.png", "reconstruction.png", "delta_ce.png", "mystery.png"]:
         _png(out / name)
@@ -235,8 +275,24 @@ def test_report_over_the_real_analyses(gcache, gsae, neox_dir, tmp_path):
 
     out = tmp_path / "analysis"
     single = tmp_path / "single"
-    train([TrainConfig(cache=str(gcache), out=str(single), layers="1", expansion_factor=4, k=4, batch_tokens=256,
-                       eval_tokens=256, round_chunks=2, tokens=256 * 2, lr=3e-3, device="cpu")], show_progress=False)
+    train(
+        [
+            TrainConfig(
+                cache=str(gcache),
+                out=str(single),
+                layers="1",
+                expansion_factor=4,
+                k=4,
+                batch_tokens=256,
+                eval_tokens=256,
+                round_chunks=2,
+                tokens=256 * 2,
+                lr=3e-3,
+                device="cpu",
+            )
+        ],
+        show_progress=False,
+    )
     var = run_variance(gsae, gcache, 400, out, device="cpu", progress=False, log=lambda s: None)
     rec = run_reconstruction([gsae, single], out_dir=out, device="cpu")
     dce = run_delta_ce(gsae, tokens=64, out_dir=out, device="cpu")
@@ -247,19 +303,33 @@ def test_report_over_the_real_analyses(gcache, gsae, neox_dir, tmp_path):
     assert len(pngs) >= 6 and len(re.findall(r'src="data:image/png;base64,', doc)) == len(pngs)
     assert "Other figures" not in doc  # every figure found its section
     fmt = lambda v: f"{v:.4g}"
-    for v in [var["ratio_token"], var["multi_layer"]["per_token_pooled"], dce["delta_ce_mean"],
-              rec["runs"][0]["held_out"]["fvu_mean"], pr["multi_layer"]["aggregated"]]:
+    for v in [
+        var["ratio_token"],
+        var["multi_layer"]["per_token_pooled"],
+        dce["delta_ce_mean"],
+        rec["runs"][0]["held_out"]["fvu_mean"],
+        pr["multi_layer"]["aggregated"],
+    ]:
         assert fmt(v) in doc
     claims = doc.split("Claims checked")[1].split("Provenance")[0]
-    for claim in ["held-out mean FVU", "diagonal", "off-diagonal", "delta CE", "over the cache", "one prompt",
-                  "Adjacent layers", "norm grows"]:
+    for claim in [
+        "held-out mean FVU",
+        "diagonal",
+        "off-diagonal",
+        "delta CE",
+        "over the cache",
+        "one prompt",
+        "Adjacent layers",
+        "norm grows",
+    ]:
         assert claim in claims
 
 
 def test_report_tolerates_missing_sections_and_unknown_keys(tmp_path):
-    out = write_report(tmp_path / "r.html", {"prompt": {"data": {"text": "hi <b>", "weird": {"x": [1, 2]}},
-                                                         "figures": []},
-                                             "custom": {"answer": 42}})
+    out = write_report(
+        tmp_path / "r.html",
+        {"prompt": {"data": {"text": "hi <b>", "weird": {"x": [1, 2]}}, "figures": []}, "custom": {"answer": 42}},
+    )
     doc = out.read_text()
     assert "hi &lt;b&gt;" in doc and "weird.x" in doc and "42" in doc
     assert "no analysis with the numbers for a claim" in doc
@@ -287,6 +357,7 @@ def test_compare_puts_headline_numbers_side_by_side(tmp_path, capsys):
         compare_folders([a, b], ["only one"])
 
     import sys
+
     argv, sys.argv = sys.argv, ["analyze", "compare", str(a), str(b), "--out", str(tmp_path / "cmp")]
     try:
         analyze_main()

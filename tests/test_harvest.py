@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import hf_block_outputs, read_all
 
 from harvest import ChunkReader, open_cache
 from harvest.run import harvest
 from harvest.spec import CacheSpec
-from helpers import hf_block_outputs, read_all
 
 SMALL = dict(context=16, tokens=16 * 20, chunk_tokens=32, shard_tokens=64, shuffle_tokens=128, batch_size=3)
 
@@ -30,7 +30,7 @@ def test_cached_vectors_equal_independent_hf_hooks(cache_path, neox_dir):
     windows = cache.windows()
     ref = hf_block_outputs(neox_dir, windows.long())  # [n_layers] x [n_seq, ctx, d], then the normed last
     seq, pos = cache.read_tokens("seq").long(), cache.read_tokens("pos").long()
-    for i, layer in enumerate(cache.layers):
+    for layer in cache.layers:
         got = cache.read(layer).float()
         want = ref[layer][seq, pos]
         # identical up to bfloat16 rounding of the stored value (2^-8 relative)
@@ -66,9 +66,8 @@ def test_keep_mask_marks_special_tokens(cache_path):
 
 
 def test_windows_follow_the_reference_tokenization(cache_path, neox_dir):
-    from transformers import AutoTokenizer
-
     from tiny import documents
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(neox_dir)
     cache = open_cache(cache_path)
@@ -131,8 +130,7 @@ def test_reader_layer_subset_ranks_and_held_buffers(cache_path):
 @pytest.mark.parametrize("dtype,compression", [("float32", "none"), ("bfloat16", "blosc-zstd")])
 def test_other_dtypes_and_compression_round_trip(neox_dir, text_dir, tmp_path, cache_path, dtype, compression):
     out = tmp_path / "c2"
-    harvest(small_spec(neox_dir, text_dir, out, dtype=dtype, compression=compression, layers="1"),
-            show_progress=False)
+    harvest(small_spec(neox_dir, text_dir, out, dtype=dtype, compression=compression, layers="1"), show_progress=False)
     cache, base = open_cache(out), open_cache(cache_path)
     assert cache.layers == (1,)
     x = cache.read(1)
@@ -154,8 +152,9 @@ def test_harvest_stops_after_the_last_requested_layer(neox_dir):
     bridge = load_bridge(src, load_tokenizer(src), "cpu", torch.float32)
     hf = bridge.original_model
     ran = []
-    handles = [layer.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, layer in
-               enumerate(hf.base_model.layers)]
+    handles = [
+        layer.register_forward_hook(lambda m, i, o, k=k: ran.append(k)) for k, layer in enumerate(hf.base_model.layers)
+    ]
     handles.append(hf.get_output_embeddings().register_forward_hook(lambda *a: ran.append("unembed")))
     ids = torch.randint(0, 300, (2, 8))
     x = forward_layers(bridge, ids, [0, 1], "resid_post")
@@ -216,8 +215,10 @@ def test_read_back_all_is_stable_for_the_same_spec(neox_dir, text_dir, tmp_path,
 def test_chunks_equal_to_the_fill_value_are_still_written_and_read(neox_dir, text_dir, tmp_path):
     """One window per block: block 0's `seq` column is all 0 (zarr's fill value) and must still exist."""
     out = tmp_path / "one-window-blocks"
-    harvest(small_spec(neox_dir, text_dir, out, chunk_tokens=16, shard_tokens=16, shuffle_tokens=16, tokens=64),
-            show_progress=False)
+    harvest(
+        small_spec(neox_dir, text_dir, out, chunk_tokens=16, shard_tokens=16, shuffle_tokens=16, tokens=64),
+        show_progress=False,
+    )
     cache = open_cache(out)
     assert cache.shard_file("seq", (0,)).is_file()
     from harvest.cache import verify_cache

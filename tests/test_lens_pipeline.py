@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run_cli
 
 from analyze.delta_ce import run_delta_ce
 from analyze.prompt import run_prompt
@@ -24,10 +25,9 @@ from train import load_sae
 from train.config import TrainConfig
 from train.loop import train
 
-from helpers import run_cli
-
-CACHE = dict(context=32, tokens=32 * 32, chunk_tokens=128, shard_tokens=256, shuffle_tokens=512, batch_size=8,
-             dtype="float32")
+CACHE = dict(
+    context=32, tokens=32 * 32, chunk_tokens=128, shard_tokens=256, shuffle_tokens=512, batch_size=8, dtype="float32"
+)
 PROMPT = "The committee met on Tuesday to discuss the budget."
 
 
@@ -54,17 +54,34 @@ def caches(neox_dir, text_dir, lens_dir, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, lens in [("plain", "none"), ("lens", str(lens_dir))]:
         out[name] = root / name
-        harvest(CacheSpec(model=str(neox_dir), dataset=str(text_dir), out=str(out[name]), lens=lens, **CACHE),
-                show_progress=False)
+        harvest(
+            CacheSpec(model=str(neox_dir), dataset=str(text_dir), out=str(out[name]), lens=lens, **CACHE),
+            show_progress=False,
+        )
     return out
 
 
 @pytest.fixture(scope="module")
 def lens_run(caches, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lens-run") / "run"
-    train([TrainConfig(cache=str(caches["lens"]), out=str(out), expansion_factor=4, k=4, batch_tokens=256,
-                       eval_tokens=256, round_chunks=2, tokens=256 * 4, lr=3e-3, log_every=2, device="cpu")],
-          show_progress=False)
+    train(
+        [
+            TrainConfig(
+                cache=str(caches["lens"]),
+                out=str(out),
+                expansion_factor=4,
+                k=4,
+                batch_tokens=256,
+                eval_tokens=256,
+                round_chunks=2,
+                tokens=256 * 4,
+                lr=3e-3,
+                log_every=2,
+                device="cpu",
+            )
+        ],
+        show_progress=False,
+    )
     return out
 
 
@@ -105,12 +122,15 @@ def test_resume_through_a_changed_lens_is_refused(caches, neox_dir, text_dir, tm
     assert "lens" in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"lens": "no/such/lens"}, "no lens at no/such/lens"),
-    ({"lens": "LENS", "hook": "resid_pre"}, "use --hook resid_post"),
-    ({"lens": "hub"}, "this model is local"),
-    ({"lens": "WRONG"}, "d_model=16"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lens": "no/such/lens"}, "no lens at no/such/lens"),
+        ({"lens": "LENS", "hook": "resid_pre"}, "use --hook resid_post"),
+        ({"lens": "hub"}, "this model is local"),
+        ({"lens": "WRONG"}, "d_model=16"),
+    ],
+)
 def test_bad_lens_is_one_line_and_leaves_nothing(change, message, neox_dir, text_dir, lens_dir, tmp_path):
     if change["lens"] == "LENS":
         change = {**change, "lens": str(lens_dir)}
@@ -118,8 +138,10 @@ def test_bad_lens_is_one_line_and_leaves_nothing(change, message, neox_dir, text
         change = {"lens": str(Lens.for_model(16, 3).save(tmp_path / "wrong"))}
     out = tmp_path / "cache"
     with pytest.raises(UserError, match=message) as e:
-        harvest(CacheSpec(model=str(neox_dir), dataset=str(text_dir), out=str(out), **{**CACHE, **change}),
-                show_progress=False)
+        harvest(
+            CacheSpec(model=str(neox_dir), dataset=str(text_dir), out=str(out), **{**CACHE, **change}),
+            show_progress=False,
+        )
     assert "\n" not in str(e.value)
     assert not out.exists()
 
@@ -138,14 +160,17 @@ def test_prompt_encodes_in_the_lens_space(lens_run, caches, neox_dir, tmp_path):
     source = resolve_model(str(neox_dir))
     tok = load_tokenizer(source)
     ids = [t["id"] for t in r["tokens"]]
-    x = forward_layers(load_bridge(source, tok, "cpu", torch.float32), torch.tensor([ids]), [0, 1, 2],
-                       "resid_post")[:, 0]
+    x = forward_layers(load_bridge(source, tok, "cpu", torch.float32), torch.tensor([ids]), [0, 1, 2], "resid_post")[
+        :, 0
+    ]
     lens, sae = open_cache(caches["lens"]).lens(), load_sae(lens_run)
 
     def n_active(vectors: torch.Tensor) -> list[int]:
         values, indices = sae.encode(vectors)
-        return [len({j for l in range(3) for v, j in zip(values[l, t].tolist(), indices[l, t].tolist()) if v > 1e-3})
-                for t in range(len(ids))]
+        return [
+            len({j for l in range(3) for v, j in zip(values[l, t].tolist(), indices[l, t].tolist()) if v > 1e-3})
+            for t in range(len(ids))
+        ]
 
     lensed = torch.stack([lens.transform(x[l], l) for l in range(3)])
     assert [t["n_active"] for t in r["tokens"]] == n_active(lensed)
@@ -160,8 +185,29 @@ def test_delta_ce_through_the_lens_runs_against_the_clean_model(lens_run, tmp_pa
 
 def test_lens_train_cli_writes_a_lens_that_harvest_accepts(neox_dir, text_dir, tmp_path, capsys):
     out = tmp_path / "lenses" / "tiny"
-    args = ["lens", "train", "--model", neox_dir, "--dataset", text_dir, "--context", 32, "--tokens", 32 * 12,
-            "--steps", 6, "--batch", 2, "--heldout", 2, "--vocab-chunk", 128, "--out", out, "--quiet"]
+    args = [
+        "lens",
+        "train",
+        "--model",
+        neox_dir,
+        "--dataset",
+        text_dir,
+        "--context",
+        32,
+        "--tokens",
+        32 * 12,
+        "--steps",
+        6,
+        "--batch",
+        2,
+        "--heldout",
+        2,
+        "--vocab-chunk",
+        128,
+        "--out",
+        out,
+        "--quiet",
+    ]
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     assert "| block | logit lens KL | tuned lens KL |" in stdout and "held-out KL" in stdout
@@ -178,19 +224,44 @@ def test_lens_train_cli_writes_a_lens_that_harvest_accepts(neox_dir, text_dir, t
     assert code == 2 and "already holds a lens" in err and err.count("\n") == 1
     # and harvest accepts it
     cache = tmp_path / "cache"
-    code, _, err = run_cli(["run", "--model", neox_dir, "--dataset", text_dir, "--lens", out, "--out", cache,
-                            "--context", 32, "--tokens", 256, "--chunk-tokens", 128, "--shard-tokens", 256,
-                            "--shuffle-tokens", 256, "--quiet"], capsys)
+    code, _, err = run_cli(
+        [
+            "run",
+            "--model",
+            neox_dir,
+            "--dataset",
+            text_dir,
+            "--lens",
+            out,
+            "--out",
+            cache,
+            "--context",
+            32,
+            "--tokens",
+            256,
+            "--chunk-tokens",
+            128,
+            "--shard-tokens",
+            256,
+            "--shuffle-tokens",
+            256,
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert open_cache(cache).lens_record["params_sha256"] == params_sha256(out)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--kl-dtype", "float16"], "kl_dtype = 'float16'"),
-    (["--steps", "0"], "steps = 0 must be a positive integer"),
-    (["--tokens", "64", "--context", "32", "--heldout", "2"], "leave none for training"),
-    (["--dataset", "no/such/folder/"], "not found"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kl-dtype", "float16"], "kl_dtype = 'float16'"),
+        (["--steps", "0"], "steps = 0 must be a positive integer"),
+        (["--tokens", "64", "--context", "32", "--heldout", "2"], "leave none for training"),
+        (["--dataset", "no/such/folder/"], "not found"),
+    ],
+)
 def test_lens_train_bad_input_is_one_line(flags, message, neox_dir, tmp_path, capsys):
     out = tmp_path / "lens"
     code, _, err = run_cli(["lens", "train", "--model", neox_dir, "--out", out, "--quiet", *flags], capsys)

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import documents
 
 from analyze.delta_ce import DeltaCeSums, run_delta_ce, sae_reconstructor, spliced_metrics
-from harvest.lens import Lens
 from analyze.reconstruction import RunError, format_reconstruction, run_reconstruction
 from harvest import open_cache
+from harvest.lens import Lens
 from harvest.models import load_bridge, load_tokenizer, resolve_model
 from harvest.run import harvest
 from harvest.spec import CacheSpec
@@ -24,11 +25,10 @@ from train.config import TrainConfig
 from train.evaluate import evaluate
 from train.loop import train
 
-from tiny import documents
-
 CACHE = dict(context=32, tokens=32 * 128, chunk_tokens=256, shard_tokens=1024, shuffle_tokens=4096, batch_size=16)
-FAST = dict(expansion_factor=4, k=4, batch_tokens=512, eval_tokens=1024, round_chunks=6, lr=3e-3, log_every=50,
-            tokens=512 * 20)
+FAST = dict(
+    expansion_factor=4, k=4, batch_tokens=512, eval_tokens=1024, round_chunks=6, lr=3e-3, log_every=50, tokens=512 * 20
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,10 @@ def runs(rcache, tmp_path_factory) -> dict[str, Path]:
     """An MLSAE and single-layer SAEs on layers 0 and 2, trained in one pass."""
     root = tmp_path_factory.mktemp("runs")
     names = {"mlsae": "all", "l0": "0", "l2": "2"}
-    train([TrainConfig(cache=str(rcache), out=str(root / n), layers=l, **FAST) for n, l in names.items()],
-          show_progress=False)
+    train(
+        [TrainConfig(cache=str(rcache), out=str(root / n), layers=l, **FAST) for n, l in names.items()],
+        show_progress=False,
+    )
     return {n: root / n for n in names}
 
 
@@ -162,7 +164,9 @@ def test_layer_matrix_diagonal_and_mlsae_row_match_held_out_evaluation(runs, rca
 
     per = {p["layer"]: p for p in res["comparison"]["fvu"]["per_layer"]}
     m = res["fvu_matrix"]
-    assert per[0]["diagonal"] == m[1][0] and per[0]["off_diagonal_best"] == m[2][0] and per[0]["off_diagonal_layer"] == 2
+    assert (
+        per[0]["diagonal"] == m[1][0] and per[0]["off_diagonal_best"] == m[2][0] and per[0]["off_diagonal_layer"] == 2
+    )
     assert per[1]["diagonal"] is None and per[1]["off_diagonal_best"] == min(m[1][1], m[2][1])
     assert per[2]["mlsae"] == m[0][2]
     assert "MLSAE" in format_reconstruction(res)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import read_all
 
 from harvest import open_cache
 from harvest.run import harvest
 from harvest.spec import CacheSpec
-from helpers import read_all
 
 BIG = dict(context=16, tokens=16 * 640, chunk_tokens=32, shard_tokens=64, shuffle_tokens=128, batch_size=4)
 
@@ -99,8 +99,16 @@ def _free_port() -> int:
 def test_two_ranks_under_torchrun_equal_one_process(neox_dir, text_dir, tmp_path, reference):
     out = tmp_path / "cache"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "harvest",
-           *cli_args(neox_dir, text_dir, out)]
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "harvest",
+        *cli_args(neox_dir, text_dir, out),
+    ]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     cache = open_cache(out)

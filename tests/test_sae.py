@@ -8,8 +8,18 @@ import pytest
 import torch
 
 from train.objectives import DeadLatents, FvuAccumulator, auxk_loss, minibatch_fvu, training_loss
-from train.sae import (SaeConfig, TopKSae, _SparseDecode, _TopKEncode, gather_rows, geometric_median, load_sae,
-                       row_dots, scatter_rows, standardize)
+from train.sae import (
+    SaeConfig,
+    TopKSae,
+    _SparseDecode,
+    _TopKEncode,
+    gather_rows,
+    geometric_median,
+    load_sae,
+    row_dots,
+    scatter_rows,
+    standardize,
+)
 
 D, M, K = 12, 48, 4
 
@@ -127,8 +137,9 @@ def test_sparse_decode_forward_backward_vs_dense():
     (dense * up).sum().backward()
     torch.testing.assert_close(gv, vals.grad)
     torch.testing.assert_close(gW, W.grad)
-    assert torch.autograd.gradcheck(lambda v, w: _SparseDecode.apply(v, idx, w), (vals.detach().requires_grad_(),
-                                                                              W.detach().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda v, w: _SparseDecode.apply(v, idx, w), (vals.detach().requires_grad_(), W.detach().requires_grad_())
+    )
 
 
 @pytest.mark.parametrize("k", [K, 30])
@@ -139,8 +150,11 @@ def test_topk_encode_gradcheck(k):
     sae = make_sae(seed=4)
     xt, _, _ = standardize(data(6, D, seed=5))
     dead = torch.arange(0, M, 4)
-    inputs = (xt.clone().requires_grad_(), sae.b_pre.detach().clone().requires_grad_(),
-              sae.W_enc.detach().clone().requires_grad_())
+    inputs = (
+        xt.clone().requires_grad_(),
+        sae.b_pre.detach().clone().requires_grad_(),
+        sae.W_enc.detach().clone().requires_grad_(),
+    )
 
     def f(x, b, W):
         # chunks of 4 rows: chunking exercised; a reused pre-activation buffer (as on CPU) or none
@@ -261,7 +275,9 @@ def test_geometric_median_vs_brute_force():
     # brute force: a fine grid around the result and random candidates over the data's range
     axes = [torch.linspace(-0.2, 0.2, 21, dtype=torch.float64)] * 3
     grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3) + y
-    rand = p.min(0).values + torch.rand(20000, 3, generator=g, dtype=torch.float64) * (p.max(0).values - p.min(0).values)
+    rand = p.min(0).values + torch.rand(20000, 3, generator=g, dtype=torch.float64) * (
+        p.max(0).values - p.min(0).values
+    )
     cands = torch.cat([grid, rand, p, p.mean(0, keepdim=True), p.median(0).values[None]])
     others = sum_dist(p[None], cands[:, None])
     assert best <= others.min() + 1e-9
@@ -343,7 +359,9 @@ def test_fvu_layer_axis_and_large_offsets():
     assert FvuAccumulator.of(x.transpose(0, 1), x_hat.transpose(0, 1), layer_dim=1).compute().fvu == pytest.approx(ref)
     # float32 input with a large common offset: the float64 sums keep the denominator exact
     big, big_hat = x + 1e4, x_hat + 1e4
-    assert FvuAccumulator.of(big, big_hat).compute().fvu == pytest.approx(direct_fvu(big, big_hat)[0].tolist(), rel=1e-4)
+    assert FvuAccumulator.of(big, big_hat).compute().fvu == pytest.approx(
+        direct_fvu(big, big_hat)[0].tolist(), rel=1e-4
+    )
     single = FvuAccumulator.of(x[1], x_hat[1], layer_dim=None).compute().fvu
     assert single == pytest.approx([ref[1]], rel=1e-12)
 
@@ -352,8 +370,9 @@ def test_minibatch_fvu_loss_vs_torch_var():
     x, x_hat = layered(4)
     want, _ = direct_fvu(x, x_hat)
     torch.testing.assert_close(minibatch_fvu(x, x_hat).double(), want, rtol=1e-5, atol=0)
-    torch.testing.assert_close(minibatch_fvu(x.transpose(0, 1), x_hat.transpose(0, 1), layer_dim=1).double(), want,
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        minibatch_fvu(x.transpose(0, 1), x_hat.transpose(0, 1), layer_dim=1).double(), want, rtol=1e-5, atol=0
+    )
 
 
 def test_auxk_touches_only_dead_latents():
@@ -370,7 +389,7 @@ def test_auxk_touches_only_dead_latents():
         assert W.grad[dead].abs().max() > 0  # dead ones: revived
     assert sae.b_pre.grad.abs().max() > 0  # through the encoder input, as in OpenAI's form
     # the aux reconstruction uses at most k_aux dead latents per vector and no bias
-    x_hat, z, xt, xht, aux_ref = dense_reference(sae, x, dead)
+    _x_hat, _z, xt, xht, aux_ref = dense_reference(sae, x, dead)
     torch.testing.assert_close(out.aux_recon, aux_ref)
     r = (xt - xht).reshape(-1, D)
     want = ((r - aux_ref.reshape(-1, D)) ** 2).sum() / ((r - r.mean(0)) ** 2).sum()
@@ -435,8 +454,9 @@ def test_end_to_end_fit_on_sparse_data():
     g = torch.Generator().manual_seed(0)
     atoms = torch.randn(40, D, generator=g)
     idx = torch.stack([torch.randperm(40, generator=g)[:3] for _ in range(2048)])
-    x = torch.nn.functional.embedding_bag(idx, atoms, per_sample_weights=torch.rand(2048, 3, generator=g) + 0.5,
-                                          mode="sum")
+    x = torch.nn.functional.embedding_bag(
+        idx, atoms, per_sample_weights=torch.rand(2048, 3, generator=g) + 0.5, mode="sum"
+    )
     x = x.view(2, 1024, D) + 0.01 * torch.randn(2, 1024, D, generator=g)
     cfg = SaeConfig(d_model=D, n_latents=64, k=4, k_aux=16, dead_tokens=2000)
     torch.manual_seed(0)
@@ -447,7 +467,7 @@ def test_end_to_end_fit_on_sparse_data():
     with torch.no_grad():
         start = FvuAccumulator.of(x, sae(x).x_hat).compute().fvu_mean
     for step in range(300):
-        batch = x[:, (step % 8) * 128:(step % 8 + 1) * 128]
+        batch = x[:, (step % 8) * 128 : (step % 8 + 1) * 128]
         parts, out = train_step(sae, opt, batch, tracker.mask)
         tracker.update(DeadLatents.fired(out.values, out.indices, cfg.n_latents), batch.shape[1])
         assert math.isfinite(parts.loss.item())

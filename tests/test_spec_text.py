@@ -28,16 +28,20 @@ def test_overrides_and_validation():
     assert s.n_sequences() == 1  # rounded up to whole windows
     with pytest.raises(SpecError, match="out of range"):
         s.layer_list(2)
-    for bad, msg in [({"layers": "3,1"}, "increasing"), ({"context": 0}, "positive"),
-                     ({"shard_tokens": 1000}, "multiple of chunk_tokens"), ({"compression": "gzip"}, "blosc-zstd"),
-                     ({"lens": "some/lens", "hook": "resid_mid"}, "lens")]:
+    for bad, msg in [
+        ({"layers": "3,1"}, "increasing"),
+        ({"context": 0}, "positive"),
+        ({"shard_tokens": 1000}, "multiple of chunk_tokens"),
+        ({"compression": "gzip"}, "blosc-zstd"),
+        ({"lens": "some/lens", "hook": "resid_mid"}, "lens"),
+    ]:
         with pytest.raises(SpecError, match=msg):
             CacheSpec().replace(**bad).validate()
 
 
 def test_fingerprint_ignores_runtime_fields_only():
     base = CacheSpec()
-    assert RUNTIME_FIELDS == {"out", "batch_size", "device"}
+    assert {"out", "batch_size", "device"} == RUNTIME_FIELDS
     assert fingerprint(base.replace(batch_size=9, out="x", device="cpu").identity()) == fingerprint(base.identity())
     for change in [{"seed": 1}, {"tokens": 1}, {"dtype": "float32"}, {"layers": "1"}, {"context": 512}]:
         assert fingerprint(base.replace(**change).identity()) != fingerprint(base.identity())
@@ -50,7 +54,7 @@ class FakeTokenizer:
 
     def __call__(self, texts, add_special_tokens=True):
         class Out:
-            input_ids = [[10 + ord(c) - ord("a") for c in t] for t in texts]
+            input_ids = [[10 + ord(c) - ord("a") for c in t] for t in texts]  # noqa: RUF012
 
         return Out()
 

@@ -92,9 +92,11 @@ def test_training_lowers_held_out_fvu_and_reported_fvu_recomputes(tcache, tmp_pa
 def test_single_layer_sae_and_sweep_in_one_pass_equal_separate_runs(tcache, tmp_path):
     common = dict(tokens=512 * 20)
     [a] = train([cfg(tcache, tmp_path / "a", layers="1", **common)], show_progress=False)
-    [b] = train([cfg(tcache, tmp_path / "b", k=8, **common)], show_progress=False)
-    sweep = train([cfg(tcache, tmp_path / "sa", layers="1", **common), cfg(tcache, tmp_path / "sb", k=8, **common)],
-                  show_progress=False)
+    [_b] = train([cfg(tcache, tmp_path / "b", k=8, **common)], show_progress=False)
+    sweep = train(
+        [cfg(tcache, tmp_path / "sa", layers="1", **common), cfg(tcache, tmp_path / "sb", k=8, **common)],
+        show_progress=False,
+    )
     assert [s["layers"] for s in sweep] == [[1], [0, 1, 2]]
     for single, swept in [("a", "sa"), ("b", "sb")]:
         w1, w2 = weights(tmp_path / single), weights(tmp_path / swept)
@@ -149,8 +151,16 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tcache, tmp_path):
 def test_two_ranks_under_torchrun_finish(tcache, tmp_path):
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "train",
-           *_cli(tcache, out, tokens=512 * 30, checkpoint_every=7)]
+    cmd = [
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "train",
+        *_cli(tcache, out, tokens=512 * 30, checkpoint_every=7),
+    ]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
@@ -175,7 +185,7 @@ def _run_cli(argv, capsys):
 
 
 def _one_line_error(result, *fragments):
-    code, out, err = result
+    code, _out, err = result
     assert code == 2 and "Traceback" not in err, err
     lines = [l for l in err.splitlines() if l.startswith("error:")]
     assert len(lines) == 1, err
@@ -189,8 +199,12 @@ def test_bad_input_gives_one_line_errors(tcache, tmp_path, capsys):
     _one_line_error(_run_cli(_cli(tcache, out, layers=7), capsys), "layer 7 is not in the cache")
     _one_line_error(_run_cli(_cli(tcache, out, k=200), capsys), "k must be")
     assert _run_cli(_cli(tcache, out, tokens=512 * 3), capsys)[0] == 0
-    _one_line_error(_run_cli(_cli(tcache, out, tokens=512 * 3, lr=0.5, k=3), capsys), "other settings", "k: 4 -> 3",
-                    "lr: 0.003 -> 0.5")
+    _one_line_error(
+        _run_cli(_cli(tcache, out, tokens=512 * 3, lr=0.5, k=3), capsys),
+        "other settings",
+        "k: 4 -> 3",
+        "lr: 0.003 -> 0.5",
+    )
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -219,8 +233,12 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tcache,
         return parts
 
     monkeypatch.setattr(train.loop, "training_loss", poisoned)
-    _one_line_error(_run_cli(_cli(tcache, out, tokens=512 * 20, checkpoint_every=5), capsys), "loss became nan",
-                    "step 6", "lower --lr")
+    _one_line_error(
+        _run_cli(_cli(tcache, out, tokens=512 * 20, checkpoint_every=5), capsys),
+        "loss became nan",
+        "step 6",
+        "lower --lr",
+    )
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 5
     assert not (out / "summary.json").exists()
 
@@ -237,9 +255,27 @@ def test_train_config_yaml_names_every_field():
 
 
 def test_sweep_cli_makes_one_folder_per_combination(tcache, tmp_path, capsys):
-    args = ["sweep", "--quiet", "--cache", tcache, "--out", tmp_path, "--expansion-factor", "2,4", "--layers", "all,1",
-            "--batch-tokens", 512, "--tokens", 512 * 4, "--eval-tokens", 2048, "-k", 4]
-    code, out, err = _run_cli(args, capsys)
+    args = [
+        "sweep",
+        "--quiet",
+        "--cache",
+        tcache,
+        "--out",
+        tmp_path,
+        "--expansion-factor",
+        "2,4",
+        "--layers",
+        "all,1",
+        "--batch-tokens",
+        512,
+        "--tokens",
+        512 * 4,
+        "--eval-tokens",
+        2048,
+        "-k",
+        4,
+    ]
+    code, _out, err = _run_cli(args, capsys)
     assert code == 0, err
     name = Path(tcache).name
     folders = sorted(p.name for p in tmp_path.iterdir())

@@ -31,16 +31,23 @@ def make_tokenizer(add_bos: bool):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<unk>", "<pad>", "<bos>"]
-    tk.train_from_iterator(documents() * 3, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.train_from_iterator(
+        documents() * 3,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     if add_bos:
         bos = tk.token_to_id("<bos>")
-        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                                          special_tokens=[("<bos>", bos)])
-        return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<bos>",
-                                       unk_token="<unk>", pad_token="<pad>")
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   unk_token="<unk>", pad_token="<pad>")
+        tk.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<bos>", unk_token="<unk>", pad_token="<pad>"
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>", unk_token="<unk>", pad_token="<pad>"
+    )
 
 
 def make_neox(folder: Path, n_layers: int = 3, d_model: int = 32, seed: int = 0) -> Path:
@@ -48,9 +55,17 @@ def make_neox(folder: Path, n_layers: int = 3, d_model: int = 32, seed: int = 0)
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     tok = make_tokenizer(add_bos=False)
-    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=d_model, num_hidden_layers=n_layers, num_attention_heads=4,
-                        intermediate_size=2 * d_model, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-                        bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=d_model,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        intermediate_size=2 * d_model,
+        max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = GPTNeoXForCausalLM(cfg).eval()
     with torch.no_grad():  # larger weights than the default init, so layers differ visibly

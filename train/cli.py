@@ -15,8 +15,12 @@ from harvest.errors import SpecError
 from harvest.flags import run_app, with_dataclass_flags
 from train.config import TrainConfig, config_fields
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train TopK multi-layer SAEs (and single-layer baselines) from a harvested cache.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train TopK multi-layer SAEs (and single-layer baselines) from a harvested cache.",
+)
 console = Console()
 SWEPT = ("expansion_factor", "k", "layers")
 
@@ -30,21 +34,31 @@ def _print(summaries: list[dict]) -> None:
         return
     for s in summaries:
         final, initial = s["held_out"], s["held_out_initial"] or {}
-        console.print(f"[bold green]done[/] {s['out']}: {s['steps']:,} steps, {s['tokens']:,} tokens, "
-                      f"{s['tokens_per_s']:,.0f} tok/s; held-out FVU {final['fvu_mean']:.4f} "
-                      f"(per-feature {final['fvu_feature_mean']:.4f}), initially {initial.get('fvu_mean', float('nan')):.4f}; "
-                      f"dead {final['dead_fraction']:.1%}")
+        console.print(
+            f"[bold green]done[/] {s['out']}: {s['steps']:,} steps, {s['tokens']:,} tokens, "
+            f"{s['tokens_per_s']:,.0f} tok/s; held-out FVU {final['fvu_mean']:.4f} "
+            f"(per-feature {final['fvu_feature_mean']:.4f}), initially {initial.get('fvu_mean', float('nan')):.4f}; "
+            f"dead {final['dead_fraction']:.1%}"
+        )
         table = Table("layer", "FVU", "FVU per-feature", "MSE", "L0")
         for i, l in enumerate(final["layers"]):
-            table.add_row(str(l), f"{final['fvu'][i]:.4f}", f"{final['fvu_feature'][i]:.4f}",
-                          f"{final['mse'][i]:.4g}", f"{final['l0'][i]:.1f}")
+            table.add_row(
+                str(l),
+                f"{final['fvu'][i]:.4f}",
+                f"{final['fvu_feature'][i]:.4f}",
+                f"{final['mse'][i]:.4g}",
+                f"{final['l0'][i]:.1f}",
+            )
         console.print(table)
 
 
 @app.command()
 @with_dataclass_flags(config_fields(), short={"k": "-k"})
-def run(config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig fields; flags override it."),
-        quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
+def run(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig fields; flags override it."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    **overrides: Any,
+) -> None:
     """Train one SAE: `--layers all` (multi-layer SAE) or `--layers L` (single-layer baseline). The same
     command again resumes from the last checkpoint."""
     from train.loop import train
@@ -54,14 +68,19 @@ def run(config: Optional[Path] = typer.Option(None, "--config", help="YAML file 
 
 @app.command()
 @with_dataclass_flags(config_fields(), exclude=SWEPT + ("out",))
-def sweep(expansion_factor: Optional[str] = typer.Option(None, "--expansion-factor",
-                                                          help="Comma list, e.g. 16,32,64 [default: the config's, 64]."),
-          k: Optional[str] = typer.Option(None, "-k", "--k", help="Comma list, e.g. 16,32,64 [default: the config's, 32]."),
-          layers: Optional[str] = typer.Option(None, "--layers",
-                                               help="Comma list of 'all' and/or layer numbers, e.g. all,0,3 [default: all]."),
-          out: Optional[Path] = typer.Option(None, "--out", help="Parent folder of the run folders (default runs/)."),
-          config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig fields."),
-          quiet: bool = typer.Option(False, "--quiet", help="No progress bar."), **overrides: Any) -> None:
+def sweep(
+    expansion_factor: Optional[str] = typer.Option(
+        None, "--expansion-factor", help="Comma list, e.g. 16,32,64 [default: the config's, 64]."
+    ),
+    k: Optional[str] = typer.Option(None, "-k", "--k", help="Comma list, e.g. 16,32,64 [default: the config's, 32]."),
+    layers: Optional[str] = typer.Option(
+        None, "--layers", help="Comma list of 'all' and/or layer numbers, e.g. all,0,3 [default: all]."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Parent folder of the run folders (default runs/)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig fields."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    **overrides: Any,
+) -> None:
     """Train every combination in ONE pass over the cache: each chunk is read once and feeds every SAE."""
     from train.loop import train
 
@@ -80,6 +99,7 @@ def sweep(expansion_factor: Optional[str] = typer.Option(None, "--expansion-fact
 
 def main() -> None:
     run_app(app, "interrupted: rerun the same command to resume from the last checkpoint")
+
 
 if __name__ == "__main__":
     main()

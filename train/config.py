@@ -20,10 +20,16 @@ _f = flag_field
 @dataclass
 class TrainConfig:
     cache: str = _f("caches/gemma-3-270m-sotu", "Harvested cache folder.")
-    layers: str = _f("all", "'all' trains the multi-layer SAE on every cached layer; a layer number trains a single-layer SAE.")
+    layers: str = _f(
+        "all", "'all' trains the multi-layer SAE on every cached layer; a layer number trains a single-layer SAE."
+    )
     expansion_factor: int = _f(64, "n_latents = expansion_factor * d_model (paper: 64).")
     k: int = _f(32, "Latents kept per vector by TopK (paper: 32).")
-    tokens: int = _f(0, "Training tokens (each gives one vector per layer); 0 = one pass over the training split. More than the cache means epochs.")
+    tokens: int = _f(
+        0,
+        "Training tokens (each gives one vector per layer); 0 = one pass over the training split. "
+        "More than the cache means epochs.",
+    )
     batch_tokens: int = _f(131_072, "Tokens per optimizer step (x layers vectors for the MLSAE; paper: 131,072).")
     lr: float = _f(1e-4, "Adam learning rate (paper: 1e-4).")
     lr_scaling: bool = _f(False, "Use Gao et al.'s lr = 2e-4 / sqrt(n_latents / 2^14) instead of --lr.")
@@ -31,7 +37,9 @@ class TrainConfig:
     dead_tokens: int = _f(10_000_000, "A latent is dead after this many training tokens without firing.")
     k_aux: int = _f(256, "AuxK: dead latents used to reconstruct the residual.")
     aux_coef: float = _f(1 / 32, "AuxK loss coefficient.")
-    eval_tokens: int = _f(65_536, "Held-out tokens: the cache's last chunks, never trained on (at most half the cache).")
+    eval_tokens: int = _f(
+        65_536, "Held-out tokens: the cache's last chunks, never trained on (at most half the cache)."
+    )
     round_chunks: int = _f(32, "Shuffle buffer: chunks read and permuted together on the device.")
     include_special: bool = _f(False, "Also train on BOS/EOS/PAD tokens (the reference code does).")
     seed: int = _f(0, "Seed of initialization and data order.")
@@ -50,8 +58,17 @@ class TrainConfig:
         return replace_fields(self, overrides, "config")
 
     def validate(self) -> "TrainConfig":
-        for name in ["expansion_factor", "k", "batch_tokens", "k_aux", "round_chunks", "checkpoint_every",
-                     "log_every", "prefetch", "dead_tokens"]:
+        for name in [
+            "expansion_factor",
+            "k",
+            "batch_tokens",
+            "k_aux",
+            "round_chunks",
+            "checkpoint_every",
+            "log_every",
+            "prefetch",
+            "dead_tokens",
+        ]:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise SpecError(f"{name} = {v!r} must be a positive integer")

@@ -11,9 +11,9 @@ already consumed, giving the same minibatches bit for bit. The stream never ends
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -49,15 +49,34 @@ def split_chunks(cache: Cache, eval_tokens: int) -> tuple[list[int], list[int]]:
 
 
 class MinibatchStream:
-    def __init__(self, cache: Cache, chunks: Sequence[int], layers: Sequence[int], batch_tokens: int,
-                 round_chunks: int, device: str, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 include_special: bool = False, prefetch: int = 8):
+    def __init__(
+        self,
+        cache: Cache,
+        chunks: Sequence[int],
+        layers: Sequence[int],
+        batch_tokens: int,
+        round_chunks: int,
+        device: str,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        include_special: bool = False,
+        prefetch: int = 8,
+    ):
         self.cache, self.layout = cache, cache.layout
         self.batch_tokens, self.device, self.seed = batch_tokens, torch.device(device), seed
         self.include_special = include_special
         self.rank = rank
-        self.reader = ChunkReader(cache, layers=layers, seed=seed, prefetch=prefetch, rank=rank,
-                                  world_size=world_size, chunks=chunks, pin_memory=self.device.type == "cuda")
+        self.reader = ChunkReader(
+            cache,
+            layers=layers,
+            seed=seed,
+            prefetch=prefetch,
+            rank=rank,
+            world_size=world_size,
+            chunks=chunks,
+            pin_memory=self.device.type == "cuda",
+        )
         order_len = len(self.reader.order(0))
         if order_len == 0:
             raise ValueError("no training chunks for this rank")
@@ -92,7 +111,9 @@ class MinibatchStream:
         rows = by_pos[torch.searchsorted(got[by_pos], pos_t)]
         return acts[:, rows.to(acts.device)], got[rows]
 
-    def _load(self, chunk_ids: Sequence[int], carry: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(
+        self, chunk_ids: Sequence[int], carry: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Vectors [L, n, d] on the device and their cache positions: the carry, then the round's kept tokens."""
         parts, positions = [carry[0]], [carry[1]]
         for ch in self.reader.iter_chunks(chunk_ids):
@@ -115,13 +136,17 @@ class MinibatchStream:
         try:
             while True:
                 acts, positions = loaded
-                perm = torch.from_numpy(np.random.default_rng([self.seed, self.rank, st.epoch, st.round])
-                                        .permutation(len(positions)))
+                perm = torch.from_numpy(
+                    np.random.default_rng([self.seed, self.rank, st.epoch, st.round]).permutation(len(positions))
+                )
                 n_batches = len(perm) // self.batch_tokens
                 rest = perm[n_batches * self.batch_tokens :]
                 nxt = StreamState(*self._next(st), 0, positions[rest].tolist())
-                future = pool.submit(self._load, self._round_chunks(nxt.epoch, nxt.round),
-                                     (acts[:, rest.to(acts.device)], positions[rest]))
+                future = pool.submit(
+                    self._load,
+                    self._round_chunks(nxt.epoch, nxt.round),
+                    (acts[:, rest.to(acts.device)], positions[rest]),
+                )
                 for i in range(st.batches_done, n_batches):
                     sel = perm[i * self.batch_tokens : (i + 1) * self.batch_tokens]
                     st.batches_done = i + 1  # a checkpoint taken after this batch's step resumes after it

@@ -12,8 +12,15 @@ from train.sae import TopKSae
 
 
 @torch.no_grad()
-def evaluate(sae: TopKSae, cache: Cache, chunks: Sequence[int], layers: Sequence[int], device: str,
-             include_special: bool = False, rows: int = 8192) -> dict[str, Any]:
+def evaluate(
+    sae: TopKSae,
+    cache: Cache,
+    chunks: Sequence[int],
+    layers: Sequence[int],
+    device: str,
+    include_special: bool = False,
+    rows: int = 8192,
+) -> dict[str, Any]:
     """Metrics of `sae` on the kept tokens of `chunks`, per layer (in the order of `layers`)."""
     n_layers, n_latents = len(layers), sae.cfg.n_latents
     acc = FvuAccumulator.zeros(n_layers, cache.layout.d_model, device)
@@ -32,7 +39,14 @@ def evaluate(sae: TopKSae, cache: Cache, chunks: Sequence[int], layers: Sequence
             fired[out.indices[active]] = True
     res = acc.compute()
     n = acc.n.clamp_min(1)
-    return {"tokens": int(acc.n[0].item()) if n_layers else 0, "layers": list(layers), "fvu": res.fvu,
-            "fvu_feature": res.fvu_feature, "mse": res.mse, "fvu_mean": res.fvu_mean,
-            "fvu_feature_mean": res.fvu_feature_mean, "l0": (l0 / n).tolist(),
-            "dead_fraction": 1.0 - fired.float().mean().item()}
+    return {
+        "tokens": int(acc.n[0].item()) if n_layers else 0,
+        "layers": list(layers),
+        "fvu": res.fvu,
+        "fvu_feature": res.fvu_feature,
+        "mse": res.mse,
+        "fvu_mean": res.fvu_mean,
+        "fvu_feature_mean": res.fvu_feature_mean,
+        "l0": (l0 / n).tolist(),
+        "dead_fraction": 1.0 - fired.float().mean().item(),
+    }

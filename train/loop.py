@@ -20,9 +20,9 @@ from typing import Any, Callable, TextIO
 import torch
 
 from harvest import open_cache
+from harvest.env import Dist, library_versions
 from harvest.errors import SpecError, UserError
 from harvest.models import resolve_device
-from harvest.env import Dist, library_versions
 from train.config import TrainConfig
 from train.data import MinibatchStream, StreamState, split_chunks
 from train.evaluate import evaluate
@@ -30,8 +30,17 @@ from train.objectives import DeadLatents, training_loss
 from train.sae import SaeConfig, TopKSae
 
 CHECKPOINT = "checkpoint.pt"
-SHARED_FIELDS = ("cache", "tokens", "batch_tokens", "eval_tokens", "round_chunks", "include_special", "seed",
-                 "device", "prefetch")
+SHARED_FIELDS = (
+    "cache",
+    "tokens",
+    "batch_tokens",
+    "eval_tokens",
+    "round_chunks",
+    "include_special",
+    "seed",
+    "device",
+    "prefetch",
+)
 
 
 class TrainingError(UserError):
@@ -66,16 +75,38 @@ def _write_atomic(path: Path, save: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
-def _run_record(cfg: TrainConfig, cache: Any, layers: list[int], sae_cfg: SaeConfig, lr: float,
-                eval_chunks: list[int], steps: int, world_size: int) -> dict[str, Any]:
+def _run_record(
+    cfg: TrainConfig,
+    cache: Any,
+    layers: list[int],
+    sae_cfg: SaeConfig,
+    lr: float,
+    eval_chunks: list[int],
+    steps: int,
+    world_size: int,
+) -> dict[str, Any]:
     """config.json: enough to load the SAE and to know exactly what it was trained on."""
-    return {"train": cfg.to_dict(), "hyperparameters": cfg.hyperparameters(), "sae": sae_cfg.__dict__,
-            "lr_effective": lr, "steps": steps, "world_size": world_size,
-            "cache": {"path": str(Path(cfg.cache).resolve()), "fingerprint": cache.fingerprint,
-                      "model": cache.meta["model"]["name"], "dataset": cache.meta["spec"]["dataset"],
-                      "hook": cache.meta["spec"]["hook"], "lens": cache.lens_record,
-                      "dtype": cache.layout.dtype, "n_tokens": cache.layout.n_tokens},
-            "layers": layers, "eval_chunks": eval_chunks, "versions": library_versions()}
+    return {
+        "train": cfg.to_dict(),
+        "hyperparameters": cfg.hyperparameters(),
+        "sae": sae_cfg.__dict__,
+        "lr_effective": lr,
+        "steps": steps,
+        "world_size": world_size,
+        "cache": {
+            "path": str(Path(cfg.cache).resolve()),
+            "fingerprint": cache.fingerprint,
+            "model": cache.meta["model"]["name"],
+            "dataset": cache.meta["spec"]["dataset"],
+            "hook": cache.meta["spec"]["hook"],
+            "lens": cache.lens_record,
+            "dtype": cache.layout.dtype,
+            "n_tokens": cache.layout.n_tokens,
+        },
+        "layers": layers,
+        "eval_chunks": eval_chunks,
+        "versions": library_versions(),
+    }
 
 
 def _check_out(out: Path, record: dict[str, Any]) -> str:
@@ -86,13 +117,18 @@ def _check_out(out: Path, record: dict[str, Any]) -> str:
             raise SpecError(f"{out} exists and holds no training run: choose another --out or remove it")
         return "new"
     old = json.loads(cfg_file.read_text())
-    diffs = [f"{k}: {old['hyperparameters'].get(k)!r} -> {v!r}" for k, v in record["hyperparameters"].items()
-             if old["hyperparameters"].get(k) != v]
+    diffs = [
+        f"{k}: {old['hyperparameters'].get(k)!r} -> {v!r}"
+        for k, v in record["hyperparameters"].items()
+        if old["hyperparameters"].get(k) != v
+    ]
     if old["cache"]["fingerprint"] != record["cache"]["fingerprint"]:
         diffs.insert(0, "cache fingerprint differs")
     if diffs:
-        raise SpecError(f"{out} holds a run with other settings ({'; '.join(diffs[:4])}): resume with the same "
-                        f"settings, or choose another --out")
+        raise SpecError(
+            f"{out} holds a run with other settings ({'; '.join(diffs[:4])}): resume with the same "
+            f"settings, or choose another --out"
+        )
     return "done" if (out / "summary.json").is_file() else "resume"
 
 
@@ -120,7 +156,14 @@ def _all_reduce(t: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
 
 
 def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Callable[[str], None]) -> list[dict]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     first = configs[0]
     cache = open_cache(first.cache)
@@ -132,15 +175,21 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     if first.batch_tokens % dist.world_size:
         raise SpecError(f"batch_tokens = {first.batch_tokens} must be divisible by the {dist.world_size} ranks")
     keep = cache.read_tokens("keep")
-    train_tokens = sum(int(keep[slice(*cache.layout.chunk_range(c))].sum()) if not first.include_special else
-                       len(range(*cache.layout.chunk_range(c))) for c in train_chunks)
+    train_tokens = sum(
+        int(keep[slice(*cache.layout.chunk_range(c))].sum())
+        if not first.include_special
+        else len(range(*cache.layout.chunk_range(c)))
+        for c in train_chunks
+    )
     tokens = first.tokens or train_tokens
     steps = max(1, tokens // first.batch_tokens)
     if tokens > train_tokens:
         log(f"{tokens:,} training tokens from a training split of {train_tokens:,}: {tokens / train_tokens:.2f} epochs")
     if first.batch_tokens // dist.world_size > train_tokens:
-        raise SpecError(f"batch_tokens = {first.batch_tokens} exceeds the {train_tokens:,} training tokens of the "
-                        f"cache: lower --batch-tokens or harvest more")
+        raise SpecError(
+            f"batch_tokens = {first.batch_tokens} exceeds the {train_tokens:,} training tokens of the "
+            f"cache: lower --batch-tokens or harvest more"
+        )
 
     # -- the runs ----------------------------------------------------------------------------------
     runs: list[Run] = []
@@ -148,8 +197,14 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     for cfg, layers in zip(configs, layers_of):
         out = Path(cfg.out or cfg.default_out())
         try:
-            sae_cfg = SaeConfig.from_expansion(cache.layout.d_model, cfg.expansion_factor, cfg.k, k_aux=cfg.k_aux,
-                                               aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens)
+            sae_cfg = SaeConfig.from_expansion(
+                cache.layout.d_model,
+                cfg.expansion_factor,
+                cfg.k,
+                k_aux=cfg.k_aux,
+                aux_coef=cfg.aux_coef,
+                dead_tokens=cfg.dead_tokens,
+            )
         except ValueError as e:
             raise SpecError(f"{e}: lower -k or raise --expansion-factor")
         lr = _lr(cfg, sae_cfg.n_latents)
@@ -161,8 +216,16 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
         gen = torch.Generator().manual_seed(cfg.seed)
         sae = TopKSae(sae_cfg, device=device, generator=gen)
         opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
-        run = Run(cfg, out, torch.tensor([union.index(l) for l in layers], device=device), layers, sae, opt,
-                  DeadLatents(sae_cfg.n_latents, cfg.dead_tokens, device), lr)
+        run = Run(
+            cfg,
+            out,
+            torch.tensor([union.index(l) for l in layers], device=device),
+            layers,
+            sae,
+            opt,
+            DeadLatents(sae_cfg.n_latents, cfg.dead_tokens, device),
+            lr,
+        )
         if state == "resume" and (out / CHECKPOINT).is_file():
             ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
             sae.load_state_dict(ck["sae"])
@@ -170,43 +233,68 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
             run.dead.load_state_dict(ck["dead"])
             run.fvu_initial = ck["fvu_initial"]
             if len(ck["stream"]) != dist.world_size:
-                raise TrainingError(f"{out} was checkpointed with {len(ck['stream'])} ranks: resume with the same "
-                                    f"number of ranks")
+                raise TrainingError(
+                    f"{out} was checkpointed with {len(ck['stream'])} ranks: resume with the same number of ranks"
+                )
             if runs and (ck["step"] != start_step):
-                raise TrainingError("the runs of this sweep were checkpointed at different steps: resume them "
-                                    "separately")
+                raise TrainingError(
+                    "the runs of this sweep were checkpointed at different steps: resume them separately"
+                )
             start_step, stream_states = ck["step"], ck["stream"]
         elif runs and start_step:
-            raise TrainingError(f"{out} is new but other runs of this sweep resume at step {start_step}: "
-                                f"resume them separately")
+            raise TrainingError(
+                f"{out} is new but other runs of this sweep resume at step {start_step}: resume them separately"
+            )
         if dist.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(record, indent=1))
             if start_step == 0:
                 (out / "metrics.jsonl").write_text("")
-            run.metrics = open(out / "metrics.jsonl", "a")
+            run.metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run)
         runs.append(run)
     if not runs:
         return []
 
     per_rank = first.batch_tokens // dist.world_size
-    stream = MinibatchStream(cache, train_chunks, union, per_rank, first.round_chunks, device, seed=first.seed,
-                             rank=dist.rank, world_size=dist.world_size, include_special=first.include_special,
-                             prefetch=first.prefetch)
+    stream = MinibatchStream(
+        cache,
+        train_chunks,
+        union,
+        per_rank,
+        first.round_chunks,
+        device,
+        seed=first.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        include_special=first.include_special,
+        prefetch=first.prefetch,
+    )
     if stream_states is not None:
         stream.state = StreamState(**stream_states[dist.rank])
-    log(f"training {len(runs)} SAE(s) on {cache.path}: {steps:,} steps of {first.batch_tokens:,} tokens, layers "
+    log(
+        f"training {len(runs)} SAE(s) on {cache.path}: {steps:,} steps of {first.batch_tokens:,} tokens, layers "
         f"{union if len(union) < 8 else f'{union[0]}..{union[-1]}'}, {len(eval_chunks)} held-out chunks, {device}"
-        + (f"; resuming at step {start_step}" if start_step else ""))
+        + (f"; resuming at step {start_step}" if start_step else "")
+    )
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
     # throughput counts from the end of this session's first step: b_pre init, the initial held-out
     # evaluation and the first round read are one-off costs, not the training rate
     t0, tokens_at_t0 = time.time(), start_step * first.batch_tokens
-    columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:>8.0f} tok/s"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:>8.0f} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     batches = iter(stream)
     with Progress(*columns, disable=not show_progress) as bar:
         task = bar.add_task("", total=steps, completed=start_step, loss=float("nan"), rate=0.0)
@@ -217,23 +305,42 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
                 x = x_all.index_select(0, run.layer_idx)
                 if step == 0:
                     _init_b_pre(run, x, dist)
-                    run.fvu_initial = evaluate(run.sae, cache, eval_chunks, run.layers, device,
-                                               run.cfg.include_special) if dist.rank == 0 else None
+                    run.fvu_initial = (
+                        evaluate(run.sae, cache, eval_chunks, run.layers, device, run.cfg.include_special)
+                        if dist.rank == 0
+                        else None
+                    )
                 parts = _step(run, x, step, autocast, dist)
                 if dist.rank == 0 and (step % run.cfg.log_every == 0 or step == steps - 1):
                     rate = (step + 1) * first.batch_tokens - tokens_at_t0
-                    run.metrics.write(json.dumps({
-                        "step": step, "tokens": (step + 1) * first.batch_tokens, "loss": parts[0], "fvu": parts[1],
-                        "fvu_per_layer": parts[2], "auxk": parts[3], "dead_fraction": run.dead.fraction,
-                        "lr": run.opt.param_groups[0]["lr"], "tokens_per_s": rate / max(time.time() - t0, 1e-9)}) + "\n")
+                    run.metrics.write(
+                        json.dumps(
+                            {
+                                "step": step,
+                                "tokens": (step + 1) * first.batch_tokens,
+                                "loss": parts[0],
+                                "fvu": parts[1],
+                                "fvu_per_layer": parts[2],
+                                "auxk": parts[3],
+                                "dead_fraction": run.dead.fraction,
+                                "lr": run.opt.param_groups[0]["lr"],
+                                "tokens_per_s": rate / max(time.time() - t0, 1e-9),
+                            }
+                        )
+                        + "\n"
+                    )
                     run.metrics.flush()
             done = step + 1
             if step == start_step and steps - start_step > 1:
                 t0, tokens_at_t0 = time.time(), done * first.batch_tokens
             if done % first.checkpoint_every == 0 or done == steps:
                 _checkpoint(runs, done, stream, dist)
-            bar.update(task, completed=done, loss=parts[0],
-                       rate=(done * first.batch_tokens - tokens_at_t0) / max(time.time() - t0, 1e-9))
+            bar.update(
+                task,
+                completed=done,
+                loss=parts[0],
+                rate=(done * first.batch_tokens - tokens_at_t0) / max(time.time() - t0, 1e-9),
+            )
 
     # -- held-out evaluation and outputs --------------------------------------------------------------
     summaries = []
@@ -243,10 +350,16 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
             continue
         final = evaluate(run.sae, cache, eval_chunks, run.layers, device, run.cfg.include_special)
         run.sae.save(run.out)
-        summary = {"out": str(run.out), "layers": run.layers, "steps": steps, "tokens": steps * first.batch_tokens,
-                   "seconds_training": seconds,
-                   "tokens_per_s": (steps * first.batch_tokens - tokens_at_t0) / max(seconds, 1e-9),
-                   "held_out_initial": run.fvu_initial, "held_out": final}
+        summary = {
+            "out": str(run.out),
+            "layers": run.layers,
+            "steps": steps,
+            "tokens": steps * first.batch_tokens,
+            "seconds_training": seconds,
+            "tokens_per_s": (steps * first.batch_tokens - tokens_at_t0) / max(seconds, 1e-9),
+            "held_out_initial": run.fvu_initial,
+            "held_out": final,
+        }
         (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
         run.metrics.close()
         summaries.append(summary)
@@ -272,9 +385,11 @@ def _step(run: Run, x: torch.Tensor, step: int, autocast: Any, dist: Dist) -> tu
     parts = training_loss(x, out, cfg.aux_coef)
     finite = torch.isfinite(parts.loss).float()
     if _all_reduce(finite.clone(), dist).item() < dist.world_size:
-        raise TrainingError(f"{run.out}: the loss became {parts.loss.item()} at step {step}; the last good "
-                            f"checkpoint is kept in {run.out / CHECKPOINT}: lower --lr or check the cache "
-                            f"(harvest verify)")
+        raise TrainingError(
+            f"{run.out}: the loss became {parts.loss.item()} at step {step}; the last good "
+            f"checkpoint is kept in {run.out / CHECKPOINT}: lower --lr or check the cache "
+            f"(harvest verify)"
+        )
     run.opt.zero_grad(set_to_none=True)
     parts.loss.backward()
     if dist.world_size > 1:
@@ -305,7 +420,13 @@ def _checkpoint(runs: list[Run], step: int, stream: MinibatchStream, dist: Dist)
         tdist.all_gather_object(states, stream.state.to_dict())
     if dist.rank == 0:
         for run in runs:
-            ck = {"step": step, "sae": run.sae.state_dict(), "opt": run.opt.state_dict(), "dead": run.dead.state_dict(),
-                  "stream": states, "fvu_initial": run.fvu_initial}
-            _write_atomic(run.out / CHECKPOINT, lambda p: torch.save(ck, p))
+            ck = {
+                "step": step,
+                "sae": run.sae.state_dict(),
+                "opt": run.opt.state_dict(),
+                "dead": run.dead.state_dict(),
+                "stream": states,
+                "fvu_initial": run.fvu_initial,
+            }
+            _write_atomic(run.out / CHECKPOINT, lambda p, ck=ck: torch.save(ck, p))
     dist.barrier()

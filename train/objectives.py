@@ -177,8 +177,12 @@ class FvuAccumulator:
         n = n_a + n_b
         safe = torch.where(n > 0, n, torch.ones_like(n))
         delta = other.mean - self.mean
-        return FvuAccumulator(self.sse + other.sse, self.n + other.n, self.mean + delta * n_b / safe,
-                              self.m2 + other.m2 + delta.pow(2) * n_a * n_b / safe)
+        return FvuAccumulator(
+            self.sse + other.sse,
+            self.n + other.n,
+            self.mean + delta * n_b / safe,
+            self.m2 + other.m2 + delta.pow(2) * n_a * n_b / safe,
+        )
 
     def to(self, device: str | torch.device) -> "FvuAccumulator":
         return FvuAccumulator(*(t.to(device) for t in (self.sse, self.n, self.mean, self.m2)))
@@ -193,7 +197,7 @@ class FvuAccumulator:
         d = self.mean.shape[1]
         acc = FvuAccumulator.zeros(*self.mean.shape, device=packed.device)
         for p in parts:
-            acc = acc.merge(FvuAccumulator(p[:, 0], p[:, 1], p[:, 2:2 + d], p[:, 2 + d:]))
+            acc = acc.merge(FvuAccumulator(p[:, 0], p[:, 1], p[:, 2 : 2 + d], p[:, 2 + d :]))
         return acc
 
     def denominators(self) -> tuple[Tensor, Tensor]:

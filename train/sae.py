@@ -55,8 +55,10 @@ class SaeConfig:
         if not 0 < self.k < self.n_latents:
             raise ValueError(f"k must be in 1..n_latents-1 (n_latents={self.n_latents}), got k={self.k}")
         if self.k_aux < 0 or self.aux_coef < 0 or self.dead_tokens < 1:
-            raise ValueError(f"need k_aux >= 0, aux_coef >= 0, dead_tokens >= 1; got {self.k_aux}, "
-                             f"{self.aux_coef}, {self.dead_tokens}")
+            raise ValueError(
+                f"need k_aux >= 0, aux_coef >= 0, dead_tokens >= 1; got {self.k_aux}, "
+                f"{self.aux_coef}, {self.dead_tokens}"
+            )
 
     @classmethod
     def from_expansion(cls, d_model: int, expansion_factor: int, k: int, **kw) -> "SaeConfig":
@@ -116,8 +118,13 @@ def row_dots(A: Tensor, W: Tensor, idx: Tensor) -> Tensor:
     n, k = idx.shape
     idx_sorted, perm = idx.sort(dim=1)
     crow = torch.arange(0, n * k + 1, k, device=idx.device, dtype=idx.dtype)
-    pattern = torch.sparse_csr_tensor(crow, idx_sorted.reshape(-1), torch.zeros(n * k, device=A.device, dtype=A.dtype),
-                                      size=(n, W.shape[0]), check_invariants=False)  # valid by construction
+    pattern = torch.sparse_csr_tensor(
+        crow,
+        idx_sorted.reshape(-1),
+        torch.zeros(n * k, device=A.device, dtype=A.dtype),
+        size=(n, W.shape[0]),
+        check_invariants=False,
+    )  # valid by construction
     dots = torch.sparse.sampled_addmm(pattern, A, W.to(A.dtype).t()).values().view(n, k)
     return torch.empty_like(dots).scatter_(1, perm, dots)
 
@@ -130,7 +137,7 @@ def scatter_rows(idx: Tensor, w: Tensor, X: Tensor, n_rows: int) -> Tensor:
     decoder (w = values, X = grad of the output); it costs N*k*d, not N*n_rows*d. Done as a gather-sum
     again: sort the N*k entries by row j, then one embedding_bag with a bag per j (measured here: 2.5x
     faster than torch.sparse.mm on the COO matrix, 2x faster than a CSR matmul)."""
-    n, k = idx.shape
+    k = idx.shape[1]
     flat = idx.reshape(-1)
     order = flat.argsort()
     offsets = torch.zeros(n_rows, dtype=torch.long, device=idx.device)
@@ -158,8 +165,17 @@ class _TopKEncode(torch.autograd.Function):
     the matmul's FLOP rate), and few latents are dead in a healthy run."""
 
     @staticmethod
-    def forward(ctx, x_tilde: Tensor, b_pre: Tensor, W_enc: Tensor, k: int, dead: Tensor | None,
-                k_aux: int, chunk: int, workspace: Tensor | None):
+    def forward(
+        ctx,
+        x_tilde: Tensor,
+        b_pre: Tensor,
+        W_enc: Tensor,
+        k: int,
+        dead: Tensor | None,
+        k_aux: int,
+        chunk: int,
+        workspace: Tensor | None,
+    ):
         ctx.set_materialize_grads(False)  # an unused aux output then costs nothing in backward
         xc = x_tilde - b_pre
         n, n_dead = xc.shape[0], 0 if dead is None else len(dead)
@@ -176,22 +192,22 @@ class _TopKEncode(torch.autograd.Function):
         # inside an autocast region (CUDA bf16) only this matmul runs in low precision: it is the one
         # dense op; selection on bf16 values is fine, the kept values are returned in full precision.
         for s in range(0, n, chunk):
-            rows = xc[s:s + chunk]
+            rows = xc[s : s + chunk]
             if workspace is not None:  # CPU: a fresh 100 MB result would be page-faulted in every step (~20 ms)
-                pre = torch.matmul(rows, W.t(), out=workspace[:len(rows)])
+                pre = torch.matmul(rows, W.t(), out=workspace[: len(rows)])
             else:
                 pre = rows @ W.t()
             v, i = pre.topk(k, dim=1, sorted=False)
-            values[s:s + chunk] = v
-            indices[s:s + chunk] = i if order is None else order[i]
+            values[s : s + chunk] = v
+            indices[s : s + chunk] = i if order is None else order[i]
             if aux is not None:
                 pd = pre[:, :n_dead]
                 # exact shortcut: with at most k_aux positive entries per row, ReLU(TopK) keeps them all
                 if k_aux < n_dead and int((pd > 0).sum(1).max()) > k_aux:
                     v, i = pd.topk(k_aux, dim=1, sorted=False)
-                    aux[s:s + chunk].scatter_(1, i, v.to(aux.dtype))
+                    aux[s : s + chunk].scatter_(1, i, v.to(aux.dtype))
                 else:
-                    aux[s:s + chunk] = pd
+                    aux[s : s + chunk] = pd
         values.relu_()
         if aux is not None:
             aux.relu_()  # ReLU also zeroes the unselected entries' gradient (they are exactly 0)
@@ -222,7 +238,9 @@ class _TopKEncode(torch.autograd.Function):
             if g_aux is not None:
                 g_W.index_add_(0, dead, g_aux.t() @ xc)
         if ctx.needs_input_grad[1]:
-            col = torch.zeros(n_latents, device=g.device, dtype=g.dtype).index_add_(0, indices.reshape(-1), g.reshape(-1))
+            col = torch.zeros(n_latents, device=g.device, dtype=g.dtype).index_add_(
+                0, indices.reshape(-1), g.reshape(-1)
+            )
             g_b = -(col @ W_enc)
             if g_aux is not None:
                 g_b -= g_aux.sum(0) @ W_dead
@@ -260,8 +278,14 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
 
 
 class TopKSae(nn.Module):
-    def __init__(self, cfg: SaeConfig, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 generator: torch.Generator | None = None, chunk_rows: int | None = None):
+    def __init__(
+        self,
+        cfg: SaeConfig,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        generator: torch.Generator | None = None,
+        chunk_rows: int | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         # rows of pre-activations computed at once: bounds memory to ~2^25 floats (128 MB in fp32);
@@ -289,8 +313,9 @@ class TopKSae(nn.Module):
         k_aux = min(self.cfg.k_aux, len(dead)) if dead is not None else 0
         if k_aux == 0:
             dead = None
-        return _TopKEncode.apply(x_tilde, self.b_pre, self.W_enc, self.cfg.k, dead, k_aux, self.chunk_rows,
-                                 self._pre_workspace(x_tilde))
+        return _TopKEncode.apply(
+            x_tilde, self.b_pre, self.W_enc, self.cfg.k, dead, k_aux, self.chunk_rows, self._pre_workspace(x_tilde)
+        )
 
     def _pre_workspace(self, x_tilde: Tensor) -> Tensor | None:
         """On the CPU, one [chunk_rows, n_latents] buffer reused by every forward. (CUDA's caching
@@ -333,9 +358,16 @@ class TopKSae(nn.Module):
         if aux is not None:
             aux_recon = (aux @ self.W_dec.index_select(0, dead)).view(*lead, d)  # no bias (OpenAI)
         k = self.cfg.k
-        return SaeOutput(x_hat.view(*lead, d), values.view(*lead, k), indices.view(*lead, k),
-                         x_tilde.view(*lead, d), x_hat_tilde.view(*lead, d), mean.view(*lead, 1),
-                         std.view(*lead, 1), aux_recon)
+        return SaeOutput(
+            x_hat.view(*lead, d),
+            values.view(*lead, k),
+            indices.view(*lead, k),
+            x_tilde.view(*lead, d),
+            x_hat_tilde.view(*lead, d),
+            mean.view(*lead, 1),
+            std.view(*lead, 1),
+            aux_recon,
+        )
 
     # -- training-time maintenance ------------------------------------------------------------
 
@@ -346,7 +378,9 @@ class TopKSae(nn.Module):
         x = x.reshape(-1, x.shape[-1])
         x_tilde = torch.empty(x.shape, device=self.device, dtype=torch.float32)  # the one full-size copy
         for s in range(0, len(x), chunk_rows):
-            x_tilde[s:s + chunk_rows] = standardize(x[s:s + chunk_rows].to(device=self.device, dtype=torch.float32))[0]
+            x_tilde[s : s + chunk_rows] = standardize(
+                x[s : s + chunk_rows].to(device=self.device, dtype=torch.float32)
+            )[0]
         self.b_pre.copy_(geometric_median(x_tilde, iters=iters, chunk_rows=chunk_rows).to(self.b_pre.dtype))
 
     @torch.no_grad()
