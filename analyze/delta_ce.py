@@ -346,30 +346,14 @@ def run_delta_ce(
     reconstruct = sae_reconstructor(sae, None if lens is None else lens.to(device))
     batch = batch_size or int(spec.get("batch_size", 4))
     sums = DeltaCeSums.zeros(layers)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from harvest.progress import progress_bar
 
-    with Progress(
-        TextColumn("delta CE"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("windows"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not show_progress,
-    ) as bar:
-        task = bar.add_task("", total=len(ids_all))
+    with progress_bar("delta CE", len(ids_all), "windows", enabled=show_progress) as bar:
         for s in range(0, len(ids_all), batch):
             ids = ids_all[s : s + batch].to(device)
             keep = torch.from_numpy(keep_all[s : s + batch]).to(device)
             sums = sums + spliced_metrics(bridge, ids, layers, reconstruct, keep, hook=spec["hook"])
-            bar.advance(task, len(ids))
+            bar.advance(len(ids))
 
     result = {
         "run": record["dir"],

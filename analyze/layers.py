@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -41,6 +40,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from harvest import ChunkReader, open_cache
+from harvest.atomic import atomic_write
 from harvest.errors import CacheError, SpecError
 from train.objectives import FIRE_THRESHOLD
 
@@ -583,28 +583,11 @@ def _stream(
     progress: bool,
 ) -> None:
     """Encode up to `budget` kept tokens of the reader's chunks and feed the accumulators."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from harvest.progress import progress_bar
 
     upper = min(budget, len(reader) * reader.layout.chunk_tokens)  # kept tokens are unknown until read
-    columns = [
-        TextColumn("variance"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("tokens"),
-        TextColumn("{task.fields[rate]:>9,.0f} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    done, t0 = 0, time.perf_counter()
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("", total=upper, rate=0.0)
+    done = 0
+    with progress_bar("variance", upper, "tokens", enabled=progress, rate_unit="tok/s") as bar:
         for chunk in reader.epoch(0):
             kept = chunk.keep.nonzero().squeeze(1)[: budget - done]
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
@@ -615,10 +598,10 @@ def _stream(
                 if ref is not None:
                     ref.update(values, indices)
             done += len(kept)
-            bar.update(task, completed=done, rate=done / max(time.perf_counter() - t0, 1e-9))
+            bar.advance(len(kept))
             if done >= budget:
                 break
-        bar.update(task, total=done)
+        bar.update(total=done)
     if dev.startswith("cuda"):
         torch.cuda.synchronize()  # the time measured by the caller is the work done, not the work queued
 
@@ -632,13 +615,14 @@ def _write_outputs(acc: LayerDistribution, summary: dict[str, Any], out_dir: Pat
         "var_layer": acc.var_layer().cpu(),
         "var_layer_within_token": acc.var_layer_within_token().cpu(),
     }
-    tmp = out_dir / f".{DISTRIBUTION_FILE}.tmp-{os.getpid()}"
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"layers": json.dumps(summary["layers"]), "tokens": str(summary["tokens"])},
+    atomic_write(
+        out_dir / DISTRIBUTION_FILE,
+        lambda tmp: save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"layers": json.dumps(summary["layers"]), "tokens": str(summary["tokens"])},
+        ),
     )
-    os.replace(tmp, out_dir / DISTRIBUTION_FILE)
     if figures:
         from analyze.figures_layers import layer_heatmap, mean_layer_histogram
 

@@ -36,6 +36,7 @@ import torch
 import zarr
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write_json, fsync_dir, fsync_file
 from .errors import CacheError, StorageError
 from .stats import LayerStats
 
@@ -138,31 +139,12 @@ class Layout:
 # small file helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write, fsync, rename: a reader sees the old file or the whole new one, even after a crash."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def file_checksum(path: Path, fsync: bool = False) -> tuple[int, int]:
     """(size, crc32) of a file, optionally fsyncing it first."""
     crc, size = 0, 0
+    if fsync:
+        fsync_file(path)
     with open(path, "rb") as f:
-        if fsync:
-            os.fsync(f.fileno())
         while buf := f.read(1 << 22):
             crc = zlib.crc32(buf, crc)
             size += len(buf)
@@ -242,7 +224,7 @@ def create_cache(
         if path.exists():
             path.rmdir()
         os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _storage_error(e, path)
@@ -414,8 +396,8 @@ class CacheWriter(Cache):
             for f in [*self.block_files(b), self.stats_path(b)]:
                 size, crc = file_checksum(f, fsync=True)
                 files[str(f.relative_to(self.path))] = {"size": size, "crc32": crc}
-            _fsync_dir(self.path / "acts")
-            write_json_atomic(self.manifest_path(b), {"block": b, "start": start, "stop": stop, "files": files})
+            fsync_dir(self.path / "acts")
+            atomic_write_json(self.manifest_path(b), {"block": b, "start": start, "stop": stop, "files": files})
         except OSError as e:
             raise _storage_error(e, self.path)
 

@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .flags import run_app, with_dataclass_flags
-from .spec import CacheSpec, spec_fields
+from .lens_train import LensSpec, LensTrainConfig
+from .spec import CacheSpec
 
 app = typer.Typer(
     add_completion=False,
@@ -32,7 +33,7 @@ def _human(n: float) -> str:
 
 
 @app.command()
-@with_dataclass_flags(spec_fields())
+@with_dataclass_flags(CacheSpec)
 def run(
     spec: Optional[Path] = typer.Option(None, "--spec", help="YAML spec file (cache_spec.yaml); flags override it."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -106,15 +107,13 @@ def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
 @app.command()
 def verify(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
     """Re-read every file and check it against the manifest; exit 1 on missing, truncated or corrupt data."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
     from .cache import open_cache, verify_cache
+    from .progress import progress_bar
 
     cache = open_cache(path)
     total = cache.size_on_disk()
-    with Progress("verify", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err_console) as bar:
-        task = bar.add_task("", total=total)
-        problems = verify_cache(cache, progress=lambda n: bar.advance(task, n))
+    with progress_bar("verify", total, bytes_=True, console=err_console) as bar:
+        problems = verify_cache(cache, progress=bar.advance)
     if problems:
         for p in problems[:20]:
             err_console.print(f"[red]problem[/]: {p}")
@@ -134,16 +133,8 @@ lens_app = typer.Typer(
 app.add_typer(lens_app, name="lens")
 
 
-def _lens_fields() -> list:
-    from dataclasses import fields
-
-    from .lens_train import LensSpec, LensTrainConfig
-
-    return [*fields(LensSpec), *fields(LensTrainConfig)]
-
-
 @lens_app.command("train")
-@with_dataclass_flags(_lens_fields())
+@with_dataclass_flags(LensSpec, LensTrainConfig)
 def lens_train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of the fields below; flags override it."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -154,7 +145,7 @@ def lens_train(
     from dataclasses import fields
 
     from .flags import read_yaml_mapping, replace_fields
-    from .lens_train import LensSpec, LensTrainConfig, run_lens_training
+    from .lens_train import run_lens_training
 
     given = {**(read_yaml_mapping(config, "lens config", "--config") if config else {}), **overrides}
     names = {f.name for f in fields(LensSpec)}

@@ -9,17 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from .flags import flag_field
+from .atomic import atomic_write
+from .flags import FlagConfig, flag_field
 from .lens import FinalNorm, Lens, LensError, Unembed, final_norm_and_unembed
-from .spec import ModelText
+from .progress import progress_bar
+from .spec import BosPolicy, ModelDtype, ModelText
 
 # ---------------------------------------------------------------------------------------------
 # KL in vocabulary chunks
@@ -97,7 +98,7 @@ _f = flag_field
 
 
 @dataclass
-class LensTrainConfig:
+class LensTrainConfig(FlagConfig):
     """The tuned-lens library's recipe (scripts/train_loop.py + ingredients.Optimizer), scaled down.
 
     The library's SGD learning rate is `lr_scale * (1 - momentum)` = 1.0 * 0.1 = 0.1: PyTorch's momentum
@@ -116,7 +117,7 @@ class LensTrainConfig:
     weight_decay: float = _f(1e-3, "Weight decay (pulls translators toward the identity).")
     clip: float = _f(1.0, "Gradient-norm clip over all translators.")
     vocab_chunk: int = _f(8192, "Vocabulary rows per KL chunk (memory: rows x layers x tokens floats).")
-    kl_dtype: str = _f(
+    kl_dtype: Literal["float32", "bfloat16"] = _f(
         "float32",
         "Matmul dtype of the training KL: float32, or bfloat16 (1.5x faster per step on "
         "a 2-core AVX512-BF16 CPU; the held-out report is always float32).",
@@ -126,14 +127,13 @@ class LensTrainConfig:
     checkpoint_every: int = _f(4, "Steps between resumable checkpoints (an interrupted run resumes from the last).")
 
     def validate(self) -> "LensTrainConfig":
+        self.check_types()
         for name in ("steps", "batch", "vocab_chunk", "checkpoint_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise LensError(f"{name} = {v!r} must be a positive integer")
         if not isinstance(self.heldout, int) or self.heldout < 1:
             raise LensError(f"heldout = {self.heldout!r}: hold out at least 1 window for the KL report")
-        if self.kl_dtype not in KL_DTYPES:
-            raise LensError(f"kl_dtype = {self.kl_dtype!r}: use one of {', '.join(KL_DTYPES)}")
         return self
 
     @property
@@ -246,18 +246,7 @@ def train_lens(
             log(f"ignoring the checkpoint {checkpoint}: it is for other settings or data")
     t0 = time.time() - before
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("lens"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("KL {task.fields[kl]:.3f}"),
-        TimeElapsedColumn(),
-        disable=not progress,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("train", total=cfg.steps, kl=float("nan"), completed=start)
+    with progress_bar("lens", cfg.steps, "steps", enabled=progress, completed=start, fields={"KL": ".3f"}) as bar:
         for step in range(start, cfg.steps):
             if pos + cfg.batch > len(order):  # new epoch, reshuffled
                 order, pos = torch.randperm(len(train), generator=gen), 0
@@ -280,24 +269,20 @@ def train_lens(
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             sched.step()
-            bar.update(task, advance=1, kl=total / len(trained))
+            bar.advance(1, KL=total / len(trained))
             if checkpoint is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-                torch.save(
-                    {
-                        "identity": identity,
-                        "lens": lens.state_dict(),
-                        "opt": opt.state_dict(),
-                        "sched": sched.state_dict(),
-                        "gen": gen.get_state(),
-                        "order": order,
-                        "pos": pos,
-                        "step": step + 1,
-                        "seconds": time.time() - t0,
-                    },
-                    tmp,
-                )
-                os.replace(tmp, checkpoint)
+                state = {
+                    "identity": identity,
+                    "lens": lens.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "gen": gen.get_state(),
+                    "order": order,
+                    "pos": pos,
+                    "step": step + 1,
+                    "seconds": time.time() - t0,
+                }
+                atomic_write(checkpoint, lambda p, state=state: torch.save(state, p))
     seconds = time.time() - t0
     lens.eval()
     kl_z, kl_t = _heldout_kl(lens, bridge, held, norm, unembed, cfg, device)
@@ -328,8 +313,10 @@ class LensSpec(ModelText):
         "Tokens read, rounded up to whole windows; the last `heldout` windows are held out "
         "(default: 28 windows, 24 to train on, 4 held out).",
     )
-    prepend_bos: str = _f("auto", "Start each window with BOS: auto (where the tokenizer adds one), always, never.")
-    model_dtype: str = _f("float32", "dtype the model runs in: float32, bfloat16 or float16.")
+    prepend_bos: BosPolicy = _f(
+        "auto", "Start each window with BOS: auto (where the tokenizer adds one), always, never."
+    )
+    model_dtype: ModelDtype = _f("float32", "dtype the model runs in: float32, bfloat16 or float16.")
     device: str = _f("auto", "auto (cuda if present), cpu, cuda or cuda:N.")
     out: str = _f("lenses/gemma-3-270m-sotu", "Output folder: config.json + params.pt (FAR.AI layout), report.json.")
 

@@ -24,6 +24,7 @@ from .env import Dist, library_versions
 from .errors import CacheError, SpecError, StorageError, UserError
 from .lens import Lens, resolve_lens
 from .models import ModelSource, load_bridge, load_config, load_tokenizer, resolve_device, resolve_model
+from .progress import progress_bar
 from .spec import CacheSpec, fingerprint
 from .stats import LayerStats
 from .text import adds_bos, iter_documents, make_windows, resolve_dataset
@@ -181,15 +182,6 @@ def harvest(spec: CacheSpec, show_progress: bool = True, log: Callable[[str], No
 
 
 def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[str], None]) -> Summary:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     t0 = time.time()
     out = Path(spec.out)
     # -- resolve everything cheap first: bad input fails before any work -------------------------
@@ -233,22 +225,14 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
             return
         _check_writable(out)
         _check_disk_space(out, layout, layout.n_tokens)
-        with Progress(
-            TextColumn("tokenizing"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            disable=not show_progress,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("", total=layout.n_tokens)
+        with progress_bar("tokenizing", layout.n_tokens, "tokens", enabled=show_progress, transient=True) as bar:
             windows = make_windows(
                 iter_documents(data, spec.split, spec.text_column, spec.dataset_config),
                 tokenizer,
                 spec.context,
                 layout.n_sequences,
                 prepend_bos,
-                progress=lambda n: bar.advance(task, n),
+                progress=bar.advance,
                 dataset_name=f"dataset {spec.dataset!r}",
             )
         meta = {
@@ -308,18 +292,9 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
                 lens = lens.to(device)
             special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
             my_tokens = sum(layout.block_range(b)[1] - layout.block_range(b)[0] for b in todo)
-            columns = [
-                TextColumn(f"harvest{f' rank 0/{dist.world_size}' if dist.world_size > 1 else ''}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("tokens"),
-                TextColumn("{task.fields[rate]:>8.0f} tok/s"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-            ]
+            label = f"harvest{f' rank 0/{dist.world_size}' if dist.world_size > 1 else ''}"
             t_loop = time.time()  # after model loading
-            with Progress(*columns, disable=not show_progress) as bar:
-                task = bar.add_task("", total=my_tokens, rate=0.0)
+            with progress_bar(label, my_tokens, "tokens", enabled=show_progress, rate_unit="tok/s") as bar:
                 bg = BackgroundWriter(writer)
                 try:
                     for b in todo:
@@ -332,10 +307,7 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
                             spec,
                             special,
                             device,
-                            lambda n: (
-                                bar.advance(task, n),
-                                bar.update(task, rate=bar.tasks[0].completed / max(1e-9, time.time() - t_loop)),
-                            ),
+                            bar.advance,
                         )
                         bg.submit(b, acts, tokens, stats)
                         tokens_this_run += acts.shape[1]

@@ -11,18 +11,17 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import SpecError
-from .flags import flag_field, read_yaml_mapping, replace_fields
+from .flags import FlagConfig, flag_field
 
-STORAGE_DTYPES = ("bfloat16", "float32", "float16")
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
-COMPRESSIONS = ("none", "blosc-zstd")
-HOOKS = ("resid_post", "resid_pre", "resid_mid")
-SPECIAL_TOKEN_POLICIES = ("exclude", "include")
-BOS_POLICIES = ("auto", "always", "never")
+StorageDtype = Literal["bfloat16", "float32", "float16"]
+ModelDtype = Literal["float32", "bfloat16", "float16"]
+Compression = Literal["none", "blosc-zstd"]
+Hook = Literal["resid_post", "resid_pre", "resid_mid"]
+SpecialTokens = Literal["exclude", "include"]
+BosPolicy = Literal["auto", "always", "never"]
 
 # Fields that do not change the cached data: a resume may change them freely.
 RUNTIME_FIELDS = frozenset({"out", "batch_size", "device"})
@@ -32,7 +31,7 @@ _f = flag_field
 
 
 @dataclass
-class ModelText:
+class ModelText(FlagConfig):
     """The model and the text it reads: the first fields of `harvest run` (CacheSpec) and of `harvest lens
     train` (harvest.lens_train.LensSpec)."""
 
@@ -45,52 +44,41 @@ class ModelText:
 
 @dataclass
 class CacheSpec(ModelText):
+    _what = "spec"
+    _yaml_flag = "--spec"
+
     context: int = _f(1024, "Tokens per context window (the reference uses 2048).")
     tokens: int = _f(40_960, "Token budget: rounded UP to whole context windows.")
     layers: str = _f("all", "Blocks to cache: 'all' or a comma list such as '0,3,5'.")
-    hook: str = _f("resid_post", "Hook point per block: resid_post (paper), resid_pre or resid_mid.")
-    dtype: str = _f("bfloat16", "Storage dtype: bfloat16 (default), float32, or float16 (errors on overflow).")
-    model_dtype: str = _f("float32", "dtype the model runs in: float32, bfloat16 or float16.")
+    hook: Hook = _f("resid_post", "Hook point per block: resid_post (paper), resid_pre or resid_mid.")
+    dtype: StorageDtype = _f("bfloat16", "Storage dtype: bfloat16 (default), float32, or float16 (errors on overflow).")
+    model_dtype: ModelDtype = _f("float32", "dtype the model runs in: float32, bfloat16 or float16.")
     lens: str = _f(
         "none",
         "Tuned lens applied before storing: none, a lens folder (config.json + params.pt, e.g. "
         "from `harvest lens train`), hub (the FAR.AI lens of this Hub model) or hub:<model id>.",
     )
-    special_tokens: str = _f(
+    special_tokens: SpecialTokens = _f(
         "exclude", "exclude: keep=False for BOS/EOS/PAD (default); include: keep every token (reference)."
     )
-    prepend_bos: str = _f("auto", "Start each window with BOS: auto (where the tokenizer adds one), always, never.")
+    prepend_bos: BosPolicy = _f(
+        "auto", "Start each window with BOS: auto (where the tokenizer adds one), always, never."
+    )
     batch_size: int = _f(4, "Context windows per forward pass.")
     chunk_tokens: int = _f(4096, "Tokens per inner chunk (the unit of random reads); aim for 4-8 MB per layer.")
     shard_tokens: int = _f(65_536, "Tokens per shard file (one file per layer and shard); a multiple of chunk_tokens.")
     shuffle_tokens: int = _f(131_072, "Write-shuffle window: tokens buffered, permuted and flushed together.")
-    compression: str = _f("none", "none (fastest reads) or blosc-zstd (level 1, byte shuffle; for slow storage).")
+    compression: Compression = _f(
+        "none", "none (fastest reads) or blosc-zstd (level 1, byte shuffle; for slow storage)."
+    )
     seed: int = _f(0, "Seed of the write-shuffle permutations.")
     device: str = _f("auto", "auto (cuda if present), cpu, cuda or cuda:N.")
     out: str = _f("caches/gemma-3-270m-sotu", "Output folder of the cache.")
 
-    # ---- construction -------------------------------------------------------------------------
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "CacheSpec":
-        return cls().replace(**read_yaml_mapping(path, "spec", "--spec"))
-
-    def replace(self, **overrides: Any) -> "CacheSpec":
-        """A copy with the given fields changed; None values are ignored (unset CLI flags)."""
-        return replace_fields(self, overrides, "spec")
-
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> "CacheSpec":
         """Checks that need no model or data; raises SpecError naming the field and the fix."""
-        for name, allowed in [
-            ("dtype", STORAGE_DTYPES),
-            ("model_dtype", MODEL_DTYPES),
-            ("compression", COMPRESSIONS),
-            ("hook", HOOKS),
-            ("special_tokens", SPECIAL_TOKEN_POLICIES),
-            ("prepend_bos", BOS_POLICIES),
-        ]:
-            if getattr(self, name) not in allowed:
-                raise SpecError(f"{name} = {getattr(self, name)!r} is not supported: use one of {', '.join(allowed)}")
+        self.check_types()
         for name in ["context", "tokens", "batch_size", "chunk_tokens", "shard_tokens", "shuffle_tokens"]:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -139,9 +127,6 @@ class CacheSpec(ModelText):
         return -(-self.tokens // self.context)
 
     # ---- identity -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def identity(self) -> dict[str, Any]:
         """The fields that determine the cached bytes."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from harvest.errors import SpecError
 from harvest.flags import run_app, with_dataclass_flags
-from train.config import TrainConfig, config_fields
+from train.config import TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -53,7 +53,7 @@ def _print(summaries: list[dict]) -> None:
 
 
 @app.command()
-@with_dataclass_flags(config_fields(), short={"k": "-k"})
+@with_dataclass_flags(TrainConfig, short={"k": "-k"})
 def run(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig fields; flags override it."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -67,7 +67,7 @@ def run(
 
 
 @app.command()
-@with_dataclass_flags(config_fields(), exclude=SWEPT + ("out",))
+@with_dataclass_flags(TrainConfig, exclude=SWEPT + ("out",))
 def sweep(
     expansion_factor: Optional[str] = typer.Option(
         None, "--expansion-factor", help="Comma list, e.g. 16,32,64 [default: the config's, 64]."

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from harvest.errors import SpecError
-from harvest.flags import flag_field, read_yaml_mapping, replace_fields
+from harvest.flags import FlagConfig, flag_field
 
 # Fields that may change when a run is resumed (they do not change the result).
 RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "prefetch"})
@@ -18,7 +18,7 @@ _f = flag_field
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(FlagConfig):
     cache: str = _f("caches/gemma-3-270m-sotu", "Harvested cache folder.")
     layers: str = _f(
         "all", "'all' trains the multi-layer SAE on every cached layer; a layer number trains a single-layer SAE."
@@ -49,15 +49,8 @@ class TrainConfig:
     prefetch: int = _f(8, "Chunk reads in flight.")
     out: str = _f("", "Run folder; default runs/<cache name>-<layers>-x<expansion>-k<k>.")
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "TrainConfig":
-        return cls().replace(**read_yaml_mapping(path, "config", "--config"))
-
-    def replace(self, **overrides: Any) -> "TrainConfig":
-        """A copy with the given fields changed; None values are ignored (unset CLI flags)."""
-        return replace_fields(self, overrides, "config")
-
     def validate(self) -> "TrainConfig":
+        self.check_types()
         for name in [
             "expansion_factor",
             "k",
@@ -95,9 +88,6 @@ class TrainConfig:
         name = Path(self.cache).name
         tag = "mlsae" if self.layers == "all" else f"layer{self.layers}"
         return str(Path("runs") / f"{name}-{tag}-x{self.expansion_factor}-k{self.k}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}

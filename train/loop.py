@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,11 @@ from typing import Any, Callable, TextIO
 import torch
 
 from harvest import open_cache
+from harvest.atomic import atomic_write
 from harvest.env import Dist, library_versions
 from harvest.errors import SpecError, UserError
 from harvest.models import resolve_device
+from harvest.progress import progress_bar
 from train.config import TrainConfig
 from train.data import MinibatchStream, StreamState, split_chunks
 from train.evaluate import evaluate
@@ -65,14 +66,6 @@ class Run:
 
 def _lr(cfg: TrainConfig, n_latents: int) -> float:
     return 2e-4 / math.sqrt(n_latents / 2**14) if cfg.lr_scaling else cfg.lr
-
-
-def _write_atomic(path: Path, save: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _run_record(
@@ -156,15 +149,6 @@ def _all_reduce(t: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
 
 
 def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Callable[[str], None]) -> list[dict]:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     first = configs[0]
     cache = open_cache(first.cache)
     cache.require_complete()
@@ -285,19 +269,9 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     # throughput counts from the end of this session's first step: b_pre init, the initial held-out
     # evaluation and the first round read are one-off costs, not the training rate
     t0, tokens_at_t0 = time.time(), start_step * first.batch_tokens
-    columns = [
-        TextColumn("train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[rate]:>8.0f} tok/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
     batches = iter(stream)
-    with Progress(*columns, disable=not show_progress) as bar:
-        task = bar.add_task("", total=steps, completed=start_step, loss=float("nan"), rate=0.0)
+    bar_args = {"enabled": show_progress, "completed": start_step, "fields": {"loss": ".4f"}, "rate_unit": "tok/s"}
+    with progress_bar("train", steps, "steps", **bar_args) as bar:
         for step in range(start_step, steps):
             batch = next(batches)
             x_all = batch.acts.float()
@@ -335,12 +309,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
                 t0, tokens_at_t0 = time.time(), done * first.batch_tokens
             if done % first.checkpoint_every == 0 or done == steps:
                 _checkpoint(runs, done, stream, dist)
-            bar.update(
-                task,
-                completed=done,
-                loss=parts[0],
-                rate=(done * first.batch_tokens - tokens_at_t0) / max(time.time() - t0, 1e-9),
-            )
+            bar.advance(1, rate_amount=first.batch_tokens, loss=parts[0])
 
     # -- held-out evaluation and outputs --------------------------------------------------------------
     summaries = []
@@ -428,5 +397,5 @@ def _checkpoint(runs: list[Run], step: int, stream: MinibatchStream, dist: Dist)
                 "stream": states,
                 "fvu_initial": run.fvu_initial,
             }
-            _write_atomic(run.out / CHECKPOINT, lambda p, ck=ck: torch.save(ck, p))
+            atomic_write(run.out / CHECKPOINT, lambda p, ck=ck: torch.save(ck, p))
     dist.barrier()

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from harvest.moments import Moments
 from train.sae import SaeOutput
 
 FIRE_THRESHOLD = 1e-3  # a latent fires on a vector when its value exceeds this (as the reference)
@@ -134,60 +135,50 @@ class FvuResult:
 
 @dataclass
 class FvuAccumulator:
-    """Streaming, mergeable FVU, per layer. Keeps float64 sums only:
-        sse  [L]     sum of squared errors (model space)
-        n    [L]     vectors seen
-        mean [L, d]  per-feature mean of x,  m2 [L, d] per-feature sum of squared deviations,
-    merged across batches and ranks with Chan et al.'s formula (no cancellation, order-independent up
-    to rounding). Both denominators follow from these: the per-feature one is sum_f m2_f, the
-    scalar-variance one adds the spread of the feature means around the grand mean,
+    """Streaming, mergeable FVU, per layer. Keeps float64 sums only: the sum of squared errors `sse` [L]
+    (model space) and the mergeable moments of x (harvest.moments: count, per-feature mean and m2).
+    Both denominators follow from these: the per-feature one is sum_f m2_f, the scalar-variance one adds
+    the spread of the feature means around the grand mean,
         sum_{t,f} (x_tf - m)^2 = sum_f m2_f + n * sum_f (mean_f - m)^2,   m = mean_f(mean_f)."""
 
     sse: Tensor
-    n: Tensor
-    mean: Tensor
-    m2: Tensor
+    moments: Moments
+
+    @property
+    def n(self) -> Tensor:
+        return self.moments.count
+
+    @property
+    def mean(self) -> Tensor:
+        return self.moments.mean
+
+    @property
+    def m2(self) -> Tensor:
+        return self.moments.m2
 
     @classmethod
-    def zeros(cls, n_layers: int, d_model: int, device: str | torch.device = "cpu") -> "FvuAccumulator":
-        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)
-        return cls(z(n_layers), z(n_layers), z(n_layers, d_model), z(n_layers, d_model))
+    def zeros(cls, n_layers: int, d_model: int, device: str | torch.device = "cpu") -> FvuAccumulator:
+        return cls(torch.zeros(n_layers, dtype=torch.float64, device=device), Moments.zeros(n_layers, d_model, device))
 
     @classmethod
-    def of(cls, x: Tensor, x_hat: Tensor, layer_dim: int | None = 0) -> "FvuAccumulator":
+    def of(cls, x: Tensor, x_hat: Tensor, layer_dim: int | None = 0) -> FvuAccumulator:
         """The sums of one batch; one layer at a time in float64 to bound memory."""
         x, x_hat = _by_layer(x, layer_dim), _by_layer(x_hat, layer_dim)
-        n_layers, n, d = x.shape
-        out = cls.zeros(n_layers, d, x.device)
-        for l in range(n_layers):
-            xl = x[l].double()
-            out.sse[l] = (x_hat[l].double() - xl).pow(2).sum()
-            out.mean[l] = xl.mean(0)
-            out.m2[l] = (xl - out.mean[l]).pow(2).sum(0)
-        out.n.fill_(n)
-        return out
+        sse = torch.stack([(x_hat[l].double() - x[l].double()).pow(2).sum() for l in range(x.shape[0])])
+        return cls(sse, Moments.of(x))
 
     def update(self, x: Tensor, x_hat: Tensor, layer_dim: int | None = 0) -> None:
         with torch.no_grad():
             merged = self.merge(FvuAccumulator.of(x, x_hat, layer_dim).to(self.sse.device))
-        self.sse, self.n, self.mean, self.m2 = merged.sse, merged.n, merged.mean, merged.m2
+        self.sse, self.moments = merged.sse, merged.moments
 
-    def merge(self, other: "FvuAccumulator") -> "FvuAccumulator":
-        n_a, n_b = self.n[:, None], other.n[:, None]
-        n = n_a + n_b
-        safe = torch.where(n > 0, n, torch.ones_like(n))
-        delta = other.mean - self.mean
-        return FvuAccumulator(
-            self.sse + other.sse,
-            self.n + other.n,
-            self.mean + delta * n_b / safe,
-            self.m2 + other.m2 + delta.pow(2) * n_a * n_b / safe,
-        )
+    def merge(self, other: FvuAccumulator) -> FvuAccumulator:
+        return FvuAccumulator(self.sse + other.sse, self.moments.merge(other.moments))
 
-    def to(self, device: str | torch.device) -> "FvuAccumulator":
-        return FvuAccumulator(*(t.to(device) for t in (self.sse, self.n, self.mean, self.m2)))
+    def to(self, device: str | torch.device) -> FvuAccumulator:
+        return FvuAccumulator(self.sse.to(device), self.moments.to(device))
 
-    def synced(self, group=None) -> "FvuAccumulator":
+    def synced(self, group=None) -> FvuAccumulator:
         """Merged over all ranks of `group` (every rank gets the same result; merged in rank order)."""
         if not (dist.is_available() and dist.is_initialized()):
             return self
@@ -197,7 +188,7 @@ class FvuAccumulator:
         d = self.mean.shape[1]
         acc = FvuAccumulator.zeros(*self.mean.shape, device=packed.device)
         for p in parts:
-            acc = acc.merge(FvuAccumulator(p[:, 0], p[:, 1], p[:, 2 : 2 + d], p[:, 2 + d :]))
+            acc = acc.merge(FvuAccumulator(p[:, 0], Moments(p[:, 1], p[:, 2 : 2 + d], p[:, 2 + d :])))
         return acc
 
     def denominators(self) -> tuple[Tensor, Tensor]:
@@ -216,5 +207,5 @@ class FvuAccumulator:
         return {"sse": self.sse, "n": self.n, "mean": self.mean, "m2": self.m2}
 
     @classmethod
-    def from_tensors(cls, t: dict[str, Tensor]) -> "FvuAccumulator":
-        return cls(t["sse"], t["n"], t["mean"], t["m2"])
+    def from_tensors(cls, t: dict[str, Tensor]) -> FvuAccumulator:
+        return cls(t["sse"], Moments(t["n"], t["mean"], t["m2"]))
