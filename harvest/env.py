@@ -6,11 +6,13 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from .errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -32,12 +34,14 @@ class Dist:
             dist.init_process_group(backend, timeout=timedelta(hours=4))  # rank 0 may tokenize for a long time
         return cls(dist.get_rank(), dist.get_world_size())
 
-    def run_on_rank0(self, fn: Callable[[], Any]) -> None:
-        """Run fn on rank 0 only; the other ranks wait and re-raise its user error, if any."""
+    def run_on_rank0(self, fn: Callable[[], T]) -> T | None:
+        """fn() on rank 0 only, its result returned there (None on the other ranks, which wait and re-raise
+        its user error, if any)."""
         err: list[Any] = [None]
+        result = None
         if self.rank == 0:
             try:
-                fn()
+                result = fn()
             except UserError as e:
                 err[0] = str(e)
                 if self.world_size == 1:
@@ -52,6 +56,7 @@ class Dist:
             self._broadcast(err)
             if err[0] is not None:
                 raise UserError(err[0])
+        return result
 
     def _broadcast(self, obj: list[Any]) -> None:
         import torch.distributed as dist

@@ -26,3 +26,33 @@ class CacheError(UserError):
 
 class StorageError(UserError):
     """Writing failed: disk full, unwritable path, value out of the storage dtype's range."""
+
+
+class NonFiniteError(UserError):
+    """The model produced NaN or inf activations."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) in a CLI. Not a KeyboardInterrupt: typer turns those into a silent exit 130 before
+    our handler could print the "rerun to resume" line, and library code that swallows KeyboardInterrupt
+    must not swallow this. A BaseException, so `except Exception` clean-up code lets it through."""
+
+
+def storage_error(e: OSError, path: object = None) -> StorageError:
+    """One line for a failed file-system operation, by its cause (full disk, permissions, a missing or
+    wrong kind of path); `path` names the file when the OSError does not."""
+    import errno
+
+    where = path if path is not None else (e.filename if e.filename is not None else "a file")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(
+            f"disk full while writing {where}: free space there or choose an --out on a larger disk, "
+            f"then rerun the same command to resume"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StorageError(f"cannot write {where} ({e.strerror}): choose a writable --out")
+    if e.errno == errno.ENOENT:
+        return StorageError(f"{where} not found ({e.strerror}): check the path")
+    if e.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ELOOP):
+        return StorageError(f"{where}: {e.strerror}: check the path (a file where a folder is expected?)")
+    return StorageError(f"{where}: {e.strerror or e}: check the disk and the path, then rerun")

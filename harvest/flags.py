@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import signal
 import sys
 import types
 import typing
@@ -13,7 +14,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Optional, TypeVar
 import typer
 import yaml
 
-from .errors import SpecError, UserError
+from .errors import Interrupted, SpecError, UserError, storage_error
 
 T = TypeVar("T", bound="FlagConfig")
 
@@ -172,16 +173,33 @@ def replace_fields(obj: Any, overrides: dict[str, Any], what: str) -> Any:
     return dataclasses.replace(obj, **given)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise Interrupted
+
+
 def run_app(app: typer.Typer, on_interrupt: str) -> None:
-    """Run a typer app: user errors become one red line on stderr (exit 2), never a traceback."""
+    """Run a typer app: user errors and file-system failures become one red line on stderr (exit 2), Ctrl-C
+    prints `on_interrupt` (exit 130); never a traceback.
+
+    SIGINT raises our own `Interrupted`: typer turns a KeyboardInterrupt into a silent exit 130 inside
+    `app()`, so an `except KeyboardInterrupt` here would never run."""
     from rich.console import Console
+    from rich.markup import escape
 
     err = Console(stderr=True)
+
+    def leave(message: str, code: int) -> None:
+        err.print(message, soft_wrap=True, highlight=False)
+        sys.exit(code)
+
+    previous = signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
     except UserError as e:
-        err.print(f"[red]error:[/] {e}", soft_wrap=True, highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print(on_interrupt)
-        sys.exit(130)
+        leave(f"[red]error:[/] {escape(str(e))}", 2)
+    except OSError as e:  # a file-system failure nothing more specific caught (full disk, read-only, ...)
+        leave(f"[red]error:[/] {escape(str(storage_error(e)))}", 2)
+    except Interrupted:
+        leave(escape(on_interrupt), 130)
+    finally:
+        signal.signal(signal.SIGINT, previous)

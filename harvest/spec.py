@@ -20,11 +20,13 @@ StorageDtype = Literal["bfloat16", "float32", "float16"]
 ModelDtype = Literal["float32", "bfloat16", "float16"]
 Compression = Literal["none", "blosc-zstd"]
 Hook = Literal["resid_post", "resid_pre", "resid_mid"]
-SpecialTokens = Literal["exclude", "include"]
+# "include" is the old name of "include-real" (still accepted; caches made before the rename say "include").
+SpecialTokens = Literal["exclude", "reference", "include-real", "include"]
 BosPolicy = Literal["auto", "always", "never"]
 
-# Fields that do not change the cached data: a resume may change them freely.
-RUNTIME_FIELDS = frozenset({"out", "batch_size", "device"})
+# Fields that do not change the cached data: a resume may change them freely. (strict_text and
+# allow_nonfinite only decide whether a run stops; the bytes of a run that finishes are the same.)
+RUNTIME_FIELDS = frozenset({"out", "batch_size", "device", "strict_text", "allow_nonfinite"})
 
 
 _f = flag_field
@@ -40,6 +42,9 @@ class ModelText(FlagConfig):
     dataset_config: str | None = _f(None, "Hub dataset configuration name, if the dataset has several.")
     split: str = _f("train", "Dataset split.")
     text_column: str = _f("text", "Column holding the document text.")
+    strict_text: bool = _f(
+        False, "Stop at the first row whose text is not a string (default: skip such rows with one warning)."
+    )
 
 
 @dataclass
@@ -59,7 +64,9 @@ class CacheSpec(ModelText):
         "from `harvest lens train`), hub (the FAR.AI lens of this Hub model) or hub:<model id>.",
     )
     special_tokens: SpecialTokens = _f(
-        "exclude", "exclude: keep=False for BOS/EOS/PAD (default); include: keep every token (reference)."
+        "exclude",
+        "BOS/EOS/PAD positions: exclude (keep=False, the default), reference (vectors stored as zeros and kept, "
+        "as the reference code), include-real (the real vectors, kept); include = include-real.",
     )
     prepend_bos: BosPolicy = _f(
         "auto", "Start each window with BOS: auto (where the tokenizer adds one), always, never."
@@ -72,17 +79,23 @@ class CacheSpec(ModelText):
         "none", "none (fastest reads) or blosc-zstd (level 1, byte shuffle; for slow storage)."
     )
     seed: int = _f(0, "Seed of the write-shuffle permutations.")
+    allow_nonfinite: bool = _f(
+        False, "Store NaN/inf activations (counted per layer in the stats and `harvest info`) instead of stopping."
+    )
     device: str = _f("auto", "auto (cuda if present), cpu, cuda or cuda:N.")
     out: str = _f("caches/gemma-3-270m-sotu", "Output folder of the cache.")
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self) -> "CacheSpec":
-        """Checks that need no model or data; raises SpecError naming the field and the fix."""
+        """Checks that need no model or data; raises SpecError naming the field and the fix. Returns the spec
+        with aliases replaced by their names (special_tokens include -> include-real)."""
         self.check_types()
         for name in ["context", "tokens", "batch_size", "chunk_tokens", "shard_tokens", "shuffle_tokens"]:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise SpecError(f"{name} = {v!r} must be a positive integer")
+        if self.seed < 0:
+            raise SpecError(f"seed = {self.seed} must be a non-negative integer")
         if self.context < 2:
             raise SpecError(f"context = {self.context} is too short: use at least 2 tokens")
         if self.shard_tokens % self.chunk_tokens:
@@ -102,6 +115,8 @@ class CacheSpec(ModelText):
                 f"outputs; use --hook resid_post, or --lens none"
             )
         self.layer_list(None)  # syntax check
+        if self.special_tokens == "include":
+            return dataclasses.replace(self, special_tokens="include-real")
         return self
 
     def layer_list(self, n_layers: int | None) -> list[int] | None:
@@ -128,8 +143,12 @@ class CacheSpec(ModelText):
 
     # ---- identity -----------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        """The fields that determine the cached bytes."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """The fields that determine the cached bytes. include-real is fingerprinted under its old name
+        "include" (same bytes), so caches harvested before the rename keep their fingerprint and resume."""
+        ident = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        if ident["special_tokens"] == "include-real":
+            ident["special_tokens"] = "include"
+        return ident
 
 
 def fingerprint(identity: dict[str, Any]) -> str:

@@ -1,13 +1,16 @@
-"""Per-layer running statistics of cached vectors: count, per-feature mean and variance, mean L2 norm.
+"""Per-layer running statistics of cached vectors: count, per-feature mean and variance, mean L2 norm, and
+the number of non-finite values stored.
 
 Kept per write block and merged (harvest.moments), so the totals do not depend on how blocks were split
-over processes or interrupted runs. Only kept (non-special) tokens count: BOS carries a ~1e5 "massive
-activation" in Gemma that would swamp every statistic.
+over processes or interrupted runs. Only kept tokens count: BOS carries a ~1e5 "massive activation" in
+Gemma that would swamp every statistic (in `reference` mode special tokens are kept and stored as zeros,
+so they count, as zeros). Vectors holding NaN or inf (stored only with --allow-nonfinite) are left out of
+the moments and norms and counted in `nonfinite` instead, value by value, over every stored position.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,19 +21,44 @@ from .moments import Moments
 class LayerStats:
     moments: Moments  # count [L], mean [L, d], m2 [L, d], float64 on the CPU
     norm_sum: torch.Tensor  # [L] float64, sum of L2 norms
+    nonfinite: torch.Tensor = field(default=None)  # type: ignore[assignment]  # [L] float64, NaN/inf values
+
+    def __post_init__(self) -> None:
+        if self.nonfinite is None:  # statistics written before the count existed
+            self.nonfinite = torch.zeros_like(self.norm_sum)
 
     @classmethod
     def zeros(cls, n_layers: int, d_model: int) -> LayerStats:
         return cls(Moments.zeros(n_layers, d_model), torch.zeros(n_layers, dtype=torch.float64))
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> LayerStats:
-        """Statistics of x [L, T, d] (any device); one layer at a time in float64 to bound memory."""
+    def of(cls, x: torch.Tensor, kept: torch.Tensor | None = None) -> LayerStats:
+        """Statistics of the vectors x [L, T, d] (any device) at the positions `kept` [T] (bool; all if None):
+        moments and norms over those whose values are all finite; non-finite values counted over all T."""
+        finite = torch.isfinite(x)
+        nonfinite = (~finite).sum(dim=(1, 2)).to("cpu", torch.float64)
+        if not bool(nonfinite.any()):  # the usual case: the same rows of every layer
+            out = cls._moments(x if kept is None else x[:, kept])
+        else:  # each layer over its own finite rows
+            rows = finite.all(dim=2) if kept is None else finite.all(dim=2) & kept
+            parts = [cls._moments(x[l : l + 1, rows[l]]) for l in range(x.shape[0])]
+            out = cls(
+                Moments(*(torch.cat([getattr(p.moments, k) for p in parts]) for k in ("count", "mean", "m2"))),
+                torch.cat([p.norm_sum for p in parts]),
+            )
+        out.nonfinite = nonfinite
+        return out
+
+    @classmethod
+    def _moments(cls, x: torch.Tensor) -> LayerStats:
+        """Moments and norm sums of every vector of x [L, T, d]; one layer at a time in float64 to bound memory."""
         norms = torch.stack([x[l].to(torch.float64).norm(dim=1).sum() for l in range(x.shape[0])])
         return cls(Moments.of(x).to("cpu"), norms.cpu())
 
     def merge(self, other: LayerStats) -> LayerStats:
-        return LayerStats(self.moments.merge(other.moments), self.norm_sum + other.norm_sum)
+        return LayerStats(
+            self.moments.merge(other.moments), self.norm_sum + other.norm_sum, self.nonfinite + other.nonfinite
+        )
 
     @property
     def count(self) -> torch.Tensor:
@@ -51,8 +79,8 @@ class LayerStats:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         m = self.moments
-        return {"count": m.count, "mean": m.mean, "m2": m.m2, "norm_sum": self.norm_sum}
+        return {"count": m.count, "mean": m.mean, "m2": m.m2, "norm_sum": self.norm_sum, "nonfinite": self.nonfinite}
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> LayerStats:
-        return cls(Moments(t["count"], t["mean"], t["m2"]), t["norm_sum"])
+        return cls(Moments(t["count"], t["mean"], t["m2"]), t["norm_sum"], t.get("nonfinite"))

@@ -69,43 +69,138 @@ def resolve_dataset(name: str) -> DatasetSource:
     return DatasetSource(name, kind, [str(f) for f in files], identity)
 
 
-def iter_documents(source: DatasetSource, split: str, text_column: str, config: str | None = None) -> Iterator[str]:
-    """Stream document texts in a fixed order."""
-    import datasets
+FORMATS = {"text": "UTF-8 text", "json": "JSON lines (one object per line)", "parquet": "parquet"}
 
-    datasets.disable_progress_bars()
-    try:
-        if source.data_files is None:
-            ds = datasets.load_dataset(source.builder, config, split=split, streaming=True)
-        else:
+
+class Documents:
+    """The document texts of a dataset, streamed in a fixed order.
+
+    Rows whose text is not a string (None, numbers, lists) are skipped and counted (`skip_warning`), or,
+    with `strict`, refused at the first one. Unreadable files (binary or malformed text, JSON lines or
+    parquet) are one DatasetError, whether they fail when opened or halfway through.
+    """
+
+    def __init__(
+        self, source: DatasetSource, split: str, text_column: str, config: str | None = None, strict: bool = False
+    ):
+        self.source, self.split, self.config = source, split, config
+        self.text_column, self.strict = text_column, strict
+        self.skipped = 0
+        self.skipped_types: set[str] = set()
+
+    def _open(self) -> Any:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()  # its "Failed to load ..." lines would precede ours
+        source = self.source
+        try:
+            if source.data_files is None:
+                return datasets.load_dataset(source.builder, self.config, split=self.split, streaming=True)
             kw = {"sample_by": "document"} if source.builder == "text" else {}
-            ds = datasets.load_dataset(
+            return datasets.load_dataset(
                 source.builder, data_files=source.data_files, split="train", streaming=True, **kw
             )
-    except FileNotFoundError as e:
-        raise DatasetError(
-            f"dataset {source.name!r} not found ({str(e).splitlines()[0][:200]}): check the name, "
-            f"or use a local file or folder"
-        )
-    except ValueError as e:
-        raise DatasetError(f"dataset {source.name!r}: {str(e).splitlines()[0][:300]}")
-    except Exception as e:  # hub errors come in many types
-        raise DatasetError(
-            f"dataset {source.name!r} could not be opened ({type(e).__name__}): check the name, "
-            f"the split and the network, or use a local file or folder"
-        )
-    first = True
-    for row in ds:
-        if first:
-            if text_column not in row:
+        except FileNotFoundError as e:
+            raise DatasetError(
+                f"dataset {source.name!r} not found ({_first_line(e)}): check the name, or use a local file or folder"
+            )
+        except StopIteration:
+            raise DatasetError(f"dataset {source.name!r} holds no rows: point --dataset at files with text")
+        except ValueError as e:
+            raise DatasetError(f"dataset {source.name!r}: {_first_line(e, 300)}{self._format_hint()}")
+        except Exception as e:  # hub errors come in many types
+            raise DatasetError(
+                f"dataset {source.name!r} could not be opened ({type(e).__name__}): check the name, "
+                f"the split and the network, or use a local file or folder"
+            )
+
+    def _format_hint(self) -> str:
+        fmt = FORMATS.get(self.source.builder)
+        return f": check that its files are valid {fmt}" if fmt and self.source.data_files else ""
+
+    def _rows(self) -> Iterator[dict[str, Any]]:
+        """The rows; a file that turns out unreadable partway (binary text, a malformed line) is one line."""
+        rows = iter(self._open())
+        n = 0
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except Exception as e:  # UnicodeDecodeError, pyarrow's ArrowInvalid, json errors, ...
                 raise DatasetError(
-                    f"dataset {source.name!r} has no column {text_column!r} (columns: "
+                    f"dataset {self.source.name!r} cannot be read after {n:,} rows ({type(e).__name__}: "
+                    f"{_first_line(e)}){self._format_hint()}"
+                )
+            if not isinstance(row, dict):
+                raise DatasetError(f"dataset {self.source.name!r}: row {n} is not a record{self._format_hint()}")
+            n += 1
+            yield row
+
+    def __iter__(self) -> Iterator[str]:
+        for i, row in enumerate(self._rows()):
+            if i == 0 and self.text_column not in row:
+                raise DatasetError(
+                    f"dataset {self.source.name!r} has no column {self.text_column!r} (columns: "
                     f"{', '.join(row)}): pass --text-column with one of them"
                 )
-            first = False
-        text = row[text_column]
-        if isinstance(text, str) and text:
-            yield text
+            text = row.get(self.text_column)
+            if isinstance(text, str):
+                if text:
+                    yield text
+                continue
+            if self.strict:
+                raise DatasetError(
+                    f"dataset {self.source.name!r}: row {i} has a {type(text).__name__} in column "
+                    f"{self.text_column!r}, not text: fix the data, or drop --strict-text to skip such rows"
+                )
+            self.skipped += 1
+            self.skipped_types.add(type(text).__name__)
+
+    def skip_warning(self) -> str | None:
+        """One warning line when rows were skipped, else None."""
+        if not self.skipped:
+            return None
+        return (
+            f"warning: skipped {self.skipped:,} rows of dataset {self.source.name!r} whose {self.text_column!r} "
+            f"is not text ({', '.join(sorted(self.skipped_types))}); pass --strict-text to make this an error"
+        )
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def iter_documents(source: DatasetSource, split: str, text_column: str, config: str | None = None) -> Iterator[str]:
+    """Stream document texts in a fixed order (rows whose text is not a string are skipped)."""
+    return iter(Documents(source, split, text_column, config))
+
+
+def read_windows(
+    docs: Documents,
+    tokenizer: Any,
+    context: int,
+    n_windows: int,
+    prepend_bos: bool,
+    progress: Any = None,
+    log: Any = print,
+) -> np.ndarray:
+    """`make_windows` over a dataset's documents; says (one line, through `log`) how many rows were skipped."""
+    try:
+        return make_windows(
+            iter(docs),
+            tokenizer,
+            context,
+            n_windows,
+            prepend_bos,
+            progress,
+            dataset_name=f"dataset {docs.source.name!r}",
+        )
+    finally:
+        if warning := docs.skip_warning():
+            log(warning)
 
 
 def adds_bos(tokenizer: Any) -> bool:

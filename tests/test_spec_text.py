@@ -41,10 +41,22 @@ def test_overrides_and_validation():
 
 def test_fingerprint_ignores_runtime_fields_only():
     base = CacheSpec()
-    assert {"out", "batch_size", "device"} == RUNTIME_FIELDS
-    assert fingerprint(base.replace(batch_size=9, out="x", device="cpu").identity()) == fingerprint(base.identity())
-    for change in [{"seed": 1}, {"tokens": 1}, {"dtype": "float32"}, {"layers": "1"}, {"context": 512}]:
+    assert {"out", "batch_size", "device", "strict_text", "allow_nonfinite"} == RUNTIME_FIELDS
+    runtime = base.replace(batch_size=9, out="x", device="cpu", strict_text=True, allow_nonfinite=True)
+    assert fingerprint(runtime.identity()) == fingerprint(base.identity())
+    changes = [{"seed": 1}, {"tokens": 1}, {"dtype": "float32"}, {"layers": "1"}, {"context": 512}]
+    for change in [*changes, {"special_tokens": "reference"}, {"special_tokens": "include-real"}]:
         assert fingerprint(base.replace(**change).identity()) != fingerprint(base.identity())
+
+
+def test_fingerprints_of_existing_caches_are_stable():
+    """Caches harvested before the special-token modes and the runtime-only flags were added keep their
+    fingerprint (values computed with the code of that time), so they still resume; include-real is the
+    same data as the old "include" and shares its fingerprint."""
+    assert fingerprint(CacheSpec().identity()) == "c39377b261d67194"
+    assert fingerprint(CacheSpec(special_tokens="include").identity()) == "95f433a19c868220"
+    assert fingerprint(CacheSpec(special_tokens="include-real").identity()) == "95f433a19c868220"
+    assert CacheSpec(special_tokens="include").validate().special_tokens == "include-real"
 
 
 class FakeTokenizer:
