@@ -57,3 +57,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent))
+
+
+def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    """torch.save of tensors and plain containers (loadable with weights_only=True), atomically. Written
+    through a Python file object so that a full disk is an OSError (ENOSPC), not torch's opaque
+    RuntimeError ("unexpected pos ..."); the temporary file is removed either way."""
+    import torch
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
+
+
+def fresh_folder(parent: str | Path, prefix: str) -> Path:
+    """A new empty folder of a random name inside `parent`, created exclusively (tempfile.mkdtemp: a planted
+    symlink or folder cannot stand in for it), with the permissions an ordinary mkdir would give it (mkdtemp
+    makes it private), so it can be renamed into place as a cache or model folder."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    return folder

@@ -36,7 +36,7 @@ import torch
 import zarr
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write_json, fsync_dir, fsync_file
+from .atomic import atomic_write_json, fresh_folder, fsync_dir, fsync_file
 from .errors import CacheError, StorageError
 from .stats import LayerStats
 
@@ -182,9 +182,8 @@ def create_cache(
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise CacheError(f"{path} exists and is not an mlsae cache: choose another --out or remove it")
-    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    tmp = fresh_folder(path.parent, f".{path.name}.creating-")  # never a predictable name
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
         meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "layout": asdict(layout)}
         root = zarr.open_group(str(tmp), mode="w", attributes={META_KEY: meta})
         np_dtype = STORAGE_DTYPES[layout.dtype][0]
@@ -240,15 +239,20 @@ class Cache:
             raise CacheError(f"{self.path} is not a cache (no zarr.json): check the path or run `harvest run` first")
         try:
             attrs = json.loads(meta_file.read_text())["attributes"][META_KEY]
-        except (KeyError, json.JSONDecodeError):
+        except (KeyError, TypeError, ValueError):  # not JSON, not UTF-8, or not a mapping where one belongs
             raise CacheError(f"{self.path} is a zarr group but not an mlsae cache: check the path")
+        if not isinstance(attrs, dict):
+            raise CacheError(f"{self.path}/zarr.json holds damaged cache metadata: restore it or re-harvest")
         if attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(
                 f"{self.path} has cache format version {attrs.get('format_version')}, this code reads "
                 f"{FORMAT_VERSION}: re-harvest it or install a matching version"
             )
         self.meta: dict[str, Any] = attrs
-        self.layout = Layout.from_dict(attrs["layout"])
+        try:
+            self.layout = Layout.from_dict(attrs["layout"])
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"{self.path}/zarr.json holds a damaged layout: restore it or re-harvest")
 
     # -- metadata ------------------------------------------------------------------------------
     @property

@@ -91,7 +91,10 @@ def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
     state = "[green]complete[/]" if done == lay.n_blocks else "[yellow]incomplete[/] (rerun `harvest run` to resume)"
     console.print(f"blocks {done}/{lay.n_blocks} {state}")
     stats = cache.stats()
+    nonfinite = bool(stats.nonfinite.any())  # only with --allow-nonfinite
     table = Table("layer", "kept vectors", "mean norm", "mean feature std", "max |mean|")
+    if nonfinite:
+        table.add_column("NaN/inf values")
     for i, l in enumerate(lay.layers):
         table.add_row(
             str(l),
@@ -99,8 +102,14 @@ def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
             f"{stats.mean_norm[i]:.4g}",
             f"{stats.var[i].sqrt().mean():.4g}",
             f"{stats.mean[i].abs().max():.4g}",
+            *([f"{int(stats.nonfinite[i]):,}"] if nonfinite else []),
         )
     console.print(table)
+    if nonfinite:
+        console.print(
+            f"[yellow]{int(stats.nonfinite.sum()):,} NaN/inf values stored[/] (harvested with --allow-nonfinite; "
+            f"the statistics above leave out the vectors holding them)"
+        )
     console.print("spec: " + ", ".join(f"{k}={v}" for k, v in meta["spec"].items()))
 
 

@@ -43,16 +43,20 @@ def storage_error(e: OSError, path: object = None) -> StorageError:
     wrong kind of path); `path` names the file when the OSError does not."""
     import errno
 
-    where = path if path is not None else (e.filename if e.filename is not None else "a file")
+    where = path if path is not None else e.filename
+    if where is None:  # some libraries put the path in the message only
+        return StorageError(f"{e}: check the path and the disk")
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageError(
             f"disk full while writing {where}: free space there or choose an --out on a larger disk, "
             f"then rerun the same command to resume"
         )
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if e.errno == errno.EROFS:
         return StorageError(f"cannot write {where} ({e.strerror}): choose a writable --out")
-    if e.errno == errno.ENOENT:
+    if isinstance(e, PermissionError):
+        return StorageError(f"permission denied for {where}: fix its permissions or choose another path")
+    if isinstance(e, FileNotFoundError):
         return StorageError(f"{where} not found ({e.strerror}): check the path")
-    if e.errno in (errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ELOOP):
+    if isinstance(e, (NotADirectoryError, IsADirectoryError, FileExistsError)) or e.errno == errno.ELOOP:
         return StorageError(f"{where}: {e.strerror}: check the path (a file where a folder is expected?)")
     return StorageError(f"{where}: {e.strerror or e}: check the disk and the path, then rerun")

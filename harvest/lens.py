@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_torch_save, atomic_write_json
 from .errors import UserError
 
 HUB_REPO = "AlignmentResearch/tuned-lens"  # a Hugging Face *space*; lenses live under lens/<model id>/
@@ -211,8 +212,8 @@ class Lens(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", dtype).clone() for k, v in self.layer_translators.state_dict().items()}
-        torch.save(state, folder / PARAMS_FILE)
-        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        atomic_torch_save(folder / PARAMS_FILE, state)
+        atomic_write_json(folder / CONFIG_FILE, asdict(self.config), indent=2)
         return folder
 
     @classmethod

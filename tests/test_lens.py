@@ -219,7 +219,7 @@ def test_interrupted_lens_training_resumes_bit_for_bit(bridge, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         train_lens(bridge, windows, cfg=cfg, progress=False, checkpoint=ckpt)
     monkeypatch.setattr(lt, "chunked_kl", real)
-    assert torch.load(ckpt, weights_only=False)["step"] == 4  # the last checkpoint before the interruption
+    assert torch.load(ckpt, weights_only=True)["step"] == 4  # the last checkpoint before the interruption
     said = []
     resumed, _ = train_lens(bridge, windows, cfg=cfg, progress=False, checkpoint=ckpt, log=said.append)
     assert said == ["resuming lens training at step 4/7"]
