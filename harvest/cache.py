@@ -560,7 +560,10 @@ class Cache:
         """A small file read whole and checked against its manifest entry (xxh3; crc32 in old manifests)."""
         if entry is None:
             raise CacheError(f"{self.store.describe(key)} is not in its manifest: run `harvest verify {self.location}`")
-        data = self.store.get(key)
+        try:
+            data = self.store.get(key)
+        except StoreMissing:
+            raise IntegrityError(f"{self.store.describe(key)} is missing: run `harvest verify {self.location}`")
         if entry.pieces is not None:
             ok = len(data) == entry.size and chunk_hash(data) == entry.pieces[0][2]
         else:

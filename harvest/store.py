@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .atomic import atomic_write_bytes, fsync_dir
+from .atomic import atomic_write, fsync_dir
 from .errors import StorageError, StoreError
 
 REMOTE_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "azure"}
@@ -148,6 +148,15 @@ def _check_key(key: str) -> str:
     return key
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 class LocalStore(Store):
     is_local = True
 
@@ -217,8 +226,12 @@ class LocalStore(Store):
         return p
 
     def put(self, key: str, data: bytes | memoryview) -> None:
+        def write(tmp: Path) -> None:
+            tmp.write_bytes(data)
+            tmp.chmod(_FILE_MODE)  # the temp file is private (0600); a cache is shared like any folder
+
         try:
-            atomic_write_bytes(self._mkparent(key), data)
+            atomic_write(self._mkparent(key), write)
         except OSError as e:
             raise write_error(e, self.describe(key))
 
@@ -232,6 +245,7 @@ class LocalStore(Store):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
+                os.fchmod(f.fileno(), _FILE_MODE)
                 os.fsync(f.fileno())
             os.link(name, p)  # fails if `p` exists: create-if-absent with the content already complete
             fsync_dir(p.parent)
