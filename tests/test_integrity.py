@@ -172,7 +172,7 @@ def test_invalid_manifest_json_is_corrupt_for_every_command(cache_copy, capsys):
     (cache_copy / "manifest/block-000001.json").write_text('{"block": 1, "files": ')
     assert_caught(cache_copy, "block-000001.json is corrupt (invalid JSON)")
     for cmd in (["info", cache_copy], ["verify", cache_copy]):
-        code, out, err = run_cli(cmd, capsys)
+        code, _, err = run_cli(cmd, capsys)
         assert code != 0 and "invalid JSON" in err and "Traceback" not in err, (cmd, err)
 
 
