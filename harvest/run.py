@@ -187,7 +187,12 @@ def _harvest(spec: CacheSpec, dist: Dist, lock: Lock, show_progress: bool, log: 
     out = lock.store
     # -- resolve everything cheap first: bad input fails before any work -------------------------
     source: list[ModelSource] = []
-    dist.run_on_rank0(lambda: source.append(resolve_model(spec.model)))  # rank 0 converts a GGUF once
+
+    def locked_resolve() -> None:  # the lock first: a second harvest of this --out stops here, naming the holder
+        lock.acquire()  # (also the write probe: the lock object is written inside --out)
+        source.append(resolve_model(spec.model))  # rank 0 converts a GGUF once
+
+    dist.run_on_rank0(locked_resolve)
     model = source[0] if source else resolve_model(spec.model)
     cfg = load_config(model)
     layers = spec.layer_list(cfg.num_hidden_layers)
@@ -222,7 +227,6 @@ def _harvest(spec: CacheSpec, dist: Dist, lock: Lock, show_progress: bool, log: 
     created = [False]
 
     def create() -> None:
-        lock.acquire()  # also the write probe: the lock object is written inside --out
         if _check_existing(out, identity, fp):
             return
         _check_disk_space(out, layout, layout.n_tokens)

@@ -343,11 +343,9 @@ class ObjectStore(Store):
 
         self._ob = obstore
         try:
-            self._store = from_url(
-                self.location,
-                client_options={"connect_timeout": "5s", "timeout": "120s"},
-                retry_config=_retry_config(),  # type: ignore[arg-type]
-            )
+            # (client_options timeouts are left at object_store's defaults: setting any of them made every
+            # request fail with "builder error" in obstore 0.12.1)
+            self._store = from_url(self.location, retry_config=_retry_config())  # type: ignore[arg-type]
         except Exception as e:  # obstore raises its own config errors for bad URLs and settings
             raise StoreError(f"cannot use {url!r} ({_first_line(e)}): check the URL and the {self._env()} settings")
 
