@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -38,7 +39,7 @@ import zarr
 
 from .errors import CacheError, IntegrityError
 from .stats import LayerStats
-from .store import LocalStore, Store, StoreMissing, open_store
+from .store import LocalStore, ReadThroughStore, Store, StoreMissing, open_store
 
 if TYPE_CHECKING:
     from .lens import Lens, LensSource
@@ -357,9 +358,8 @@ class Cache:
 
     def __init__(self, location: str | Path | Store, local_cache: str | Path | None = None):
         store = location if isinstance(location, Store) else open_store(location)
+        local_cache = local_cache or os.environ.get("MLSAE_LOCAL_CACHE") or None
         if local_cache is not None and not store.is_local:
-            from .readthrough import ReadThroughStore
-
             store = ReadThroughStore(store, local_cache, expected=self._expected_piece)
         self.store = store
         self.location = store.location
@@ -384,6 +384,8 @@ class Cache:
         self.meta: dict[str, Any] = attrs
         self.meta_sha256 = meta_hash(attrs)
         self._manifests: dict[int, BlockManifest] | None = None
+        self._entries: dict[str, FileEntry] | None = None
+        self._windows_entries: dict[str, FileEntry] | None = None
         self._lens_folder: Path | None = None
 
     # -- metadata ------------------------------------------------------------------------------
@@ -455,14 +457,19 @@ class Cache:
     def stats_path(self, b: int) -> Path:
         return self.path / self.stats_key(b)
 
-    def manifests(self, refresh: bool = False) -> dict[int, BlockManifest]:
-        """Every committed block's manifest, parsed and checked against the cache's metadata (one listing,
-        then the manifests fetched in parallel). THE definition of a complete block, for every command."""
+    def manifests(self, refresh: bool | str = False) -> dict[int, BlockManifest]:
+        """Every committed block's manifest, parsed and checked against the cache's metadata: THE definition
+        of a complete block, for every command. `refresh` lists again and fetches only new manifests (they
+        are written once), several in flight."""
         if self._manifests is None or refresh:
             names = {self.manifest_key(b): b for b in range(self.layout.n_blocks)}
             keys = [k for k in self.store.list("manifest") if k in names]
-            raws = self.store.parallel(self.store.get, keys)
-            self._manifests = {names[k]: self._parse(k, raw) for k, raw in zip(keys, raws)}
+            known = {} if self._manifests is None or refresh == "all" else self._manifests
+            new = [k for k in keys if names[k] not in known]
+            raws = self.store.parallel(self.store.get, new)
+            parsed = {names[k]: self._parse(k, raw) for k, raw in zip(new, raws)}
+            self._manifests = {names[k]: known.get(names[k]) or parsed[names[k]] for k in keys}
+            self._entries = None
         return self._manifests
 
     def _parse(self, key: str, raw: bytes) -> BlockManifest:
@@ -547,14 +554,11 @@ class Cache:
     # -- verified reads ----------------------------------------------------------------------------
     def _expected_piece(self, key: str) -> FileEntry | None:
         """The manifest entry of a data file (for the read-through cache's check of whole downloads)."""
-        if key.startswith("manifest/"):
-            return None
         if key.startswith("windows/"):
             return self.windows_manifest().get(key)
-        for m in self.manifests().values():
-            if key in m.files:
-                return m.files[key]
-        return None
+        if self._entries is None:
+            self._entries = {k: f for m in self.manifests().values() for k, f in m.files.items()}
+        return self._entries.get(key)
 
     def read_whole(self, key: str, entry: FileEntry | None) -> bytes:
         """A small file read whole and checked against its manifest entry (xxh3; crc32 in old manifests)."""
@@ -579,6 +583,11 @@ class Cache:
         )
 
     def windows_manifest(self) -> dict[str, FileEntry]:
+        if self._windows_entries is None:
+            self._windows_entries = self._read_windows_manifest()
+        return self._windows_entries
+
+    def _read_windows_manifest(self) -> dict[str, FileEntry]:
         try:
             d = json.loads(self.store.get(WINDOWS_MANIFEST))
             if d["meta_sha256"] != self.meta_sha256:
@@ -642,7 +651,8 @@ def load_bytes(raw: bytes) -> dict[str, torch.Tensor]:
 
 def open_cache(location: str | Path, local_cache: str | Path | None = None) -> Cache:
     """A cache at a local path or a URL (s3://, gs://, az://, file://); `local_cache`: a folder that keeps a
-    verified, size-bounded copy of what is read from a remote cache, so later epochs read from local disk."""
+    verified, size-bounded copy of what is read from a remote cache, so later epochs read from local disk
+    (default: $MLSAE_LOCAL_CACHE; size bound $MLSAE_LOCAL_CACHE_GB, else 80% of the free space there)."""
     return Cache(location, local_cache)
 
 
@@ -781,7 +791,7 @@ def upgrade_cache(cache: Cache, log: Any = print) -> int:
     and the metadata hash; check the windows against the (crc32-verified) token arrays and record their
     checksums. Returns the number of manifests upgraded. Safe to rerun; never touches data files."""
     lay = cache.layout
-    todo = {b: m for b, m in cache.manifests(refresh=True).items() if not m.checksummed}
+    todo = {b: m for b, m in cache.manifests(refresh="all").items() if not m.checksummed}
     for n_done, (b, m) in enumerate(sorted(todo.items())):
         files = {}
         for key, entry in m.files.items():
@@ -809,7 +819,8 @@ def upgrade_cache(cache: Cache, log: Any = print) -> int:
         keys = [f"windows/c/{i}/0" for i in range(-(-lay.n_sequences // rows))]
         files = {k: whole_file(cache.store.get(k)) for k in keys}
         cache.store.put(WINDOWS_MANIFEST, json.dumps({"meta_sha256": cache.meta_sha256, "files": files}).encode())
-    cache.manifests(refresh=True)
+    cache.manifests(refresh="all")
+    cache._windows_entries = None
     return len(todo)
 
 
@@ -825,3 +836,57 @@ def _pieces_of(key: str, data: bytes, lay: Layout) -> list:
     for off, nbytes in np.frombuffer(raw[:-4], "<u8").reshape(n_inner, 2).tolist():
         pieces.append(None if off == ABSENT else [off, nbytes, chunk_hash(memoryview(data)[off : off + nbytes])])
     return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# push / pull: copy a cache between locations
+
+
+def copy_cache(src: Cache, dst: Store, progress: Any = None, log: Any = print) -> tuple[int, int]:
+    """Copy a complete or partial cache to `dst` (a disk or a bucket), in the order a harvest writes: array
+    metadata, windows, lens, the root zarr.json (create-if-absent), then block by block, each block's
+    files before its manifest. Every file is checked against the manifest's size and crc32 on the way.
+    Blocks whose manifest exists at `dst` are skipped, so an interrupted copy resumes. Returns (blocks
+    copied, blocks skipped). The caller holds `dst`'s lock."""
+    src.require_checksums()
+    state = location_state(dst)
+    if state == "foreign":
+        raise CacheError(f"{dst.location} holds something that is not an mlsae cache: choose another destination")
+    if state == "cache":
+        there = Cache(dst)
+        if there.fingerprint != src.fingerprint or there.meta_sha256 != src.meta_sha256:
+            raise CacheError(
+                f"{dst.location} holds another cache (fingerprint {there.fingerprint[:12]}): choose another "
+                f"destination, or remove it to replace it"
+            )
+    else:
+        for top in CACHE_NAMES - {LOCK_KEY}:
+            dst.delete_prefix(top)
+        meta_keys = [k for k in src.store.list() if k.endswith("zarr.json") and k != "zarr.json"]
+        meta_keys += [WINDOWS_MANIFEST, *src.windows_manifest()]
+        meta_keys += [f"{LENS_DIR}/{n}" for n in ("config.json", "params.pt")] if src.lens_record else []
+        windows = src.windows_manifest()
+        for key in meta_keys:
+            data = src.read_whole(key, windows[key]) if key in windows else src.store.get(key)
+            dst.put(key, data)
+        dst.create("zarr.json", src.store.get("zarr.json"))
+    done_there = {k for k in dst.list("manifest") if k.endswith(".json")}
+    copied = skipped = 0
+    for b, m in sorted(src.manifests(refresh=True).items()):
+        if src.manifest_key(b) in done_there:
+            skipped += 1
+            continue
+
+        def copy(item: tuple[str, FileEntry]) -> None:
+            key, entry = item
+            data = src.store.get(key)
+            if len(data) != entry.size or zlib.crc32(data) != entry.crc32:
+                raise src.corrupt(key)
+            dst.put(key, data)
+            if progress is not None:
+                progress(entry.size)
+
+        dst.parallel(copy, list(m.files.items()), workers=8)
+        dst.create(src.manifest_key(b), src.store.get(src.manifest_key(b)))  # the block's commit point
+        copied += 1
+    return copied, skipped

@@ -1,4 +1,5 @@
-"""`harvest run | info | verify`: parse, call, print. Every CacheSpec field is a `run` flag of the same name."""
+"""`harvest run | info | verify | push | pull | upgrade | lens train`: parse, call, print. Every CacheSpec
+field is a `run` flag of the same name; every cache argument is a folder or a URL."""
 
 from __future__ import annotations
 
@@ -128,6 +129,43 @@ def verify(path: str = typer.Argument(..., help="Cache folder or URL.")) -> None
         err_console.print(f"error: {path} failed verification ({len(problems)} problems)")
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {path}: {cache.layout.n_blocks} blocks, {cache.layout.n_tokens:,} tokens verified")
+
+
+def _copy(src_location: str, dst_location: str, what: str) -> None:
+    from .cache import copy_cache, open_cache
+    from .lock import Lock
+    from .progress import progress_bar
+    from .store import open_store
+
+    src = open_cache(src_location)
+    total = sum(f.size for m in src.manifests().values() for f in m.files.values())
+    lock = Lock(open_store(dst_location), what)
+    with lock, progress_bar(what.split()[-1], total, bytes_=True, console=err_console) as bar:
+        copied, skipped = copy_cache(src, lock.store, progress=bar.advance)
+    done = len(src.complete_blocks())
+    state = "complete" if done == src.layout.n_blocks else f"{done}/{src.layout.n_blocks} blocks (partial cache)"
+    console.print(
+        f"[green]ok[/] {src_location} -> {dst_location}: {copied} blocks copied, {skipped} already there; {state}"
+    )
+
+
+@app.command()
+def push(
+    local: str = typer.Argument(..., help="Cache folder."),
+    url: str = typer.Argument(..., help="Destination URL (s3://BUCKET/PREFIX, gs://..., az://...)."),
+) -> None:
+    """Copy a complete or partial cache to object storage, block by block, each manifest after its files;
+    every file checked against its manifest. Rerun after an interruption to resume."""
+    _copy(local, url, "harvest push")
+
+
+@app.command()
+def pull(
+    url: str = typer.Argument(..., help="Cache URL."),
+    local: str = typer.Argument(..., help="Destination folder."),
+) -> None:
+    """Copy a cache from object storage to a local folder (same protocol as push; resumable)."""
+    _copy(url, local, "harvest pull")
 
 
 @app.command()
