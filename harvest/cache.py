@@ -357,6 +357,10 @@ class Cache:
     (zarr-python) reads. `location` is a path or a URL; `local_cache` a folder for a read-through copy."""
 
     def __init__(self, location: str | Path | Store, local_cache: str | Path | None = None):
+        self._manifests: dict[int, BlockManifest] | None = None
+        self._entries: dict[str, FileEntry] | None = None
+        self._windows_entries: dict[str, FileEntry] | None = None
+        self._lens_folder: Path | None = None
         store = location if isinstance(location, Store) else open_store(location)
         local_cache = local_cache or os.environ.get("MLSAE_LOCAL_CACHE") or None
         if local_cache is not None and not store.is_local:
@@ -383,10 +387,6 @@ class Cache:
             raise CacheError(f"{where}/zarr.json has a malformed layout (edited?): restore it or re-harvest")
         self.meta: dict[str, Any] = attrs
         self.meta_sha256 = meta_hash(attrs)
-        self._manifests: dict[int, BlockManifest] | None = None
-        self._entries: dict[str, FileEntry] | None = None
-        self._windows_entries: dict[str, FileEntry] | None = None
-        self._lens_folder: Path | None = None
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -553,7 +553,10 @@ class Cache:
 
     # -- verified reads ----------------------------------------------------------------------------
     def _expected_piece(self, key: str) -> FileEntry | None:
-        """The manifest entry of a data file (for the read-through cache's check of whole downloads)."""
+        """The manifest entry of a data file (for the read-through cache's check of whole downloads); None for
+        metadata, which is always read from the source."""
+        if key.endswith("zarr.json") or key.split("/", 1)[0] not in ("acts", "windows", *TOKEN_ARRAYS):
+            return None
         if key.startswith("windows/"):
             return self.windows_manifest().get(key)
         if self._entries is None:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .cache import ABSENT, STORAGE_DTYPES, TOKEN_ARRAYS, Cache, FileEntry, chunk_hash, from_storage, index_crc
-from .errors import CacheError
+from .errors import CacheError, IntegrityError
+from .store import StoreMissing
 
 
 @dataclass
@@ -87,6 +88,7 @@ class ChunkReader:
         self.fast = True
         self._manifests = cache.manifests()
         self._checked_index: set[str] = set()
+        self._fix = f"run `harvest verify {cache.location}` and re-harvest the damaged blocks"
         # one chunk's ranged GETs in flight together on an object store (latency, not bandwidth, is the limit)
         self._io = None if self.store.is_local else ThreadPoolExecutor(64, thread_name_prefix="chunk-io")
         n_bufs = self.prefetch + self.hold
@@ -148,13 +150,16 @@ class ChunkReader:
             raise CacheError(f"chunk {c} of {self.cache.location} is not in a complete block: rerun `harvest run`")
         reads = [("acts", (li, shard, 0), out) for out, li in zip(acts, self.layer_idx)]
         reads += [(name, (shard,), out) for name, out in toks.items()]
-        if self._io is None:
-            for array, coords, out in reads:
-                self._read_inner(array, coords, inner, out, manifest.files)
-        else:
-            futures = [self._io.submit(self._read_inner, a, co, inner, out, manifest.files) for a, co, out in reads]
-            for f in futures:
-                f.result()
+        try:
+            if self._io is None:
+                for array, coords, out in reads:
+                    self._read_inner(array, coords, inner, out, manifest.files)
+            else:
+                futures = [self._io.submit(self._read_inner, a, co, inner, out, manifest.files) for a, co, out in reads]
+                for f in futures:
+                    f.result()
+        except StoreMissing as e:
+            raise IntegrityError(f"{e}: {self._fix}")
         return Chunk(
             c,
             start,
