@@ -54,11 +54,13 @@ def _inner_codec(array_meta: dict) -> str | None:
 
 
 class ChunkReader:
-    """Iterate whole chunks of a complete cache.
+    """Iterate whole chunks of a complete cache, each checked against its manifest.
 
     Yielded tensors are views into a ring of `prefetch + hold` reusable buffers: a chunk stays valid
     until `hold` further chunks have been requested. Copy (or move to the GPU) what you keep longer.
     """
+
+    _check_chunks = True  # bench/harvest.py turns it off on one instance to measure the checksum's cost
 
     def __init__(
         self,
@@ -202,7 +204,7 @@ class ChunkReader:
             if nbytes != view.nbytes:
                 raise self.cache.corrupt(key, f" chunk {inner} (size)")
             self.store.read_into(key, offset, view)
-            if chunk_hash(view) != want:
+            if self._check_chunks and chunk_hash(view) != want:
                 raise self.cache.corrupt(key, f" chunk {inner}")
         else:
             from numcodecs import blosc

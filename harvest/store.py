@@ -217,7 +217,7 @@ class LocalStore(Store):
         for dirpath, _, files in os.walk(base):
             for f in files:
                 p = Path(dirpath) / f
-                out[p.relative_to(self.root).as_posix()] = p.lstat().st_size
+                out[p.relative_to(self.root).as_posix()] = p.stat().st_size
         return out
 
     def _mkparent(self, key: str) -> Path:
