@@ -125,7 +125,7 @@ def run_prompt(
     sae_dir = Path(sae_dir)
     record = _run_record(sae_dir)
     layers = [int(l) for l in record["layers"]]
-    cache_path = Path(cache or record["cache"]["path"])
+    cache_path = cache or record["cache"]["path"]  # a path or a URL
     try:
         c = open_cache(cache_path)
     except CacheError:

@@ -28,6 +28,14 @@ class StorageError(UserError):
     """Writing failed: disk full, unwritable path, value out of the storage dtype's range."""
 
 
+class StoreError(UserError):
+    """A cache location cannot be used: malformed URL, unknown scheme, missing bucket, credentials, network."""
+
+
+class IntegrityError(CacheError):
+    """Stored bytes differ from what the manifest recorded at harvest time: never read past it."""
+
+
 class NonFiniteError(UserError):
     """The model produced NaN or inf activations."""
 
@@ -38,25 +46,22 @@ class Interrupted(BaseException):
     must not swallow this. A BaseException, so `except Exception` clean-up code lets it through."""
 
 
-def storage_error(e: OSError, path: object = None) -> StorageError:
-    """One line for a failed file-system operation, by its cause (full disk, permissions, a missing or
-    wrong kind of path); `path` names the file when the OSError does not."""
+def storage_error(e: OSError, where: object = None) -> StorageError:
+    """THE one line for a failed file-system operation, by its cause (full disk, permissions, a missing or
+    wrong kind of path); `where` names the file when the OSError does not. Used by the stores' writes and,
+    for any OSError nothing more specific caught, by the CLIs."""
     import errno
 
-    where = path if path is not None else e.filename
+    where = where if where is not None else e.filename
     if where is None:  # some libraries put the path in the message only
         return StorageError(f"{e}: check the path and the disk")
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageError(
-            f"disk full while writing {where}: free space there or choose an --out on a larger disk, "
-            f"then rerun the same command to resume"
+            f"disk full while writing {where}: free space there or pass --out on a larger disk; "
+            f"rerun the same command to resume"
         )
-    if e.errno == errno.EROFS:
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
         return StorageError(f"cannot write {where} ({e.strerror}): choose a writable --out")
-    if isinstance(e, PermissionError):
-        return StorageError(f"permission denied for {where}: fix its permissions or choose another path")
     if isinstance(e, FileNotFoundError):
         return StorageError(f"{where} not found ({e.strerror}): check the path")
-    if isinstance(e, (NotADirectoryError, IsADirectoryError, FileExistsError)) or e.errno == errno.ELOOP:
-        return StorageError(f"{where}: {e.strerror}: check the path (a file where a folder is expected?)")
-    return StorageError(f"{where}: {e.strerror or e}: check the disk and the path, then rerun")
+    return StorageError(f"writing {where} failed ({e.strerror or e}): check the disk, then rerun to resume")

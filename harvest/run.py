@@ -9,21 +9,31 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
-import tempfile
+import shutil  # noqa: F401  (the tests fake a full disk through harvest.run.shutil.disk_usage)
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .cache import FLOAT16_MAX, STORAGE_DTYPES, CacheWriter, Layout, create_cache, open_cache, to_storage
+from .cache import (
+    CACHE_NAMES,
+    FLOAT16_MAX,
+    LOCK_KEY,
+    STORAGE_DTYPES,
+    CacheWriter,
+    Layout,
+    create_cache,
+    location_state,
+    open_cache,
+    to_storage,
+)
 from .env import Dist, library_versions
 from .errors import CacheError, NonFiniteError, SpecError, StorageError
 from .lens import LensSource, resolve_lens
+from .lock import Lock
 from .models import (
     ModelSource,
     check_context,
@@ -36,6 +46,7 @@ from .models import (
 from .progress import progress_bar
 from .spec import CacheSpec, fingerprint
 from .stats import LayerStats
+from .store import Store, open_store
 from .text import DatasetSource, Documents, adds_bos, read_windows, resolve_dataset
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,6 +148,7 @@ class HarvestPlan:
     """A validated spec with everything resolved from it: bad input has failed before one exists."""
 
     spec: CacheSpec
+    out: Store  # where the cache is (a folder or a bucket prefix), locked by this job
     model: ModelSource
     config: Any  # the model's Hugging Face config
     tokenizer: Any
@@ -149,14 +161,16 @@ class HarvestPlan:
     fingerprint: str
     layout: Layout
 
-    @property
-    def out(self) -> Path:
-        return Path(self.spec.out)
 
+def plan_harvest(spec: CacheSpec, dist: Dist, lock: Lock) -> HarvestPlan:
+    """Take the lock of --out, then resolve and check every input, cheapest first; nothing is created but the
+    lock (and a converted GGUF, a memo of weight hashes under MLSAE_HOME)."""
 
-def plan_harvest(spec: CacheSpec, dist: Dist) -> HarvestPlan:
-    """Resolve and check every input, cheapest first; nothing is created on disk (except a converted GGUF)."""
-    model = dist.run_on_rank0(lambda: resolve_model(spec.model))  # rank 0 converts a GGUF and hashes weights once
+    def locked_resolve() -> ModelSource:  # the lock first: a second harvest of this --out stops here, naming
+        lock.acquire()  # the holder (the lock object is written inside --out: it is also the write probe)
+        return resolve_model(spec.model)  # rank 0 converts a GGUF and hashes the weights once
+
+    model = dist.run_on_rank0(locked_resolve)
     if dist.rank != 0:
         model = resolve_model(spec.model)
     cfg = load_config(model)
@@ -191,7 +205,19 @@ def plan_harvest(spec: CacheSpec, dist: Dist) -> HarvestPlan:
         compression=spec.compression,
     )
     return HarvestPlan(
-        spec, model, cfg, tokenizer, data, lens, layers, prepend_bos, device, identity, fingerprint(identity), layout
+        spec,
+        lock.store,
+        model,
+        cfg,
+        tokenizer,
+        data,
+        lens,
+        layers,
+        prepend_bos,
+        device,
+        identity,
+        fingerprint(identity),
+        layout,
     )
 
 
@@ -199,45 +225,31 @@ def _json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _check_existing(out: Path, identity: dict[str, Any], fp: str) -> bool:
+def _check_existing(out: Store, identity: dict[str, Any], fp: str) -> bool:
     """True if `out` is a cache of this spec (resume); error if it is anything else non-empty."""
-    if not out.exists():
+    state = location_state(out)
+    if state in ("absent", "partial"):
         return False
-    if out.is_dir() and not any(out.iterdir()):
-        return False
-    try:
-        cache = open_cache(out)
-    except CacheError:
-        raise CacheError(f"{out} exists and is not an mlsae cache: choose another --out or remove it")
+    if state == "foreign":
+        raise CacheError(f"{out.location} exists and is not an mlsae cache: choose another --out or remove it")
+    cache = open_cache(out)
     if cache.fingerprint != fp:
         old = cache.meta.get("identity", {})
         diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in identity.items() if old.get(k) != v]
         raise CacheError(
-            f"{out} holds a cache of a different spec ({'; '.join(diffs[:4]) or 'fingerprint differs'}): "
+            f"{out.location} holds a cache of a different spec ({'; '.join(diffs[:4]) or 'fingerprint differs'}): "
             f"use another --out, or remove the old cache to replace it"
         )
     return True
 
 
-def _check_writable(out: Path) -> None:
-    """One line now, not a traceback later, where --out cannot be written. The probe is an anonymous file
-    (tempfile: O_EXCL or O_TMPFILE, never a predictable name that a planted symlink could redirect), created
-    where the cache will be and gone when closed."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent, prefix=".mlsae-write-probe-"):
-            pass
-    except OSError as e:
-        raise StorageError(f"cannot write to {out.parent} ({e.strerror}): choose a writable --out")
-
-
-def _check_disk_space(out: Path, layout: Layout, remaining_tokens: int) -> None:
+def _check_disk_space(out: Store, layout: Layout, remaining_tokens: int) -> None:
     per_token = layout.bytes_per_token() + 13  # + token_ids, keep, seq, pos
     need = remaining_tokens * per_token / (1.2 if layout.compression != "none" else 1.0)
-    free = shutil.disk_usage(out if out.exists() else out.parent).free
-    if need > free:
+    free = out.free_space()  # None on an object store
+    if free is not None and need > free:
         raise StorageError(
-            f"not enough disk space at {out}: the cache needs ~{need / 1e9:.2f} GB, "
+            f"not enough disk space at {out.location}: the cache needs ~{need / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB are free; free space, lower --tokens, or choose another --out"
         )
 
@@ -281,7 +293,6 @@ def create_or_resume(plan: HarvestPlan, show_progress: bool, log: Callable[[str]
     out, spec, layout = plan.out, plan.spec, plan.layout
     if _check_existing(out, plan.identity, plan.fingerprint):
         return False
-    _check_writable(out)
     _check_disk_space(out, layout, layout.n_tokens)
     docs = Documents(plan.data, spec.split, spec.text_column, spec.dataset_config, strict=spec.strict_text)
     with progress_bar("tokenizing", layout.n_tokens, "tokens", enabled=show_progress, transient=True) as bar:
@@ -314,15 +325,17 @@ class Summary:
 def harvest(spec: CacheSpec, show_progress: bool = True, log: Callable[[str], None] = print) -> Summary:
     spec = spec.validate()
     dist = Dist.init()
+    lock = Lock(open_store(spec.out), "harvest run")  # rank 0 takes it in its setup step, for the whole job
     try:
-        return _harvest(spec, dist, show_progress and dist.rank == 0, log if dist.rank == 0 else lambda s: None)
+        return _harvest(spec, dist, lock, show_progress and dist.rank == 0, log if dist.rank == 0 else lambda s: None)
     finally:
+        lock.release()
         dist.close()
 
 
-def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[str], None]) -> Summary:
+def _harvest(spec: CacheSpec, dist: Dist, lock: Lock, show_progress: bool, log: Callable[[str], None]) -> Summary:
     t0 = time.time()
-    plan = plan_harvest(spec, dist)
+    plan = plan_harvest(spec, dist, lock)
     layout, out = plan.layout, plan.out
     created = dist.run_on_rank0(lambda: create_or_resume(plan, show_progress, log))
     writer = CacheWriter(out)
@@ -332,7 +345,7 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
     if dist.rank == 0 and todo:
         _check_disk_space(out, layout, _tokens_in(layout, [b for b in range(layout.n_blocks) if b not in done]))
     if done:
-        log(f"resuming {out}: {len(done)}/{layout.n_blocks} blocks already complete")
+        log(f"resuming {out.location}: {len(done)}/{layout.n_blocks} blocks already complete")
 
     t_loop = time.time()
     try:
@@ -345,15 +358,17 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
                 BackgroundWriter(writer) as background,
             ):
                 for b in todo:
+                    lock.check()  # the lease was lost (a suspended process taken over): stop writing
                     background.submit(compute(b, bar.advance))
         dist.barrier()
     except BaseException:
         if created and dist.rank == 0 and not writer.complete_blocks():
-            shutil.rmtree(out, ignore_errors=True)  # nothing of value was written by this run: leave no trace
+            for top in CACHE_NAMES - {LOCK_KEY}:  # nothing of value was written by this run: leave no trace
+                out.delete_prefix(top)
         raise
     now = time.time()
     return Summary(
-        str(out),
+        out.location,
         layout.n_tokens,
         my_tokens * dist.world_size,
         layout.n_blocks,

@@ -87,7 +87,7 @@ def _run_record(
         "steps": steps,
         "world_size": world_size,
         "cache": {
-            "path": str(Path(cfg.cache).resolve()),
+            "path": cache.location,  # absolute path or URL
             "fingerprint": cache.fingerprint,
             "model": cache.meta["model"]["name"],
             "dataset": cache.meta["spec"]["dataset"],
@@ -150,7 +150,7 @@ def _all_reduce(t: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
 
 def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Callable[[str], None]) -> list[dict]:
     first = configs[0]
-    cache = open_cache(first.cache)
+    cache = open_cache(first.cache, first.local_cache or None)
     cache.require_complete()
     device = resolve_device(first.device)
     layers_of = [c.layer_list(cache.layers) for c in configs]
