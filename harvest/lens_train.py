@@ -10,7 +10,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import stat
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,6 +24,7 @@ from .atomic import atomic_torch_save, atomic_write_json
 from .errors import storage_error
 from .flags import FlagConfig, flag_field
 from .lens import FinalNorm, Lens, LensError, Unembed, final_norm_and_unembed
+from .lock import exclusive
 from .progress import progress_bar
 from .spec import BosPolicy, ModelDtype, ModelText
 
@@ -351,38 +354,41 @@ def work_folder(out: Path, create: bool) -> Path | None:
     """The hidden sibling folder `.<out>.tmp` where lens training works (checkpoints included) until it is
     renamed to `out`; None if it does not exist and `create` is False.
 
-    Its name is predictable (a rerun must find it to resume), so it is trusted only if this code made it:
-    created exclusively, mode 0700, with a marker file inside. An existing one is reused only if it is a real
-    folder (not a symlink) of this user, writable by nobody else, holding the marker; anything else, e.g. a
-    folder planted in a shared directory with a checkpoint in it, is refused before any file in it is read."""
+    Its name is predictable (a rerun must find it to resume), so it is trusted only if this code made it: a
+    private folder (0700) with a marker file, made under a random name and renamed into place whole. An
+    existing one is reused only if it is a real folder (not a symlink) of this user, writable by nobody
+    else, holding the marker; anything else, e.g. a folder planted in a shared directory with a checkpoint
+    in it, is refused before any file in it is read."""
     tmp = out.with_name(f".{out.name}.tmp")
+    if create and not os.path.lexists(tmp):
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fresh = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".new", dir=out.parent))
+            (fresh / WORK_MARKER).touch()
+        except OSError as e:
+            raise storage_error(e, out.parent)
+        try:
+            os.rename(fresh, tmp)  # whole, marker included
+            return tmp
+        except OSError:  # another run made it meanwhile: it is checked below like any existing one
+            shutil.rmtree(fresh, ignore_errors=True)
     try:
         st = os.lstat(tmp)
     except FileNotFoundError:
-        st = None
-    if st is not None:
-        marker = tmp / WORK_MARKER
-        ours = (
-            stat.S_ISDIR(st.st_mode)
-            and st.st_uid == os.geteuid()
-            and not st.st_mode & 0o022
-            and os.path.lexists(marker)
-            and stat.S_ISREG(os.lstat(marker).st_mode)
-        )
-        if not ours:
-            raise LensError(
-                f"{tmp} exists but is not a work folder that `harvest lens train` of this user created: "
-                f"remove it (nothing in it is read), or choose another --out"
-            )
-        return tmp
-    if not create:
         return None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.mkdir(tmp, 0o700)  # fails if someone created it meanwhile
-        os.close(os.open(tmp / WORK_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-    except OSError as e:
-        raise storage_error(e, tmp)
+    marker = tmp / WORK_MARKER
+    ours = (
+        stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and not st.st_mode & 0o022
+        and os.path.lexists(marker)
+        and stat.S_ISREG(os.lstat(marker).st_mode)
+    )
+    if not ours:
+        raise LensError(
+            f"{tmp} exists but is not a work folder that `harvest lens train` of this user created: "
+            f"remove it (nothing in it is read), or choose another --out"
+        )
     return tmp
 
 
@@ -421,21 +427,23 @@ def run_lens_training(spec: LensSpec, cfg: LensTrainConfig, progress: bool = Tru
     # `out` never holds half a lens: the work happens in the hidden folder, renamed to `out` when complete;
     # rerunning the same command resumes from its last checkpoint.
     tmp = work_folder(out, create=True)
-    lens, report = train_lens(
-        bridge,
-        torch.from_numpy(windows),
-        cfg=cfg,
-        progress=progress,
-        name=model.path if not Path(model.path).exists() else model.name,
-        checkpoint=tmp / CHECKPOINT_FILE,
-        log=log,
-    )
-    report.config = {**report.config, **asdict(spec), "n_layers": model_cfg.num_hidden_layers, "prepend_bos": bos}
-    lens.save(tmp)
-    atomic_write_json(tmp / REPORT_FILE, asdict(report))
-    plot_kl(report, tmp / PLOT_FILE)
-    for f in (CHECKPOINT_FILE, WORK_MARKER):
-        (tmp / f).unlink(missing_ok=True)
+    with exclusive(tmp, "harvest lens train"):  # a second run for this --out stops here, naming this one
+        lens, report = train_lens(
+            bridge,
+            torch.from_numpy(windows),
+            cfg=cfg,
+            progress=progress,
+            name=model.path if not Path(model.path).exists() else model.name,
+            checkpoint=tmp / CHECKPOINT_FILE,
+            log=log,
+        )
+        report.config = {**report.config, **asdict(spec), "n_layers": model_cfg.num_hidden_layers, "prepend_bos": bos}
+        lens.save(tmp)
+        atomic_write_json(tmp / REPORT_FILE, asdict(report))
+        plot_kl(report, tmp / PLOT_FILE)
+        # no longer a work folder: a run arriving from now on is refused instead of resuming in it
+        for f in (CHECKPOINT_FILE, WORK_MARKER):
+            (tmp / f).unlink(missing_ok=True)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # a finished lens is an ordinary folder

@@ -91,6 +91,39 @@ def test_stats_match_direct_computation(cache_path):
         torch.testing.assert_close(st.mean_norm[i], x.norm(dim=1).mean())
 
 
+def test_reference_special_tokens_are_stored_as_zeros_and_kept(neox_dir, text_dir, tmp_path, cache_path):
+    """--special-tokens reference: zeros at BOS/EOS/PAD positions with keep=True (the reference code), every
+    other vector as in the default (exclude) cache, and the statistics count the zeros."""
+    out = tmp_path / "ref"
+    harvest(small_spec(neox_dir, text_dir, out, special_tokens="reference"), show_progress=False)
+    cache, base = open_cache(out), open_cache(cache_path)
+    special = torch.from_numpy(np.isin(cache.read_tokens("token_ids").numpy(), cache.meta["tokenizer"]["special_ids"]))
+    assert special.sum() > 0 and cache.read_tokens("keep").all()
+    assert torch.equal(base.read_tokens("keep"), ~special)  # the default marks exactly those positions
+    st, n = cache.stats(), cache.layout.n_tokens
+    for i, layer in enumerate(cache.layers):
+        x = cache.read(layer)
+        assert (x[special] == 0).all()
+        assert torch.equal(x[~special].view(torch.int16), base.read(layer)[~special].view(torch.int16))
+        assert st.count[i] == n  # the zero vectors count as kept tokens
+        torch.testing.assert_close(st.mean[i], x.double().sum(0) / n)
+        torch.testing.assert_close(st.mean_norm[i], x.double().norm(dim=1).sum() / n)
+
+
+def test_include_real_keeps_the_real_special_vectors_and_include_is_its_old_name(
+    neox_dir, text_dir, tmp_path, cache_path
+):
+    out = tmp_path / "real"
+    harvest(small_spec(neox_dir, text_dir, out, special_tokens="include"), show_progress=False)
+    cache, base = open_cache(out), open_cache(cache_path)
+    assert cache.meta["spec"]["special_tokens"] == "include-real" and cache.read_tokens("keep").all()
+    for layer in cache.layers:
+        assert torch.equal(cache.read(layer).view(torch.int16), base.read(layer).view(torch.int16))
+    # the same command with the new name resumes (here: finds complete) the same cache
+    s = harvest(small_spec(neox_dir, text_dir, out, special_tokens="include-real"), show_progress=False)
+    assert s.blocks_this_run == 0
+
+
 def test_fast_reader_equals_zarr_python(cache_path):
     cache = open_cache(cache_path)
     reader = ChunkReader(cache, seed=3, prefetch=3)

@@ -109,6 +109,17 @@ def test_lens_work_folder_not_created_by_lens_training_is_refused(kind, neox_dir
     assert not evidence.exists() and not out.exists()
 
 
+def test_a_second_lens_training_on_one_out_is_refused_naming_the_holder(neox_dir, text_dir, tmp_path, capsys):
+    from harvest.lens_train import work_folder
+    from harvest.lock import exclusive
+
+    out = tmp_path / "lens"
+    args = ["lens", "train", "--model", neox_dir, "--dataset", text_dir, "--out", out, "--quiet", *LENS]
+    with exclusive(work_folder(out, create=True), "harvest lens train"):  # as a running training holds it
+        line = one_line_error(run_cli(args, capsys), "in use by `harvest lens train`", f"pid {os.getpid()}")
+    assert "wait for it to finish" in line and not out.exists()
+
+
 @pytest.mark.xfail(
     strict=True, reason="train/loop.py loads checkpoint.pt with weights_only=False until branch `train` is merged"
 )
