@@ -219,10 +219,10 @@ def instrument(timers: Timers) -> Iterator[None]:
         if timers.first_block_at is None:
             timers.first_block_at = time.perf_counter()
 
-    wrap(hrun, "make_windows", "tokenize")
+    wrap(hrun, "read_windows", "tokenize")
     wrap(hrun, "create_cache", "create_cache")
     wrap(hrun, "load_bridge", "load_bridge")
-    wrap(hrun, "_compute_block", "compute_block", on_enter=mark_first)
+    wrap(hrun.BlockComputer, "__call__", "compute_block", on_enter=mark_first)
     wrap(hrun, "forward_layers", "forward")
     wrap(hcache.CacheWriter, "write_block", "write_block")  # runs on the background thread
     try:

@@ -215,7 +215,8 @@ def lens_train(
     from .flags import read_yaml_mapping, replace_fields
     from .lens_train import run_lens_training
 
-    given = {**(read_yaml_mapping(config, "lens config", "--config") if config else {}), **overrides}
+    given = read_yaml_mapping(config, "lens config", "--config") if config else {}
+    given.update({k: v for k, v in overrides.items() if v is not None})  # unset flags keep the YAML's values
     names = {f.name for f in fields(LensSpec)}
     spec = replace_fields(LensSpec(), {k: v for k, v in given.items() if k in names}, "lens")
     cfg = replace_fields(LensTrainConfig(), {k: v for k, v in given.items() if k not in names}, "lens")

@@ -53,13 +53,13 @@ def storage_error(e: OSError, where: object = None) -> StorageError:
     import errno
 
     where = where if where is not None else e.filename
-    if where is None:  # some libraries put the path in the message only
-        return StorageError(f"{e}: check the path and the disk")
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageError(
-            f"disk full while writing {where}: free space there or pass --out on a larger disk; "
-            f"rerun the same command to resume"
+            f"disk full while writing {where if where is not None else 'the output'}: free space there or pass "
+            f"--out on a larger disk; rerun the same command to resume"
         )
+    if where is None:  # some libraries put the path in the message only
+        return StorageError(f"{e}: check the path and the disk")
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
         return StorageError(f"cannot write {where} ({e.strerror}): choose a writable --out")
     if isinstance(e, FileNotFoundError):

@@ -307,7 +307,10 @@ def train_lens(
                     "step": step + 1,
                     "seconds": time.time() - t0,
                 }
-                atomic_torch_save(checkpoint, state)
+                try:
+                    atomic_torch_save(checkpoint, state)
+                except OSError as e:  # a full disk: one line, no temporary file left
+                    raise storage_error(e, checkpoint)
     seconds = time.time() - t0
     lens.eval()
     kl_z, kl_t = _heldout_kl(lens, bridge, held, norm, unembed, cfg, device)

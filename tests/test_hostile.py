@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import run_cli
@@ -415,6 +416,83 @@ def test_damaged_run_folder_files_are_one_line(damage, trained_run, tmp_path, ca
     run = shutil.copytree(trained_run, tmp_path / "run")
     (run / damage).write_text("{not what it should be")
     one_line_error(run_cli(["variance", "--sae", run, "--tokens", "512"], capsys, prog="analyze"), damage)
+
+
+def _flip(path: Path, offset: int, mask: int = 0x01) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def _redirect_index_entry(cache: Path) -> None:
+    """Inner chunk 0 of a shard points at chunk 1's bytes, the index crc32c recomputed to match."""
+    import google_crc32c
+
+    f = next((cache / "acts").rglob("c/0/1/0"))
+    data = bytearray(f.read_bytes())
+    n_inner = 4  # shard_tokens / chunk_tokens of `train_cache`
+    index = np.frombuffer(bytes(data[-(16 * n_inner + 4) : -4]), "<u8").reshape(n_inner, 2).copy()
+    index[0] = index[1]
+    raw = index.astype("<u8").tobytes()
+    data[-(16 * n_inner + 4) :] = raw + np.uint32(google_crc32c.value(raw)).tobytes()
+    f.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "mantissa flip": lambda c: _flip(c / "acts/c/1/0/0", 100),
+    "redirected index entry": _redirect_index_entry,
+    "token array byte": lambda c: _flip(c / "keep/c/1", 3),
+    "deleted windows chunk": lambda c: (c / "windows/c/0/0").unlink(),
+    "flipped windows chunk": lambda c: _flip(c / "windows/c/0/0", 7),
+    "edited zarr.json attributes": lambda c: _edit_attributes(c, lambda a: a["layout"].update(layers=[0, 1, 5])),
+    "invalid manifest json": lambda c: (c / "manifest/block-000001.json").write_text('{"block": 1, "files": '),
+}
+
+
+WINDOWS_PENDING = pytest.mark.xfail(
+    strict=True, reason="training reads windows/ (checked) only from branch `train` on (choose_heldout)"
+)
+
+
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=WINDOWS_PENDING) if "windows" in k else k for k in CORRUPTIONS])
+def test_each_corruption_is_caught_by_verify_and_refused_by_training(kind, train_cache, tmp_path, capsys):
+    """The whole list of issue 13, end to end through the CLIs (tests/test_integrity.py checks the reader
+    and verify's wording of each, and the compressed byte flip)."""
+    import shutil
+
+    cache = shutil.copytree(train_cache, tmp_path / "cache")
+    CORRUPTIONS[kind](cache)
+    code, _, err = run_cli(["verify", cache], capsys)
+    assert code != 0 and "Traceback" not in err
+    out = tmp_path / "run"
+    args = ["run", "--quiet", "--cache", cache, "--out", out, *flags(**TRAIN, tokens=512 * 8)]
+    line = one_line_error(run_cli(args, capsys, prog="train"))
+    assert "harvest verify" in line or "re-harvest" in line or "restore" in line, line
+    assert not (out / "sae.safetensors").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="train run takes the lock of --out only on branch `train` (INTERFACES 5)")
+def test_two_concurrent_train_runs_on_one_out(train_cache, tmp_path, capsys):
+    """The second is refused with the holder named; the folder then holds exactly the first run's result."""
+    from safetensors.torch import load_file
+
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    first = [sys.executable, "-m", "train", "run", "--quiet", "--cache", str(train_cache), "--out", str(out)]
+    first += flags(**TRAIN, tokens=512 * 300)
+    proc = subprocess.Popen(first, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not (out / "metrics.jsonl").is_file():
+            time.sleep(0.05)
+        second = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**{**TRAIN, "k": 3}, tokens=512)]
+        one_line_error(run_cli(second, capsys, prog="train"), "in use by", f"pid {proc.pid}")
+        assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    finally:
+        proc.kill()
+    alone = ["run", "--quiet", "--cache", train_cache, "--out", ref, *flags(**TRAIN, tokens=512 * 300)]
+    assert run_cli(alone, capsys, prog="train")[0] == 0
+    mine, single = load_file(str(out / "sae.safetensors")), load_file(str(ref / "sae.safetensors"))
+    assert all(torch.equal(mine[k], single[k]) for k in single)
 
 
 # ---------------------------------------------------------------------------------------------
