@@ -25,6 +25,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _log(message: str) -> None:
+    """A progress note on stderr: dim, one line however narrow the terminal (paths are not markup)."""
+    from rich.markup import escape
+
+    err_console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
+
+
 def _human(n: float) -> str:
     for unit in ["B", "KB", "MB", "GB", "TB"]:
         if n < 1000:
@@ -44,7 +51,7 @@ def run(
     from .run import harvest
 
     cache_spec = (CacheSpec.from_yaml(spec) if spec else CacheSpec()).replace(**overrides)
-    s = harvest(cache_spec, show_progress=not quiet, log=lambda m: err_console.print(f"[dim]{m}[/]"))
+    s = harvest(cache_spec, show_progress=not quiet, log=_log)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if s.blocks_this_run == 0:
@@ -187,7 +194,7 @@ def upgrade(path: str = typer.Argument(..., help="Cache folder or URL harvested 
 
     cache = open_cache(path)
     with Lock(cache.store, "harvest upgrade"):
-        n = upgrade_cache(cache, log=lambda m: err_console.print(f"[dim]{m}[/]"))
+        n = upgrade_cache(cache, log=_log)
     done = len(cache.complete_blocks())
     console.print(f"[green]ok[/] {path}: {n} manifests upgraded; {done}/{cache.layout.n_blocks} blocks have checksums")
 
@@ -220,7 +227,7 @@ def lens_train(
     names = {f.name for f in fields(LensSpec)}
     spec = replace_fields(LensSpec(), {k: v for k, v in given.items() if k in names}, "lens")
     cfg = replace_fields(LensTrainConfig(), {k: v for k, v in given.items() if k not in names}, "lens")
-    report = run_lens_training(spec, cfg, progress=not quiet, log=lambda m: err_console.print(f"[dim]{m}[/]"))
+    report = run_lens_training(spec, cfg, progress=not quiet, log=_log)
     console.print(report.table())
     gain = [t / z for z, t in zip(report.kl_logit_lens, report.kl_tuned_lens) if z > 0]
     console.print(

@@ -92,7 +92,7 @@ class Documents:
         import datasets
 
         datasets.disable_progress_bars()
-        datasets.utils.logging.set_verbosity_error()  # its "Failed to load ..." lines would precede ours
+        datasets.utils.logging.set_verbosity(50)  # CRITICAL: its "Failed to load ..." errors would precede ours
         source = self.source
         try:
             if source.data_files is None:

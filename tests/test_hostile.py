@@ -536,16 +536,19 @@ def test_full_disk_during_a_lens_checkpoint_is_one_line_and_leaves_no_temp_file(
 
 def _interrupt_when(cmd: list[str], ready, timeout: float = 180) -> subprocess.CompletedProcess:
     """Start `cmd`, send SIGINT (what Ctrl-C sends) once ready(stdout so far) is true, return the result."""
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen, deadline = "", time.time() + timeout
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen, deadline = b"", time.time() + timeout
     os.set_blocking(proc.stdout.fileno(), False)
-    while time.time() < deadline and proc.poll() is None and not ready(seen):
-        seen += proc.stdout.read() or ""
+    while time.time() < deadline and proc.poll() is None and not ready(seen.decode(errors="replace")):
+        try:
+            seen += os.read(proc.stdout.fileno(), 1 << 16)
+        except BlockingIOError:
+            pass
         time.sleep(0.05)
-    assert proc.poll() is None, f"ended before it could be interrupted: {proc.stderr.read()[-1000:]}"
+    assert proc.poll() is None, f"ended before it could be interrupted: {proc.stderr.read().decode()[-1000:]}"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(cmd, proc.returncode, seen, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, seen.decode(errors="replace"), err.decode())
 
 
 def assert_interrupted(done: subprocess.CompletedProcess, line: str) -> None:
@@ -555,7 +558,7 @@ def assert_interrupted(done: subprocess.CompletedProcess, line: str) -> None:
 
 def test_ctrl_c_during_a_harvest_prints_the_line_and_the_rerun_finishes(neox_dir, tmp_path):
     out = tmp_path / "c"
-    spec = dict(context=16, tokens=16 * 4000, chunk_tokens=32, shard_tokens=64, shuffle_tokens=128, batch_size=4)
+    spec = dict(context=16, tokens=16 * 1000, chunk_tokens=32, shard_tokens=64, shuffle_tokens=128, batch_size=4)
     cmd = [
         sys.executable,
         "-m",
