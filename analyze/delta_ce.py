@@ -23,11 +23,10 @@ of rows x vocab, the clean block once for all layers. This also skips the unembe
 forward, which for Gemma costs as much as all its blocks. `check_logits` verifies once per run that
 this path reproduces the model's own logits.
 
-Windows. By default the cache's own context windows (same tokenizer, context and BOS policy as the
-activations the SAE was trained on), those with the most tokens in the run's held-out chunks first
-(the cache shuffles tokens within a write block, so a window is often only partly held out; the
-fraction is recorded). With `dataset`, fresh windows are tokenized with harvest.text using the cache's
-context and prepend_bos settings: the first windows of that dataset.
+Windows. By default the run's held-out context windows from the cache (same tokenizer, context and BOS
+policy as the activations the SAE was trained on; no token of them was trained on: train/split.py),
+spread evenly over the held-out set. With `dataset`, fresh windows are tokenized with harvest.text using
+the cache's context and prepend_bos settings: the first windows of that dataset.
 """
 
 from __future__ import annotations
@@ -50,6 +49,7 @@ from harvest.models import ModelSource, load_bridge, load_tokenizer, resolve_dev
 from harvest.run import TORCH_DTYPES
 from harvest.text import iter_documents, make_windows, resolve_dataset
 from train.record import RunError, load_run
+from train.split import HeldOut
 
 FINAL_HOOK = "unembed.hook_in"  # the final normed residual: the unembedding's input
 LOGIT_FLOATS = 2**24  # rows x vocab floats per logits block (64 MB in float32)
@@ -222,19 +222,30 @@ def spliced_metrics(
 # inputs
 
 
-def cache_windows(cache: Any, eval_chunks: Sequence[int], n_windows: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """`n_windows` of the cache's context windows [n, ctx], ranked by how many of their tokens lie in
-    `eval_chunks` (most first; ties, and windows with none, in cache order), returned in cache order."""
-    ctx, n_seq = cache.layout.context, cache.layout.n_sequences
-    held = np.zeros(n_seq, dtype=np.int64)
-    for c in eval_chunks:
-        held += np.bincount(cache.read_tokens("seq", *cache.layout.chunk_range(c)).numpy(), minlength=n_seq)
-    chosen = np.sort(np.argsort(-held, kind="stable")[: min(n_windows, n_seq)])
+def cache_windows(cache: Any, heldout: HeldOut, n_windows: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Up to `n_windows` of the run's held-out context windows [n, ctx] (every token of each never trained
+    on), spread evenly over the held-out set, in cache order. A legacy chunk split holds out whole windows
+    only by chance: those count, and a run with none is refused."""
+    if heldout.is_legacy:
+        full = np.bincount(
+            cache.read_tokens("seq").numpy()[heldout.positions(cache)], minlength=cache.layout.n_sequences
+        )
+        held = np.flatnonzero(full == cache.layout.context)
+    else:
+        held = np.asarray(heldout.windows, dtype=np.int64)
+    if len(held) == 0:
+        raise DeltaCeError(
+            f"the run holds out no whole context window ({heldout.describe()}): retrain it with "
+            f"--eval-tokens > 0 (held-out windows), or pass --dataset to score fresh text"
+        )
+    n = min(n_windows, len(held))
+    chosen = held[(np.arange(n) * len(held)) // n]
     info = {
         "source": "cache",
         "windows": chosen.tolist() if len(chosen) <= 4096 else f"{len(chosen)} windows",
-        "held_out_token_fraction": float(held[chosen].sum() / (len(chosen) * ctx)),
-        "fully_held_out_windows": int((held[chosen] == ctx).sum()),
+        "held_out": heldout.describe(),
+        "held_out_token_fraction": 1.0,
+        "fully_held_out_windows": len(chosen),
     }
     return cache.windows().numpy()[chosen], info
 
@@ -306,7 +317,7 @@ def run_delta_ce(
     ctx = cache.layout.context
     n_windows = -(-tokens // ctx)
     if dataset is None:
-        windows, info = cache_windows(cache, record.heldout.chunks, n_windows)
+        windows, info = cache_windows(cache, record.heldout, n_windows)
         special = cache.meta["tokenizer"]["special_ids"]
     else:
         data = resolve_dataset(dataset)

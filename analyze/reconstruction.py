@@ -5,7 +5,7 @@ about as good as the single-layer SAE on that SAE's own layer (the diagonal), an
 single-layer SAEs of the other layers (off the diagonal).
 
 Metrics come from train.evaluate (pooled per-layer FVU, both definitions), so the numbers here are the
-numbers training reports. All SAEs are evaluated on the SAME tokens: the held-out chunks recorded in
+numbers training reports. All SAEs are evaluated on the SAME tokens: the held-out windows recorded in
 the first run's config.json, which must be held out for every run (same cache, not trained on).
 """
 
@@ -17,6 +17,8 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from harvest import open_cache
 from harvest.models import resolve_device
@@ -34,8 +36,8 @@ def _labels(records: list[RunRecord]) -> list[str]:
 
 
 def check_same_cache(records: list[RunRecord], cache: Any) -> None:
-    """Every run was trained on `cache` (same fingerprint), and the first run's held-out chunks are held
-    out for every run (a run with a smaller held-out set trained on some of them)."""
+    """Every run was trained on `cache` (same fingerprint), and the first run's held-out tokens are held
+    out for every run (a run with another held-out set trained on some of them)."""
     for r in records:
         if r.cache.fingerprint != cache.fingerprint:
             raise RunError(
@@ -43,33 +45,17 @@ def check_same_cache(records: list[RunRecord], cache: Any) -> None:
                 f"{r.cache.fingerprint}), not on {cache.path} ({cache.fingerprint}): pass runs "
                 f"trained on one cache, and that cache"
             )
-    held_out = set(records[0].heldout.chunks)
+    first = records[0].heldout
+    if not first.n_tokens and not first.chunks:
+        raise RunError(f"{records[0].dir} has no held-out tokens (trained with --eval-tokens 0): retrain it")
+    held = first.positions(cache)
     for r in records[1:]:
-        if not held_out <= set(r.heldout.chunks):
+        if r.heldout.to_dict() != first.to_dict() and not np.isin(held, r.heldout.positions(cache)).all():
             raise RunError(
-                f"{r.dir} trained on some of the held-out chunks of {records[0].dir}: list first "
-                f"the run with the fewest held-out tokens (--eval-tokens)"
+                f"{r.dir} trained on some of the held-out tokens of {records[0].dir} ({first.describe()}): "
+                f"compare runs trained with the same --eval-tokens and --heldout-seed, listing first the one "
+                f"with the fewest held-out tokens"
             )
-
-
-def held_out_chunks(record: RunRecord, cache: Any, tokens: int | None) -> list[int]:
-    """The run's held-out chunks; with `tokens`, the fewest leading ones that hold at least that many
-    cache positions (whole chunks: the unit the reader reads)."""
-    chunks = list(record.heldout.chunks)
-    if not chunks:
-        raise RunError(
-            f"{record.dir} has no held-out chunks (trained with --eval-tokens 0): retrain with --eval-tokens > 0"
-        )
-    if tokens is None:
-        return chunks
-    out, n = [], 0
-    for c in chunks:
-        if n >= tokens:
-            break
-        start, stop = cache.layout.chunk_range(c)
-        out.append(c)
-        n += stop - start
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +81,7 @@ def run_reconstruction(
     cache = open_cache(cache_path or records[0].cache.path)
     cache.require_complete()
     check_same_cache(records, cache)
-    chunks = held_out_chunks(records[0], cache, tokens)
+    heldout = records[0].heldout.limited(tokens, cache)
     if include_special is None:
         include_special = records[0].special_tokens == "include-real"
     device = resolve_device(device)
@@ -105,9 +91,11 @@ def run_reconstruction(
     rows = []
     for record, label in zip(records, labels):
         sae = record.load_sae(device)
-        matrix = evaluate(sae, cache, chunks, columns, device, include_special)
+        matrix = evaluate(sae, cache, heldout, columns, device, include_special)
         own = (
-            matrix if record.layers == columns else evaluate(sae, cache, chunks, record.layers, device, include_special)
+            matrix
+            if record.layers == columns
+            else evaluate(sae, cache, heldout, record.layers, device, include_special)
         )
         rows.append(
             {
@@ -129,7 +117,8 @@ def run_reconstruction(
         "fingerprint": cache.fingerprint,
         "model": cache.meta["model"]["name"],
         "lens": cache.lens_record,
-        "eval_chunks": chunks,
+        "heldout": heldout.to_dict(),
+        "eval_chunks": heldout.chunks,
         "tokens": rows[0]["held_out"]["tokens"],
         "include_special": include_special,
         "layers": columns,
@@ -211,11 +200,16 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
+def _held_out_unit(result: dict[str, Any]) -> str:
+    windows = (result.get("heldout") or {}).get("windows")
+    return f"{len(windows)} held-out windows" if windows else f"{len(result['eval_chunks'])} held-out chunks"
+
+
 def format_reconstruction(result: dict[str, Any], key: str = "fvu") -> str:
     """A plain-text table: per layer, MLSAE vs diagonal vs best off-diagonal, and the claim's tally."""
     c = result["comparison"][key]
     lines = [
-        f"held-out {key} on {result['tokens']:,} tokens ({len(result['eval_chunks'])} chunks of {result['cache']})",
+        f"held-out {key} on {result['tokens']:,} tokens ({_held_out_unit(result)} of {result['cache']})",
         f"{'layer':>5}  {'MLSAE':>8}  {'diagonal':>8}  {'best other':>10}  (trained on)",
     ]
     for p in c["per_layer"]:

@@ -25,12 +25,12 @@ from harvest.errors import SpecError, UserError
 from harvest.models import resolve_device
 from harvest.progress import progress_bar
 from train.config import TrainConfig
-from train.data import MinibatchStream, StreamState, split_chunks
+from train.data import MinibatchStream, StreamState, count_training_tokens
 from train.evaluate import evaluate
 from train.objectives import DeadLatents, training_loss
 from train.record import CacheRef, RunRecord, read_record
 from train.sae import SaeConfig, TopKSae
-from train.split import HeldOut
+from train.split import choose_heldout
 
 CHECKPOINT = "checkpoint.pt"
 SHARED_FIELDS = (
@@ -38,6 +38,7 @@ SHARED_FIELDS = (
     "tokens",
     "batch_tokens",
     "eval_tokens",
+    "heldout_seed",
     "round_chunks",
     "include_special",
     "seed",
@@ -81,6 +82,8 @@ def _check_out(out: Path, record: RunRecord) -> str:
     diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
     if old.cache.fingerprint != record.cache.fingerprint:
         diffs.insert(0, "cache fingerprint differs")
+    elif old.heldout.windows != record.heldout.windows and not old.finished:
+        diffs.insert(0, f"held-out windows differ ({old.heldout.describe()})")
     if diffs:
         raise SpecError(
             f"{out} holds a run with other settings ({'; '.join(diffs[:4])}): resume with the same "
@@ -119,16 +122,10 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     device = resolve_device(first.device)
     layers_of = [c.layer_list(cache.layers) for c in configs]
     union = sorted({l for ls in layers_of for l in ls})
-    train_chunks, eval_chunks = split_chunks(cache, min(first.eval_tokens, cache.layout.n_tokens // 2))
+    heldout = choose_heldout(cache, first.eval_tokens, first.heldout_seed)
     if first.batch_tokens % dist.world_size:
         raise SpecError(f"batch_tokens = {first.batch_tokens} must be divisible by the {dist.world_size} ranks")
-    keep = cache.read_tokens("keep")
-    train_tokens = sum(
-        int(keep[slice(*cache.layout.chunk_range(c))].sum())
-        if not first.include_special
-        else len(range(*cache.layout.chunk_range(c)))
-        for c in train_chunks
-    )
+    train_tokens = count_training_tokens(cache, first.include_special, heldout)
     tokens = first.tokens or train_tokens
     steps = max(1, tokens // first.batch_tokens)
     if tokens > train_tokens:
@@ -162,7 +159,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
             sae=sae_cfg,
             layers=layers,
             cache=CacheRef.of(cache, cfg.cache),
-            heldout=HeldOut.legacy(eval_chunks, sum(b - a for a, b in map(cache.layout.chunk_range, eval_chunks))),
+            heldout=heldout,
             special_tokens="include-real" if cfg.include_special else "cache",
             steps=steps,
             lr_effective=lr,
@@ -218,7 +215,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     per_rank = first.batch_tokens // dist.world_size
     stream = MinibatchStream(
         cache,
-        train_chunks,
+        cache.complete_chunks(),
         union,
         per_rank,
         first.round_chunks,
@@ -228,12 +225,13 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
         world_size=dist.world_size,
         include_special=first.include_special,
         prefetch=first.prefetch,
+        heldout=heldout,
     )
     if stream_states is not None:
         stream.state = StreamState(**stream_states[dist.rank])
     log(
         f"training {len(runs)} SAE(s) on {cache.path}: {steps:,} steps of {first.batch_tokens:,} tokens, layers "
-        f"{union if len(union) < 8 else f'{union[0]}..{union[-1]}'}, {len(eval_chunks)} held-out chunks, {device}"
+        f"{union if len(union) < 8 else f'{union[0]}..{union[-1]}'}, held out: {heldout.describe()}, {device}"
         + (f"; resuming at step {start_step}" if start_step else "")
     )
 
@@ -256,7 +254,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
                 if step == 0:
                     _init_b_pre(run, x, dist)
                     run.fvu_initial = (
-                        evaluate(run.sae, cache, eval_chunks, run.layers, device, run.cfg.include_special)
+                        evaluate(run.sae, cache, heldout, run.layers, device, run.cfg.include_special)
                         if dist.rank == 0
                         else None
                     )
@@ -293,7 +291,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     for run in runs:
         if dist.rank != 0:
             continue
-        final = evaluate(run.sae, cache, eval_chunks, run.layers, device, run.cfg.include_special)
+        final = evaluate(run.sae, cache, heldout, run.layers, device, run.cfg.include_special)
         run.sae.save(run.out)
         summary = {
             "out": str(run.out),
