@@ -43,6 +43,7 @@ from harvest import ChunkReader, open_cache
 from harvest.atomic import atomic_write
 from harvest.errors import CacheError, SpecError
 from train.objectives import FIRE_THRESHOLD
+from train.special import SpecialTokens
 
 VARIANCE_JSON = "variance.json"
 DISTRIBUTION_FILE = "layer_distribution.safetensors"
@@ -534,7 +535,8 @@ def run_variance(
         acc = LayerDistribution.zeros(sae.cfg.n_latents, layers, dev)
         ref = ReferenceVariances(sae.cfg.n_latents, len(layers), reference_batch_tokens) if reference_formulas else None
         t0 = time.perf_counter()
-        _stream(sae, reader, budget, rows, dev, acc, ref, progress and rank == 0)
+        special = SpecialTokens.of(record.special_tokens, cache)
+        _stream(sae, reader, budget, rows, dev, acc, ref, progress and rank == 0, special)
         seconds = time.perf_counter() - t0
         acc.all_reduce_()
         if ref is not None:
@@ -552,6 +554,7 @@ def run_variance(
         "seed": seed,
         "device": dev,
         "world_size": world,
+        "special_tokens": special.mode,
         "seconds": seconds,
         "tokens_per_s": acc.tokens.item() / max(seconds, 1e-9),
         "definitions": DEFINITIONS,
@@ -575,17 +578,20 @@ def _stream(
     acc: LayerDistribution,
     ref: ReferenceVariances | None,
     progress: bool,
+    special: SpecialTokens,
 ) -> None:
-    """Encode up to `budget` kept tokens of the reader's chunks and feed the accumulators."""
+    """Encode up to `budget` tokens of the reader's chunks (those the run's special-token mode uses) and
+    feed the accumulators."""
     from harvest.progress import progress_bar
 
     upper = min(budget, len(reader) * reader.layout.chunk_tokens)  # kept tokens are unknown until read
     done = 0
     with progress_bar("variance", upper, "tokens", enabled=progress, rate_unit="tok/s") as bar:
         for chunk in reader.epoch(0):
-            kept = chunk.keep.nonzero().squeeze(1)[: budget - done]
+            kept = special.usable(chunk.keep, chunk.token_ids).nonzero().squeeze(1)[: budget - done]
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
             x_all = chunk.acts[:, kept] if dev == "cpu" else chunk.acts.to(dev, non_blocking=True)[:, kept.to(dev)]
+            x_all = special.vectors(x_all, chunk.token_ids[kept])  # zeros at special tokens in `reference` mode
             for s in range(0, x_all.shape[1], rows):
                 values, indices = sae.encode(x_all[:, s : s + rows].float())
                 acc.update(values, indices)

@@ -24,6 +24,7 @@ from harvest import open_cache
 from harvest.models import resolve_device
 from train.evaluate import evaluate
 from train.record import RunError, RunRecord, load_run
+from train.special import SpecialTokens
 
 # ---------------------------------------------------------------------------------------------
 # run folders (read through train.record: one loader, one error type)
@@ -68,13 +69,13 @@ def run_reconstruction(
     out_dir: str | Path | None = None,
     device: str = "auto",
     tokens: int | None = None,
-    include_special: bool | None = None,
+    special_tokens: str | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
     """Held-out metrics of each run and the layer x layer FVU matrix; writes reconstruction.json,
     fvu_matrix.csv, fvu_feature_matrix.csv and reconstruction.png into `out_dir` (default: the first
     run's folder) when `write`. `cache_path` defaults to the cache recorded by the first run;
-    `include_special` to the first run's training setting."""
+    `special_tokens` (train/special.py) to the first run's training mode."""
     if not run_dirs:
         raise RunError("no run given: pass at least one --sae RUN folder")
     records = [load_run(d) for d in run_dirs]
@@ -82,8 +83,7 @@ def run_reconstruction(
     cache.require_complete()
     check_same_cache(records, cache)
     heldout = records[0].heldout.limited(tokens, cache)
-    if include_special is None:
-        include_special = records[0].special_tokens == "include-real"
+    special = SpecialTokens.of(special_tokens or records[0].special_tokens, cache).mode
     device = resolve_device(device)
     columns = sorted({l for r in records for l in r.layers})
     labels = _labels(records)
@@ -91,12 +91,8 @@ def run_reconstruction(
     rows = []
     for record, label in zip(records, labels):
         sae = record.load_sae(device)
-        matrix = evaluate(sae, cache, heldout, columns, device, include_special)
-        own = (
-            matrix
-            if record.layers == columns
-            else evaluate(sae, cache, heldout, record.layers, device, include_special)
-        )
+        matrix = evaluate(sae, cache, heldout, columns, device, special)
+        own = matrix if record.layers == columns else evaluate(sae, cache, heldout, record.layers, device, special)
         rows.append(
             {
                 "label": label,
@@ -120,7 +116,7 @@ def run_reconstruction(
         "heldout": heldout.to_dict(),
         "eval_chunks": heldout.chunks,
         "tokens": rows[0]["held_out"]["tokens"],
-        "include_special": include_special,
+        "special_tokens": special,
         "layers": columns,
         "rows": [r["label"] for r in rows],
         "fvu_matrix": [r["fvu"] for r in rows],
