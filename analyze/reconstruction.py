@@ -100,11 +100,13 @@ def run_reconstruction(
                 "trained_layers": record.layers,
                 "multi_layer": record.multi_layer,
                 "sae": asdict(record.sae),
-                "held_out": own,
-                "fvu": matrix["fvu"],
-                "fvu_feature": matrix["fvu_feature"],
-                "mse": matrix["mse"],
-                "l0": matrix["l0"],
+                "held_out": own.to_dict(),
+                "fvu": matrix.fvu,
+                "fvu_feature": matrix.fvu_feature,
+                "mse": matrix.mse,
+                "l0": matrix.l0,
+                "dead_fraction_per_layer": matrix.dead_fraction_per_layer,
+                "firing_density": matrix.firing_density,
             }
         )
 

@@ -108,7 +108,7 @@ def test_no_held_out_window_shares_a_token_with_training(dcache, tmp_path, monke
     held_kept = int((keep & np.isin(seq, record.heldout.windows)).sum())
     assert summary["held_out"]["tokens"] == held_kept
     again = evaluate(record.load_sae(), cache, record.heldout, record.layers, "cpu")
-    assert again["fvu"] == pytest.approx(summary["held_out"]["fvu"], rel=1e-6)
+    assert again.fvu == pytest.approx(summary["held_out"]["fvu"], rel=1e-6)
 
 
 def test_a_held_out_set_round_trips_through_its_dict():

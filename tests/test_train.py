@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -24,7 +25,9 @@ from train.config import TrainConfig
 from train.data import MinibatchStream
 from train.evaluate import evaluate
 from train.loop import train
+from train.objectives import FIRE_THRESHOLD
 from train.record import load_run
+from train.sae import SaeConfig, TopKSae
 from train.split import choose_heldout
 
 CACHE = dict(context=32, tokens=32 * 512, chunk_tokens=256, shard_tokens=1024, shuffle_tokens=4096, batch_size=8)
@@ -83,14 +86,57 @@ def test_training_lowers_held_out_fvu_and_reported_fvu_recomputes(tcache, tmp_pa
     assert record.cache.fingerprint == open_cache(tcache).fingerprint and record.layers == [0, 1, 2]
     sae = load_sae(out)
     again = evaluate(sae, open_cache(tcache), record.heldout, record.layers, "cpu")
-    assert again["fvu"] == pytest.approx(s["held_out"]["fvu"], rel=1e-6)
-    assert again["fvu_feature"] == pytest.approx(s["held_out"]["fvu_feature"], rel=1e-6)
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again.fvu == pytest.approx(s["held_out"]["fvu"], rel=1e-6)
+    assert again.fvu_feature == pytest.approx(s["held_out"]["fvu_feature"], rel=1e-6)
+    lines = [l for l in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in l]
     assert lines[0]["step"] == 0 and lines[-1]["step"] == 119 and lines[-1]["loss"] < lines[0]["loss"]
     x = torch.randn(2, 3, 32)  # any leading shape
     assert sae.decode(*sae.encode(x)).shape == (2, 3, 32)
     # the decoder rows stayed unit norm through training
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.cfg.n_latents))
+
+
+def test_per_layer_dead_fraction_l0_and_firing_density_equal_a_brute_force_count(tcache):
+    """A wide random SAE leaves many latents silent on 1,024 held-out tokens, differently per layer."""
+    cache = open_cache(tcache)
+    held = choose_heldout(cache, 1024, seed=3)
+    n_latents = 2048
+    sae = TopKSae(SaeConfig(d_model=32, n_latents=n_latents, k=4), generator=torch.Generator().manual_seed(0))
+    res = evaluate(sae, cache, held, [0, 2], "cpu")
+    seq, keep = cache.read_tokens("seq").numpy(), cache.read_tokens("keep").numpy()
+    pos = torch.from_numpy(np.flatnonzero(keep & np.isin(seq, held.windows)))
+    assert res.tokens == len(pos) and res.layers == [0, 2]
+    fired_any = set()
+    for i, layer in enumerate([0, 2]):
+        values, indices = sae.encode(cache.read(layer)[pos].float())
+        active = values > FIRE_THRESHOLD
+        fired = set(indices[active].tolist())
+        fired_any |= fired
+        assert res.dead_fraction_per_layer[i] == pytest.approx(1 - len(fired) / n_latents, abs=1e-12)
+        assert res.l0[i] == pytest.approx(active.sum(1).double().mean().item(), rel=1e-9)
+        per_latent = torch.bincount(indices[active], minlength=n_latents).double() / len(pos)
+        assert res.firing_density[i] == pytest.approx(per_latent.mean().item(), rel=1e-9)
+    assert res.dead_fraction == pytest.approx(1 - len(fired_any) / n_latents, abs=1e-12)
+    assert min(res.dead_fraction_per_layer) > 0 and res.dead_fraction < min(res.dead_fraction_per_layer)
+    assert res.dead_fraction_per_layer[0] != res.dead_fraction_per_layer[1]
+
+
+def test_periodic_held_out_evaluation_writes_the_curve(tcache, tmp_path):
+    out = tmp_path / "curve"
+    [s] = train([cfg(tcache, out, tokens=512 * 12, eval_every=5)], show_progress=False)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [l for l in lines if "held_out" in l]
+    assert [l["tokens"] for l in evals] == [0, 5 * 512, 10 * 512, 12 * 512]
+    assert evals[0]["held_out"] == s["held_out_initial"] and evals[-1]["held_out"] == s["held_out"]
+    assert evals[1]["held_out"]["fvu_mean"] < evals[0]["held_out"]["fvu_mean"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["held_out"]["dead_fraction_per_layer"]) == 3 and summary["held_out"]["firing_density"][0] > 0
+    with open(out / "heldout.csv") as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["tokens", "fvu_mean", "fvu_feature_mean", "fvu_layer_0", "fvu_layer_1", "fvu_layer_2"]
+    assert [int(r[0]) for r in table[1:]] == [0, 2560, 5120, 6144]
+    assert float(table[-1][1]) == pytest.approx(s["held_out"]["fvu_mean"], rel=1e-5)
+    assert (out / "heldout.png").stat().st_size > 1000
 
 
 def test_single_layer_sae_and_sweep_in_one_pass_equal_separate_runs(tcache, tmp_path):
@@ -148,7 +194,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tcache, tmp_path):
     w_ref, w = weights(ref), weights(out)
     for name in w_ref:
         assert torch.equal(w_ref[name], w[name]), name
-    lines = [json.loads(l) for l in (ref / "metrics.jsonl").read_text().splitlines()]
+    lines = [l for l in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines()) if "loss" in l]
     assert max(l["auxk"] for l in lines) > 0, "the test should exercise AuxK (dead latents)"
 
 

@@ -12,7 +12,7 @@ from harvest.flags import FlagConfig, flag_field, read_yaml_mapping
 from train.special import SpecialTokensMode
 
 # Fields that may change when a run is resumed (they do not change the result).
-RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "prefetch"})
+RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "eval_every", "prefetch"})
 
 
 _f = flag_field
@@ -53,6 +53,11 @@ class TrainConfig(FlagConfig):
     device: str = _f("auto", "auto (cuda when present), cpu, cuda or cuda:N.")
     checkpoint_every: int = _f(200, "Steps between resumable checkpoints.")
     log_every: int = _f(10, "Steps between lines of metrics.jsonl.")
+    eval_every: int = _f(
+        0,
+        "Steps between held-out evaluations (0 = before and after training only): lines of metrics.jsonl, and "
+        "heldout.csv / heldout.png at the end. Each encodes the held-out tokens once.",
+    )
     prefetch: int = _f(8, "Chunk reads in flight.")
     out: str = _f("", "Run folder; default runs/<cache name>-<layers>-x<expansion>-k<k>.")
 
@@ -76,8 +81,8 @@ class TrainConfig(FlagConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise SpecError(f"{name} = {v!r} must be a positive integer")
-        if self.tokens < 0 or self.eval_tokens < 0 or self.warmup_steps < 0:
-            raise SpecError("tokens, eval_tokens and warmup_steps must be >= 0")
+        if self.tokens < 0 or self.eval_tokens < 0 or self.warmup_steps < 0 or self.eval_every < 0:
+            raise SpecError("tokens, eval_tokens, eval_every and warmup_steps must be >= 0")
         if not self.lr > 0:
             raise SpecError(f"lr = {self.lr} must be positive")
         if self.layers != "all":

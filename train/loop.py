@@ -19,14 +19,14 @@ from typing import Any, Callable, TextIO
 import torch
 
 from harvest import open_cache
-from harvest.atomic import atomic_write
+from harvest.atomic import atomic_write, atomic_write_json
 from harvest.env import Dist, library_versions
 from harvest.errors import SpecError, UserError
 from harvest.models import resolve_device
 from harvest.progress import progress_bar
 from train.config import TrainConfig
 from train.data import MinibatchStream, StreamState, count_training_tokens
-from train.evaluate import evaluate
+from train.evaluate import evaluate, read_metrics, write_heldout_curve
 from train.objectives import DeadLatents, training_loss
 from train.record import CacheRef, RunRecord, read_record
 from train.sae import SaeConfig, TopKSae
@@ -244,7 +244,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     )
     # throughput counts from the end of this session's first step: b_pre init, the initial held-out
     # evaluation and the first round read are one-off costs, not the training rate
-    t0, tokens_at_t0 = time.time(), start_step * first.batch_tokens
+    t0, tokens_at_t0, eval_seconds = time.time(), start_step * first.batch_tokens, 0.0
     batches = iter(stream)
     bar_args = {"enabled": show_progress, "completed": start_step, "fields": {"loss": ".4f"}, "rate_unit": "tok/s"}
     with progress_bar("train", steps, "steps", **bar_args) as bar:
@@ -255,12 +255,11 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
                 x = x_all.index_select(0, run.layer_idx)
                 if step == 0:
                     _init_b_pre(run, x, dist)
-                    run.fvu_initial = (
-                        evaluate(run.sae, cache, heldout, run.layers, device, special.mode) if dist.rank == 0 else None
-                    )
+                    run.fvu_initial = _held_out_eval(run, cache, heldout, special, device, dist, 0, 0)
                 parts = _step(run, x, step, autocast, dist)
                 if dist.rank == 0 and (step % run.cfg.log_every == 0 or step == steps - 1):
                     rate = (step + 1) * first.batch_tokens - tokens_at_t0
+                    seconds = max(time.time() - t0 - eval_seconds, 1e-9)
                     run.metrics.write(
                         json.dumps(
                             {
@@ -272,7 +271,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
                                 "auxk": parts[3],
                                 "dead_fraction": run.dead.fraction,
                                 "lr": run.opt.param_groups[0]["lr"],
-                                "tokens_per_s": rate / max(time.time() - t0, 1e-9),
+                                "tokens_per_s": rate / seconds,
                             }
                         )
                         + "\n"
@@ -280,18 +279,23 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
                     run.metrics.flush()
             done = step + 1
             if step == start_step and steps - start_step > 1:
-                t0, tokens_at_t0 = time.time(), done * first.batch_tokens
+                t0, tokens_at_t0, eval_seconds = time.time(), done * first.batch_tokens, 0.0
+            if first.eval_every and done % first.eval_every == 0 and done < steps:
+                t_eval = time.time()
+                for run in runs:
+                    _held_out_eval(run, cache, heldout, special, device, dist, done, done * first.batch_tokens)
+                eval_seconds += time.time() - t_eval
             if done % first.checkpoint_every == 0 or done == steps:
                 _checkpoint(runs, done, stream, dist)
             bar.advance(1, rate_amount=first.batch_tokens, loss=parts[0])
 
     # -- held-out evaluation and outputs --------------------------------------------------------------
     summaries = []
-    seconds = time.time() - t0  # the training steps after this session's first one
+    seconds = time.time() - t0 - eval_seconds  # the training steps after this session's first one
     for run in runs:
         if dist.rank != 0:
             continue
-        final = evaluate(run.sae, cache, heldout, run.layers, device, special.mode)
+        final = _held_out_eval(run, cache, heldout, special, device, dist, steps, steps * first.batch_tokens)
         run.sae.save(run.out)
         summary = {
             "out": str(run.out),
@@ -303,11 +307,24 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
             "held_out_initial": run.fvu_initial,
             "held_out": final,
         }
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
         run.metrics.close()
+        write_heldout_curve(run.out, read_metrics(run.out / "metrics.jsonl"))
+        atomic_write_json(run.out / "summary.json", summary)
         summaries.append(summary)
     dist.barrier()
     return summaries
+
+
+def _held_out_eval(
+    run: Run, cache: Any, heldout: Any, special: SpecialTokens, device: str, dist: Dist, step: int, tokens: int
+) -> dict | None:
+    """Held-out metrics of one SAE after `step` steps (rank 0 only), logged as a line of metrics.jsonl."""
+    if dist.rank != 0:
+        return None
+    result = evaluate(run.sae, cache, heldout, run.layers, device, special.mode).to_dict()
+    run.metrics.write(json.dumps({"step": step, "tokens": tokens, "held_out": result}) + "\n")
+    run.metrics.flush()
+    return result
 
 
 @torch.no_grad()
