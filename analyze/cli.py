@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -9,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from harvest.errors import SpecError
 from harvest.flags import run_app
 
 app = typer.Typer(
@@ -24,13 +26,25 @@ SAE = typer.Option(..., "--sae", help="Run folder of a trained SAE (train run --
 DEVICE = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda or cuda:N.")
 
 
-def _cache_of(run: Path, cache: Optional[Path]) -> Path:
-    """The cache a run was trained on, unless --cache says otherwise."""
+@app.callback()
+def _options(
+    local_cache: Optional[str] = typer.Option(
+        None,
+        "--local-cache",
+        help="Folder for a verified local copy of a cache in a bucket (also $MLSAE_LOCAL_CACHE); before the command.",
+    ),
+) -> None:
+    if local_cache:
+        os.environ["MLSAE_LOCAL_CACHE"] = local_cache  # read by harvest.open_cache for every cache it opens
+
+
+def _cache_of(run: Path, cache: Optional[str]) -> str:
+    """The cache (path or URL) a run was trained on, unless --cache says otherwise."""
     if cache is not None:
         return cache
     from train.record import load_run
 
-    return Path(load_run(run, require_sae=False).cache.path)
+    return load_run(run, require_sae=False).cache.path
 
 
 def _out(out: Optional[Path], run: Path) -> Path:
@@ -63,7 +77,7 @@ def _print_variance(res: dict[str, Any]) -> None:
 @app.command()
 def variance(
     sae: Path = SAE,
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the run's)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Cache folder or URL (default: the run's)."),
     tokens: int = typer.Option(10_000_000, "--tokens", help="Kept tokens to stream (the poster: 10M)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
     reference_formulas: bool = typer.Option(
@@ -91,7 +105,7 @@ def variance(
 def reconstruction(
     sae: list[Path] = typer.Option(..., "--sae", help="Run folders (repeat --sae, or list them after it)."),
     runs: Optional[list[Path]] = typer.Argument(None, help="More run folders."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the first run's)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Cache folder or URL (default: the first run's)."),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Held-out tokens to use (default: all)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the first run)."),
     device: str = DEVICE,
@@ -110,7 +124,7 @@ def delta_ce(
     model: Optional[str] = typer.Option(None, "--model", help="Model (default: the cache's)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Text (default: the cache's own windows)."),
     tokens: int = typer.Option(2048, "--tokens", help="Tokens of text to evaluate."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the run's)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Cache folder or URL (default: the run's)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
     device: str = DEVICE,
 ) -> None:
@@ -132,7 +146,7 @@ def delta_ce(
 
 @app.command()
 def resid(
-    cache: Path = typer.Option(..., "--cache", help="Cache folder."),
+    cache: str = typer.Option(..., "--cache", help="Cache folder or URL."),
     sae: Optional[Path] = typer.Option(None, "--sae", help="Also the MMCS of this SAE's decoder."),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Kept tokens to stream (default: all)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the cache folder)."),
@@ -140,8 +154,12 @@ def resid(
 ) -> None:
     """Adjacent-layer cosine similarity of layer-mean-centered residuals, residual norm per layer, decoder MMCS."""
     from analyze.geometry import run_resid
+    from harvest.store import is_url
 
-    _print_resid(run_resid(cache, _out(out, cache), tokens=tokens, sae_dir=sae, device=device))
+    if out is None and is_url(cache):
+        raise SpecError(f"{cache} is in a bucket: pass --out with a local folder for the results")
+
+    _print_resid(run_resid(cache, _out(out, Path(cache)), tokens=tokens, sae_dir=sae, device=device))
 
 
 def _print_resid(res: dict[str, Any]) -> None:
@@ -172,7 +190,7 @@ def prompt(
 def report(
     sae: list[Path] = typer.Option(..., "--sae", help="Run folders; the first is analysed in depth."),
     runs: Optional[list[Path]] = typer.Argument(None, help="More run folders (single-layer baselines)."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the first run's)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Cache folder or URL (default: the first run's)."),
     model: Optional[str] = typer.Option(
         None, "--model", help="Model for delta CE and the prompt (default: the cache's)."
     ),

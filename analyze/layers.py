@@ -548,7 +548,7 @@ def run_variance(
         "n_latents": sae.cfg.n_latents,
         "k": sae.cfg.k,
         "sae": str(sae_dir.resolve()),
-        "cache": str(cache.path.resolve()),
+        "cache": cache.location,
         "cache_fingerprint": cache.fingerprint,
         "lens": cache.lens_record,
         "seed": seed,

@@ -12,7 +12,7 @@ from harvest.flags import FlagConfig, flag_field, read_yaml_mapping
 from train.special import SpecialTokensMode
 
 # Fields that may change when a run is resumed (they do not change the result).
-RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "eval_every", "prefetch"})
+RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "eval_every", "prefetch", "local_cache"})
 
 
 _f = flag_field
@@ -20,7 +20,7 @@ _f = flag_field
 
 @dataclass
 class TrainConfig(FlagConfig):
-    cache: str = _f("caches/gemma-3-270m-sotu", "Harvested cache folder.")
+    cache: str = _f("caches/gemma-3-270m-sotu", "Harvested cache: a folder or a URL (s3://, gs://, az://).")
     layers: str = _f(
         "all", "'all' trains the multi-layer SAE on every cached layer; a layer number trains a single-layer SAE."
     )
@@ -59,6 +59,9 @@ class TrainConfig(FlagConfig):
         "heldout.csv / heldout.png at the end. Each encodes the held-out tokens once.",
     )
     prefetch: int = _f(8, "Chunk reads in flight.")
+    local_cache: str = _f(
+        "", "Folder for a verified local copy of a remote cache (later epochs read from local disk); '' = none."
+    )
     out: str = _f("", "Run folder; default runs/<cache name>-<layers>-x<expansion>-k<k>.")
 
     @classmethod

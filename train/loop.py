@@ -118,7 +118,7 @@ def _all_reduce(t: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
 
 def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Callable[[str], None]) -> list[dict]:
     first = configs[0]
-    cache = open_cache(first.cache)
+    cache = open_cache(first.cache, first.local_cache or None)
     cache.require_complete()
     device = resolve_device(first.device)
     layers_of = [c.layer_list(cache.layers) for c in configs]
@@ -160,7 +160,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
             train=cfg,
             sae=sae_cfg,
             layers=layers,
-            cache=CacheRef.of(cache, cfg.cache),
+            cache=CacheRef.of(cache),
             heldout=heldout,
             special_tokens=special.mode,
             steps=steps,

@@ -41,7 +41,7 @@ class RunError(UserError):
 class CacheRef:
     """The cache a run was trained on, as recorded at training time."""
 
-    path: str
+    path: str  # where it was opened from: an absolute path or a URL (s3://, gs://, az://)
     fingerprint: str
     model: str | None = None
     dataset: str | None = None
@@ -51,10 +51,10 @@ class CacheRef:
     n_tokens: int | None = None
 
     @classmethod
-    def of(cls, cache: Any, path: str | Path | None = None) -> CacheRef:
+    def of(cls, cache: Any) -> CacheRef:
         meta = cache.meta
         return cls(
-            path=str(Path(path or cache.path).resolve()),
+            path=str(cache.location),  # an absolute path or a URL
             fingerprint=cache.fingerprint,
             model=meta["model"]["name"],
             dataset=meta["spec"]["dataset"],
