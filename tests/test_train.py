@@ -139,6 +139,26 @@ def test_periodic_held_out_evaluation_writes_the_curve(tcache, tmp_path):
     assert (out / "heldout.png").stat().st_size > 1000
 
 
+def test_non_finite_held_out_vectors_are_refused_in_one_line(tcache, monkeypatch):
+    from harvest.errors import CacheError
+    from harvest.reader import ChunkReader
+
+    cache = open_cache(tcache)
+    held = choose_heldout(cache, 1024, seed=0)
+    sae = TopKSae(SaeConfig(d_model=32, n_latents=64, k=4))
+    real = ChunkReader.iter_chunks
+
+    def nan_in_layer_1(self, order):  # what a model that overflowed would have stored
+        for chunk in real(self, order):
+            chunk.acts[1, :, 0] = float("nan")
+            yield chunk
+
+    monkeypatch.setattr(ChunkReader, "iter_chunks", nan_in_layer_1)
+    with pytest.raises(CacheError) as e:
+        evaluate(sae, cache, held, [0, 1, 2], "cpu")
+    assert "\n" not in str(e.value) and "layer 1" in str(e.value) and "not finite" in str(e.value)
+
+
 def test_single_layer_sae_and_sweep_in_one_pass_equal_separate_runs(tcache, tmp_path):
     common = dict(tokens=512 * 20)
     [a] = train([cfg(tcache, tmp_path / "a", layers="1", **common)], show_progress=False)
@@ -289,8 +309,94 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tcache,
         "step 6",
         "lower --lr",
     )
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 5
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
     assert not (out / "summary.json").exists()
+    # before the first checkpoint, the message does not name one
+    calls["n"] = 0
+    _one_line_error(
+        _run_cli(_cli(tcache, tmp_path / "nan2", tokens=512 * 20, checkpoint_every=50), capsys),
+        "loss became nan",
+        "no checkpoint was written yet",
+    )
+
+
+class _Evil:
+    """Unpickling this runs code: it creates the file named by `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _interrupted_run(tcache: Path, out: Path, capsys) -> None:
+    """A run folder as a kill leaves it: config.json, metrics, checkpoint.pt; no weights, no summary."""
+    assert _run_cli(_cli(tcache, out, tokens=512 * 4, checkpoint_every=2), capsys)[0] == 0
+    for name in ("summary.json", "sae.safetensors", "sae_config.json"):
+        (out / name).unlink()
+
+
+def test_checkpoints_hold_plain_data_and_a_planted_pickle_never_runs(tcache, tmp_path, capsys):
+    out = tmp_path / "run"
+    _interrupted_run(tcache, out, capsys)
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)  # tensors and plain containers only
+    assert ck["step"] == 4 and set(ck) == {"step", "sae", "opt", "dead", "stream", "fvu_initial"}
+    marker = tmp_path / "pwned"
+    torch.save({"step": 2, "sae": _Evil(marker)}, out / "checkpoint.pt")
+    _one_line_error(_run_cli(_cli(tcache, out, tokens=512 * 4, checkpoint_every=2), capsys), "checkpoint.pt", "delete")
+    assert not marker.exists()
+    for junk in (b"", b"not a checkpoint", b"PK\x03\x04" + b"\x00" * 64):
+        (out / "checkpoint.pt").write_bytes(junk)
+        _one_line_error(_run_cli(_cli(tcache, out, tokens=512 * 4, checkpoint_every=2), capsys), "checkpoint.pt")
+    (out / "checkpoint.pt").unlink()  # deleted as advised: the run starts again and finishes
+    assert _run_cli(_cli(tcache, out, tokens=512 * 4, checkpoint_every=2), capsys)[0] == 0
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_file_and_the_old_checkpoint(
+    tcache, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    real_save, calls = torch.save, {"n": 0}
+
+    def disk_full_on_second_checkpoint(obj, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return real_save(obj, path, *a, **kw)
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full_on_second_checkpoint)
+    _one_line_error(
+        _run_cli(_cli(tcache, out, tokens=512 * 6, checkpoint_every=2), capsys), "could not write", "No space", "rerun"
+    )
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2  # the previous one, intact
+    assert [p.name for p in out.iterdir() if p.name.startswith(".") and "lock" not in p.name] == []
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command resumes and finishes
+    assert _run_cli(_cli(tcache, out, tokens=512 * 6, checkpoint_every=2), capsys)[0] == 0
+
+
+def test_bad_run_folders_and_out_paths_are_one_line(tcache, tmp_path, capsys):
+    out = tmp_path / "run"
+    _interrupted_run(tcache, out, capsys)
+    good = (out / "config.json").read_text()
+    for text, fragment in [("{oops", "not valid JSON"), ('{"format_version": 2}', "lacks")]:
+        (out / "config.json").write_text(text)
+        _one_line_error(_run_cli(_cli(tcache, out, tokens=512 * 4), capsys), "config.json", fragment)
+    (out / "config.json").write_text(good)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    _one_line_error(_run_cli(_cli(tcache, afile), capsys), "is a file")
+    _one_line_error(_run_cli(_cli(tcache, afile / "run"), capsys), "afile")
+
+
+def test_two_trainings_on_one_folder_one_is_refused_naming_the_holder(tcache, tmp_path, capsys):
+    from harvest.lock import exclusive
+
+    out = tmp_path / "run"
+    with exclusive(out, "train run"):  # another `train run` holds the folder
+        _one_line_error(_run_cli(_cli(tcache, out, tokens=512 * 2), capsys), "in use by", f"pid {os.getpid()}")
+    assert _run_cli(_cli(tcache, out, tokens=512 * 2), capsys)[0] == 0  # released: it runs
 
 
 def test_train_config_yaml_names_every_field():

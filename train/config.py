@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from harvest.errors import SpecError
 from harvest.flags import FlagConfig, flag_field, read_yaml_mapping
@@ -58,6 +58,10 @@ class TrainConfig(FlagConfig):
         "Steps between held-out evaluations (0 = before and after training only): lines of metrics.jsonl, and "
         "heldout.csv / heldout.png at the end. Each encodes the held-out tokens once.",
     )
+    log_to: Literal["none", "wandb", "trackio"] = _f(
+        "none", "Also log to an experiment tracker (SAELens key names); metrics.jsonl is always written."
+    )
+    log_project: str = _f("mlsae-cache", "Project name for --log-to.")
     prefetch: int = _f(8, "Chunk reads in flight.")
     local_cache: str = _f(
         "", "Folder for a verified local copy of a remote cache (later epochs read from local disk); '' = none."
