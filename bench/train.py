@@ -399,8 +399,8 @@ def run_train(configs: list[TrainConfig], device: str) -> TrainResult:
     in_loop = lambda iv: step0_end <= iv[0] and iv[1] <= last_end
     metrics_last = []
     for c in configs:
-        lines = (Path(c.out) / "metrics.jsonl").read_text().splitlines()
-        metrics_last.append(json.loads(lines[-1]) if lines else {})
+        lines = [l for l in map(json.loads, (Path(c.out) / "metrics.jsonl").read_text().splitlines()) if "loss" in l]
+        metrics_last.append(lines[-1] if lines else {})  # the last training step (held-out evaluations have no loss)
     first_wait = trace.waits[0]
     return TrainResult(
         n_runs,
