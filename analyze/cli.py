@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -43,10 +42,9 @@ def _cache_of(run: Path, cache: Optional[str]) -> str:
     """The cache (path or URL) a run was trained on, unless --cache says otherwise."""
     if cache is not None:
         return cache
-    cfg = run / "config.json"
-    if not cfg.is_file():
-        raise SpecError(f"{run} is not a training run (no config.json): pass --sae with a `train run` folder")
-    return json.loads(cfg.read_text())["cache"]["path"]
+    from train.record import load_run
+
+    return load_run(run, require_sae=False).cache.path
 
 
 def _out(out: Optional[Path], run: Path) -> Path:

@@ -43,6 +43,7 @@ from harvest import ChunkReader, open_cache
 from harvest.atomic import atomic_write
 from harvest.errors import CacheError, SpecError
 from train.objectives import FIRE_THRESHOLD
+from train.special import SpecialTokens
 
 VARIANCE_JSON = "variance.json"
 DISTRIBUTION_FILE = "layer_distribution.safetensors"
@@ -450,13 +451,6 @@ class ReferenceVariances:
 # cache + SAE -> variance.json, layer_distribution.safetensors, figures
 
 
-def _run_layers(sae_dir: Path) -> list[int]:
-    cfg_file = sae_dir / "config.json"
-    if not cfg_file.is_file():
-        raise SpecError(f"{sae_dir} has no config.json: pass a training run folder (the --out of `train run`)")
-    return list(json.loads(cfg_file.read_text())["layers"])
-
-
 @contextmanager
 def _distributed() -> Iterator[tuple[int, int]]:
     """(rank, world size): from torch.distributed when initialized; under torchrun when nobody has
@@ -512,15 +506,16 @@ def run_variance(
     over ranks, and rank 0 alone writes. Writes variance.json, layer_distribution.safetensors and two
     PNG figures into `out_dir`; returns the summary dict (the content of variance.json)."""
     from harvest.models import resolve_device
-    from train import load_sae
+    from train.record import load_run
 
     if tokens < 1:
         raise SpecError(f"--tokens must be positive, got {tokens}")
     sae_dir, out_dir = Path(sae_dir), Path(out_dir)
-    layers = _run_layers(sae_dir)
+    record = load_run(sae_dir)
+    layers = record.layers
     cache = open_cache(cache_path)
     dev = resolve_device(device)
-    sae = load_sae(sae_dir, dev)
+    sae = record.load_sae(dev)
     if sae.cfg.d_model != cache.layout.d_model:
         raise CacheError(
             f"the SAE in {sae_dir} has d_model {sae.cfg.d_model} but {cache.path} holds "
@@ -540,7 +535,8 @@ def run_variance(
         acc = LayerDistribution.zeros(sae.cfg.n_latents, layers, dev)
         ref = ReferenceVariances(sae.cfg.n_latents, len(layers), reference_batch_tokens) if reference_formulas else None
         t0 = time.perf_counter()
-        _stream(sae, reader, budget, rows, dev, acc, ref, progress and rank == 0)
+        special = SpecialTokens.of(record.special_tokens, cache)
+        _stream(sae, reader, budget, rows, dev, acc, ref, progress and rank == 0, special)
         seconds = time.perf_counter() - t0
         acc.all_reduce_()
         if ref is not None:
@@ -558,6 +554,7 @@ def run_variance(
         "seed": seed,
         "device": dev,
         "world_size": world,
+        "special_tokens": special.mode,
         "seconds": seconds,
         "tokens_per_s": acc.tokens.item() / max(seconds, 1e-9),
         "definitions": DEFINITIONS,
@@ -581,17 +578,20 @@ def _stream(
     acc: LayerDistribution,
     ref: ReferenceVariances | None,
     progress: bool,
+    special: SpecialTokens,
 ) -> None:
-    """Encode up to `budget` kept tokens of the reader's chunks and feed the accumulators."""
+    """Encode up to `budget` tokens of the reader's chunks (those the run's special-token mode uses) and
+    feed the accumulators."""
     from harvest.progress import progress_bar
 
     upper = min(budget, len(reader) * reader.layout.chunk_tokens)  # kept tokens are unknown until read
     done = 0
     with progress_bar("variance", upper, "tokens", enabled=progress, rate_unit="tok/s") as bar:
         for chunk in reader.epoch(0):
-            kept = chunk.keep.nonzero().squeeze(1)[: budget - done]
+            kept = special.usable(chunk.keep, chunk.token_ids).nonzero().squeeze(1)[: budget - done]
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
             x_all = chunk.acts[:, kept] if dev == "cpu" else chunk.acts.to(dev, non_blocking=True)[:, kept.to(dev)]
+            x_all = special.vectors(x_all, chunk.token_ids[kept])  # zeros at special tokens in `reference` mode
             for s in range(0, x_all.shape[1], rows):
                 values, indices = sae.encode(x_all[:, s : s + rows].float())
                 acc.update(values, indices)

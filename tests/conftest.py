@@ -22,6 +22,29 @@ def text_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def docs_cache(neox_dir, text_dir, tmp_path_factory) -> Path:
+    """A small cache of short documents (2-7 windows of 16 tokens, each preceded by EOS: ~60 special
+    tokens, keep=False) in 4 write blocks of 64 windows: held-out documents and special tokens show."""
+    from harvest.run import harvest
+    from harvest.spec import CacheSpec
+
+    out = tmp_path_factory.mktemp("docs_cache") / "cache"
+    spec = CacheSpec(
+        model=str(neox_dir),
+        dataset=str(text_dir),
+        out=str(out),
+        context=16,
+        tokens=16 * 240,
+        chunk_tokens=128,
+        shard_tokens=256,
+        shuffle_tokens=1024,
+        batch_size=16,
+    )
+    harvest(spec, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """A REAL S3 protocol server (moto) in this process on a free loopback port; clients find it through the
     standard AWS environment variables, as they would find MinIO or R2."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny import documents
 
-from analyze.delta_ce import DeltaCeSums, run_delta_ce, sae_reconstructor, spliced_metrics
+from analyze.delta_ce import DeltaCeSums, ZeroedSplice, run_delta_ce, sae_reconstructor, spliced_metrics
 from analyze.reconstruction import RunError, format_reconstruction, run_reconstruction
 from harvest import open_cache
 from harvest.lens import Lens
@@ -24,6 +24,7 @@ from train import load_sae
 from train.config import TrainConfig
 from train.evaluate import evaluate
 from train.loop import train
+from train.record import load_run
 
 CACHE = dict(context=32, tokens=32 * 128, chunk_tokens=256, shard_tokens=1024, shuffle_tokens=4096, batch_size=16)
 FAST = dict(
@@ -112,6 +113,18 @@ def test_delta_ce_is_exactly_zero_for_the_true_activation_and_positive_for_noise
     both = a + DeltaCeSums.zeros([1])
     assert both.means() == a.means()
 
+    # reference mode: zeros spliced at the special positions (the SAE's output for a zero input), the
+    # identity elsewhere, every prediction counted: the same as running the model on those zeros directly
+    everywhere = torch.ones_like(keep)
+    zeroed = ZeroedSplice(~keep, lambda layer: torch.zeros(bridge.cfg.d_model))
+    ref = spliced_metrics(bridge, ids, [1], identity, everywhere, zeroed=zeroed)
+    zero_hook = lambda x, hook: x.masked_fill(~keep[..., None], 0.0)
+    with torch.inference_mode():
+        lp = bridge.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_post", zero_hook)]).log_softmax(-1)
+    want = -lp[:, :-1].gather(2, ids[:, 1:, None]).mean().item()
+    assert ref.n == ids.shape[0] * (ids.shape[1] - 1) and ref.means()["ce"][0] == pytest.approx(want, rel=1e-5)
+    assert ref.means()["delta_ce"][0] > 0
+
 
 def test_delta_ce_through_a_lens_is_zero_for_the_true_activation_only_with_the_exact_inverse(lm):
     """An SAE trained in lens space that reconstructs perfectly must give delta CE 0 after the inverse; the
@@ -150,11 +163,11 @@ def test_layer_matrix_diagonal_and_mlsae_row_match_held_out_evaluation(runs, rca
         assert np.asarray(res[key]).shape == (3, 3) and np.isfinite(res[key]).all()
 
     cache = open_cache(rcache)
-    mlsae_cfg = json.loads((runs["mlsae"] / "config.json").read_text())
-    assert res["eval_chunks"] == mlsae_cfg["eval_chunks"]
-    direct = evaluate(load_sae(runs["mlsae"]), cache, mlsae_cfg["eval_chunks"], [0, 1, 2], "cpu")
-    assert res["fvu_matrix"][0] == pytest.approx(direct["fvu"], rel=1e-6)
-    assert res["fvu_feature_matrix"][0] == pytest.approx(direct["fvu_feature"], rel=1e-6)
+    heldout = load_run(runs["mlsae"]).heldout
+    assert res["eval_chunks"] == heldout.chunks
+    direct = evaluate(load_sae(runs["mlsae"]), cache, heldout, [0, 1, 2], "cpu")
+    assert res["fvu_matrix"][0] == pytest.approx(direct.fvu, rel=1e-6)
+    assert res["fvu_feature_matrix"][0] == pytest.approx(direct.fvu_feature, rel=1e-6)
     for row, name, layer in [(1, "l0", 0), (2, "l2", 2)]:  # diagonal = the run's own held-out FVU
         own = json.loads((runs[name] / "summary.json").read_text())["held_out"]
         assert res["fvu_matrix"][row][layer] == pytest.approx(own["fvu"][0], rel=1e-5)
@@ -196,7 +209,12 @@ def test_run_delta_ce_uses_held_out_cache_windows_and_writes_outputs(runs, tmp_p
     res = run_delta_ce(runs["mlsae"], tokens=64, out_dir=out, device="cpu")
     assert res["layers"] == [0, 1, 2] and res["windows"] == 2 and res["context"] == 32
     assert 0 < res["tokens"] <= 2 * 31
-    assert res["window_source"]["held_out_token_fraction"] > 0
+    assert res["window_source"]["held_out_token_fraction"] == 1.0
+    held = load_run(runs["mlsae"]).heldout.windows  # delta CE scores held-out windows only
+    assert len(res["window_source"]["windows"]) == 2 and set(res["window_source"]["windows"]) <= set(held)
     assert all(np.isfinite(res["delta_ce"])) and all(k >= 0 for k in res["kl"])
     assert json.loads((out / "delta_ce.json").read_text())["delta_ce"] == res["delta_ce"]
     assert (out / "delta_ce.png").stat().st_size > 1000
+    # the reference's special-token mode: the SAE sees zeros at special positions, every prediction counts
+    ref = run_delta_ce(runs["mlsae"], tokens=64, device="cpu", special_tokens="reference", write=False)
+    assert res["special_tokens"] == "exclude" and ref["special_tokens"] == "reference" and ref["tokens"] == 2 * 31
