@@ -121,9 +121,6 @@ def test_a_second_lens_training_on_one_out_is_refused_naming_the_holder(neox_dir
     assert "wait for it to finish" in line and not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="train/loop.py loads checkpoint.pt with weights_only=False until branch `train` is merged"
-)
 def test_planted_pickle_as_run_checkpoint_never_runs(train_cache, tmp_path, capsys):
     out, evidence = tmp_path / "run", tmp_path / "pwned"
     args = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**TRAIN, tokens=512 * 2)]
@@ -408,7 +405,6 @@ def test_missing_chunk_file_during_training_is_one_line(train_cache, tmp_path, c
     one_line_error(run_cli(args, capsys, prog="train"), "c/1/0/0")
 
 
-@pytest.mark.xfail(strict=True, reason="run folders are read by train's loaders; one-line RunError on branch `train`")
 @pytest.mark.parametrize("damage", ["sae.safetensors", "sae_config.json", "config.json"])
 def test_damaged_run_folder_files_are_one_line(damage, trained_run, tmp_path, capsys):
     import shutil
@@ -449,12 +445,7 @@ CORRUPTIONS = {
 }
 
 
-WINDOWS_PENDING = pytest.mark.xfail(
-    strict=True, reason="training reads windows/ (checked) only from branch `train` on (choose_heldout)"
-)
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=WINDOWS_PENDING) if "windows" in k else k for k in CORRUPTIONS])
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
 def test_each_corruption_is_caught_by_verify_and_refused_by_training(kind, train_cache, tmp_path, capsys):
     """The whole list of issue 13, end to end through the CLIs (tests/test_integrity.py checks the reader
     and verify's wording of each, and the compressed byte flip)."""
@@ -471,7 +462,6 @@ def test_each_corruption_is_caught_by_verify_and_refused_by_training(kind, train
     assert not (out / "sae.safetensors").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="train run takes the lock of --out only on branch `train` (INTERFACES 5)")
 def test_two_concurrent_train_runs_on_one_out(train_cache, tmp_path, capsys):
     """The second is refused with the holder named; the folder then holds exactly the first run's result."""
     from safetensors.torch import load_file
