@@ -193,16 +193,10 @@ def plan_harvest(spec: CacheSpec, dist: Dist, lock: Lock) -> HarvestPlan:
             "lens": "none" if lens is None else {"params_sha256": lens.sha256},  # its content, not its path
         }
     )
+    same_names = {k: getattr(spec, k) for k in ("context", "dtype", "chunk_tokens", "shard_tokens", "compression")}
+    n_tokens = spec.n_sequences() * spec.context
     layout = Layout(
-        n_tokens=spec.n_sequences() * spec.context,
-        context=spec.context,
-        layers=tuple(layers),
-        d_model=cfg.hidden_size,
-        dtype=spec.dtype,
-        chunk_tokens=spec.chunk_tokens,
-        shard_tokens=spec.shard_tokens,
-        block_tokens=spec.shuffle_tokens,
-        compression=spec.compression,
+        n_tokens, layers=tuple(layers), d_model=cfg.hidden_size, block_tokens=spec.shuffle_tokens, **same_names
     )
     return HarvestPlan(
         spec,

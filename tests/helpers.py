@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,34 @@ def run_cli(argv: list[str], capsys, prog: str = "harvest") -> tuple[int, str, s
         sys.argv = old
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def one_line_error(result: tuple[int, str, str], *fragments: str) -> str:
+    """A CLI result (run_cli) of bad input: exit 2, no traceback, exactly one `error:` line holding every
+    fragment; returns that line."""
+    code, out, err = result
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at `folder` (e.g. "size=16k" for a full disk, "ro" for a read-only one); the
+    test is skipped where mounting needs a root this machine does not give."""
+    import pytest
+
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)])
 
 
 def read_all(cache: Cache) -> dict[str, np.ndarray]:

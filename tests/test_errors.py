@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_cli
+from helpers import one_line_error, run_cli, tmpfs
 
 from harvest import open_cache
 
@@ -34,15 +33,7 @@ def run_args(model, dataset, out, *extra) -> list[str]:
     return ["run", "--model", model, "--dataset", dataset, "--out", out, *SMALL, *extra]
 
 
-def assert_user_error(result, *fragments: str) -> str:
-    code, out, err = result
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = [l for l in err.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, err
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
+assert_user_error = one_line_error
 
 
 def assert_no_complete_cache(out: Path) -> None:
@@ -151,12 +142,8 @@ def test_disk_full_before_starting(tmp_path, neox_dir, text_dir, capsys, monkeyp
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)])
+    with tmpfs(tmp_path / "mnt", "size=400k") as mnt:
+        yield mnt
 
 
 def test_disk_full_while_writing_is_a_clean_error_and_resumable(

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import one_line_error, run_cli, tmpfs
 
 from harvest import open_cache
 from harvest.run import harvest
@@ -32,20 +32,12 @@ def flags(**kw) -> list[str]:
     return [str(a) for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", v)]
 
 
+def lens_args(model, dataset, out, *extra) -> list[str]:
+    return ["lens", "train", "--model", model, "--dataset", dataset, "--out", out, "--quiet", *LENS, *extra]
+
+
 def run_args(model, dataset, out, *extra) -> list[str]:
     return ["run", "--model", model, "--dataset", dataset, "--out", out, "--quiet", *flags(**SMALL), *extra]
-
-
-def one_line_error(result, *fragments: str) -> str:
-    """Exit 2, no traceback, exactly one `error:` line holding every fragment; returns that line."""
-    code, out, err = result
-    assert code == 2, (code, out, err)
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = [l for l in err.splitlines() if l.startswith("error:")]
-    assert len(lines) == 1, err
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 def env() -> dict[str, str]:
@@ -84,7 +76,7 @@ def test_planted_pickle_as_lens_checkpoint_never_runs(neox_dir, text_dir, tmp_pa
     out, evidence = tmp_path / "lens", tmp_path / "pwned"
     work = work_folder(out, create=True)  # a genuine work folder, as an interrupted run leaves it
     plant_pickle(work / CHECKPOINT_FILE, evidence)
-    args = ["lens", "train", "--model", neox_dir, "--dataset", text_dir, "--out", out, "--quiet", *LENS]
+    args = lens_args(neox_dir, text_dir, out)
     one_line_error(run_cli(args, capsys), "cannot load the lens-training checkpoint", "safely", "remove it")
     assert not evidence.exists() and not out.exists()
 
@@ -105,7 +97,7 @@ def test_lens_work_folder_not_created_by_lens_training_is_refused(kind, neox_dir
             (work / WORK_MARKER).write_text("")
             work.chmod(0o777)
     plant_pickle(work / CHECKPOINT_FILE, evidence)
-    args = ["lens", "train", "--model", neox_dir, "--dataset", text_dir, "--out", out, "--quiet", *LENS]
+    args = lens_args(neox_dir, text_dir, out)
     one_line_error(run_cli(args, capsys), ".lens.tmp exists but is not a work folder", "remove it")
     assert not evidence.exists() and not out.exists()
 
@@ -115,7 +107,7 @@ def test_a_second_lens_training_on_one_out_is_refused_naming_the_holder(neox_dir
     from harvest.lock import exclusive
 
     out = tmp_path / "lens"
-    args = ["lens", "train", "--model", neox_dir, "--dataset", text_dir, "--out", out, "--quiet", *LENS]
+    args = lens_args(neox_dir, text_dir, out)
     with exclusive(work_folder(out, create=True), "harvest lens train"):  # as a running training holds it
         line = one_line_error(run_cli(args, capsys), "in use by `harvest lens train`", f"pid {os.getpid()}")
     assert "wait for it to finish" in line and not out.exists()
@@ -341,12 +333,8 @@ def trained_run(train_cache, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def read_only_dir(tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)])
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as mnt:
+        yield mnt
 
 
 def test_train_and_analyze_out_that_is_a_file_or_read_only(train_cache, trained_run, read_only_dir, tmp_path, capsys):
@@ -491,30 +479,13 @@ def test_two_concurrent_train_runs_on_one_out(train_cache, tmp_path, capsys):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mnt
-    subprocess.run(["umount", str(mnt)])
+    with tmpfs(tmp_path / "mnt", "size=16k") as mnt:
+        yield mnt
 
 
 def test_full_disk_during_a_lens_checkpoint_is_one_line_and_leaves_no_temp_file(tiny_disk, neox_dir, text_dir, capsys):
     out = tiny_disk / "lens"
-    args = [
-        "lens",
-        "train",
-        "--model",
-        neox_dir,
-        "--dataset",
-        text_dir,
-        "--out",
-        out,
-        "--quiet",
-        *LENS,
-        "--checkpoint-every",
-        "2",
-    ]
+    args = lens_args(neox_dir, text_dir, out, "--checkpoint-every", "2")
     one_line_error(run_cli(args, capsys), "disk full", "rerun the same command")
     work = tiny_disk / ".lens.tmp"
     assert not out.exists() and [p.name for p in work.iterdir()] == [".mlsae-lens-work"]
