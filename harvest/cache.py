@@ -299,15 +299,14 @@ CACHE_NAMES = {"zarr.json", "acts", "windows", "manifest", LENS_DIR, LOCK_KEY, *
 def location_state(store: Store) -> str:
     """'absent' (nothing there), 'cache' (a root zarr.json: created), 'partial' (only cache files: a creation
     that was interrupted, safe to redo) or 'foreign' (anything else: never touched)."""
+    if store.exists("zarr.json"):
+        return "cache"  # without listing a big cache's objects
     keys = store.list()
     if not keys:
         return "absent"
-    if "zarr.json" in keys:
-        return "cache"
     tops = {k.split("/", 1)[0] for k in keys}
-    if tops <= CACHE_NAMES or all(t.startswith(f".{LOCK_KEY}.") for t in tops - CACHE_NAMES):
-        return "partial"
-    return "foreign"
+    # hidden names: the lock and temporary files of interrupted writes (".zarr.json.XXXX.tmp")
+    return "partial" if all(t in CACHE_NAMES or t.startswith(".") for t in tops) else "foreign"
 
 
 def create_cache(
