@@ -618,19 +618,41 @@ class Cache:
         return torch.from_numpy(out)
 
     def read_tokens(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """token_ids, keep, seq or pos at cache positions [start, stop) of complete blocks, each chunk checked."""
-        from .reader import ChunkReader
-
+        """token_ids, keep, seq or pos at cache positions [start, stop) of complete blocks, each chunk checked.
+        One ranged request per shard (obstore coalesces its chunks), several shards in flight."""
         lay = self.layout
         stop = lay.n_tokens if stop is None else min(stop, lay.n_tokens)
-        chunks = list(range(start // lay.chunk_tokens, -(-stop // lay.chunk_tokens))) if stop > start else []
         out = np.empty(max(stop - start, 0), TOKEN_ARRAYS[name])
-        reader = ChunkReader(self, layers=[], chunks=chunks, allow_incomplete=True, prefetch=4)
-        for ch in reader.iter_chunks(chunks):
-            col = getattr(ch, name)
-            a, b = max(ch.start, start), min(ch.start + len(col), stop)
-            out[a - start : b - start] = col[a - ch.start : b - ch.start].numpy()
-        reader.close()
+        if stop <= start:
+            return torch.from_numpy(out)
+        self.require_checksums()
+        manifests = self.manifests()
+        dtype = np.dtype(TOKEN_ARRAYS[name])
+
+        def shard(s: int) -> None:
+            key, s0 = self.shard_key(name, (s,)), s * lay.shard_tokens
+            m = manifests.get(s0 // lay.block_tokens)
+            if m is None:
+                raise CacheError(f"tokens {s0}.. of {self.location} are not in a complete block: rerun `harvest run`")
+            entry = m.files[key]
+            inner = range(
+                max(start - s0, 0) // lay.chunk_tokens, -(-(min(stop, s0 + lay.shard_tokens) - s0) // lay.chunk_tokens)
+            )
+            pieces = [entry.pieces[j] for j in inner]
+            if any(p is None for p in pieces):
+                raise self.corrupt(key, " (a chunk is absent)")
+            try:
+                got = self.store.get_ranges(key, [p[0] for p in pieces], [p[0] + p[1] for p in pieces])
+            except StoreMissing:
+                raise IntegrityError(f"{self.store.describe(key)} is missing: run `harvest verify {self.location}`")
+            for j, p, data in zip(inner, pieces, got):
+                if chunk_hash(data) != p[2]:
+                    raise self.corrupt(key, f" chunk {j}")
+                c0 = s0 + j * lay.chunk_tokens
+                a, b = max(c0, start), min(c0 + lay.chunk_tokens, stop)
+                out[a - start : b - start] = np.frombuffer(data, dtype)[a - c0 : b - c0]
+
+        self.store.parallel(shard, list(range(start // lay.shard_tokens, -(-stop // lay.shard_tokens))))
         return torch.from_numpy(out)
 
     # -- reference reads through zarr-python ------------------------------------------------------
