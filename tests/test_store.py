@@ -291,7 +291,12 @@ def test_wrong_credentials_and_permission_denied(s3_small, bucket, neox_dir, cap
 
     auth("0")  # every request from now on is authenticated and authorized
     try:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        code, _, err = run_cli(["info", s3_small], capsys)
+        assert code == 2 and "no credentials are set: set AWS_ACCESS_KEY_ID" in " ".join(err.split()), err
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
         code, _, err = run_cli(["info", s3_small], capsys)
         assert code == 2 and "no valid credentials" in " ".join(err.split()) and "Traceback" not in err, err
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
