@@ -724,35 +724,37 @@ def save_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def _check_file(cache: Cache, key: str, entry: FileEntry, size: int | None) -> list[str]:
-    """Size, whole-file crc32, and (new manifests) the shard index and every inner chunk's xxh3. Read in
-    pieces of at most 16 MB, several files at a time (ranged reads on an object store)."""
+    """Size, whole-file crc32, and (new manifests) every inner chunk's xxh3 and the shard index (its crc32c,
+    and entries pointing where the manifest says), in ONE pass over the file: the chunks one ranged read
+    each, then the rest (the index) in pieces of at most 16 MB."""
     if size is None:
         return [f"{key}: file missing"]
     if size != entry.size:
         return [f"{key}: size {size} != {entry.size} (truncated or overwritten)"]
-    problems, crc, step = [], 0, 1 << 24
-    pieces = {p[0]: (j, p) for j, p in enumerate(entry.pieces or []) if p is not None}
-    for lo in range(0, size, step):
-        data = cache.store.get_range(key, lo, min(lo + step, size))
-        crc = zlib.crc32(data, crc)
-    if crc != entry.crc32:
-        problems.append(f"{key}: crc32 mismatch (corrupt)")
-    if entry.pieces is None:
-        return problems
-    starts = sorted(pieces)
-    for off in starts:
-        j, (_, nbytes, want) = pieces[off]
-        if chunk_hash(cache.store.get_range(key, off, off + nbytes)) != want:
+    problems, crc, pos, tail = [], 0, 0, b""
+    pieces = sorted((p[0], p[1], j, p[2]) for j, p in enumerate(entry.pieces or []) if p is not None)
+    for off, nbytes, j, want in pieces:
+        if off != pos:  # the writer leaves no gaps: a manifest that says otherwise is not ours
+            return [f"{key}: manifest pieces do not tile the file (corrupt manifest)"]
+        data = cache.store.get_range(key, off, off + nbytes)
+        crc, pos = zlib.crc32(data, crc), off + nbytes
+        if chunk_hash(data) != want:
             problems.append(f"{key}: inner chunk {j} fails its xxh3 checksum (corrupt)")
-    if key.startswith(("acts/", *(f"{n}/" for n in TOKEN_ARRAYS))):
+    for lo in range(pos, size, 1 << 24):
+        data = cache.store.get_range(key, lo, min(lo + (1 << 24), size))
+        crc, tail = zlib.crc32(data, crc), bytes(data)
+    if crc != entry.crc32:
+        problems.insert(0, f"{key}: crc32 mismatch (corrupt)")
+    is_shard = key.split("/", 1)[0] in ("acts", *TOKEN_ARRAYS)
+    if entry.pieces is not None and is_shard:
         n_inner = len(entry.pieces)
-        raw = bytes(cache.store.get_range(key, size - 16 * n_inner - 4, size))
-        if index_crc(raw[:-4]) != raw[-4:]:
+        raw = tail[-(16 * n_inner + 4) :] if len(tail) >= 16 * n_inner + 4 else b""
+        if len(raw) != 16 * n_inner + 4 or index_crc(raw[:-4]) != raw[-4:]:
             problems.append(f"{key}: shard index fails its crc32c (torn or corrupt)")
         else:
             got = np.frombuffer(raw[:-4], "<u8").reshape(n_inner, 2).tolist()
-            want = [[p[0], p[1]] if p is not None else [ABSENT, ABSENT] for p in entry.pieces]
-            if got != want:
+            want_index = [[p[0], p[1]] if p is not None else [ABSENT, ABSENT] for p in entry.pieces]
+            if got != want_index:
                 problems.append(f"{key}: shard index entry redirected (does not match the manifest)")
     return problems
 
