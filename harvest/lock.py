@@ -127,13 +127,20 @@ class Lock:
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.lease / 3):
             try:
-                version = self.store.swap(LOCK_KEY, self._body(), self._version)
+                if not self.renew():
+                    return
             except UserError:
                 continue  # a transient store error: the lease still has 2/3 of its time
-            if version is None:
-                self.lost = True  # taken over after our lease expired (a suspended process): stop writing
-                return
-            self._version = version
+
+    def renew(self) -> bool:
+        """Extend the lease; False (and `lost`) if another process took the lock over meanwhile (after our
+        lease expired, e.g. while this process was suspended): the caller must stop writing."""
+        version = self.store.swap(LOCK_KEY, self._body(), self._version)
+        if version is None:
+            self.lost = True
+            return False
+        self._version = version
+        return True
 
     def check(self) -> None:
         """Raise if the lease was lost (another process took the location over)."""
@@ -150,16 +157,17 @@ class Lock:
             self._thread = None
         self._version = None
         current = self.store.get_versioned(LOCK_KEY)
-        if current is not None and (_parse(current[0]) or {}).get("token") == self.token:
-            self.store.delete(LOCK_KEY)
-        if isinstance(self.store, LocalStore):
-            mutex = self.store.root / f".{LOCK_KEY}.mutex"
-            mutex.unlink(missing_ok=True)
-            if self._made_root:
-                try:
-                    self.store.root.rmdir()  # only if empty: nothing of the run's own was left behind
-                except OSError:
-                    pass
+        if current is None or (_parse(current[0]) or {}).get("token") != self.token:
+            return  # no longer ours (taken over): leave the new holder's lock alone
+        self.store.delete(LOCK_KEY)
+        if isinstance(self.store, LocalStore) and self._made_root:
+            # the folder was made for this lock: leave nothing behind if nothing else was put there (the
+            # mutex of `swap` stays otherwise: removing it while another process holds it would break it)
+            (self.store.root / f".{LOCK_KEY}.mutex").unlink(missing_ok=True)
+            try:
+                self.store.root.rmdir()  # only if empty
+            except OSError:
+                pass
 
     def __enter__(self) -> Lock:
         return self.acquire()

@@ -13,6 +13,7 @@ compare this against byte for byte.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +25,8 @@ import torch
 from .cache import ABSENT, STORAGE_DTYPES, TOKEN_ARRAYS, Cache, FileEntry, chunk_hash, from_storage, index_crc
 from .errors import CacheError, IntegrityError
 from .store import StoreMissing
+
+IO_THREADS = int(os.environ.get("MLSAE_READ_REQUESTS", "32"))  # ranged GETs in flight per remote reader
 
 
 @dataclass
@@ -92,7 +95,7 @@ class ChunkReader:
         self._checked_index: set[str] = set()
         self._fix = f"run `harvest verify {cache.location}` and re-harvest the damaged blocks"
         # one chunk's ranged GETs in flight together on an object store (latency, not bandwidth, is the limit)
-        self._io = None if self.store.is_local else ThreadPoolExecutor(64, thread_name_prefix="chunk-io")
+        self._io = None if self.store.is_local else ThreadPoolExecutor(IO_THREADS, thread_name_prefix="chunk-io")
         n_bufs = self.prefetch + self.hold
         shape = (len(self.layers), self.layout.chunk_tokens, self.layout.d_model)
         np_dtype = STORAGE_DTYPES[self.layout.dtype][0]

@@ -146,3 +146,17 @@ def test_two_harvests_on_one_out_then_kill_9_and_takeover(neox_dir, tmp_path, ca
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert verify_cache(open_cache(out)) == [] and not (out / LOCK_KEY).exists()
+
+
+def test_a_holder_whose_lease_expired_and_was_taken_over_knows_it(location):
+    lock = Lock(location, "suspended job", lease_seconds=0.5).acquire()
+    lock._stop.set()  # as if the process were suspended: no renewals
+    lock._thread.join()
+    time.sleep(0.6)
+    with Lock(location, "next job") as other:
+        assert other.took_over["token"] == lock.token
+        assert not lock.renew() and lock.lost  # it wakes up: the lock is no longer its own
+        with pytest.raises(LockHeld, match="taken over"):
+            lock.check()
+        lock.release()  # must not remove the new holder's lock
+        assert open_store(location).exists(LOCK_KEY)

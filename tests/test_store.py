@@ -266,3 +266,46 @@ def test_remote_cache_metadata_is_listed_once_not_per_call(s3_small):
     assert sorted(calls) == [cache.manifest_key(b) for b in range(cache.layout.n_blocks)]
     with pytest.raises(UserError):
         ChunkReader(open_cache(s3_small), layers=[7])
+
+
+def test_wrong_credentials_and_permission_denied(s3_small, bucket, neox_dir, capsys, monkeypatch):
+    """moto checks signatures and IAM policies once auth is switched on: a read-only user can read the
+    cache but not write one, and unknown keys are refused: each with one line naming the fix."""
+    import urllib.request
+
+    import boto3
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+    iam.create_user(UserName="reader")
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"], "Resource": "*"}],
+    }
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+
+    def auth(count: str) -> None:  # moto's switch: authenticate every request after `count` more of them
+        url, headers = f"{endpoint}/moto-api/reset-auth", {"Content-Type": "text/plain"}
+        urllib.request.urlopen(urllib.request.Request(url, data=count.encode(), headers=headers, method="POST"))
+
+    auth("0")  # every request from now on is authenticated and authorized
+    try:
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        code, _, err = run_cli(["info", s3_small], capsys)
+        assert code == 2 and "no credentials are set: set AWS_ACCESS_KEY_ID" in " ".join(err.split()), err
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+        code, _, err = run_cli(["info", s3_small], capsys)
+        assert code == 2 and "no valid credentials" in " ".join(err.split()) and "Traceback" not in err, err
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        code, out, err = run_cli(["info", s3_small], capsys)
+        assert code == 0 and "complete" in out, err
+        run = ["run", "--quiet", "--model", str(neox_dir), "--dataset", "sotu", *flags(SMALL), "--out", f"{bucket}/x"]
+        code, _, err = run_cli(run, capsys)
+        err = " ".join(err.split())
+        assert code == 2 and "permission denied to write" in err and "Traceback" not in err, err
+    finally:
+        auth("inf")
