@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from analyze.results import VarianceResult
 from harvest.errors import SpecError
 from harvest.flags import run_app
 
@@ -40,26 +41,24 @@ def _out(out: Optional[Path], run: Path) -> Path:
     return out if out is not None else run
 
 
-def _print_variance(res: dict[str, Any]) -> None:
-    ml = res["multi_layer"]
-    console.print(f"[bold]variance[/] over {res['tokens']:,} tokens, layers {res['layers'][0]}..{res['layers'][-1]}")
+def _print_variance(res: VarianceResult) -> None:
+    v, ml, ref = res.variances, res.multi_layer, res.reference
+    console.print(f"[bold]variance[/] over {res.tokens:,} tokens, layers {res.layers[0]}..{res.layers[-1]}")
     console.print(
-        f"  Var(L) = {res['var_l']:.4g}   E[Var(L|J)] = {res['exp_var_l_given_j']:.4g}   "
-        f"E[Var(L|J,T)] = {res['exp_var_l_given_jt']:.4g}"
+        f"  Var(L) = {v.var_l:.4g}   E[Var(L|J)] = {v.exp_var_l_given_j:.4g}   "
+        f"E[Var(L|J,T)] = {v.exp_var_l_given_jt:.4g}"
     )
     console.print(
-        f"  E[Var(L|J)]/Var(L) = [bold]{res['ratio_latent']:.4f}[/]   "
-        f"E[Var(L|J,T)]/E[Var(L|J)] = [bold]{res['ratio_token']:.4f}[/]"
+        f"  E[Var(L|J)]/Var(L) = [bold]{v.ratio_latent:.4f}[/]   "
+        f"E[Var(L|J,T)]/E[Var(L|J)] = [bold]{v.ratio_token:.4f}[/]"
     )
     console.print(
-        f"  latents active at >1 layer: {ml['per_token_pooled']:.1%} per token (pooled), "
-        f"{ml['aggregated']:.1%} aggregated over tokens"
+        f"  latents active at >1 layer: {ml.per_token_pooled:.1%} per token (pooled), "
+        f"{ml.aggregated:.1%} aggregated over tokens"
     )
-    ref = res.get("reference_formulas")
-    if ref:
+    if ref is not None:
         console.print(
-            f"  [dim]reference code's formulas (not proper variances): "
-            f"{ref['ratio_latent_ref']:.4f}, {ref['ratio_token_ref']:.4f}[/]"
+            f"  [dim]reference code's formulas (not proper variances): {ref.rel_var_f:.4f}, {ref.rel_var_t:.4f}[/]"
         )
 
 
