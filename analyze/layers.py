@@ -605,3 +605,18 @@ def _write_outputs(acc: LayerDistribution, result: VarianceResult, out_dir: Path
         result.figures = [HEATMAP_PNG, HISTOGRAM_PNG]
     result.files = [VarianceResult.FILE, DISTRIBUTION_FILE]
     result.save(out_dir)
+
+
+def format_variance(res: VarianceResult) -> str:
+    """The headline numbers of `analyze variance` as plain text."""
+    v, ml, ref = res.variances, res.multi_layer, res.reference
+    lines = [
+        f"variance over {res.tokens:,} tokens, layers {res.layers[0]}..{res.layers[-1]}",
+        f"  Var(L) = {v.var_l:.4g}   E[Var(L|J)] = {v.exp_var_l_given_j:.4g}   "
+        f"E[Var(L|J,T)] = {v.exp_var_l_given_jt:.4g}",
+        f"  E[Var(L|J)]/Var(L) = {v.ratio_latent:.4f}   E[Var(L|J,T)]/E[Var(L|J)] = {v.ratio_token:.4f}",
+        f"  latents active at >1 layer: {ml.per_token_pooled:.1%} per token (pooled), {ml.aggregated:.1%} aggregated",
+    ]
+    if ref is not None:
+        lines.append(f"  reference code's formulas (not proper variances): {ref.rel_var_f:.4f}, {ref.rel_var_t:.4f}")
+    return "\n".join(lines)

@@ -135,14 +135,28 @@ class Headline:
     value: float | int | str | None
 
 
+@dataclass(kw_only=True)
 class Result:
-    """Base of the typed results (dataclasses). A subclass names its KIND, its FILE in an analysis folder
-    and the COMMAND that writes it (for the 'rerun' message), and lists its headline numbers."""
+    """Base of the typed results (dataclasses). A subclass names its kind (its file in an analysis folder
+    is <kind>.json), the command that writes it (for the 'rerun' message) and its section title, and
+    lists its headline numbers:
+
+        @dataclass
+        class ResidResult(Result, kind="resid", command="analyze resid", title="Residual-stream geometry"):
+    """
 
     KIND: ClassVar[str]
     FILE: ClassVar[str]
     COMMAND: ClassVar[str]
     TITLE: ClassVar[str]
+
+    files: list[str] = field(default_factory=list)  # what the analysis wrote into its folder
+    figures: list[str] = field(default_factory=list)  # its PNGs, in that folder
+    definitions: dict[str, str] = field(default_factory=dict)  # of its quantities, for the reader
+
+    def __init_subclass__(cls, kind: str, command: str, title: str, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.KIND, cls.FILE, cls.COMMAND, cls.TITLE = kind, f"{kind}.json", command, title
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.KIND, "version": VERSION, **to_jsonable(self)}
@@ -201,6 +215,20 @@ class Result:
 
     def headlines(self) -> list[Headline]:
         raise NotImplementedError
+
+
+def format_value(v: Any) -> str:
+    """How the report and `analyze compare` print a headline value: ints with separators, floats to 4
+    significant digits (scientific outside [1e-3, 1e5)), '-' for missing or NaN."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}" if v == 0 or not math.isfinite(v) or 1e-3 <= abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
 
 
 def lens_name(lens: dict[str, Any] | None) -> str:
@@ -264,12 +292,9 @@ class ReferenceFormulas:
 
 
 @dataclass
-class VarianceResult(Result):
-    KIND: ClassVar[str] = "variance"
-    FILE: ClassVar[str] = "variance.json"
-    COMMAND: ClassVar[str] = "analyze variance"
-    TITLE: ClassVar[str] = "Latents over layers: distributions and variance ratios"
-
+class VarianceResult(
+    Result, kind="variance", command="analyze variance", title="Latents over layers: distributions and variance ratios"
+):
     tokens: int  # kept tokens streamed
     tokens_requested: int
     layers: list[int]  # the model's layer numbers of layer positions 0..L-1
@@ -288,9 +313,6 @@ class VarianceResult(Result):
     world_size: int
     seconds: float
     tokens_per_s: float
-    files: list[str] = field(default_factory=list)
-    figures: list[str] = field(default_factory=list)
-    definitions: dict[str, str] = field(default_factory=dict)
 
     def headlines(self) -> list[Headline]:
         v, ml, ref = self.variances, self.multi_layer, self.reference
@@ -304,10 +326,8 @@ class VarianceResult(Result):
         ]
         if ref is not None:
             rows += [
-                Headline("reference formula (not a variance): rel_var_f ('E[Var(L|J)] / Var(L)')", ref.rel_var_f),
-                Headline(
-                    "reference formula (not a variance): rel_var_t ('E[Var(L|J,T)] / E[Var(L|J)]')", ref.rel_var_t
-                ),
+                Headline("E[Var(L|J)] / Var(L), reference formula (not a variance)", ref.rel_var_f),
+                Headline("E[Var(L|J,T)] / E[Var(L|J)], reference formula (not a variance)", ref.rel_var_t),
             ]
         return rows
 
@@ -382,12 +402,12 @@ class HeldOutSet:
 
 
 @dataclass
-class ReconstructionResult(Result):
-    KIND: ClassVar[str] = "reconstruction"
-    FILE: ClassVar[str] = "reconstruction.json"
-    COMMAND: ClassVar[str] = "analyze reconstruction"
-    TITLE: ClassVar[str] = "Reconstruction: held-out metrics per layer, layer x layer FVU matrix"
-
+class ReconstructionResult(
+    Result,
+    kind="reconstruction",
+    command="analyze reconstruction",
+    title="Reconstruction: held-out metrics per layer, layer x layer FVU matrix",
+):
     cache: str
     fingerprint: str
     model: str
@@ -399,9 +419,6 @@ class ReconstructionResult(Result):
     runs: list[RunReconstruction]  # the matrix's rows
     comparison_fvu: Comparison
     comparison_fvu_feature: Comparison
-    files: list[str] = field(default_factory=list)
-    figures: list[str] = field(default_factory=list)
-    definitions: dict[str, str] = field(default_factory=dict)
 
     @property
     def rows(self) -> list[str]:
@@ -465,14 +482,10 @@ class HeldOutCurve:
 
 
 @dataclass
-class TrainingResult(Result):
-    KIND: ClassVar[str] = "training"
-    FILE: ClassVar[str] = "training.json"
-    COMMAND: ClassVar[str] = "analyze report"
-    TITLE: ClassVar[str] = "Training: held-out FVU against training tokens"
-
+class TrainingResult(
+    Result, kind="training", command="analyze report", title="Training: held-out FVU against training tokens"
+):
     curves: list[HeldOutCurve]
-    figures: list[str] = field(default_factory=list)
 
     def headlines(self) -> list[Headline]:
         rows = []
@@ -501,12 +514,9 @@ class WindowSource:
 
 
 @dataclass
-class DeltaCeResult(Result):
-    KIND: ClassVar[str] = "delta_ce"
-    FILE: ClassVar[str] = "delta_ce.json"
-    COMMAND: ClassVar[str] = "analyze delta-ce"
-    TITLE: ClassVar[str] = "Downstream loss: delta CE and KL per layer"
-
+class DeltaCeResult(
+    Result, kind="delta_ce", command="analyze delta-ce", title="Downstream loss: delta CE and KL per layer"
+):
     run: str
     model: str
     cache: str
@@ -526,9 +536,6 @@ class DeltaCeResult(Result):
     special_tokens: str
     window_source: WindowSource
     seconds: float
-    files: list[str] = field(default_factory=list)
-    figures: list[str] = field(default_factory=list)
-    definitions: dict[str, str] = field(default_factory=dict)
 
     def headlines(self) -> list[Headline]:
         return [
@@ -545,12 +552,7 @@ class DeltaCeResult(Result):
 
 
 @dataclass
-class ResidResult(Result):
-    KIND: ClassVar[str] = "resid"
-    FILE: ClassVar[str] = "resid.json"
-    COMMAND: ClassVar[str] = "analyze resid"
-    TITLE: ClassVar[str] = "Residual-stream geometry"
-
+class ResidResult(Result, kind="resid", command="analyze resid", title="Residual-stream geometry"):
     cache: str
     model: str | None
     hook: str | None
@@ -562,9 +564,6 @@ class ResidResult(Result):
     cosine_uncentered: list[float]
     norm_mean: list[float]
     norm_growth: float | None  # last / first layer
-    files: list[str] = field(default_factory=list)
-    figures: list[str] = field(default_factory=list)
-    definitions: dict[str, str] = field(default_factory=dict)
 
     def headlines(self) -> list[Headline]:
         return [
@@ -575,17 +574,11 @@ class ResidResult(Result):
 
 
 @dataclass
-class MmcsResult(Result):
-    KIND: ClassVar[str] = "mmcs"
-    FILE: ClassVar[str] = "mmcs.json"
-    COMMAND: ClassVar[str] = "analyze resid --sae RUN"
-    TITLE: ClassVar[str] = "Decoder: mean max cosine similarity"
-
+class MmcsResult(Result, kind="mmcs", command="analyze resid --sae RUN", title="Decoder: mean max cosine similarity"):
     sae: str
     n_latents: int
     mmcs: float
     max_cosine_quantiles: dict[str, float]
-    definitions: dict[str, str] = field(default_factory=dict)
 
     def headlines(self) -> list[Headline]:
         return [Headline("MMCS of the decoder", self.mmcs)]
@@ -625,12 +618,9 @@ class PromptLatents:
 
 
 @dataclass
-class PromptResult(Result):
-    KIND: ClassVar[str] = "prompt"
-    FILE: ClassVar[str] = "prompt.json"
-    COMMAND: ClassVar[str] = "analyze prompt"
-    TITLE: ClassVar[str] = "One prompt: which latents fire at which layers"
-
+class PromptResult(
+    Result, kind="prompt", command="analyze prompt", title="One prompt: which latents fire at which layers"
+):
     text: str
     sae: str
     cache: str
@@ -647,8 +637,6 @@ class PromptResult(Result):
     multi_layer: MultiLayer
     tokens: list[PromptToken]
     latents: PromptLatents
-    figures: list[str] = field(default_factory=list)
-    definitions: dict[str, str] = field(default_factory=dict)
 
     def headlines(self) -> list[Headline]:
         return [
@@ -664,19 +652,15 @@ class PromptResult(Result):
 
 
 @dataclass
-class ExamplesSummary(Result):
-    KIND: ClassVar[str] = "examples"
-    FILE: ClassVar[str] = "examples.json"
-    COMMAND: ClassVar[str] = "analyze examples"
-    TITLE: ClassVar[str] = "Top activating examples and the latent browser"
-
+class ExamplesSummary(
+    Result, kind="examples", command="analyze examples", title="Top activating examples and the latent browser"
+):
     sae: str
     browser: str  # the browser's index.html, relative to the analysis folder (or absolute)
     latents: int  # latents with examples
     examples_per_latent: int
     tokens: int  # tokens scanned
     held_out_only: bool
-    files: list[str] = field(default_factory=list)
 
     def headlines(self) -> list[Headline]:
         return [
@@ -687,10 +671,63 @@ class ExamplesSummary(Result):
 
 
 # ---------------------------------------------------------------------------------------------
+# provenance: the cache and the runs behind a report (written by `analyze report`)
+
+
+@dataclass
+class CacheInfo:
+    path: str
+    model: str
+    dataset: str
+    tokens: int
+    context: int
+    layers: list[int]
+    d_model: int
+    dtype: str
+    hook: str
+    special_tokens: str
+    prepend_bos: bool
+    lens: str
+    fingerprint: str
+
+
+@dataclass
+class RunInfo:
+    folder: str
+    label: str
+    layers: list[int]
+    n_latents: int
+    k: int
+    steps: int | None
+    train_tokens: int | None  # tokens trained on (one vector per layer each)
+    special_tokens: str
+    held_out: str  # how the held-out set was chosen, in words
+
+
+@dataclass
+class Provenance(Result, kind="provenance", command="analyze report", title="Provenance"):
+    cache: CacheInfo | None  # None where the cache is no longer readable at its recorded path
+    runs: list[RunInfo]
+    created: str  # UTC time of the report
+
+    def headlines(self) -> list[Headline]:
+        c = self.cache
+        rows = [
+            Headline("model", c.model if c else None),
+            Headline("dataset", c.dataset if c else None),
+            Headline("cache tokens", c.tokens if c else None),
+        ]
+        for r in self.runs:
+            rows.append(Headline(f"{r.label}: training tokens", r.train_tokens))
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # an analysis folder
 
 
 RESULT_TYPES: tuple[type[Result], ...] = (
+    Provenance,
     VarianceResult,
     ReconstructionResult,
     TrainingResult,
@@ -707,6 +744,7 @@ class Analyses:
     """Every typed result found in one analysis folder (None where that analysis was not run)."""
 
     folder: Path
+    provenance: Provenance | None = None
     variance: VarianceResult | None = None
     reconstruction: ReconstructionResult | None = None
     training: TrainingResult | None = None
@@ -722,10 +760,10 @@ class Analyses:
 
     def lens(self) -> str:
         """The tuned lens the analysed vectors went through, from the first result that records one."""
-        for r in self.present():
-            if hasattr(r, "lens"):
+        for r in (self.variance, self.reconstruction, self.delta_ce, self.resid, self.prompt):
+            if r is not None:
                 return lens_name(r.lens)
-        return "unknown"
+        return self.provenance.cache.lens if self.provenance and self.provenance.cache else "unknown"
 
 
 def load_analyses(folder: str | Path) -> Analyses:
