@@ -6,14 +6,12 @@ summary; `report` runs the same helpers into one folder, then renders the HTML f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
-from harvest.errors import SpecError
 from harvest.flags import cli_app, run_app
 
 app = cli_app("Layer distributions, variance ratios, reconstruction quality and residual geometry of SAEs.")
@@ -35,10 +33,9 @@ def _cache_of(run: Path, cache: Optional[Path]) -> Path:
     """The cache a run was trained on, unless --cache says otherwise."""
     if cache is not None:
         return cache
-    cfg = run / "config.json"
-    if not cfg.is_file():
-        raise SpecError(f"{run} is not a training run (no config.json): pass --sae with a `train run` folder")
-    return Path(json.loads(cfg.read_text())["cache"]["path"])
+    from train.record import load_run
+
+    return Path(load_run(run, require_sae=False).cache.path)
 
 
 def _log(message: str) -> None:

@@ -23,11 +23,10 @@ of rows x vocab, the clean block once for all layers. This also skips the unembe
 forward, which for Gemma costs as much as all its blocks. `check_logits` verifies once per run that
 this path reproduces the model's own logits.
 
-Windows. By default the cache's own context windows (same tokenizer, context and BOS policy as the
-activations the SAE was trained on), those with the most tokens in the run's held-out chunks first
-(the cache shuffles tokens within a write block, so a window is often only partly held out; the
-fraction is recorded). With `dataset`, fresh windows are tokenized with harvest.text using the cache's
-context and prepend_bos settings: the first windows of that dataset.
+Windows. By default the run's held-out context windows from the cache (same tokenizer, context and BOS
+policy as the activations the SAE was trained on; no token of them was trained on: train/split.py),
+spread evenly over the held-out set. With `dataset`, fresh windows are tokenized with harvest.text using
+the cache's context and prepend_bos settings: the first windows of that dataset.
 """
 
 from __future__ import annotations
@@ -44,14 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from analyze.reconstruction import RunError, read_run
 from analyze.results import DeltaCeResult, WindowSource
 from harvest import open_cache
 from harvest.errors import ModelError, UserError
 from harvest.models import ModelSource, load_bridge, load_tokenizer, resolve_device, resolve_model
 from harvest.run import TORCH_DTYPES
 from harvest.text import iter_documents, make_windows, resolve_dataset
-from train import load_sae
+from train.record import RunError, load_run
+from train.split import HeldOut
 
 FINAL_HOOK = "unembed.hook_in"  # the final normed residual: the unembedding's input
 DELTA_CE_PNG = "delta_ce.png"
@@ -225,20 +224,30 @@ def spliced_metrics(
 # inputs
 
 
-def cache_windows(cache: Any, eval_chunks: Sequence[int], n_windows: int) -> tuple[np.ndarray, WindowSource]:
-    """`n_windows` of the cache's context windows [n, ctx], ranked by how many of their tokens lie in
-    `eval_chunks` (most first; ties, and windows with none, in cache order), returned in cache order."""
-    ctx, n_seq = cache.layout.context, cache.layout.n_sequences
-    held = np.zeros(n_seq, dtype=np.int64)
-    for c in eval_chunks:
-        held += np.bincount(cache.read_tokens("seq", *cache.layout.chunk_range(c)).numpy(), minlength=n_seq)
-    chosen = np.sort(np.argsort(-held, kind="stable")[: min(n_windows, n_seq)])
+def cache_windows(cache: Any, heldout: HeldOut, n_windows: int) -> tuple[np.ndarray, WindowSource]:
+    """Up to `n_windows` of the run's held-out context windows [n, ctx] (every token of each never trained
+    on), spread evenly over the held-out set, in cache order. A legacy chunk split holds out whole windows
+    only by chance: those count, and a run with none is refused."""
+    if heldout.is_legacy:
+        full = np.bincount(
+            cache.read_tokens("seq").numpy()[heldout.positions(cache)], minlength=cache.layout.n_sequences
+        )
+        held = np.flatnonzero(full == cache.layout.context)
+    else:
+        held = np.asarray(heldout.windows, dtype=np.int64)
+    if len(held) == 0:
+        raise DeltaCeError(
+            f"the run holds out no whole context window ({heldout.describe()}): retrain it with "
+            f"--eval-tokens > 0 (held-out windows), or pass --dataset to score fresh text"
+        )
+    n = min(n_windows, len(held))
+    chosen = held[(np.arange(n) * len(held)) // n]
     info = WindowSource(
-        source="cache",
+        source="heldout",
         windows=chosen.tolist(),
         dataset=None,
-        held_out_token_fraction=float(held[chosen].sum() / (len(chosen) * ctx)),
-        fully_held_out_windows=int((held[chosen] == ctx).sum()),
+        held_out_token_fraction=1.0,
+        fully_held_out_windows=len(chosen),
     )
     return cache.windows().numpy()[chosen], info
 
@@ -290,12 +299,11 @@ def run_delta_ce(
     The cache (default: the one recorded by the run) supplies the model, hook, tokenization settings and,
     unless `dataset` is given, the windows; `split`/`text_column`/`dataset_config` default to the cache's."""
     t0 = time.time()
-    record = read_run(run_dir)
-    cache = open_cache(cache_path or record["cache"]["path"])
-    if cache.fingerprint != record["cache"]["fingerprint"]:
+    record = load_run(run_dir)
+    cache = open_cache(cache_path or record.cache.path)
+    if cache.fingerprint != record.cache.fingerprint:
         raise RunError(
-            f"{run_dir} was trained on cache {record['cache']['path']}, not on {cache.path}: pass its own "
-            f"cache with --cache"
+            f"{run_dir} was trained on cache {record.cache.path}, not on {cache.path}: pass its own cache with --cache"
         )
     spec = cache.meta["spec"]
     if tokens < 1:
@@ -303,7 +311,7 @@ def run_delta_ce(
     include = (
         include_special
         if include_special is not None
-        else (bool(record["train"].get("include_special", False)) or spec.get("special_tokens") == "include")
+        else (record.special_tokens == "include-real" or spec.get("special_tokens") == "include")
     )
     device = resolve_device(device)
     source = _resolve(model, cache)
@@ -311,7 +319,7 @@ def run_delta_ce(
     ctx = cache.layout.context
     n_windows = -(-tokens // ctx)
     if dataset is None:
-        windows, info = cache_windows(cache, record["eval_chunks"], n_windows)
+        windows, info = cache_windows(cache, record.heldout, n_windows)
         special = cache.meta["tokenizer"]["special_ids"]
     else:
         data = resolve_dataset(dataset)
@@ -334,8 +342,8 @@ def run_delta_ce(
         special = sorted(set(tokenizer.all_special_ids))
     keep_all = np.ones(windows.shape, bool) if include else ~np.isin(windows, np.asarray(special, dtype=np.int64))
 
-    sae = load_sae(record["dir"], device=device)
-    layers = list(record["layers"])
+    sae = record.load_sae(device)
+    layers = list(record.layers)
     bridge = load_bridge(source, tokenizer, device, TORCH_DTYPES[spec["model_dtype"]])
     if int(bridge.cfg.d_model) != sae.cfg.d_model or max(layers) >= int(bridge.cfg.n_layers):
         raise DeltaCeError(
@@ -360,7 +368,7 @@ def run_delta_ce(
 
     means = sums.means()
     result = DeltaCeResult(
-        run=record["dir"],
+        run=str(record.dir),
         model=source.name,
         cache=str(cache.path),
         hook=f"blocks.{{l}}.hook_{spec['hook']}",
@@ -388,7 +396,7 @@ def run_delta_ce(
         },
     )
     if write:
-        out = Path(out_dir) if out_dir is not None else Path(record["dir"])
+        out = Path(out_dir) if out_dir is not None else record.dir
         out.mkdir(parents=True, exist_ok=True)
         plot_delta_ce(result, out / DELTA_CE_PNG)
         result.figures, result.files = [DELTA_CE_PNG], [DeltaCeResult.FILE]

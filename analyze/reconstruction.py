@@ -5,105 +5,65 @@ about as good as the single-layer SAE on that SAE's own layer (the diagonal), an
 single-layer SAEs of the other layers (off the diagonal).
 
 Metrics come from train.evaluate (pooled per-layer FVU, both definitions), so the numbers here are the
-numbers training reports. All SAEs are evaluated on the SAME tokens: the held-out chunks recorded in
+numbers training reports. All SAEs are evaluated on the SAME tokens: the held-out windows recorded in
 the first run's config.json, which must be held out for every run (same cache, not trained on).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from analyze.results import (
     Comparison,
     HeldOutMetrics,
-    HeldOutSet,
     LayerComparison,
     ReconstructionResult,
     RunReconstruction,
 )
 from harvest import open_cache
-from harvest.errors import UserError
 from harvest.models import resolve_device
-from train import load_sae
 from train.evaluate import evaluate
+from train.record import RunError, RunRecord, load_run
 
 FVU_CSV, FVU_FEATURE_CSV, RECONSTRUCTION_PNG = "fvu_matrix.csv", "fvu_feature_matrix.csv", "reconstruction.png"
 
 
-class RunError(UserError):
-    """A run folder is missing, unfinished, or does not match the other runs or the cache."""
-
-
 # ---------------------------------------------------------------------------------------------
-# run folders
+# run folders (read through train.record: one loader, one error type)
 
 
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """A finished training run's config.json (what it was trained on), with its folder under "dir"."""
-    p = Path(run_dir)
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file() or not (p / "sae.safetensors").is_file():
-        raise RunError(
-            f"{p} is not a finished training run (needs config.json and sae.safetensors): pass a run "
-            f"folder written by `train run`, or let that run finish"
-        )
-    record = json.loads(cfg_file.read_text())
-    return {**record, "dir": str(p)}
-
-
-def run_label(record: dict[str, Any]) -> str:
-    """'MLSAE' for a multi-layer run, 'L<l>' for a single-layer SAE trained on layer l."""
-    layers = record["layers"]
-    return "MLSAE" if len(layers) > 1 else f"L{layers[0]}"
-
-
-def _labels(records: list[dict[str, Any]]) -> list[str]:
+def _labels(records: list[RunRecord]) -> list[str]:
     """Row labels; runs that would share a label (two MLSAEs of a sweep) get their folder name added."""
-    base = [run_label(r) for r in records]
-    return [b if base.count(b) == 1 else f"{b} ({Path(r['dir']).name})" for b, r in zip(base, records)]
+    base = [r.label() for r in records]
+    return [b if base.count(b) == 1 else f"{b} ({r.dir.name})" for b, r in zip(base, records)]
 
 
-def check_same_cache(records: list[dict[str, Any]], cache: Any) -> None:
-    """Every run was trained on `cache` (same fingerprint), and the first run's held-out chunks are held
-    out for every run (a run with a smaller held-out set trained on some of them)."""
+def check_same_cache(records: list[RunRecord], cache: Any) -> None:
+    """Every run was trained on `cache` (same fingerprint), and the first run's held-out tokens are held
+    out for every run (a run with another held-out set trained on some of them)."""
     for r in records:
-        if r["cache"]["fingerprint"] != cache.fingerprint:
+        if r.cache.fingerprint != cache.fingerprint:
             raise RunError(
-                f"{r['dir']} was trained on cache {r['cache']['path']} (fingerprint "
-                f"{r['cache']['fingerprint']}), not on {cache.path} ({cache.fingerprint}): pass runs "
+                f"{r.dir} was trained on cache {r.cache.path} (fingerprint "
+                f"{r.cache.fingerprint}), not on {cache.path} ({cache.fingerprint}): pass runs "
                 f"trained on one cache, and that cache"
             )
-    held_out = set(records[0]["eval_chunks"])
+    first = records[0].heldout
+    if not first.n_tokens and not first.chunks:
+        raise RunError(f"{records[0].dir} has no held-out tokens (trained with --eval-tokens 0): retrain it")
+    held = first.positions(cache)
     for r in records[1:]:
-        if not held_out <= set(r["eval_chunks"]):
+        if r.heldout.to_dict() != first.to_dict() and not np.isin(held, r.heldout.positions(cache)).all():
             raise RunError(
-                f"{r['dir']} trained on some of the held-out chunks of {records[0]['dir']}: list first "
-                f"the run with the fewest held-out tokens (--eval-tokens)"
+                f"{r.dir} trained on some of the held-out tokens of {records[0].dir} ({first.describe()}): "
+                f"compare runs trained with the same --eval-tokens and --heldout-seed, listing first the one "
+                f"with the fewest held-out tokens"
             )
-
-
-def held_out_chunks(record: dict[str, Any], cache: Any, tokens: int | None) -> list[int]:
-    """The run's held-out chunks; with `tokens`, the fewest leading ones that hold at least that many
-    cache positions (whole chunks: the unit the reader reads)."""
-    chunks = list(record["eval_chunks"])
-    if not chunks:
-        raise RunError(
-            f"{record['dir']} has no held-out chunks (trained with --eval-tokens 0): retrain with --eval-tokens > 0"
-        )
-    if tokens is None:
-        return chunks
-    out, n = [], 0
-    for c in chunks:
-        if n >= tokens:
-            break
-        start, stop = cache.layout.chunk_range(c)
-        out.append(c)
-        n += stop - start
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,32 +85,32 @@ def run_reconstruction(
     `include_special` to the first run's training setting."""
     if not run_dirs:
         raise RunError("no run given: pass at least one --sae RUN folder")
-    records = [read_run(d) for d in run_dirs]
-    cache = open_cache(cache_path or records[0]["cache"]["path"])
+    records = [load_run(d) for d in run_dirs]
+    cache = open_cache(cache_path or records[0].cache.path)
     cache.require_complete()
     check_same_cache(records, cache)
-    chunks = held_out_chunks(records[0], cache, tokens)
+    heldout = records[0].heldout.limited(tokens, cache)
     if include_special is None:
-        include_special = bool(records[0]["train"].get("include_special", False))
+        include_special = records[0].special_tokens == "include-real"
     device = resolve_device(device)
-    columns = sorted({l for r in records for l in r["layers"]})
+    columns = sorted({l for r in records for l in r.layers})
     labels = _labels(records)
 
     rows = []
     for record, label in zip(records, labels):
-        sae = load_sae(record["dir"], device=device)
-        matrix = evaluate(sae, cache, chunks, columns, device, include_special)
+        sae = record.load_sae(device)
+        matrix = evaluate(sae, cache, heldout, columns, device, include_special)
         own = (
             matrix
-            if record["layers"] == columns
-            else evaluate(sae, cache, chunks, record["layers"], device, include_special)
+            if record.layers == columns
+            else evaluate(sae, cache, heldout, record.layers, device, include_special)
         )
         rows.append(
             RunReconstruction(
                 label=label,
-                run=record["dir"],
-                trained_layers=record["layers"],
-                multi_layer=len(record["layers"]) > 1,
+                run=str(record.dir),
+                trained_layers=record.layers,
+                multi_layer=record.multi_layer,
                 n_latents=sae.cfg.n_latents,
                 k=sae.cfg.k,
                 held_out=held_out_metrics(own),
@@ -166,7 +126,7 @@ def run_reconstruction(
         fingerprint=cache.fingerprint,
         model=cache.meta["model"]["name"],
         lens=cache.lens_record,
-        held_out_set=HeldOutSet("legacy-chunks", None, chunks, rows[0].held_out.tokens),
+        held_out_set=heldout,
         tokens=rows[0].held_out.tokens,
         special_tokens="include-real" if include_special else "exclude",
         layers=columns,
@@ -185,7 +145,7 @@ def run_reconstruction(
         },
     )
     if write:
-        out = Path(out_dir) if out_dir is not None else Path(records[0]["dir"])
+        out = Path(out_dir) if out_dir is not None else records[0].dir
         out.mkdir(parents=True, exist_ok=True)
         write_matrix_csv(out / FVU_CSV, result.rows, columns, result.fvu_matrix)
         write_matrix_csv(out / FVU_FEATURE_CSV, result.rows, columns, result.fvu_feature_matrix)
@@ -267,8 +227,7 @@ def _f(v: float | None) -> str:
 def format_reconstruction(result: ReconstructionResult) -> str:
     """Plain-text tables: each SAE's held-out metrics per layer; per layer, MLSAE vs diagonal vs best
     off-diagonal FVU, and the claim's tally."""
-    hs = result.held_out_set
-    lines = [f"held-out metrics on {result.tokens:,} tokens ({len(hs.units)} {hs.method} of {result.cache})"]
+    lines = [f"held-out metrics on {result.tokens:,} tokens ({result.held_out_set.describe()}) of {result.cache}"]
     for r in result.runs:
         h = r.held_out
         lines.append(

@@ -36,6 +36,7 @@ from analyze.results import (
 )
 from harvest.atomic import atomic_write_text
 from harvest.errors import UserError
+from train.record import load_run
 
 REPORT_HTML = "report.html"
 
@@ -82,22 +83,18 @@ def cache_info(path: str | Path) -> CacheInfo | None:
 
 
 def run_info(run_dir: str | Path) -> RunInfo:
-    from analyze.reconstruction import read_run, run_label
-
-    r = read_run(run_dir)
-    train = r.get("train") or {}
-    steps = r.get("steps")
-    batch = train.get("batch_tokens")
+    """What the report says about a run (train's RunRecord, INTERFACES §1)."""
+    r = load_run(run_dir, require_sae=False)
     return RunInfo(
         folder=str(run_dir),
-        label=run_label(r),
-        layers=list(r["layers"]),
-        n_latents=int(r["sae"]["n_latents"]),
-        k=int(r["sae"]["k"]),
-        steps=steps,
-        train_tokens=steps * batch if isinstance(steps, int) and isinstance(batch, int) else None,
-        special_tokens="include-real" if train.get("include_special") else "exclude",
-        held_out=f"legacy chunks {r.get('eval_chunks')}",
+        label=r.label(),
+        layers=list(r.layers),
+        n_latents=r.sae.n_latents,
+        k=r.sae.k,
+        steps=r.steps,
+        train_tokens=r.steps * r.train.batch_tokens,
+        special_tokens=r.special_tokens,
+        held_out=r.heldout.describe(),
     )
 
 
@@ -255,10 +252,9 @@ def _variance_html(v: VarianceResult) -> str:
 
 
 def _reconstruction_html(r: ReconstructionResult) -> str:
-    hs = r.held_out_set
     out = (
-        f"<p>Held out: {_n(r.tokens)} tokens ({len(hs.units)} {_e(hs.method)}, seed {_n(hs.seed)}); special "
-        f"tokens: {_e(r.special_tokens)}.</p>"
+        f"<p>Held out: {_n(r.tokens)} kept tokens of {_e(r.held_out_set.describe())}; special tokens: "
+        f"{_e(r.special_tokens)}.</p>"
     )
     for run in r.runs:
         h = run.held_out

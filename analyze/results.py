@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from harvest.atomic import atomic_write_json
 from harvest.errors import UserError
+from train.split import HeldOut
 
 VERSION = 2  # 1 = the untyped JSON of the analyses before this module
 R = TypeVar("R", bound="Result")
@@ -392,16 +393,6 @@ class Comparison:
 
 
 @dataclass
-class HeldOutSet:
-    """Which tokens were evaluated: the held-out set recorded by the first run (train's split)."""
-
-    method: str  # "windows" | "documents" | "legacy-chunks"
-    seed: int | None
-    units: list[int]  # window indices (or, for legacy-chunks, chunk indices)
-    tokens: int
-
-
-@dataclass
 class ReconstructionResult(
     Result,
     kind="reconstruction",
@@ -412,7 +403,7 @@ class ReconstructionResult(
     fingerprint: str
     model: str
     lens: dict[str, Any] | None
-    held_out_set: HeldOutSet
+    held_out_set: HeldOut  # the first run's held-out set (train/split.py), limited to --tokens
     tokens: int
     special_tokens: str
     layers: list[int]  # the matrix's columns
@@ -506,7 +497,7 @@ class TrainingResult(
 class WindowSource:
     """Which context windows delta CE ran on."""
 
-    source: Literal["heldout", "cache", "dataset"]  # the run's held-out windows | ranked cache windows | text
+    source: Literal["heldout", "dataset"]  # the run's held-out windows of the cache | fresh text
     windows: list[int]  # cache window indices ([] for a dataset)
     dataset: str | None
     held_out_token_fraction: float | None  # of the chosen windows' tokens (cache windows)

@@ -63,9 +63,10 @@ from harvest import open_cache  # noqa: E402
 from harvest.env import Dist  # noqa: E402
 from harvest.models import resolve_device  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.data import MinibatchStream, split_chunks  # noqa: E402
+from train.data import MinibatchStream  # noqa: E402
 from train.objectives import DeadLatents  # noqa: E402
 from train.sae import SaeConfig, TopKSae  # noqa: E402
+from train.split import HeldOut, choose_heldout  # noqa: E402
 
 ORIG = {name: getattr(tloop, name) for name in ["_step", "evaluate", "_init_b_pre", "_checkpoint", "MinibatchStream"]}
 
@@ -119,7 +120,7 @@ class Shapes:
     device: str
     layers: list[int]
     train_chunks: list[int]
-    eval_chunks: list[int]
+    heldout: HeldOut
     d_model: int
 
 
@@ -129,8 +130,8 @@ def shapes_of(args: argparse.Namespace) -> Shapes:
     cache.require_complete()
     cfg = base_config(args, "unused")
     layers = cfg.layer_list(cache.layers)
-    train_chunks, eval_chunks = split_chunks(cache, min(cfg.eval_tokens, cache.layout.n_tokens // 2))
-    return Shapes(cache, resolve_device(args.device), layers, train_chunks, eval_chunks, cache.layout.d_model)
+    heldout = choose_heldout(cache, cfg.eval_tokens, cfg.heldout_seed)
+    return Shapes(cache, resolve_device(args.device), layers, cache.complete_chunks(), heldout, cache.layout.d_model)
 
 
 def base_config(args: argparse.Namespace, out: str, **kw: Any) -> TrainConfig:
@@ -166,6 +167,7 @@ def make_stream(sh: Shapes, cfg: TrainConfig) -> MinibatchStream:
         seed=cfg.seed,
         include_special=cfg.include_special,
         prefetch=cfg.prefetch,
+        heldout=sh.heldout,
     )
 
 
@@ -559,7 +561,7 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
     print(
         f"# train benchmark: cache {sh.cache.path} ({lay.n_tokens:,} tokens x {len(lay.layers)} layers x d "
         f"{lay.d_model}, {lay.dtype}, chunk {lay.chunk_tokens}); {len(sh.train_chunks)} training chunks, "
-        f"{len(sh.eval_chunks)} held-out"
+        f"held out: {sh.heldout.describe()}"
     )
     print(
         f"# SAE: layers {args.layers} ({n_layers}), n_latents {args.expansion_factor * sh.d_model:,} "

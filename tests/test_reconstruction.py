@@ -25,6 +25,7 @@ from train import load_sae
 from train.config import TrainConfig
 from train.evaluate import evaluate
 from train.loop import train
+from train.record import load_run
 
 CACHE = dict(context=32, tokens=32 * 128, chunk_tokens=256, shard_tokens=1024, shuffle_tokens=4096, batch_size=16)
 FAST = dict(
@@ -151,9 +152,9 @@ def test_layer_matrix_diagonal_and_mlsae_row_match_held_out_evaluation(runs, rca
         assert np.asarray(m).shape == (3, 3) and np.isfinite(m).all()
 
     cache = open_cache(rcache)
-    mlsae_cfg = json.loads((runs["mlsae"] / "config.json").read_text())
-    assert res.held_out_set.units == mlsae_cfg["eval_chunks"]
-    direct = evaluate(load_sae(runs["mlsae"]), cache, mlsae_cfg["eval_chunks"], [0, 1, 2], "cpu")
+    heldout = load_run(runs["mlsae"]).heldout
+    assert res.held_out_set == heldout
+    direct = evaluate(load_sae(runs["mlsae"]), cache, heldout, [0, 1, 2], "cpu")
     assert res.fvu_matrix[0] == pytest.approx(direct["fvu"], rel=1e-6)
     assert res.fvu_feature_matrix[0] == pytest.approx(direct["fvu_feature"], rel=1e-6)
     for row, name, layer in [(1, "l0", 0), (2, "l2", 2)]:  # diagonal = the run's own held-out FVU
@@ -195,7 +196,9 @@ def test_run_delta_ce_uses_held_out_cache_windows_and_writes_outputs(runs, tmp_p
     res = run_delta_ce(runs["mlsae"], tokens=64, out_dir=out, device="cpu")
     assert res.layers == [0, 1, 2] and res.windows == 2 and res.context == 32
     assert 0 < res.tokens <= 2 * 31
-    assert res.window_source.held_out_token_fraction > 0
+    assert res.window_source.held_out_token_fraction == 1.0
+    held = load_run(runs["mlsae"]).heldout.windows  # delta CE scores held-out windows only
+    assert len(res.window_source.windows) == 2 and set(res.window_source.windows) <= set(held)
     assert all(np.isfinite(res.delta_ce)) and all(k >= 0 for k in res.kl)
     assert DeltaCeResult.load(out) == res
     assert (out / "delta_ce.png").stat().st_size > 1000

@@ -25,7 +25,6 @@ from analyze.results import (
     ExamplesSummary,
     HeldOutCurve,
     HeldOutMetrics,
-    HeldOutSet,
     LayerComparison,
     LayerVariances,
     MmcsResult,
@@ -47,6 +46,7 @@ from analyze.results import (
     format_value,
     load_analyses,
 )
+from train.split import HeldOut
 
 LAYERS = [0, 1, 2]
 
@@ -154,7 +154,7 @@ def example_results(scale: float = 1.0) -> list:
             fingerprint="ab" * 32,
             model="gemma-3-270m",
             lens=None,
-            held_out_set=HeldOutSet("windows", 0, [3, 17], 2046),
+            held_out_set=HeldOut("documents", 0, [3, 17], 2048, [0, 1]),
             tokens=8181,
             special_tokens="exclude",
             layers=LAYERS,

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -20,9 +21,11 @@ from harvest.run import harvest
 from harvest.spec import CacheSpec
 from train import load_sae
 from train.config import TrainConfig
-from train.data import MinibatchStream, split_chunks
+from train.data import MinibatchStream
 from train.evaluate import evaluate
 from train.loop import train
+from train.record import load_run
+from train.split import choose_heldout
 
 CACHE = dict(context=32, tokens=32 * 512, chunk_tokens=256, shard_tokens=1024, shuffle_tokens=4096, batch_size=8)
 FAST = dict(expansion_factor=4, k=4, batch_tokens=512, eval_tokens=2048, round_chunks=6, lr=3e-3, log_every=5)
@@ -45,13 +48,14 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_stream_covers_every_kept_training_token_once_per_epoch_with_diverse_batches(tcache):
     cache = open_cache(tcache)
-    train_chunks, eval_chunks = split_chunks(cache, 2048)
-    assert len(eval_chunks) == 8 and set(train_chunks).isdisjoint(eval_chunks)
-    keep = cache.read_tokens("keep").numpy()
-    expected = sorted(p for c in train_chunks for p in range(*cache.layout.chunk_range(c)) if keep[p])
-    stream = MinibatchStream(cache, train_chunks, [0, 2], 500, round_chunks=5, device="cpu", seed=1)
+    held = choose_heldout(cache, 2048, seed=0)
+    assert len(held.windows) == 2048 // 32 and held.n_tokens == 2048
+    keep, seq_all = cache.read_tokens("keep").numpy(), cache.read_tokens("seq").numpy()
+    is_held = np.isin(seq_all, held.windows)
+    expected = sorted(np.flatnonzero(keep & ~is_held).tolist())
+    chunks = cache.complete_chunks()
+    stream = MinibatchStream(cache, chunks, [0, 2], 500, round_chunks=5, device="cpu", seed=1, heldout=held)
     seen, seqs = [], []
-    seq_all = cache.read_tokens("seq").numpy()
     for batch in stream:
         assert batch.acts.shape == (2, 500, 32)
         seen += batch.positions.tolist()
@@ -63,7 +67,7 @@ def test_stream_covers_every_kept_training_token_once_per_epoch_with_diverse_bat
     assert set(first_epoch) <= set(expected)
     assert len(set(expected) - set(first_epoch)) < 500  # at most the last partial batch is carried over
     assert min(seqs) > 100  # a 500-token batch draws on far more than a handful of the 512 sequences
-    batch = next(iter(MinibatchStream(cache, train_chunks, [0, 2], 500, 5, "cpu", seed=1)))
+    batch = next(iter(MinibatchStream(cache, chunks, [0, 2], 500, 5, "cpu", seed=1, heldout=held)))
     pos = batch.positions[:7]
     for i, layer in enumerate([0, 2]):  # the vectors are the cache's vectors at those positions
         want = torch.stack([cache.read(layer, p, p + 1)[0] for p in pos.tolist()])
@@ -75,10 +79,10 @@ def test_training_lowers_held_out_fvu_and_reported_fvu_recomputes(tcache, tmp_pa
     [s] = train([cfg(tcache, out, tokens=512 * 120)], show_progress=False)
     assert s["held_out"]["fvu_mean"] < 0.6 * s["held_out_initial"]["fvu_mean"]
     assert all(l0 <= 4 for l0 in s["held_out"]["l0"])
-    record = json.loads((out / "config.json").read_text())
-    assert record["cache"]["fingerprint"] == open_cache(tcache).fingerprint and record["layers"] == [0, 1, 2]
+    record = load_run(out)
+    assert record.cache.fingerprint == open_cache(tcache).fingerprint and record.layers == [0, 1, 2]
     sae = load_sae(out)
-    again = evaluate(sae, open_cache(tcache), record["eval_chunks"], record["layers"], "cpu")
+    again = evaluate(sae, open_cache(tcache), record.heldout, record.layers, "cpu")
     assert again["fvu"] == pytest.approx(s["held_out"]["fvu"], rel=1e-6)
     assert again["fvu_feature"] == pytest.approx(s["held_out"]["fvu_feature"], rel=1e-6)
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -165,7 +169,7 @@ def test_two_ranks_under_torchrun_finish(tcache, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 30 and s["held_out"]["fvu_mean"] < s["held_out_initial"]["fvu_mean"]
-    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert load_run(out).world_size == 2
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 30
 
 

@@ -38,8 +38,10 @@ class TrainConfig(FlagConfig):
     k_aux: int = _f(256, "AuxK: dead latents used to reconstruct the residual.")
     aux_coef: float = _f(1 / 32, "AuxK loss coefficient.")
     eval_tokens: int = _f(
-        65_536, "Held-out tokens: the cache's last chunks, never trained on (at most half the cache)."
+        65_536,
+        "Held-out tokens: whole context windows (grouped by document), never trained on (at most half the cache).",
     )
+    heldout_seed: int = _f(0, "Seed of the held-out windows (keep it equal across runs that analyses compare).")
     round_chunks: int = _f(32, "Shuffle buffer: chunks read and permuted together on the device.")
     include_special: bool = _f(False, "Also train on BOS/EOS/PAD tokens (the reference code does).")
     seed: int = _f(0, "Seed of initialization and data order.")

@@ -1,7 +1,8 @@
 """Cache -> shuffled minibatches on the training device, exactly resumable.
 
 The stream is cut into rounds: round r of an epoch reads the next `round_chunks` chunks of this rank's
-seeded chunk order (whole-chunk reads, several in flight), drops tokens whose `keep` is False, adds the
+seeded chunk order (whole-chunk reads, several in flight), drops tokens whose `keep` is False and the
+tokens of held-out windows (train/split.py: they are spread over the chunks of their block), adds the
 tokens carried over from the previous round, permutes them on the device with a permutation seeded
 by (seed, rank, epoch, round) and yields full minibatches; the remainder (< one batch) is carried on.
 A round's state is therefore a few integers plus the carried cache positions, which is what a
@@ -20,6 +21,8 @@ import numpy as np
 import torch
 
 from harvest import Cache, ChunkReader
+from harvest.reader import Chunk
+from train.split import HeldOut
 
 
 @dataclass
@@ -39,13 +42,21 @@ class Batch:
     positions: torch.Tensor  # [batch_tokens] cache positions (int64, CPU)
 
 
-def split_chunks(cache: Cache, eval_tokens: int) -> tuple[list[int], list[int]]:
-    """(train chunks, held-out chunks): the held-out set is the last whole chunks of the cache."""
-    chunks = cache.complete_chunks()
-    n_eval = -(-eval_tokens // cache.layout.chunk_tokens) if eval_tokens > 0 else 0
-    if n_eval >= len(chunks):
-        n_eval = max(0, len(chunks) - 1)
-    return chunks[: len(chunks) - n_eval], chunks[len(chunks) - n_eval :]
+def training_rows(chunk: Chunk, include_special: bool, heldout: HeldOut | None) -> torch.Tensor:
+    """Rows of a chunk to train on: its kept tokens (every token with include_special), minus the
+    tokens of held-out windows."""
+    use = torch.ones_like(chunk.keep) if include_special else chunk.keep.clone()
+    if heldout is not None and heldout.windows:
+        use &= ~heldout.mask(chunk.seq)
+    return use.nonzero().squeeze(1)
+
+
+def count_training_tokens(cache: Cache, include_special: bool, heldout: HeldOut | None) -> int:
+    """The tokens one epoch trains on (training_rows over the whole cache), from the token arrays alone."""
+    use = torch.ones(cache.layout.n_tokens, dtype=torch.bool) if include_special else cache.read_tokens("keep")
+    if heldout is not None and heldout.windows:
+        use &= ~heldout.mask(cache.read_tokens("seq"))
+    return int(use.sum())
 
 
 class MinibatchStream:
@@ -62,10 +73,12 @@ class MinibatchStream:
         world_size: int = 1,
         include_special: bool = False,
         prefetch: int = 8,
+        heldout: HeldOut | None = None,
     ):
         self.cache, self.layout = cache, cache.layout
         self.batch_tokens, self.device, self.seed = batch_tokens, torch.device(device), seed
         self.include_special = include_special
+        self.heldout = heldout  # its windows' tokens are dropped from every chunk read: never trained on
         self.rank = rank
         self.reader = ChunkReader(
             cache,
@@ -119,7 +132,7 @@ class MinibatchStream:
         for ch in self.reader.iter_chunks(chunk_ids):
             if self._closed.is_set():  # the consumer stopped: do not read (and place) a round nobody uses
                 break
-            rows = torch.arange(len(ch.keep)) if self.include_special else ch.keep.nonzero().squeeze(1)
+            rows = training_rows(ch, self.include_special, self.heldout)
             parts.append(self._kept_rows(ch.acts, rows))
             positions.append(rows.to(torch.int64) + ch.start)
         return torch.cat(parts, dim=1), torch.cat(positions)

@@ -1,4 +1,6 @@
-"""Held-out reconstruction metrics of one SAE on cache chunks: pooled FVU (both definitions), MSE, L0, dead."""
+"""Held-out reconstruction metrics of one SAE: pooled FVU (both definitions), MSE, L0, dead.
+
+Reads the chunks that hold the held-out windows' tokens (train/split.py) and encodes only those tokens."""
 
 from __future__ import annotations
 
@@ -9,27 +11,28 @@ import torch
 from harvest import Cache, ChunkReader
 from train.objectives import FIRE_THRESHOLD, FvuAccumulator
 from train.sae import TopKSae
+from train.split import HeldOut
 
 
 @torch.no_grad()
 def evaluate(
     sae: TopKSae,
     cache: Cache,
-    chunks: Sequence[int],
+    heldout: HeldOut,
     layers: Sequence[int],
     device: str,
     include_special: bool = False,
     rows: int = 8192,
 ) -> dict[str, Any]:
-    """Metrics of `sae` on the kept tokens of `chunks`, per layer (in the order of `layers`)."""
+    """Metrics of `sae` on the kept held-out tokens, per layer (in the order of `layers`)."""
     n_layers, n_latents = len(layers), sae.cfg.n_latents
     acc = FvuAccumulator.zeros(n_layers, cache.layout.d_model, device)
     l0 = torch.zeros(n_layers, dtype=torch.float64, device=device)
     fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
-    reader = ChunkReader(cache, layers=layers, chunks=chunks)
-    for chunk in reader.iter_chunks(chunks):
-        keep = torch.ones_like(chunk.keep) if include_special else chunk.keep
-        x_all = chunk.acts[:, keep.nonzero().squeeze(1)]
+    reader = ChunkReader(cache, layers=layers, chunks=heldout.chunks)
+    for chunk in reader.iter_chunks(heldout.chunks):
+        use = torch.ones_like(chunk.keep) if include_special else chunk.keep.clone()
+        x_all = chunk.acts[:, (use & heldout.mask(chunk.seq)).nonzero().squeeze(1)]
         for s in range(0, x_all.shape[1], rows):
             x = x_all[:, s : s + rows].to(device=device, dtype=torch.float32)
             out = sae(x)

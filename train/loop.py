@@ -25,10 +25,12 @@ from harvest.errors import SpecError, UserError
 from harvest.models import resolve_device
 from harvest.progress import progress_bar
 from train.config import TrainConfig
-from train.data import MinibatchStream, StreamState, split_chunks
+from train.data import MinibatchStream, StreamState, count_training_tokens
 from train.evaluate import evaluate
 from train.objectives import DeadLatents, training_loss
+from train.record import CacheRef, RunRecord, read_record
 from train.sae import SaeConfig, TopKSae
+from train.split import choose_heldout
 
 CHECKPOINT = "checkpoint.pt"
 SHARED_FIELDS = (
@@ -36,6 +38,7 @@ SHARED_FIELDS = (
     "tokens",
     "batch_tokens",
     "eval_tokens",
+    "heldout_seed",
     "round_chunks",
     "include_special",
     "seed",
@@ -68,61 +71,25 @@ def _lr(cfg: TrainConfig, n_latents: int) -> float:
     return 2e-4 / math.sqrt(n_latents / 2**14) if cfg.lr_scaling else cfg.lr
 
 
-def _run_record(
-    cfg: TrainConfig,
-    cache: Any,
-    layers: list[int],
-    sae_cfg: SaeConfig,
-    lr: float,
-    eval_chunks: list[int],
-    steps: int,
-    world_size: int,
-) -> dict[str, Any]:
-    """config.json: enough to load the SAE and to know exactly what it was trained on."""
-    return {
-        "train": cfg.to_dict(),
-        "hyperparameters": cfg.hyperparameters(),
-        "sae": sae_cfg.__dict__,
-        "lr_effective": lr,
-        "steps": steps,
-        "world_size": world_size,
-        "cache": {
-            "path": str(Path(cfg.cache).resolve()),
-            "fingerprint": cache.fingerprint,
-            "model": cache.meta["model"]["name"],
-            "dataset": cache.meta["spec"]["dataset"],
-            "hook": cache.meta["spec"]["hook"],
-            "lens": cache.lens_record,
-            "dtype": cache.layout.dtype,
-            "n_tokens": cache.layout.n_tokens,
-        },
-        "layers": layers,
-        "eval_chunks": eval_chunks,
-        "versions": library_versions(),
-    }
-
-
-def _check_out(out: Path, record: dict[str, Any]) -> str:
+def _check_out(out: Path, record: RunRecord) -> str:
     """'new', 'resume' or 'done'; error if `out` holds another run or differing hyperparameters."""
-    cfg_file = out / "config.json"
-    if not cfg_file.is_file():
+    old = read_record(out)
+    if old is None:
         if out.exists() and any(out.iterdir()):
             raise SpecError(f"{out} exists and holds no training run: choose another --out or remove it")
         return "new"
-    old = json.loads(cfg_file.read_text())
-    diffs = [
-        f"{k}: {old['hyperparameters'].get(k)!r} -> {v!r}"
-        for k, v in record["hyperparameters"].items()
-        if old["hyperparameters"].get(k) != v
-    ]
-    if old["cache"]["fingerprint"] != record["cache"]["fingerprint"]:
+    mine, theirs = record.train.hyperparameters(), old.train.hyperparameters()
+    diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+    if old.cache.fingerprint != record.cache.fingerprint:
         diffs.insert(0, "cache fingerprint differs")
+    elif old.heldout.windows != record.heldout.windows and not old.finished:
+        diffs.insert(0, f"held-out windows differ ({old.heldout.describe()})")
     if diffs:
         raise SpecError(
             f"{out} holds a run with other settings ({'; '.join(diffs[:4])}): resume with the same "
             f"settings, or choose another --out"
         )
-    return "done" if (out / "summary.json").is_file() else "resume"
+    return "done" if old.finished else "resume"
 
 
 def train(configs: list[TrainConfig], show_progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
@@ -155,16 +122,10 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     device = resolve_device(first.device)
     layers_of = [c.layer_list(cache.layers) for c in configs]
     union = sorted({l for ls in layers_of for l in ls})
-    train_chunks, eval_chunks = split_chunks(cache, min(first.eval_tokens, cache.layout.n_tokens // 2))
+    heldout = choose_heldout(cache, first.eval_tokens, first.heldout_seed)
     if first.batch_tokens % dist.world_size:
         raise SpecError(f"batch_tokens = {first.batch_tokens} must be divisible by the {dist.world_size} ranks")
-    keep = cache.read_tokens("keep")
-    train_tokens = sum(
-        int(keep[slice(*cache.layout.chunk_range(c))].sum())
-        if not first.include_special
-        else len(range(*cache.layout.chunk_range(c)))
-        for c in train_chunks
-    )
+    train_tokens = count_training_tokens(cache, first.include_special, heldout)
     tokens = first.tokens or train_tokens
     steps = max(1, tokens // first.batch_tokens)
     if tokens > train_tokens:
@@ -192,7 +153,19 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
         except ValueError as e:
             raise SpecError(f"{e}: lower -k or raise --expansion-factor")
         lr = _lr(cfg, sae_cfg.n_latents)
-        record = _run_record(cfg, cache, layers, sae_cfg, lr, list(eval_chunks), steps, dist.world_size)
+        record = RunRecord(
+            dir=out,
+            train=cfg,
+            sae=sae_cfg,
+            layers=layers,
+            cache=CacheRef.of(cache, cfg.cache),
+            heldout=heldout,
+            special_tokens="include-real" if cfg.include_special else "cache",
+            steps=steps,
+            lr_effective=lr,
+            world_size=dist.world_size,
+            versions=library_versions(),
+        )
         state = _check_out(out, record)
         if state == "done":
             log(f"{out}: already finished (summary.json); remove it to train again")
@@ -231,7 +204,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
             )
         if dist.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(record, indent=1))
+            record.save()
             if start_step == 0:
                 (out / "metrics.jsonl").write_text("")
             run.metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run)
@@ -242,7 +215,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     per_rank = first.batch_tokens // dist.world_size
     stream = MinibatchStream(
         cache,
-        train_chunks,
+        cache.complete_chunks(),
         union,
         per_rank,
         first.round_chunks,
@@ -252,12 +225,13 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
         world_size=dist.world_size,
         include_special=first.include_special,
         prefetch=first.prefetch,
+        heldout=heldout,
     )
     if stream_states is not None:
         stream.state = StreamState(**stream_states[dist.rank])
     log(
         f"training {len(runs)} SAE(s) on {cache.path}: {steps:,} steps of {first.batch_tokens:,} tokens, layers "
-        f"{union if len(union) < 8 else f'{union[0]}..{union[-1]}'}, {len(eval_chunks)} held-out chunks, {device}"
+        f"{union if len(union) < 8 else f'{union[0]}..{union[-1]}'}, held out: {heldout.describe()}, {device}"
         + (f"; resuming at step {start_step}" if start_step else "")
     )
 
@@ -280,7 +254,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
                 if step == 0:
                     _init_b_pre(run, x, dist)
                     run.fvu_initial = (
-                        evaluate(run.sae, cache, eval_chunks, run.layers, device, run.cfg.include_special)
+                        evaluate(run.sae, cache, heldout, run.layers, device, run.cfg.include_special)
                         if dist.rank == 0
                         else None
                     )
@@ -317,7 +291,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     for run in runs:
         if dist.rank != 0:
             continue
-        final = evaluate(run.sae, cache, eval_chunks, run.layers, device, run.cfg.include_special)
+        final = evaluate(run.sae, cache, heldout, run.layers, device, run.cfg.include_special)
         run.sae.save(run.out)
         summary = {
             "out": str(run.out),
