@@ -654,11 +654,7 @@ class ExamplesSummary(
     held_out_only: bool
 
     def headlines(self) -> list[Headline]:
-        return [
-            Headline("latents with examples", self.latents),
-            Headline("tokens scanned", self.tokens),
-            Headline("latent browser", self.browser),
-        ]
+        return [Headline("latents with examples", self.latents), Headline("latent browser", self.browser)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 from analyze.geometry import max_cosine, mmcs, run_mmcs, run_resid
 from analyze.prompt import PromptError, prompt_stats, run_prompt, tokenize_prompt
@@ -267,21 +268,12 @@ def test_report_over_the_real_analyses(gcache, gsae, neox_dir, tmp_path):
 
 
 def test_analyze_report_cli_writes_every_typed_result_and_the_html(gcache, gsae, tmp_path, capsys):
-    import sys
-
-    from analyze.cli import main as analyze_main
     from analyze.results import load_analyses
 
     out = tmp_path / "report"
     args = ["--sae", gsae, "--reference-formulas", "--tokens", 600, "--delta-ce-tokens", 64, "--prompt", PROMPT]
-    argv, sys.argv = sys.argv, ["analyze", "report", *map(str, args), "--device", "cpu", "--out", str(out)]
-    try:
-        analyze_main()
-    except SystemExit as e:
-        assert e.code in (0, None)
-    finally:
-        sys.argv = argv
-    printed = capsys.readouterr().out
+    code, printed, _ = run_cli(["report", *args, "--device", "cpu", "--out", out], capsys, "analyze")
+    assert code == 0
     assert "reference code's formulas" in printed and "report" in printed
     a = load_analyses(out)
     assert a.examples is None and a.training is None  # no browser here; this run has no heldout.csv

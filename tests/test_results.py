@@ -9,10 +9,10 @@ import html
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 
 from analyze.claims import claims
 from analyze.compare import CompareError, compare_folders, format_compare
@@ -105,6 +105,7 @@ def example_results(scale: float = 1.0) -> list:
     )
     variances = LayerVariances(23.81, 2.7143, 2.0736 * s, 0.11399, 0.76395 * s)
     multi = MultiLayer(0.5876, 0.6021, 0.99812, 5110, 5100, 40902, 87.65)
+    where = dict(model="gemma-3-270m", cache="caches/x", lens=None, layers=LAYERS)  # shared by several results
     return [
         Provenance(
             cache=CacheInfo(
@@ -196,11 +197,8 @@ def example_results(scale: float = 1.0) -> list:
         ),
         DeltaCeResult(
             run="runs/mlsae",
-            model="gemma-3-270m",
-            cache="caches/x",
             hook="blocks.{l}.hook_resid_post",
-            lens=None,
-            layers=LAYERS,
+            **where,
             tokens=1019,
             clean_ce=3.7123,
             ce=[8.01, 7.02, 6.03],
@@ -217,12 +215,9 @@ def example_results(scale: float = 1.0) -> list:
             figures=["delta_ce.png"],
         ),
         ResidResult(
-            cache="caches/x",
-            model="gemma-3-270m",
             hook="resid_post",
-            lens=None,
             tokens=40902,
-            layers=LAYERS,
+            **where,
             pairs=[[0, 1], [1, 2]],
             cosine_centered=[0.2713, 0.9217],
             cosine_uncentered=[0.5, 0.95],
@@ -234,14 +229,11 @@ def example_results(scale: float = 1.0) -> list:
         PromptResult(
             text="The President <b>spoke</b>",
             sae="runs/mlsae",
-            cache="caches/x",
-            model="gemma-3-270m",
             hook="resid_post",
-            lens=None,
             prepend_bos=True,
             n_latents=5120,
             k=32,
-            layers=LAYERS,
+            **where,
             n_tokens=3,
             n_tokens_used=2,
             variances=dataclasses.replace(variances, ratio_token=0.91614),
@@ -255,12 +247,7 @@ def example_results(scale: float = 1.0) -> list:
             figures=["prompt.png"],
         ),
         ExamplesSummary(
-            sae="runs/mlsae",
-            browser="browser/index.html",
-            latents=5077,
-            examples_per_latent=20,
-            tokens=8181,
-            held_out_only=True,
+            "runs/mlsae", "browser/index.html", latents=5077, examples_per_latent=20, tokens=8181, held_out_only=True
         ),
     ]
 
@@ -416,16 +403,8 @@ def test_compare_puts_headlines_and_claims_side_by_side(tmp_path, capsys):
         compare_folders([a, b], ["only one"])
     assert "| variance | E[Var(L\\|J)] / Var(L) | 0.114 | 0.114 |" in format_compare(res)
 
-    from analyze.cli import main as analyze_main
-
-    argv, sys.argv = sys.argv, ["analyze", "compare", str(a), str(b), "--out", str(tmp_path / "cmp")]
-    try:
-        analyze_main()
-    except SystemExit as e:
-        assert e.code in (0, None)
-    finally:
-        sys.argv = argv
-    printed = capsys.readouterr().out
+    code, printed, _ = run_cli(["compare", a, b, "--out", tmp_path / "cmp"], capsys, "analyze")
+    assert code == 0
     assert "| variance | E[Var(L\\|J,T)] / E[Var(L\\|J)] | 0.764 | 0.0764 |" in printed
     assert (tmp_path / "cmp" / "compare.md").read_text().startswith("| section | number | quick | scale |")
     with open(tmp_path / "cmp" / "compare.csv") as f:
