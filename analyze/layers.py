@@ -469,8 +469,9 @@ def run_variance(
     """Layer distributions and variance ratios of the SAE in `sae_dir` over up to `tokens` kept tokens.
 
     Reads whole chunks of the cache (all complete chunks, or `chunks`) in the ChunkReader's seeded order
-    (`seed`), keeps the tokens whose `keep` flag is set (special tokens excluded) until `tokens` are
-    used, restricted to the layers the SAE was trained on (config.json "layers"), and encodes them in
+    (`seed`), keeps the tokens the run trained on (its special-token mode: the `keep` flag, or every
+    token for include-real; held-out windows included) until `tokens` are used, restricted to the
+    layers the SAE was trained on (the run record's layers), and encodes them in
     sub-batches of `rows` tokens x L layers on `device`. Under torchrun (torch.distributed initialized)
     the chunks are split over ranks, each rank takes its share of `tokens`, the accumulators are summed
     over ranks, and rank 0 alone writes. Writes variance.json, layer_distribution.safetensors and two
@@ -505,7 +506,8 @@ def run_variance(
         acc = LayerDistribution.zeros(sae.cfg.n_latents, layers, dev)
         ref = ReferenceVariances(sae.cfg.n_latents, len(layers), reference_batch_tokens) if reference_formulas else None
         t0 = time.perf_counter()
-        _stream(sae, reader, budget, rows, dev, acc, ref, progress and rank == 0)
+        include_special = record.special_tokens == "include-real"  # the tokens the SAE was trained on
+        _stream(sae, reader, budget, rows, dev, acc, ref, include_special, progress and rank == 0)
         seconds = time.perf_counter() - t0
         acc.all_reduce_()
         if ref is not None:
@@ -520,7 +522,7 @@ def run_variance(
         variances=acc.variances(),
         multi_layer=acc.multi_layer(),
         reference=ref.compute() if ref is not None else None,
-        special_tokens="exclude",
+        special_tokens=record.special_tokens,
         sae=str(sae_dir.resolve()),
         cache=str(cache.path.resolve()),
         cache_fingerprint=cache.fingerprint,
@@ -547,16 +549,18 @@ def _stream(
     dev: str,
     acc: LayerDistribution,
     ref: ReferenceVariances | None,
+    include_special: bool,
     progress: bool,
 ) -> None:
     """Encode up to `budget` kept tokens of the reader's chunks and feed the accumulators."""
     from harvest.progress import progress_bar
+    from train.data import training_rows
 
     upper = min(budget, len(reader) * reader.layout.chunk_tokens)  # kept tokens are unknown until read
     done = 0
     with progress_bar("variance", upper, "tokens", enabled=progress, rate_unit="tok/s") as bar:
         for chunk in reader.epoch(0):
-            kept = chunk.keep.nonzero().squeeze(1)[: budget - done]
+            kept = training_rows(chunk, include_special, None)[: budget - done]  # all windows, held-out too
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
             x_all = chunk.acts[:, kept] if dev == "cpu" else chunk.acts.to(dev, non_blocking=True)[:, kept.to(dev)]
             for s in range(0, x_all.shape[1], rows):
