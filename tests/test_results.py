@@ -411,3 +411,38 @@ def test_compare_puts_headlines_and_claims_side_by_side(tmp_path, capsys):
         table = list(csv.reader(f))
     assert table[0] == ["section", "number", "quick", "scale"] and any(r[0] == "claims" for r in table)
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["labels"] == ["quick", "scale"]
+
+
+# ---------------------------------------------------------------------------------------------
+# training curves from the runs' heldout.csv
+
+
+def test_training_curves_read_heldout_csv_and_refuse_a_malformed_one(tmp_path):
+    from analyze.training import read_curve, run_training
+
+    run, bare = tmp_path / "run", tmp_path / "bare"
+    run.mkdir()
+    bare.mkdir()
+    rows = [[8192, 0.08, 0.9, 0.1, 0.06], [0, 0.4, 3.8, 0.5, 0.3], [16384, 0.05, 0.7, 0.06, 0.04]]
+    with open(run / "heldout.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tokens", "fvu_mean", "fvu_feature_mean", "fvu_layer_0", "fvu_layer_2"])
+        w.writerows(rows)
+    c = read_curve(run, "MLSAE", [0, 2])
+    assert c.tokens == [0, 8192, 16384] and c.fvu_mean == [0.4, 0.08, 0.05]  # sorted by tokens
+    assert c.fvu == [[0.5, 0.3], [0.1, 0.06], [0.06, 0.04]] and c.fvu_feature_mean[-1] == 0.7
+    assert c.last_quarter_drop() == pytest.approx((0.08 - 0.05) / 0.08)
+    assert read_curve(bare, "L1", [1]) is None
+
+    out = tmp_path / "analysis"
+    t = run_training([(run, "MLSAE", [0, 2]), (bare, "L1", [1])], out)
+    assert [x.label for x in t.curves] == ["MLSAE"] and TrainingResult.load(out) == t
+    assert (out / "heldout_fvu.png").read_bytes()[:4] == b"\x89PNG"
+    assert run_training([(bare, "L1", [1])], tmp_path / "none") is None and not (tmp_path / "none").exists()
+
+    with pytest.raises(ResultError, match="one FVU per layer of the run") as e:
+        read_curve(run, "MLSAE", [0, 1, 2])  # a layer more than the file has
+    assert "\n" not in str(e.value) and "heldout.csv" in str(e.value)
+    (run / "heldout.csv").write_text("tokens,fvu_mean,fvu_feature_mean,fvu_layer_0,fvu_layer_2\n0,x,1,1,1\n")
+    with pytest.raises(ResultError, match="not a number"):
+        read_curve(run, "MLSAE", [0, 2])
