@@ -167,7 +167,7 @@ def report(
 ) -> None:
     """Run every analysis into one folder and write one self-contained HTML report."""
     from analyze.prompt import run_prompt
-    from analyze.report import provenance, report_folder
+    from analyze.report import find_browser, provenance, report_folder
     from analyze.training import run_training
 
     dirs = [*sae, *(runs or [])]
@@ -188,6 +188,8 @@ def report(
     _resid(cache_path, main_run, None, folder, "cpu")
     console.rule("prompt")
     run_prompt(main_run, prompt_text, model=model, out_dir=folder, device=device, cache=cache_path, console=console)
+    if find_browser(folder, main_run) is None:
+        _log(f"no latent browser under {folder} or {main_run}: run `analyze examples --sae {main_run}` to add one")
     console.print(f"[bold green]report[/] {report_folder(folder)}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -353,11 +354,26 @@ def _prompt_html(p: PromptResult) -> str:
 
 
 def _examples_html(e: ExamplesSummary) -> str:
-    return (
-        f'<p><a href="{_e(e.browser)}">Open the latent browser</a> ({_n(e.latents)} latents, '
-        f"{_n(e.examples_per_latent)} examples each, over {_n(e.tokens)} tokens"
-        f"{', held-out windows only' if e.held_out_only else ''}).</p>"
+    numbers = (
+        f" ({_n(e.latents)} latents, {_n(e.examples_per_latent)} examples each, over {_n(e.tokens)} tokens)"
+        if e.tokens is not None
+        else ""
     )
+    return f'<p><a href="{_e(e.browser)}">Open the latent browser</a>{numbers}: every latent\'s top examples.</p>'
+
+
+BROWSER_INDEX = Path("latents") / "browser" / "index.html"  # where `analyze examples` writes it (default --out)
+
+
+def find_browser(folder: str | Path, run_dir: str | Path) -> ExamplesSummary | None:
+    """The latent browser of `analyze examples` for the report in `folder`: under the folder, else under
+    the run; saved as latent_browser.json so the report and `analyze compare` see it. None without one."""
+    for base in (Path(folder), Path(run_dir)):
+        if (base / BROWSER_INDEX).is_file():
+            found = ExamplesSummary(sae=str(run_dir), browser=os.path.relpath(base / BROWSER_INDEX, folder))
+            found.save(folder)
+            return found
+    return None
 
 
 def _section(anchor: str, result: Result, body: str, folder: Path) -> str:

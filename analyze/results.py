@@ -644,14 +644,16 @@ class PromptResult(
 
 @dataclass
 class ExamplesSummary(
-    Result, kind="examples", command="analyze examples", title="Top activating examples and the latent browser"
+    Result, kind="latent_browser", command="analyze report", title="Top activating examples and the latent browser"
 ):
+    """Where the report finds `analyze examples`' latent browser (and, where that analysis fills them, its
+    numbers); latent_browser.json in the analysis folder."""
+
     sae: str
-    browser: str  # the browser's index.html, relative to the analysis folder (or absolute)
-    latents: int  # latents with examples
-    examples_per_latent: int
-    tokens: int  # tokens scanned
-    held_out_only: bool
+    browser: str  # the browser's index.html, relative to the analysis folder
+    tokens: int | None = None  # tokens scanned
+    latents: int | None = None  # latents that fired
+    examples_per_latent: int | None = None
 
     def headlines(self) -> list[Headline]:
         return [Headline("latents with examples", self.latents), Headline("latent browser", self.browser)]
@@ -739,7 +741,7 @@ class Analyses:
     resid: ResidResult | None = None
     mmcs: MmcsResult | None = None
     prompt: PromptResult | None = None
-    examples: ExamplesSummary | None = None
+    latent_browser: ExamplesSummary | None = None
 
     def present(self) -> list[Result]:
         """The results found, in the report's order."""

@@ -246,9 +246,7 @@ def example_results(scale: float = 1.0) -> list:
             latents=PromptLatents([4242], [0.52], [0.25], [2]),
             figures=["prompt.png"],
         ),
-        ExamplesSummary(
-            "runs/mlsae", "browser/index.html", latents=5077, examples_per_latent=20, tokens=8181, held_out_only=True
-        ),
+        ExamplesSummary("runs/mlsae", "latents/browser/index.html", tokens=40902, latents=5077, examples_per_latent=20),
     ]
 
 
@@ -339,7 +337,7 @@ def test_report_shows_every_headline_of_every_result_with_its_value(tmp_path):
     # self-contained: every PNG embedded, nothing fetched from elsewhere; the browser link is relative
     assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]+"', doc)) == len(list(tmp_path.glob("*.png")))
     assert not re.search(r'(src|href)="?(https?:|//|file:)', doc) and "<link" not in doc and "<script" not in doc
-    assert 'href="browser/index.html"' in doc and "Other figures" in doc and "mystery.png" in doc
+    assert 'href="latents/browser/index.html"' in doc and "Other figures" in doc and "mystery.png" in doc
     assert "The President &lt;b&gt;spoke&lt;/b&gt;" in doc  # prompt text escaped
     # per-layer dead fraction, L0 and firing density of the held-out evaluation
     recon = doc.split("<h2 id=reconstruction>")[1]
@@ -446,3 +444,17 @@ def test_training_curves_read_heldout_csv_and_refuse_a_malformed_one(tmp_path):
     (run / "heldout.csv").write_text("tokens,fvu_mean,fvu_feature_mean,fvu_layer_0,fvu_layer_2\n0,x,1,1,1\n")
     with pytest.raises(ResultError, match="not a number"):
         read_curve(run, "MLSAE", [0, 2])
+
+
+def test_the_report_links_the_latent_browser_of_analyze_examples(tmp_path):
+    from analyze.report import BROWSER_INDEX, find_browser
+
+    run, folder = tmp_path / "run", tmp_path / "run" / "analysis"
+    folder.mkdir(parents=True)
+    assert find_browser(folder, run) is None and not (folder / "latent_browser.json").exists()
+    (run / BROWSER_INDEX).parent.mkdir(parents=True)
+    (run / BROWSER_INDEX).write_text("<html></html>")
+    found = find_browser(folder, run)
+    assert found.browser == "../latents/browser/index.html" and (folder / found.browser).is_file()
+    doc = report_folder(folder).read_text()
+    assert 'href="../latents/browser/index.html"' in doc and found.tokens is None
