@@ -6,15 +6,15 @@ default) is replaced by sae(x).x_hat (model space) and the rest of the model run
     delta CE_l = mean CE(spliced_l) - mean CE(clean),   KL_l = mean KL(p_clean || p_spliced_l),
 both means over the same counted predictions.
 
-Special tokens (BOS/EOS/PAD). The SAE is trained and evaluated on kept tokens only (harvest's `keep`),
-so by default:
-  - only kept positions are spliced; special tokens keep their clean activation (the SAE never saw
-    them; Gemma's BOS, ~1e5 in one dimension, would otherwise be the whole story);
-  - a prediction t -> t+1 counts when BOTH tokens are kept: a special target is a document boundary,
-    not text, and a prediction made from a special position reads an unspliced vector at layer l.
-With `include_special` (the default when the SAE was trained with --include-special, or the cache was
-harvested with special_tokens: include) every position is spliced and every prediction counts, as the
-reference code does.
+Special tokens (BOS/EOS/PAD) follow the run's mode (train/special.py; `special_tokens` overrides it):
+  - exclude: only non-special positions are spliced; special tokens keep their clean activation (the
+    SAE never saw them; Gemma's BOS, ~1e5 in one dimension, would otherwise be the whole story), and a
+    prediction t -> t+1 counts when BOTH tokens are non-special: a special target is a document
+    boundary, not text, and a prediction made from a special position reads an unspliced vector;
+  - include-real: every position is spliced with the reconstruction of its real vector, every
+    prediction counts;
+  - reference: as the reference code, the SAE sees ZEROS at special positions, so its (zero)
+    reconstruction is spliced there, and every prediction counts.
 
 Memory. Gemma's vocabulary is 262,144, so logits are never formed for a whole batch: every run stops at
 the unembedding's input (`unembed.hook_in`, the final normed state, [batch, ctx, d]); the clean and the
@@ -50,6 +50,7 @@ from harvest.models import ModelSource, load_bridge, load_tokenizer, resolve_dev
 from harvest.run import TORCH_DTYPES
 from harvest.text import iter_documents, make_windows, resolve_dataset
 from train.record import RunError, load_run
+from train.special import SpecialTokens
 from train.split import HeldOut
 
 FINAL_HOOK = "unembed.hook_in"  # the final normed residual: the unembedding's input
@@ -131,13 +132,26 @@ def sae_reconstructor(sae: Callable, lens: Any = None) -> ReconstructFn:
     return reconstruct
 
 
-def _splice(layer: int, reconstruct_fn: ReconstructFn, keep: Tensor) -> Callable:
+def _splice(layer: int, reconstruct_fn: ReconstructFn, keep: Tensor, zeroed: ZeroedSplice | None = None) -> Callable:
     def hook_fn(x: Tensor, hook: Any) -> Tensor:
         out = x.clone()  # a returned tensor replaces the activation (TransformerLens hooks)
-        out[keep] = reconstruct_fn(x[keep], layer).to(x.dtype)
+        fed = keep if zeroed is None else keep & ~zeroed.mask
+        out[fed] = reconstruct_fn(x[fed], layer).to(x.dtype)
+        if zeroed is not None:
+            out[zeroed.mask] = zeroed.value(layer).to(x.dtype)
         return out
 
     return hook_fn
+
+
+@dataclass
+class ZeroedSplice:
+    """Special-token mode `reference` (train/special.py): the SAE sees ZEROS at `mask` [batch, ctx]; its
+    output there, mapped to model space, is `value(layer)` [d] (no SAE call needed: a zero vector
+    standardizes to zero and reconstructs to exactly zero)."""
+
+    mask: Tensor
+    value: Callable[[int], Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +202,7 @@ def spliced_metrics(
     keep_mask: Tensor,
     hook: str = "resid_post",
     rows: int | None = None,
+    zeroed: ZeroedSplice | None = None,
 ) -> DeltaCeSums:
     """CE of the clean model and, per layer, of the model with blocks.{l}.hook_{hook} replaced by
     reconstruct_fn at the kept positions; KL(clean || spliced). ids, keep_mask: [batch, ctx]. A prediction
@@ -198,7 +213,9 @@ def spliced_metrics(
     targets = ids[:, 1:][counted].unsqueeze(1)
     clean = final_states(bridge, ids)[:, :-1][counted]
     spliced = [
-        final_states(bridge, ids, [(f"blocks.{l}.hook_{hook}", _splice(l, reconstruct_fn, keep))])[:, :-1][counted]
+        final_states(bridge, ids, [(f"blocks.{l}.hook_{hook}", _splice(l, reconstruct_fn, keep, zeroed))])[:, :-1][
+            counted
+        ]
         for l in layers
     ]
     n = targets.shape[0]
@@ -287,7 +304,7 @@ def run_delta_ce(
     device: str = "auto",
     cache_path: str | Path | None = None,
     batch_size: int | None = None,
-    include_special: bool | None = None,
+    special_tokens: str | None = None,
     split: str | None = None,
     text_column: str | None = None,
     dataset_config: str | None = None,
@@ -308,11 +325,7 @@ def run_delta_ce(
     spec = cache.meta["spec"]
     if tokens < 1:
         raise DeltaCeError(f"tokens = {tokens}: pass --tokens >= 1")
-    include = (
-        include_special
-        if include_special is not None
-        else (record.special_tokens == "include-real" or spec.get("special_tokens") == "include")
-    )
+    mode = SpecialTokens.of(special_tokens or record.special_tokens, cache).mode
     device = resolve_device(device)
     source = _resolve(model, cache)
     tokenizer = load_tokenizer(source)
@@ -340,7 +353,8 @@ def run_delta_ce(
         )
         info = WindowSource("dataset", [], dataset, None, None)
         special = sorted(set(tokenizer.all_special_ids))
-    keep_all = np.ones(windows.shape, bool) if include else ~np.isin(windows, np.asarray(special, dtype=np.int64))
+    is_special = np.isin(windows, np.asarray(special, dtype=np.int64))
+    keep_all = ~is_special if mode == "exclude" else np.ones(windows.shape, bool)
 
     sae = record.load_sae(device)
     layers = list(record.layers)
@@ -354,7 +368,10 @@ def run_delta_ce(
     check_logits(bridge, ids_all[:1].to(device))
 
     lens = cache.lens()
-    reconstruct = sae_reconstructor(sae, None if lens is None else lens.to(device))
+    lens = None if lens is None else lens.to(device)
+    reconstruct = sae_reconstructor(sae, lens)
+    zero = torch.zeros(sae.cfg.d_model, device=device)
+    zero_value = (lambda l: zero) if lens is None else (lambda l: lens.inverse(zero, l))
     batch = batch_size or int(spec.get("batch_size", 4))
     sums = DeltaCeSums.zeros(layers)
     from harvest.progress import progress_bar
@@ -363,7 +380,10 @@ def run_delta_ce(
         for s in range(0, len(ids_all), batch):
             ids = ids_all[s : s + batch].to(device)
             keep = torch.from_numpy(keep_all[s : s + batch]).to(device)
-            sums = sums + spliced_metrics(bridge, ids, layers, reconstruct, keep, hook=spec["hook"])
+            zeroed = None
+            if mode == "reference":
+                zeroed = ZeroedSplice(torch.from_numpy(is_special[s : s + batch]).to(device), zero_value)
+            sums = sums + spliced_metrics(bridge, ids, layers, reconstruct, keep, hook=spec["hook"], zeroed=zeroed)
             bar.advance(len(ids))
 
     means = sums.means()
@@ -384,15 +404,15 @@ def run_delta_ce(
         windows=len(ids_all),
         context=ctx,
         positions=int(ids_all.numel()),
-        special_tokens="include-real" if include else "exclude",
+        special_tokens=mode,
         window_source=info,
         seconds=time.time() - t0,
         definitions={
             "delta_ce": "mean next-token CE with layer l's hook replaced by the SAE reconstruction, minus the "
             "clean model's mean CE, over the same predictions",
             "kl": "mean over predictions of KL(p_clean || p_spliced)",
-            "tokens": "predictions counted: t -> t+1 with both tokens kept (non-special) unless special tokens "
-            "are included; only kept positions are spliced",
+            "tokens": "predictions counted: t -> t+1 with both tokens non-special (special_tokens exclude) or "
+            "all; only kept positions are spliced",
         },
     )
     if write:

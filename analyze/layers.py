@@ -44,6 +44,7 @@ from harvest import ChunkReader, open_cache
 from harvest.atomic import atomic_write
 from harvest.errors import CacheError, SpecError
 from train.objectives import FIRE_THRESHOLD
+from train.special import SpecialTokens
 
 DISTRIBUTION_FILE = "layer_distribution.safetensors"
 HEATMAP_PNG = "layer_heatmap.png"
@@ -506,8 +507,8 @@ def run_variance(
         acc = LayerDistribution.zeros(sae.cfg.n_latents, layers, dev)
         ref = ReferenceVariances(sae.cfg.n_latents, len(layers), reference_batch_tokens) if reference_formulas else None
         t0 = time.perf_counter()
-        include_special = record.special_tokens == "include-real"  # the tokens the SAE was trained on
-        _stream(sae, reader, budget, rows, dev, acc, ref, include_special, progress and rank == 0)
+        special = SpecialTokens.of(record.special_tokens, cache)
+        _stream(sae, reader, budget, rows, dev, acc, ref, progress and rank == 0, special)
         seconds = time.perf_counter() - t0
         acc.all_reduce_()
         if ref is not None:
@@ -522,7 +523,7 @@ def run_variance(
         variances=acc.variances(),
         multi_layer=acc.multi_layer(),
         reference=ref.compute() if ref is not None else None,
-        special_tokens=record.special_tokens,
+        special_tokens=special.mode,
         sae=str(sae_dir.resolve()),
         cache=str(cache.path.resolve()),
         cache_fingerprint=cache.fingerprint,
@@ -549,20 +550,21 @@ def _stream(
     dev: str,
     acc: LayerDistribution,
     ref: ReferenceVariances | None,
-    include_special: bool,
     progress: bool,
+    special: SpecialTokens,
 ) -> None:
-    """Encode up to `budget` kept tokens of the reader's chunks and feed the accumulators."""
+    """Encode up to `budget` tokens of the reader's chunks (those the run's special-token mode uses) and
+    feed the accumulators."""
     from harvest.progress import progress_bar
-    from train.data import training_rows
 
     upper = min(budget, len(reader) * reader.layout.chunk_tokens)  # kept tokens are unknown until read
     done = 0
     with progress_bar("variance", upper, "tokens", enabled=progress, rate_unit="tok/s") as bar:
         for chunk in reader.epoch(0):
-            kept = training_rows(chunk, include_special, None)[: budget - done]  # all windows, held-out too
+            kept = special.usable(chunk.keep, chunk.token_ids).nonzero().squeeze(1)[: budget - done]
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
             x_all = chunk.acts[:, kept] if dev == "cpu" else chunk.acts.to(dev, non_blocking=True)[:, kept.to(dev)]
+            x_all = special.vectors(x_all, chunk.token_ids[kept])  # zeros at special tokens in `reference` mode
             for s in range(0, x_all.shape[1], rows):
                 values, indices = sae.encode(x_all[:, s : s + rows].float())
                 acc.update(values, indices)

@@ -29,6 +29,7 @@ from harvest import open_cache
 from harvest.models import resolve_device
 from train.evaluate import evaluate
 from train.record import RunError, RunRecord, load_run
+from train.special import SpecialTokens
 
 FVU_CSV, FVU_FEATURE_CSV, RECONSTRUCTION_PNG = "fvu_matrix.csv", "fvu_feature_matrix.csv", "reconstruction.png"
 
@@ -76,13 +77,13 @@ def run_reconstruction(
     out_dir: str | Path | None = None,
     device: str = "auto",
     tokens: int | None = None,
-    include_special: bool | None = None,
+    special_tokens: str | None = None,
     write: bool = True,
 ) -> ReconstructionResult:
     """Held-out metrics of each run and the layer x layer FVU matrix; writes reconstruction.json,
     fvu_matrix.csv, fvu_feature_matrix.csv and reconstruction.png into `out_dir` (default: the first
     run's folder) when `write`. `cache_path` defaults to the cache recorded by the first run;
-    `include_special` to the first run's training setting."""
+    `special_tokens` (train/special.py) to the first run's training mode."""
     if not run_dirs:
         raise RunError("no run given: pass at least one --sae RUN folder")
     records = [load_run(d) for d in run_dirs]
@@ -90,8 +91,7 @@ def run_reconstruction(
     cache.require_complete()
     check_same_cache(records, cache)
     heldout = records[0].heldout.limited(tokens, cache)
-    if include_special is None:
-        include_special = records[0].special_tokens == "include-real"
+    special = SpecialTokens.of(special_tokens or records[0].special_tokens, cache).mode
     device = resolve_device(device)
     columns = sorted({l for r in records for l in r.layers})
     labels = _labels(records)
@@ -99,12 +99,8 @@ def run_reconstruction(
     rows = []
     for record, label in zip(records, labels):
         sae = record.load_sae(device)
-        matrix = evaluate(sae, cache, heldout, columns, device, include_special)
-        own = (
-            matrix
-            if record.layers == columns
-            else evaluate(sae, cache, heldout, record.layers, device, include_special)
-        )
+        matrix = evaluate(sae, cache, heldout, columns, device, special)
+        own = matrix if record.layers == columns else evaluate(sae, cache, heldout, record.layers, device, special)
         rows.append(
             RunReconstruction(
                 label=label,
@@ -128,7 +124,7 @@ def run_reconstruction(
         lens=cache.lens_record,
         held_out_set=heldout,
         tokens=rows[0].held_out.tokens,
-        special_tokens="include-real" if include_special else "exclude",
+        special_tokens=special,
         layers=columns,
         runs=rows,
         comparison_fvu=compare(rows, columns, "fvu"),

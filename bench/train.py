@@ -66,6 +66,7 @@ from train.config import TrainConfig  # noqa: E402
 from train.data import MinibatchStream  # noqa: E402
 from train.objectives import DeadLatents  # noqa: E402
 from train.sae import SaeConfig, TopKSae  # noqa: E402
+from train.special import SpecialTokens  # noqa: E402
 from train.split import HeldOut, choose_heldout  # noqa: E402
 
 ORIG = {name: getattr(tloop, name) for name in ["_step", "evaluate", "_init_b_pre", "_checkpoint", "MinibatchStream"]}
@@ -165,7 +166,7 @@ def make_stream(sh: Shapes, cfg: TrainConfig) -> MinibatchStream:
         cfg.round_chunks,
         sh.device,
         seed=cfg.seed,
-        include_special=cfg.include_special,
+        special=SpecialTokens.of(cfg.special_tokens, sh.cache),
         prefetch=cfg.prefetch,
         heldout=sh.heldout,
     )

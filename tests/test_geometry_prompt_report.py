@@ -276,7 +276,7 @@ def test_analyze_report_cli_writes_every_typed_result_and_the_html(gcache, gsae,
     assert code == 0
     assert "reference code's formulas" in printed and "report" in printed
     a = load_analyses(out)
-    assert a.examples is None and a.training is None  # no browser here; this run has no heldout.csv
+    assert a.latent_browser is None and a.training is None  # no browser here; this run has no heldout.csv
     for r in (a.provenance, a.variance, a.reconstruction, a.delta_ce, a.resid, a.mmcs, a.prompt):
         assert r is not None
     assert a.variance.tokens == 600 and a.variance.reference is not None and a.variance.reference.batch_tokens == 2048

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny import documents
 
-from analyze.delta_ce import DeltaCeSums, run_delta_ce, sae_reconstructor, spliced_metrics
+from analyze.delta_ce import DeltaCeSums, ZeroedSplice, run_delta_ce, sae_reconstructor, spliced_metrics
 from analyze.reconstruction import RunError, format_reconstruction, run_reconstruction
 from analyze.results import DeltaCeResult, ReconstructionResult
 from harvest import open_cache
@@ -114,6 +114,18 @@ def test_delta_ce_is_exactly_zero_for_the_true_activation_and_positive_for_noise
     both = a + DeltaCeSums.zeros([1])
     assert both.means() == a.means()
 
+    # reference mode: zeros spliced at the special positions (the SAE's output for a zero input), the
+    # identity elsewhere, every prediction counted: the same as running the model on those zeros directly
+    everywhere = torch.ones_like(keep)
+    zeroed = ZeroedSplice(~keep, lambda layer: torch.zeros(bridge.cfg.d_model))
+    ref = spliced_metrics(bridge, ids, [1], identity, everywhere, zeroed=zeroed)
+    zero_hook = lambda x, hook: x.masked_fill(~keep[..., None], 0.0)
+    with torch.inference_mode():
+        lp = bridge.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_post", zero_hook)]).log_softmax(-1)
+    want = -lp[:, :-1].gather(2, ids[:, 1:, None]).mean().item()
+    assert ref.n == ids.shape[0] * (ids.shape[1] - 1) and ref.means()["ce"][0] == pytest.approx(want, rel=1e-5)
+    assert ref.means()["delta_ce"][0] > 0
+
 
 def test_delta_ce_through_a_lens_is_zero_for_the_true_activation_only_with_the_exact_inverse(lm):
     """An SAE trained in lens space that reconstructs perfectly must give delta CE 0 after the inverse; the
@@ -202,3 +214,6 @@ def test_run_delta_ce_uses_held_out_cache_windows_and_writes_outputs(runs, tmp_p
     assert all(np.isfinite(res.delta_ce)) and all(k >= 0 for k in res.kl)
     assert DeltaCeResult.load(out) == res
     assert (out / "delta_ce.png").stat().st_size > 1000
+    # the reference's special-token mode: the SAE sees zeros at special positions, every prediction counts
+    ref = run_delta_ce(runs["mlsae"], tokens=64, device="cpu", special_tokens="reference", write=False)
+    assert res.special_tokens == "exclude" and ref.special_tokens == "reference" and ref.tokens == 2 * 31

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from harvest.errors import SpecError
-from harvest.flags import FlagConfig, flag_field
+from harvest.flags import FlagConfig, flag_field, read_yaml_mapping
+from train.special import SpecialTokensMode
 
 # Fields that may change when a run is resumed (they do not change the result).
 RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "prefetch"})
@@ -43,13 +44,21 @@ class TrainConfig(FlagConfig):
     )
     heldout_seed: int = _f(0, "Seed of the held-out windows (keep it equal across runs that analyses compare).")
     round_chunks: int = _f(32, "Shuffle buffer: chunks read and permuted together on the device.")
-    include_special: bool = _f(False, "Also train on BOS/EOS/PAD tokens (the reference code does).")
+    special_tokens: SpecialTokensMode = _f(
+        "cache",
+        "BOS/EOS/PAD: cache (follow the cache's keep mask), exclude, reference (zero vectors, kept in the loss and "
+        "every metric: the reference code) or include-real (their real vectors).",
+    )
     seed: int = _f(0, "Seed of initialization and data order.")
     device: str = _f("auto", "auto (cuda when present), cpu, cuda or cuda:N.")
     checkpoint_every: int = _f(200, "Steps between resumable checkpoints.")
     log_every: int = _f(10, "Steps between lines of metrics.jsonl.")
     prefetch: int = _f(8, "Chunk reads in flight.")
     out: str = _f("", "Run folder; default runs/<cache name>-<layers>-x<expansion>-k<k>.")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        return cls().replace(**upgrade(read_yaml_mapping(path, cls._what, cls._yaml_flag)))
 
     def validate(self) -> "TrainConfig":
         self.check_types()
@@ -93,6 +102,18 @@ class TrainConfig(FlagConfig):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def upgrade(fields_: dict[str, Any]) -> dict[str, Any]:
+    """Fields of older configs and run records in today's names: `include_special: true` fed the real
+    special-token vectors (include-real); false followed the cache's keep mask (cache)."""
+    out = dict(fields_)
+    if "include_special" in out:
+        legacy = out.pop("include_special")
+        if not isinstance(legacy, bool):
+            raise SpecError(f"include_special = {legacy!r} must be true or false (or use special_tokens)")
+        out.setdefault("special_tokens", "include-real" if legacy is True else "cache")
+    return out
 
 
 def config_fields() -> list[dataclasses.Field]:

@@ -22,7 +22,10 @@ import torch
 
 from harvest import Cache, ChunkReader
 from harvest.reader import Chunk
+from train.special import SpecialTokens
 from train.split import HeldOut
+
+KEEP_MASK = SpecialTokens("exclude", ())  # the cache's keep mask alone (no id is special)
 
 
 @dataclass
@@ -42,18 +45,17 @@ class Batch:
     positions: torch.Tensor  # [batch_tokens] cache positions (int64, CPU)
 
 
-def training_rows(chunk: Chunk, include_special: bool, heldout: HeldOut | None) -> torch.Tensor:
-    """Rows of a chunk to train on: its kept tokens (every token with include_special), minus the
-    tokens of held-out windows."""
-    use = torch.ones_like(chunk.keep) if include_special else chunk.keep.clone()
+def training_rows(chunk: Chunk, special: SpecialTokens, heldout: HeldOut | None) -> torch.Tensor:
+    """Rows of a chunk to train on: the tokens the special-token mode uses, minus held-out windows' tokens."""
+    use = special.usable(chunk.keep, chunk.token_ids)
     if heldout is not None and heldout.windows:
         use &= ~heldout.mask(chunk.seq)
     return use.nonzero().squeeze(1)
 
 
-def count_training_tokens(cache: Cache, include_special: bool, heldout: HeldOut | None) -> int:
+def count_training_tokens(cache: Cache, special: SpecialTokens, heldout: HeldOut | None) -> int:
     """The tokens one epoch trains on (training_rows over the whole cache), from the token arrays alone."""
-    use = torch.ones(cache.layout.n_tokens, dtype=torch.bool) if include_special else cache.read_tokens("keep")
+    use = special.usable(cache.read_tokens("keep"), cache.read_tokens("token_ids"))
     if heldout is not None and heldout.windows:
         use &= ~heldout.mask(cache.read_tokens("seq"))
     return int(use.sum())
@@ -71,13 +73,13 @@ class MinibatchStream:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        include_special: bool = False,
+        special: SpecialTokens = KEEP_MASK,
         prefetch: int = 8,
         heldout: HeldOut | None = None,
     ):
         self.cache, self.layout = cache, cache.layout
         self.batch_tokens, self.device, self.seed = batch_tokens, torch.device(device), seed
-        self.include_special = include_special
+        self.special = special
         self.heldout = heldout  # its windows' tokens are dropped from every chunk read: never trained on
         self.rank = rank
         self.reader = ChunkReader(
@@ -101,11 +103,14 @@ class MinibatchStream:
     def _round_chunks(self, epoch: int, r: int) -> np.ndarray:
         return self.reader.order(epoch)[r * self.round_chunks : (r + 1) * self.round_chunks]
 
-    def _kept_rows(self, acts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Copy rows out of the reader's reusable buffer onto the device (indexing on the device)."""
+    def _kept_rows(self, ch: Chunk, rows: torch.Tensor) -> torch.Tensor:
+        """Copy rows out of the reader's reusable buffer onto the device (indexing on the device), as the
+        special-token mode has the SAE see them."""
         if self.device.type == "cpu":
-            return acts[:, rows]  # advanced indexing copies
-        return acts.to(self.device)[:, rows.to(self.device)]
+            acts = ch.acts[:, rows]  # advanced indexing copies
+        else:
+            acts = ch.acts.to(self.device)[:, rows.to(self.device)]
+        return self.special.vectors(acts, ch.token_ids[rows])
 
     def _carry_from_disk(self, carry: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """On resume only: re-read the carried tokens (normally they are handed over in memory)."""
@@ -116,7 +121,7 @@ class MinibatchStream:
         for c in torch.unique(pos_t // self.layout.chunk_tokens).tolist():
             pos = pos_t[pos_t // self.layout.chunk_tokens == c]
             ch = self.reader.read_chunk(c)
-            parts.append(self._kept_rows(ch.acts, pos - ch.start))
+            parts.append(self._kept_rows(ch, pos - ch.start))
             positions.append(pos)
         acts, got = torch.cat(parts, dim=1), torch.cat(positions)
         # back to the carry's own order, which the next permutation depends on
@@ -132,8 +137,8 @@ class MinibatchStream:
         for ch in self.reader.iter_chunks(chunk_ids):
             if self._closed.is_set():  # the consumer stopped: do not read (and place) a round nobody uses
                 break
-            rows = training_rows(ch, self.include_special, self.heldout)
-            parts.append(self._kept_rows(ch.acts, rows))
+            rows = training_rows(ch, self.special, self.heldout)
+            parts.append(self._kept_rows(ch, rows))
             positions.append(rows.to(torch.int64) + ch.start)
         return torch.cat(parts, dim=1), torch.cat(positions)
 

@@ -11,6 +11,7 @@ import torch
 from harvest import Cache, ChunkReader
 from train.objectives import FIRE_THRESHOLD, FvuAccumulator
 from train.sae import TopKSae
+from train.special import SpecialTokens
 from train.split import HeldOut
 
 
@@ -21,18 +22,20 @@ def evaluate(
     heldout: HeldOut,
     layers: Sequence[int],
     device: str,
-    include_special: bool = False,
+    special_tokens: str = "cache",
     rows: int = 8192,
 ) -> dict[str, Any]:
-    """Metrics of `sae` on the kept held-out tokens, per layer (in the order of `layers`)."""
+    """Metrics of `sae` on the held-out tokens, per layer (in the order of `layers`), with special tokens
+    as `special_tokens` (train/special.py) says."""
     n_layers, n_latents = len(layers), sae.cfg.n_latents
     acc = FvuAccumulator.zeros(n_layers, cache.layout.d_model, device)
     l0 = torch.zeros(n_layers, dtype=torch.float64, device=device)
     fired = torch.zeros(n_latents, dtype=torch.bool, device=device)
+    special = SpecialTokens.of(special_tokens, cache)
     reader = ChunkReader(cache, layers=layers, chunks=heldout.chunks)
     for chunk in reader.iter_chunks(heldout.chunks):
-        use = torch.ones_like(chunk.keep) if include_special else chunk.keep.clone()
-        x_all = chunk.acts[:, (use & heldout.mask(chunk.seq)).nonzero().squeeze(1)]
+        used = (special.usable(chunk.keep, chunk.token_ids) & heldout.mask(chunk.seq)).nonzero().squeeze(1)
+        x_all = special.vectors(chunk.acts[:, used], chunk.token_ids[used])
         for s in range(0, x_all.shape[1], rows):
             x = x_all[:, s : s + rows].to(device=device, dtype=torch.float32)
             out = sae(x)

@@ -30,6 +30,7 @@ from train.evaluate import evaluate
 from train.objectives import DeadLatents, training_loss
 from train.record import CacheRef, RunRecord, read_record
 from train.sae import SaeConfig, TopKSae
+from train.special import SpecialTokens
 from train.split import choose_heldout
 
 CHECKPOINT = "checkpoint.pt"
@@ -40,7 +41,7 @@ SHARED_FIELDS = (
     "eval_tokens",
     "heldout_seed",
     "round_chunks",
-    "include_special",
+    "special_tokens",
     "seed",
     "device",
     "prefetch",
@@ -125,7 +126,8 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     heldout = choose_heldout(cache, first.eval_tokens, first.heldout_seed)
     if first.batch_tokens % dist.world_size:
         raise SpecError(f"batch_tokens = {first.batch_tokens} must be divisible by the {dist.world_size} ranks")
-    train_tokens = count_training_tokens(cache, first.include_special, heldout)
+    special = SpecialTokens.of(first.special_tokens, cache)
+    train_tokens = count_training_tokens(cache, special, heldout)
     tokens = first.tokens or train_tokens
     steps = max(1, tokens // first.batch_tokens)
     if tokens > train_tokens:
@@ -160,7 +162,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
             layers=layers,
             cache=CacheRef.of(cache, cfg.cache),
             heldout=heldout,
-            special_tokens="include-real" if cfg.include_special else "cache",
+            special_tokens=special.mode,
             steps=steps,
             lr_effective=lr,
             world_size=dist.world_size,
@@ -223,7 +225,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
         seed=first.seed,
         rank=dist.rank,
         world_size=dist.world_size,
-        include_special=first.include_special,
+        special=special,
         prefetch=first.prefetch,
         heldout=heldout,
     )
@@ -254,9 +256,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
                 if step == 0:
                     _init_b_pre(run, x, dist)
                     run.fvu_initial = (
-                        evaluate(run.sae, cache, heldout, run.layers, device, run.cfg.include_special)
-                        if dist.rank == 0
-                        else None
+                        evaluate(run.sae, cache, heldout, run.layers, device, special.mode) if dist.rank == 0 else None
                     )
                 parts = _step(run, x, step, autocast, dist)
                 if dist.rank == 0 and (step % run.cfg.log_every == 0 or step == steps - 1):
@@ -291,7 +291,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
     for run in runs:
         if dist.rank != 0:
             continue
-        final = evaluate(run.sae, cache, heldout, run.layers, device, run.cfg.include_special)
+        final = evaluate(run.sae, cache, heldout, run.layers, device, special.mode)
         run.sae.save(run.out)
         summary = {
             "out": str(run.out),

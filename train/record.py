@@ -21,7 +21,7 @@ from typing import Any
 
 from harvest.atomic import atomic_write_json
 from harvest.errors import UserError
-from train.config import TrainConfig
+from train.config import TrainConfig, upgrade
 from train.sae import CONFIG_FILE, WEIGHTS_FILE, SaeConfig, TopKSae
 from train.split import HeldOut
 
@@ -153,15 +153,14 @@ class RunRecord:
         version = d.get("format_version", 1)
         if version > RUN_FORMAT_VERSION:
             raise ValueError(f"format version {version} is newer than this code's {RUN_FORMAT_VERSION}")
-        raw_train = dict(d["train"])
+        known = {f.name for f in fields(TrainConfig)}
+        train = TrainConfig().replace(**{k: v for k, v in upgrade(d["train"]).items() if k in known})
         if version == 1:  # the unversioned first format
             heldout = HeldOut.legacy(list(d["eval_chunks"]), 0)
-            special = "include-real" if raw_train.get("include_special") else "cache"
+            special = train.special_tokens
         else:
             heldout = HeldOut.from_dict(d["heldout"])
             special = str(d["special_tokens"])
-        known = {f.name for f in fields(TrainConfig)}
-        train = TrainConfig().replace(**{k: v for k, v in raw_train.items() if k in known})
         cache_keys = {f.name for f in fields(CacheRef)}
         return cls(
             dir=Path(folder),
