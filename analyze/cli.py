@@ -190,7 +190,7 @@ def report(
     run_prompt(main_run, prompt_text, model=model, out_dir=folder, device=device, cache=cache_path, console=console)
     if find_browser(folder, main_run) is None:
         _log(f"no latent browser under {folder} or {main_run}: run `analyze examples --sae {main_run}` to add one")
-    console.print(f"[bold green]report[/] {report_folder(folder)}")
+    console.print(f"[bold green]report[/] {report_folder(folder, sae_dirs=dirs)}")
 
 
 @app.command()

@@ -428,14 +428,23 @@ def render(a: Analyses, title: str | None = None) -> str:
     )
 
 
-def report_folder(folder: str | Path, out_html: str | Path | None = None, title: str | None = None) -> Path:
-    """Load the typed results of `folder` and write one self-contained HTML (<folder>/report.html)."""
+def report_folder(
+    folder: str | Path,
+    out_html: str | Path | None = None,
+    title: str | None = None,
+    sae_dirs: Sequence[str | Path] = (),
+) -> Path:
+    """Load the typed results of `folder` and write one self-contained HTML (<folder>/report.html); links the
+    latent browser of `analyze examples` found under the folder or the first of `sae_dirs`."""
+    folder = Path(folder)
+    if not ExamplesSummary.path_in(folder).is_file():
+        find_browser(folder, sae_dirs[0] if sae_dirs else folder)
     analyses = load_analyses(folder)
     if not analyses.present():
         raise UserError(
             f"{folder} holds no analysis results: run `analyze report --sae RUN` (or single analyses) first"
         )
-    out = Path(out_html) if out_html is not None else Path(folder) / REPORT_HTML
+    out = Path(out_html) if out_html is not None else folder / REPORT_HTML
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, render(analyses, title))
     return out

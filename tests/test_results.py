@@ -454,7 +454,8 @@ def test_the_report_links_the_latent_browser_of_analyze_examples(tmp_path):
     assert find_browser(folder, run) is None and not (folder / "latent_browser.json").exists()
     (run / BROWSER_INDEX).parent.mkdir(parents=True)
     (run / BROWSER_INDEX).write_text("<html></html>")
-    found = find_browser(folder, run)
+    doc = report_folder(folder, sae_dirs=[run]).read_text()  # finds it, and records it for `analyze compare`
+    assert 'href="../latents/browser/index.html"' in doc
+    found = ExamplesSummary.load(folder)
     assert found.browser == "../latents/browser/index.html" and (folder / found.browser).is_file()
-    doc = report_folder(folder).read_text()
-    assert 'href="../latents/browser/index.html"' in doc and found.tokens is None
+    assert found.tokens is None and find_browser(folder, run) == found
