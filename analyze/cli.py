@@ -166,8 +166,9 @@ def report(
     device: str = DEVICE,
 ) -> None:
     """Run every analysis into one folder and write one self-contained HTML report."""
+    from analyze.delta_ce import DeltaCeError
     from analyze.prompt import run_prompt
-    from analyze.report import find_browser, provenance, report_folder
+    from analyze.report import clear_results, find_browser, provenance, report_folder
     from analyze.training import run_training
 
     dirs = [*sae, *(runs or [])]
@@ -175,6 +176,7 @@ def report(
     cache_path = _cache_of(main_run, cache)
     folder = out if out is not None else main_run / "analysis"
     prov = provenance(dirs, cache_path)
+    clear_results(folder)  # results of an earlier report must not pass for this one's
     prov.save(folder)
     console.rule("variance")
     _variance(main_run, cache_path, tokens, folder, reference_formulas, device)
@@ -183,7 +185,10 @@ def report(
     if run_training([(r.folder, r.label, r.layers) for r in prov.runs], folder) is None:
         _log("no run folder holds heldout.csv (train with --eval-every): the report has no training curve")
     console.rule("delta CE")
-    _delta_ce(main_run, model, None, delta_ce_tokens, cache_path, folder, device)
+    try:
+        _delta_ce(main_run, model, None, delta_ce_tokens, cache_path, folder, device)
+    except DeltaCeError as e:  # e.g. a run of the legacy chunk split holds out no whole window: report the rest
+        _log(f"delta CE left out of the report: {e}")
     console.rule("residual geometry")
     _resid(cache_path, main_run, None, folder, "cpu")
     console.rule("prompt")

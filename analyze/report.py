@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from analyze.claims import Claim, claims
 from analyze.results import (
+    RESULT_TYPES,
     Analyses,
     CacheInfo,
     DeltaCeResult,
@@ -97,6 +98,13 @@ def run_info(run_dir: str | Path) -> RunInfo:
         special_tokens=r.special_tokens,
         held_out=r.heldout.describe(),
     )
+
+
+def clear_results(folder: str | Path) -> None:
+    """Remove the typed results `analyze report` writes from `folder` (not the latent browser's record)."""
+    for t in RESULT_TYPES:
+        if t is not ExamplesSummary:
+            t.path_in(folder).unlink(missing_ok=True)
 
 
 def provenance(run_dirs: Sequence[str | Path], cache: str | Path) -> Provenance:

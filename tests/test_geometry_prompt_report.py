@@ -283,3 +283,31 @@ def test_analyze_report_cli_writes_every_typed_result_and_the_html(gcache, gsae,
     assert a.provenance.runs[0].folder == str(gsae) and a.provenance.cache.fingerprint == open_cache(gcache).fingerprint
     doc = (out / "report.html").read_text()
     assert doc.count("<h2 id=") == 8  # claims + 7 sections
+
+
+def test_report_of_a_legacy_run_leaves_out_delta_ce_in_one_line_and_no_stale_result(gcache, gsae, tmp_path, capsys):
+    """A run of the first releases (held out: the cache's last chunks, no whole window) still gets a report;
+    delta CE, which needs whole held-out windows, is left out with its reason, and the delta_ce.json of an
+    earlier report does not pass for this one's."""
+    import shutil
+
+    from analyze.results import load_analyses
+    from train.record import load_run
+    from train.split import HeldOut
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(gsae, legacy, ignore=shutil.ignore_patterns("analysis"))
+    record = load_run(legacy)
+    record.heldout = HeldOut.legacy([7], 128)  # one shuffled chunk: no window lies wholly in it
+    record.save()
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "delta_ce.json").write_text("{}")  # stale, and even of an older format
+    args = ["--sae", legacy, "--tokens", 300, "--delta-ce-tokens", 64, "--prompt", PROMPT, "--device", "cpu"]
+    code, _, err = run_cli(["report", *args, "--out", out], capsys, "analyze")
+    assert code == 0, err
+    assert "delta CE left out of the report: the run holds out no whole context window" in " ".join(err.split())
+    a = load_analyses(out)
+    assert a.delta_ce is None and a.reconstruction.held_out_set.method == "legacy-chunks"
+    assert 100 < a.reconstruction.tokens <= 128 and "last 1 chunks" in a.provenance.runs[0].held_out
+    assert "Downstream loss" not in (out / "report.html").read_text()
