@@ -6,12 +6,14 @@ summary; `report` runs the same helpers into one folder, then renders the HTML f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
+from harvest.errors import SpecError
 from harvest.flags import cli_app, run_app
 
 app = cli_app("Layer distributions, variance ratios, reconstruction quality and residual geometry of SAEs.")
@@ -21,7 +23,7 @@ err_console = Console(stderr=True)
 SAE = typer.Option(..., "--sae", help="Run folder of a trained SAE (train run --out).")
 SAES = typer.Option(..., "--sae", help="Run folders (repeat --sae, or list them after it); the first leads.")
 MORE_RUNS = typer.Argument(None, help="More run folders (single-layer baselines).")
-CACHE = typer.Option(None, "--cache", help="Cache (default: the (first) run's).")
+CACHE = typer.Option(None, "--cache", help="Cache folder or URL (default: the (first) run's).")
 MODEL = typer.Option(None, "--model", help="Model (default: the cache's).")
 DEVICE = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda or cuda:N.")
 REFERENCE = typer.Option(
@@ -29,13 +31,25 @@ REFERENCE = typer.Option(
 )
 
 
-def _cache_of(run: Path, cache: Optional[Path]) -> Path:
-    """The cache a run was trained on, unless --cache says otherwise."""
+@app.callback()
+def _options(
+    local_cache: Optional[str] = typer.Option(
+        None,
+        "--local-cache",
+        help="Folder for a verified local copy of a cache in a bucket (also $MLSAE_LOCAL_CACHE); before the command.",
+    ),
+) -> None:
+    if local_cache:
+        os.environ["MLSAE_LOCAL_CACHE"] = local_cache  # read by harvest.open_cache for every cache it opens
+
+
+def _cache_of(run: Path, cache: Optional[str]) -> str:
+    """The cache (path or URL) a run was trained on, unless --cache says otherwise."""
     if cache is not None:
         return cache
     from train.record import load_run
 
-    return Path(load_run(run, require_sae=False).cache.path)
+    return load_run(run, require_sae=False).cache.path
 
 
 def _log(message: str) -> None:
@@ -50,20 +64,20 @@ def _show(text: str) -> None:
 # one helper per analysis (the commands and `report` call these)
 
 
-def _variance(run: Path, cache: Path, tokens: int, out: Path, reference: bool, device: str) -> None:
+def _variance(run: Path, cache: str, tokens: int, out: Path, reference: bool, device: str) -> None:
     from analyze.layers import format_variance, run_variance
 
     _show(format_variance(run_variance(run, cache, tokens, out, reference_formulas=reference, device=device, log=_log)))
 
 
-def _reconstruction(runs: list[Path], cache: Optional[Path], out: Path, device: str, tokens: Optional[int]) -> None:
+def _reconstruction(runs: list[Path], cache: Optional[str], out: Path, device: str, tokens: Optional[int]) -> None:
     from analyze.reconstruction import format_reconstruction, run_reconstruction
 
     _show(format_reconstruction(run_reconstruction(runs, cache_path=cache, out_dir=out, device=device, tokens=tokens)))
 
 
 def _delta_ce(
-    run: Path, model: Optional[str], dataset: Optional[str], tokens: int, cache: Optional[Path], out: Path, device: str
+    run: Path, model: Optional[str], dataset: Optional[str], tokens: int, cache: Optional[str], out: Path, device: str
 ) -> None:
     from analyze.delta_ce import format_delta_ce, run_delta_ce
 
@@ -71,7 +85,7 @@ def _delta_ce(
     _show(format_delta_ce(res))
 
 
-def _resid(cache: Path, sae: Optional[Path], tokens: Optional[int], out: Path, device: str) -> None:
+def _resid(cache: str, sae: Optional[Path], tokens: Optional[int], out: Path, device: str) -> None:
     from analyze.geometry import format_resid, run_mmcs, run_resid
 
     res = run_resid(cache, out, tokens=tokens, device=device)
@@ -85,7 +99,7 @@ def _resid(cache: Path, sae: Optional[Path], tokens: Optional[int], out: Path, d
 @app.command()
 def variance(
     sae: Path = SAE,
-    cache: Optional[Path] = CACHE,
+    cache: Optional[str] = CACHE,
     tokens: int = typer.Option(10_000_000, "--tokens", help="Kept tokens to stream (the poster: 10M)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
     reference_formulas: bool = REFERENCE,
@@ -99,7 +113,7 @@ def variance(
 def reconstruction(
     sae: list[Path] = SAES,
     runs: Optional[list[Path]] = MORE_RUNS,
-    cache: Optional[Path] = CACHE,
+    cache: Optional[str] = CACHE,
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Held-out tokens to use (default: all)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the first run)."),
     device: str = DEVICE,
@@ -116,7 +130,7 @@ def delta_ce(
     model: Optional[str] = MODEL,
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Text (default: the run's held-out windows)."),
     tokens: int = typer.Option(2048, "--tokens", help="Tokens of text to evaluate."),
-    cache: Optional[Path] = CACHE,
+    cache: Optional[str] = CACHE,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
     device: str = DEVICE,
 ) -> None:
@@ -126,14 +140,18 @@ def delta_ce(
 
 @app.command()
 def resid(
-    cache: Path = typer.Option(..., "--cache", help="Cache folder."),
+    cache: str = typer.Option(..., "--cache", help="Cache folder or URL."),
     sae: Optional[Path] = typer.Option(None, "--sae", help="Also the MMCS of this SAE's decoder (mmcs.json)."),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Kept tokens to stream (default: all)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the cache folder)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Adjacent-layer cosine similarity of layer-mean-centered residuals, residual norm per layer, decoder MMCS."""
-    _resid(cache, sae, tokens, out or cache, device)
+    from harvest.store import is_url
+
+    if out is None and is_url(cache):
+        raise SpecError(f"{cache} is in a bucket: pass --out with a local folder for the results")
+    _resid(cache, sae, tokens, out or Path(cache), device)
 
 
 @app.command()
@@ -154,7 +172,7 @@ def prompt(
 def report(
     sae: list[Path] = SAES,
     runs: Optional[list[Path]] = MORE_RUNS,
-    cache: Optional[Path] = CACHE,
+    cache: Optional[str] = CACHE,
     model: Optional[str] = MODEL,
     tokens: int = typer.Option(1_000_000, "--tokens", help="Kept tokens for the variance analysis."),
     reference_formulas: bool = REFERENCE,

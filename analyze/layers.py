@@ -525,7 +525,7 @@ def run_variance(
         reference=ref.compute() if ref is not None else None,
         special_tokens=special.mode,
         sae=str(sae_dir.resolve()),
-        cache=str(cache.path.resolve()),
+        cache=cache.location,
         cache_fingerprint=cache.fingerprint,
         lens=cache.lens_record,
         seed=seed,

@@ -115,7 +115,7 @@ def run_prompt(
     sae_dir = Path(sae_dir)
     record = load_run(sae_dir)
     layers = record.layers
-    cache_path = Path(cache or record.cache.path)
+    cache_path = cache or record.cache.path  # a path or a URL
     try:
         c = open_cache(cache_path)
     except CacheError:

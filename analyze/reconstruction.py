@@ -20,7 +20,6 @@ import numpy as np
 
 from analyze.results import (
     Comparison,
-    HeldOutMetrics,
     LayerComparison,
     ReconstructionResult,
     RunReconstruction,
@@ -109,11 +108,8 @@ def run_reconstruction(
                 multi_layer=record.multi_layer,
                 n_latents=sae.cfg.n_latents,
                 k=sae.cfg.k,
-                held_out=held_out_metrics(own),
-                fvu=matrix["fvu"],
-                fvu_feature=matrix["fvu_feature"],
-                mse=matrix["mse"],
-                l0=matrix["l0"],
+                held_out=own,
+                matrix=matrix,
             )
         )
 
@@ -152,31 +148,12 @@ def run_reconstruction(
     return result
 
 
-def held_out_metrics(e: dict[str, Any]) -> HeldOutMetrics:
-    """train's evaluation of one SAE on its own layers, as the typed held-out metrics."""
-    n = len(e["layers"])
-    nan = [math.nan] * n
-    return HeldOutMetrics(
-        tokens=e["tokens"],
-        layers=list(e["layers"]),
-        fvu=e["fvu"],
-        fvu_feature=e["fvu_feature"],
-        mse=e["mse"],
-        l0=e["l0"],
-        dead_fraction=e.get("dead_fraction_per_layer", nan),
-        firing_density=e.get("firing_density", nan),
-        fvu_mean=e["fvu_mean"],
-        fvu_feature_mean=e["fvu_feature_mean"],
-        dead_fraction_all=e["dead_fraction"],
-    )
-
-
 def compare(runs: list[RunReconstruction], columns: list[int], key: str = "fvu") -> Comparison:
     """Per evaluation layer j: the (first) MLSAE's FVU, the single-layer SAE trained on j (diagonal) and
     the best single-layer SAE trained on another layer (off-diagonal); None where a row is absent."""
     mlsae = next((r for r in runs if r.multi_layer), None)
     single = {r.trained_layers[0]: r for r in runs if not r.multi_layer}
-    row = lambda r: getattr(r, key)
+    row = lambda r: getattr(r.matrix, key)
     per_layer = []
     for j, layer in enumerate(columns):
         diag = single.get(layer)
@@ -228,13 +205,13 @@ def format_reconstruction(result: ReconstructionResult) -> str:
         h = r.held_out
         lines.append(
             f"{r.label}: FVU mean {h.fvu_mean:.4f} (per-feature {h.fvu_feature_mean:.4f}); dead at every "
-            f"layer {h.dead_fraction_all:.3f}"
+            f"layer {h.dead_fraction:.3f}"
         )
         lines.append(f"{'layer':>7}  {'FVU':>8}  {'FVU feat':>8}  {'L0':>7}  {'dead':>6}  {'density':>8}")
         for i, l in enumerate(h.layers):
             lines.append(
-                f"{l:>7}  {h.fvu[i]:>8.4f}  {h.fvu_feature[i]:>8.4f}  {h.l0[i]:>7.2f}  {h.dead_fraction[i]:>6.3f}  "
-                f"{h.firing_density[i]:>8.2e}"
+                f"{l:>7}  {h.fvu[i]:>8.4f}  {h.fvu_feature[i]:>8.4f}  {h.l0[i]:>7.2f}  "
+                f"{h.dead_fraction_per_layer[i]:>6.3f}  {h.firing_density[i]:>8.2e}"
             )
     c = result.comparison_fvu
     lines.append(f"{'layer':>5}  {'MLSAE':>8}  {'diagonal':>8}  {'best other':>10}  (trained on)")

@@ -275,18 +275,18 @@ def _reconstruction_html(r: ReconstructionResult) -> str:
                 "FVU per feature": h.fvu_feature,
                 "MSE": h.mse,
                 "L0": h.l0,
-                "dead fraction": h.dead_fraction,
+                "dead fraction": h.dead_fraction_per_layer,
                 "firing density": h.firing_density,
             },
         )
         out += (
             f"<p>mean over layers: FVU {_n(h.fvu_mean)}, per feature {_n(h.fvu_feature_mean)}; dead at every "
-            f"layer {_n(h.dead_fraction_all)}</p>"
+            f"layer {_n(h.dead_fraction)}</p>"
         )
     if len(r.runs) > 1:
         out += "<h3>Layer x layer FVU (row: SAE, column: evaluated layer)</h3>" + _table(
             ["", *map(str, r.layers)],
-            [[_e(run.label)] + [_n(x) for x in run.fvu] for run in r.runs],
+            [[_e(run.label)] + [_n(x) for x in run.matrix.fvu] for run in r.runs],
             range(1, len(r.layers) + 1),
         )
         c = r.comparison_fvu

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from harvest.atomic import atomic_write_json
 from harvest.errors import UserError
+from train.evaluate import EvalResult
 from train.split import HeldOut
 
 VERSION = 2  # 1 = the untyped JSON of the analyses before this module
@@ -338,26 +339,9 @@ class VarianceResult(
 
 
 @dataclass
-class HeldOutMetrics:
-    """Held-out metrics of one SAE on its own layers (train's evaluation, INTERFACES §4): per layer, in
-    the order of `layers`, and overall."""
-
-    tokens: int
-    layers: list[int]
-    fvu: list[float]  # reference definition (grand-mean denominator), pooled over the held-out tokens
-    fvu_feature: list[float]  # per-feature denominator (Gao et al.)
-    mse: list[float]
-    l0: list[float]  # mean active latents per vector at that layer
-    dead_fraction: list[float]  # latents that never fire at that layer over the held-out tokens
-    firing_density: list[float]  # mean fraction of tokens a latent fires on, at that layer
-    fvu_mean: float
-    fvu_feature_mean: float
-    dead_fraction_all: float  # latents that never fire at any layer
-
-
-@dataclass
 class RunReconstruction:
-    """One SAE's row of the layer x layer matrix, and its held-out metrics on its own layers."""
+    """One SAE of the comparison: train's held-out evaluation (EvalResult, INTERFACES §4) on its own layers,
+    and on every layer of the matrix (its row)."""
 
     label: str  # 'MLSAE' or 'L<l>' (+ the folder name where two runs share a label)
     run: str
@@ -365,11 +349,8 @@ class RunReconstruction:
     multi_layer: bool
     n_latents: int
     k: int
-    held_out: HeldOutMetrics
-    fvu: list[float]  # per column layer (ReconstructionResult.layers)
-    fvu_feature: list[float]
-    mse: list[float]
-    l0: list[float]
+    held_out: EvalResult  # on the layers it was trained on
+    matrix: EvalResult  # on every column layer (ReconstructionResult.layers)
 
 
 @dataclass
@@ -417,11 +398,11 @@ class ReconstructionResult(
 
     @property
     def fvu_matrix(self) -> list[list[float]]:
-        return [r.fvu for r in self.runs]
+        return [r.matrix.fvu for r in self.runs]
 
     @property
     def fvu_feature_matrix(self) -> list[list[float]]:
-        return [r.fvu_feature for r in self.runs]
+        return [r.matrix.fvu_feature for r in self.runs]
 
     def mlsae(self) -> RunReconstruction | None:
         return next((r for r in self.runs if r.multi_layer), None)
@@ -440,8 +421,8 @@ class ReconstructionResult(
                 Headline(f"{r.label}: held-out FVU, mean over layers", h.fvu_mean),
                 Headline(f"{r.label}: held-out per-feature FVU, mean over layers", h.fvu_feature_mean),
                 Headline(f"{r.label}: L0, mean over layers", _mean(h.l0)),
-                Headline(f"{r.label}: dead fraction, mean over layers", _mean(h.dead_fraction)),
-                Headline(f"{r.label}: dead at every layer", h.dead_fraction_all),
+                Headline(f"{r.label}: dead fraction, mean over layers", _mean(h.dead_fraction_per_layer)),
+                Headline(f"{r.label}: dead at every layer", h.dead_fraction),
                 Headline(f"{r.label}: firing density, mean over layers", _mean(h.firing_density)),
             ]
         return rows

@@ -64,8 +64,8 @@ from harvest.env import Dist  # noqa: E402
 from harvest.models import resolve_device  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import MinibatchStream  # noqa: E402
-from train.objectives import DeadLatents  # noqa: E402
-from train.sae import SaeConfig, TopKSae  # noqa: E402
+from train.record import CacheRef, RunRecord  # noqa: E402
+from train.sae import SaeConfig  # noqa: E402
 from train.special import SpecialTokens  # noqa: E402
 from train.split import HeldOut, choose_heldout  # noqa: E402
 
@@ -173,17 +173,15 @@ def make_stream(sh: Shapes, cfg: TrainConfig) -> MinibatchStream:
 
 
 def make_run(sh: Shapes, cfg: TrainConfig, out: Path) -> tloop.Run:
-    """A Run built exactly as train.loop._train builds a new one (same seed -> same initial SAE)."""
+    """A Run built exactly as train.loop builds a new one (same seed -> same initial SAE)."""
     sae_cfg = SaeConfig.from_expansion(
         sh.d_model, cfg.expansion_factor, cfg.k, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens
     )
-    lr = tloop._lr(cfg, sae_cfg.n_latents)
-    sae = TopKSae(sae_cfg, device=sh.device, generator=torch.Generator().manual_seed(cfg.seed))
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
-    layer_idx = torch.tensor(list(range(len(sh.layers))), device=sh.device)
-    return tloop.Run(
-        cfg, out, layer_idx, sh.layers, sae, opt, DeadLatents(sae_cfg.n_latents, cfg.dead_tokens, sh.device), lr
-    )
+    special = SpecialTokens.of(cfg.special_tokens, sh.cache)
+    p = tloop.Pass(sh.cache, sh.device, sh.heldout, special, sh.layers, 1, cfg.batch_tokens)
+    lr = 2e-4 / (sae_cfg.n_latents / 2**14) ** 0.5 if cfg.lr_scaling else cfg.lr
+    record = RunRecord(out, cfg, sae_cfg, sh.layers, CacheRef.of(sh.cache), sh.heldout, special.mode, 1, lr, 1, {})
+    return tloop._build_run(record, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +260,7 @@ def measure_step(
         step_s,
         cpu_s,
         dead,
-        parts[0] if parts else float("nan"),
+        parts.loss if parts else float("nan"),
         read_s,
         share,
     )
@@ -401,8 +399,8 @@ def run_train(configs: list[TrainConfig], device: str) -> TrainResult:
     in_loop = lambda iv: step0_end <= iv[0] and iv[1] <= last_end
     metrics_last = []
     for c in configs:
-        lines = (Path(c.out) / "metrics.jsonl").read_text().splitlines()
-        metrics_last.append(json.loads(lines[-1]) if lines else {})
+        lines = [l for l in map(json.loads, (Path(c.out) / "metrics.jsonl").read_text().splitlines()) if "loss" in l]
+        metrics_last.append(lines[-1] if lines else {})  # the last training step (held-out evaluations have no loss)
     first_wait = trace.waits[0]
     return TrainResult(
         n_runs,

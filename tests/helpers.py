@@ -51,3 +51,19 @@ def hf_block_outputs(model_dir: Path, ids: torch.Tensor) -> list[torch.Tensor]:
     for h in hooks:
         h.remove()
     return outs + [normed_last]
+
+
+def spy_on_trained_batches(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(positions, acts) of every minibatch the training loop takes from its stream, filled as it trains."""
+    from train.data import MinibatchStream
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_iter = MinibatchStream.__iter__
+
+    def spy(self):
+        for batch in real_iter(self):
+            seen.append((batch.positions.clone(), batch.acts.clone()))
+            yield batch
+
+    monkeypatch.setattr(MinibatchStream, "__iter__", spy)
+    return seen

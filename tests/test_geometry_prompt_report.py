@@ -18,7 +18,7 @@ from harvest.run import harvest
 from harvest.spec import CacheSpec
 from train.config import TrainConfig
 from train.loop import train
-from train.record import RunError
+from train.record import RunError, load_run
 
 CACHE = dict(context=32, tokens=32 * 32, chunk_tokens=128, shard_tokens=256, shuffle_tokens=512, batch_size=8)
 PROMPT = "The committee met on Tuesday to discuss the budget."
@@ -276,13 +276,17 @@ def test_analyze_report_cli_writes_every_typed_result_and_the_html(gcache, gsae,
     assert code == 0
     assert "reference code's formulas" in printed and "report" in printed
     a = load_analyses(out)
-    assert a.latent_browser is None and a.training is None  # no browser here; this run has no heldout.csv
-    for r in (a.provenance, a.variance, a.reconstruction, a.delta_ce, a.resid, a.mmcs, a.prompt):
+    assert a.latent_browser is None  # no `analyze examples` here
+    for r in (a.provenance, a.variance, a.reconstruction, a.training, a.delta_ce, a.resid, a.mmcs, a.prompt):
         assert r is not None
+    # the training curve is train's heldout.csv: its last point is the final held-out evaluation
+    (curve,) = a.training.curves
+    final = load_run(gsae).summary()["held_out"]
+    assert len(curve.tokens) >= 2 and curve.fvu_mean[-1] == pytest.approx(final["fvu_mean"], rel=1e-5)
     assert a.variance.tokens == 600 and a.variance.reference is not None and a.variance.reference.batch_tokens == 2048
     assert a.provenance.runs[0].folder == str(gsae) and a.provenance.cache.fingerprint == open_cache(gcache).fingerprint
     doc = (out / "report.html").read_text()
-    assert doc.count("<h2 id=") == 8  # claims + 7 sections
+    assert doc.count("<h2 id=") == 9  # claims + 8 sections
 
 
 def test_report_of_a_legacy_run_leaves_out_delta_ce_in_one_line_and_no_stale_result(gcache, gsae, tmp_path, capsys):
@@ -292,7 +296,6 @@ def test_report_of_a_legacy_run_leaves_out_delta_ce_in_one_line_and_no_stale_res
     import shutil
 
     from analyze.results import load_analyses
-    from train.record import load_run
     from train.split import HeldOut
 
     legacy = tmp_path / "legacy"

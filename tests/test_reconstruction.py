@@ -167,14 +167,15 @@ def test_layer_matrix_diagonal_and_mlsae_row_match_held_out_evaluation(runs, rca
     heldout = load_run(runs["mlsae"]).heldout
     assert res.held_out_set == heldout
     direct = evaluate(load_sae(runs["mlsae"]), cache, heldout, [0, 1, 2], "cpu")
-    assert res.fvu_matrix[0] == pytest.approx(direct["fvu"], rel=1e-6)
-    assert res.fvu_feature_matrix[0] == pytest.approx(direct["fvu_feature"], rel=1e-6)
+    assert res.fvu_matrix[0] == pytest.approx(direct.fvu, rel=1e-6)
+    assert res.fvu_feature_matrix[0] == pytest.approx(direct.fvu_feature, rel=1e-6)
     for row, name, layer in [(1, "l0", 0), (2, "l2", 2)]:  # diagonal = the run's own held-out FVU
         own = json.loads((runs[name] / "summary.json").read_text())["held_out"]
         assert res.fvu_matrix[row][layer] == pytest.approx(own["fvu"][0], rel=1e-5)
         assert res.fvu_feature_matrix[row][layer] == pytest.approx(own["fvu_feature"][0], rel=1e-5)
         assert res.runs[row].held_out.fvu == pytest.approx(own["fvu"], rel=1e-6)
-        assert res.runs[row].held_out.dead_fraction_all == pytest.approx(own["dead_fraction"])
+        assert res.runs[row].held_out.dead_fraction == pytest.approx(own["dead_fraction"])
+        assert res.runs[row].held_out.dead_fraction_per_layer == pytest.approx(own["dead_fraction_per_layer"])
 
     per = {p.layer: p for p in res.comparison_fvu.per_layer}
     m = res.fvu_matrix

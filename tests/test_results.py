@@ -24,7 +24,6 @@ from analyze.results import (
     DeltaCeResult,
     ExamplesSummary,
     HeldOutCurve,
-    HeldOutMetrics,
     LayerComparison,
     LayerVariances,
     MmcsResult,
@@ -46,6 +45,7 @@ from analyze.results import (
     format_value,
     load_analyses,
 )
+from train.evaluate import EvalResult
 from train.split import HeldOut
 
 LAYERS = [0, 1, 2]
@@ -66,18 +66,18 @@ def _png(path: Path) -> None:
 def example_results(scale: float = 1.0) -> list:
     """One result of every type, with distinctive numbers (scaled, for a second folder to compare)."""
     s = scale
-    held = HeldOutMetrics(
+    held = EvalResult(
         tokens=8181,
         layers=LAYERS,
         fvu=[0.0741 * s, 0.0472 * s, 0.0433 * s],
         fvu_feature=[0.0991 * s, 1.0713 * s, 0.7514 * s],
         mse=[12.34, 23.45, 34.56],
         l0=[31.17, 30.93, 29.88],
-        dead_fraction=[0.0123, 0.0234, 0.0345],
+        dead_fraction_per_layer=[0.0123, 0.0234, 0.0345],
         firing_density=[0.00611, 0.00604, 0.00583],
         fvu_mean=0.05487 * s,
         fvu_feature_mean=0.6406 * s,
-        dead_fraction_all=0.00456,
+        dead_fraction=0.00456,
     )
     single = dataclasses.replace(
         held,
@@ -86,11 +86,14 @@ def example_results(scale: float = 1.0) -> list:
         fvu_feature=[0.8123],
         mse=[9.87],
         l0=[31.5],
-        dead_fraction=[0.0567],
+        dead_fraction_per_layer=[0.0567],
         firing_density=[0.00622],
         fvu_mean=0.0388,
         fvu_feature_mean=0.8123,
-        dead_fraction_all=0.0567,
+        dead_fraction=0.0567,
+    )
+    single_row = dataclasses.replace(
+        held, fvu=[0.5123, 0.0388, 0.6234], fvu_feature=[1.1, 0.8123, 1.3], mse=[1.0, 9.87, 3.0], fvu_mean=0.3915
     )
     comparison = Comparison(
         mlsae="MLSAE",
@@ -160,22 +163,8 @@ def example_results(scale: float = 1.0) -> list:
             special_tokens="exclude",
             layers=LAYERS,
             runs=[
-                RunReconstruction(
-                    "MLSAE", "runs/mlsae", LAYERS, True, 5120, 32, held, held.fvu, held.fvu_feature, held.mse, held.l0
-                ),
-                RunReconstruction(
-                    "L1",
-                    "runs/l1",
-                    [1],
-                    False,
-                    5120,
-                    32,
-                    single,
-                    [0.5123, 0.0388, 0.6234],
-                    [1.1, 0.8123, 1.3],
-                    [1.0, 9.87, 3.0],
-                    [31.0, 31.5, 30.0],
-                ),
+                RunReconstruction("MLSAE", "runs/mlsae", LAYERS, True, 5120, 32, held, held),
+                RunReconstruction("L1", "runs/l1", [1], False, 5120, 32, single, single_row),
             ],
             comparison_fvu=comparison,
             comparison_fvu_feature=comparison,

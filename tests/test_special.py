@@ -8,39 +8,19 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import spy_on_trained_batches
 
 from harvest import open_cache
 from harvest.errors import SpecError
-from harvest.run import harvest
-from harvest.spec import CacheSpec
 from train.config import TrainConfig
-from train.data import MinibatchStream
 from train.loop import train
 from train.record import load_run
 from train.special import SpecialTokens
 
-CACHE = dict(context=16, tokens=16 * 240, chunk_tokens=128, shard_tokens=256, shuffle_tokens=1024, batch_size=16)
-
-
-@pytest.fixture(scope="module")
-def scache(neox_dir, text_dir, tmp_path_factory) -> Path:
-    """Short documents, each preceded by EOS: ~60 special tokens (keep=False: harvested with exclude)."""
-    out = tmp_path_factory.mktemp("scache") / "cache"
-    harvest(CacheSpec(model=str(neox_dir), dataset=str(text_dir), out=str(out), **CACHE), show_progress=False)
-    return out
-
 
 def _train_spying(cache: Path, out: Path, monkeypatch, **kw) -> tuple[dict, list]:
     """Train one epoch; return the summary and every (positions, acts) minibatch the loop trained on."""
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real_iter = MinibatchStream.__iter__
-
-    def spy(self):
-        for batch in real_iter(self):
-            seen.append((batch.positions.clone(), batch.acts.clone()))
-            yield batch
-
-    monkeypatch.setattr(MinibatchStream, "__iter__", spy)
+    seen = spy_on_trained_batches(monkeypatch)
     cfg = TrainConfig(
         cache=str(cache), out=str(out), expansion_factor=2, k=4, batch_tokens=128, eval_tokens=512, round_chunks=4
     )
@@ -70,13 +50,13 @@ def test_modes_resolve_against_what_the_cache_stores():
 
 
 def test_reference_mode_trains_on_zeros_at_special_positions_and_keeps_them_in_every_metric(
-    scache, tmp_path, monkeypatch
+    docs_cache, tmp_path, monkeypatch
 ):
-    cache = open_cache(scache)
+    cache = open_cache(docs_cache)
     tok, keep, seq = (cache.read_tokens(n).numpy() for n in ("token_ids", "keep", "seq"))
     is_special = np.isin(tok, cache.meta["tokenizer"]["special_ids"])
     assert is_special.sum() > 20 and not keep[is_special].any()  # harvested with exclude
-    summary, seen = _train_spying(scache, tmp_path / "ref", monkeypatch, special_tokens="reference")
+    summary, seen = _train_spying(docs_cache, tmp_path / "ref", monkeypatch, special_tokens="reference")
     record = load_run(tmp_path / "ref")
     assert record.special_tokens == "reference"
     held = np.isin(seq, record.heldout.windows)
@@ -93,10 +73,10 @@ def test_reference_mode_trains_on_zeros_at_special_positions_and_keeps_them_in_e
     assert summary["held_out"]["tokens"] == int(held.sum()) > int((held & keep).sum())
 
     # exclude (= this cache's own mode): no special token trained on; include-real: their real vectors
-    summary_x, seen_x = _train_spying(scache, tmp_path / "exc", monkeypatch, special_tokens="exclude")
+    summary_x, seen_x = _train_spying(docs_cache, tmp_path / "exc", monkeypatch, special_tokens="exclude")
     assert not is_special[torch.cat([p for p, _ in seen_x]).numpy()].any()
     assert summary_x["held_out"]["tokens"] == int((held & keep).sum())
-    _, seen_r = _train_spying(scache, tmp_path / "real", monkeypatch, special_tokens="include-real")
+    _, seen_r = _train_spying(docs_cache, tmp_path / "real", monkeypatch, special_tokens="include-real")
     pos_r = torch.cat([p for p, _ in seen_r]).numpy()
     acts_r = torch.cat([a for _, a in seen_r], dim=1)
     i = int(np.flatnonzero(is_special[pos_r])[0])

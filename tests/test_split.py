@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from helpers import spy_on_trained_batches
 
 from harvest import open_cache
-from harvest.run import harvest
-from harvest.spec import CacheSpec
 from train.config import TrainConfig
-from train.data import MinibatchStream
 from train.evaluate import evaluate
 from train.loop import train
 from train.record import load_run
 from train.split import HeldOut, choose_heldout, document_runs
-
-# short documents (2-7 windows of 16 tokens each) in 4 write blocks of 64 windows
-CACHE = dict(context=16, tokens=16 * 240, chunk_tokens=128, shard_tokens=256, shuffle_tokens=1024, batch_size=16)
-
-
-@pytest.fixture(scope="module")
-def dcache(neox_dir, text_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dcache") / "cache"
-    harvest(CacheSpec(model=str(neox_dir), dataset=str(text_dir), out=str(out), **CACHE), show_progress=False)
-    return out
 
 
 def _doc_of_first_token(windows: np.ndarray, eos: int, first: int) -> np.ndarray:
@@ -49,8 +35,8 @@ def test_document_runs_group_windows_by_the_document_of_their_first_token():
         assert runs[0] == 0 and len(runs) == len(w)
 
 
-def test_held_out_windows_are_whole_documents_seeded_and_read_from_few_blocks(dcache):
-    cache = open_cache(dcache)
+def test_held_out_windows_are_whole_documents_seeded_and_read_from_few_blocks(docs_cache):
+    cache = open_cache(docs_cache)
     ctx, layout = cache.layout.context, cache.layout
     held = choose_heldout(cache, 512, seed=0)
     assert held == choose_heldout(cache, 512, seed=0) and held != choose_heldout(cache, 512, seed=1)
@@ -77,28 +63,20 @@ def test_held_out_windows_are_whole_documents_seeded_and_read_from_few_blocks(dc
     assert part.windows == held.windows[:3] and part.n_tokens == 48 and set(part.chunks) <= set(held.chunks)
 
 
-def test_no_held_out_window_shares_a_token_with_training(dcache, tmp_path, monkeypatch):
+def test_no_held_out_window_shares_a_token_with_training(docs_cache, tmp_path, monkeypatch):
     """Every minibatch actually trained on (spied on its way from the stream to the step) holds no token
     of a held-out window; one epoch covers every other kept token."""
-    trained: list[torch.Tensor] = []
-    real_iter = MinibatchStream.__iter__
-
-    def spy(self):
-        for batch in real_iter(self):
-            trained.append(batch.positions.clone())
-            yield batch
-
-    monkeypatch.setattr(MinibatchStream, "__iter__", spy)
+    trained = spy_on_trained_batches(monkeypatch)
     out = tmp_path / "run"
     cfg = TrainConfig(
-        cache=str(dcache), out=str(out), expansion_factor=2, k=4, batch_tokens=128, eval_tokens=512, round_chunks=4
+        cache=str(docs_cache), out=str(out), expansion_factor=2, k=4, batch_tokens=128, eval_tokens=512, round_chunks=4
     )
     [summary] = train([cfg], show_progress=False)
     record = load_run(out)
     assert record.heldout.windows and record.heldout.method == "documents"
-    cache = open_cache(dcache)
+    cache = open_cache(docs_cache)
     seq, keep = cache.read_tokens("seq").numpy(), cache.read_tokens("keep").numpy()
-    positions = torch.cat(trained).numpy()
+    positions = torch.cat([p for p, _ in trained]).numpy()
     assert len(positions) == summary["steps"] * 128
     assert not np.isin(seq[positions], record.heldout.windows).any()
     assert len(set(positions.tolist())) == len(positions)  # one epoch: no token twice
@@ -108,7 +86,7 @@ def test_no_held_out_window_shares_a_token_with_training(dcache, tmp_path, monke
     held_kept = int((keep & np.isin(seq, record.heldout.windows)).sum())
     assert summary["held_out"]["tokens"] == held_kept
     again = evaluate(record.load_sae(), cache, record.heldout, record.layers, "cpu")
-    assert again["fvu"] == pytest.approx(summary["held_out"]["fvu"], rel=1e-6)
+    assert again.fvu == pytest.approx(summary["held_out"]["fvu"], rel=1e-6)
 
 
 def test_a_held_out_set_round_trips_through_its_dict():

@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from harvest.errors import SpecError
 from harvest.flags import FlagConfig, flag_field, read_yaml_mapping
 from train.special import SpecialTokensMode
 
 # Fields that may change when a run is resumed (they do not change the result).
-RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "prefetch"})
+RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "eval_every", "prefetch", "local_cache"})
 
 
 _f = flag_field
@@ -20,7 +20,7 @@ _f = flag_field
 
 @dataclass
 class TrainConfig(FlagConfig):
-    cache: str = _f("caches/gemma-3-270m-sotu", "Harvested cache folder.")
+    cache: str = _f("caches/gemma-3-270m-sotu", "Harvested cache: a folder or a URL (s3://, gs://, az://).")
     layers: str = _f(
         "all", "'all' trains the multi-layer SAE on every cached layer; a layer number trains a single-layer SAE."
     )
@@ -53,7 +53,19 @@ class TrainConfig(FlagConfig):
     device: str = _f("auto", "auto (cuda when present), cpu, cuda or cuda:N.")
     checkpoint_every: int = _f(200, "Steps between resumable checkpoints.")
     log_every: int = _f(10, "Steps between lines of metrics.jsonl.")
+    eval_every: int = _f(
+        0,
+        "Steps between held-out evaluations (0 = before and after training only): lines of metrics.jsonl, and "
+        "heldout.csv / heldout.png at the end. Each encodes the held-out tokens once.",
+    )
+    log_to: Literal["none", "wandb", "trackio"] = _f(
+        "none", "Also log to an experiment tracker (SAELens key names); metrics.jsonl is always written."
+    )
+    log_project: str = _f("mlsae-cache", "Project name for --log-to.")
     prefetch: int = _f(8, "Chunk reads in flight.")
+    local_cache: str = _f(
+        "", "Folder for a verified local copy of a remote cache (later epochs read from local disk); '' = none."
+    )
     out: str = _f("", "Run folder; default runs/<cache name>-<layers>-x<expansion>-k<k>.")
 
     @classmethod
@@ -76,8 +88,8 @@ class TrainConfig(FlagConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise SpecError(f"{name} = {v!r} must be a positive integer")
-        if self.tokens < 0 or self.eval_tokens < 0 or self.warmup_steps < 0:
-            raise SpecError("tokens, eval_tokens and warmup_steps must be >= 0")
+        if self.tokens < 0 or self.eval_tokens < 0 or self.warmup_steps < 0 or self.eval_every < 0:
+            raise SpecError("tokens, eval_tokens, eval_every and warmup_steps must be >= 0")
         if not self.lr > 0:
             raise SpecError(f"lr = {self.lr} must be positive")
         if self.layers != "all":
