@@ -63,7 +63,8 @@ def claims(a: Analyses) -> list[Claim]:
             Claim(
                 "A multi-layer SAE reconstructs well (held-out FVU, mean over layers)",
                 f"{lo}-{hi} (Pythia-70m..1b, R=64, k=32, 1B tokens)",
-                f"{_f(h.fvu_mean)} (per-feature FVU {_f(h.fvu_feature_mean)}; {h.tokens:,} held-out tokens)",
+                f"{_f(h.fvu_mean)} (per-feature FVU {_f(h.fvu_feature_mean)}; {h.tokens:,} held-out tokens"
+                + (", legacy split: their windows were partly trained on)" if rec.held_out_set.is_legacy else ")"),
                 "",
                 f"in range (<= {hi})" if h.fvu_mean <= hi else f"outside range (> {hi})",
                 f"another model and budget than the poster's; {_training_note(curve)}",
