@@ -234,7 +234,7 @@ def compare(
 
 
 def main() -> None:
-    run_app(app, "interrupted")
+    run_app(app, "interrupted: rerun the same command to start the analysis again")
 
 
 if __name__ == "__main__":
