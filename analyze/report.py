@@ -367,7 +367,8 @@ def _examples_html(e: ExamplesSummary) -> str:
         if e.tokens is not None
         else ""
     )
-    return f'<p><a href="{_e(e.browser)}">Open the latent browser</a>{numbers}: every latent\'s top examples.</p>'
+    link = f"<a href='{_e(e.browser)}'>Open the latent browser</a>"
+    return f"<p>{link}{numbers}: every latent's top examples over all layers and per layer.</p>"
 
 
 BROWSER_INDEX = Path("latents") / "browser" / "index.html"  # where `analyze examples` writes it (default --out)

@@ -325,8 +325,8 @@ def test_report_shows_every_headline_of_every_result_with_its_value(tmp_path):
             assert row in section, (type(r).__name__, h.label)
     # self-contained: every PNG embedded, nothing fetched from elsewhere; the browser link is relative
     assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]+"', doc)) == len(list(tmp_path.glob("*.png")))
-    assert not re.search(r'(src|href)="?(https?:|//|file:)', doc) and "<link" not in doc and "<script" not in doc
-    assert 'href="latents/browser/index.html"' in doc and "Other figures" in doc and "mystery.png" in doc
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", doc) and "<link" not in doc and "<script" not in doc
+    assert "href='latents/browser/index.html'" in doc and "Other figures" in doc and "mystery.png" in doc
     assert "The President &lt;b&gt;spoke&lt;/b&gt;" in doc  # prompt text escaped
     # per-layer dead fraction, L0 and firing density of the held-out evaluation
     recon = doc.split("<h2 id=reconstruction>")[1]
@@ -444,7 +444,7 @@ def test_the_report_links_the_latent_browser_of_analyze_examples(tmp_path):
     (run / BROWSER_INDEX).parent.mkdir(parents=True)
     (run / BROWSER_INDEX).write_text("<html></html>")
     doc = report_folder(folder, sae_dirs=[run]).read_text()  # finds it, and records it for `analyze compare`
-    assert 'href="../latents/browser/index.html"' in doc
+    assert "href='../latents/browser/index.html'" in doc
     found = ExamplesSummary.load(folder)
     assert found.browser == "../latents/browser/index.html" and (folder / found.browser).is_file()
     assert found.tokens is None and find_browser(folder, run) == found
