@@ -299,15 +299,14 @@ CACHE_NAMES = {"zarr.json", "acts", "windows", "manifest", LENS_DIR, LOCK_KEY, *
 def location_state(store: Store) -> str:
     """'absent' (nothing there), 'cache' (a root zarr.json: created), 'partial' (only cache files: a creation
     that was interrupted, safe to redo) or 'foreign' (anything else: never touched)."""
+    if store.exists("zarr.json"):
+        return "cache"  # without listing a big cache's objects
     keys = store.list()
     if not keys:
         return "absent"
-    if "zarr.json" in keys:
-        return "cache"
     tops = {k.split("/", 1)[0] for k in keys}
-    if tops <= CACHE_NAMES or all(t.startswith(f".{LOCK_KEY}.") for t in tops - CACHE_NAMES):
-        return "partial"
-    return "foreign"
+    # hidden names: the lock and temporary files of interrupted writes (".zarr.json.XXXX.tmp")
+    return "partial" if all(t in CACHE_NAMES or t.startswith(".") for t in tops) else "foreign"
 
 
 def create_cache(
@@ -357,6 +356,10 @@ class Cache:
     (zarr-python) reads. `location` is a path or a URL; `local_cache` a folder for a read-through copy."""
 
     def __init__(self, location: str | Path | Store, local_cache: str | Path | None = None):
+        self._manifests: dict[int, BlockManifest] | None = None
+        self._entries: dict[str, FileEntry] | None = None
+        self._windows_entries: dict[str, FileEntry] | None = None
+        self._lens_folder: Path | None = None
         store = location if isinstance(location, Store) else open_store(location)
         local_cache = local_cache or os.environ.get("MLSAE_LOCAL_CACHE") or None
         if local_cache is not None and not store.is_local:
@@ -383,10 +386,6 @@ class Cache:
             raise CacheError(f"{where}/zarr.json has a malformed layout (edited?): restore it or re-harvest")
         self.meta: dict[str, Any] = attrs
         self.meta_sha256 = meta_hash(attrs)
-        self._manifests: dict[int, BlockManifest] | None = None
-        self._entries: dict[str, FileEntry] | None = None
-        self._windows_entries: dict[str, FileEntry] | None = None
-        self._lens_folder: Path | None = None
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -553,7 +552,10 @@ class Cache:
 
     # -- verified reads ----------------------------------------------------------------------------
     def _expected_piece(self, key: str) -> FileEntry | None:
-        """The manifest entry of a data file (for the read-through cache's check of whole downloads)."""
+        """The manifest entry of a data file (for the read-through cache's check of whole downloads); None for
+        metadata, which is always read from the source."""
+        if key.endswith("zarr.json") or key.split("/", 1)[0] not in ("acts", "windows", *TOKEN_ARRAYS):
+            return None
         if key.startswith("windows/"):
             return self.windows_manifest().get(key)
         if self._entries is None:
@@ -616,19 +618,41 @@ class Cache:
         return torch.from_numpy(out)
 
     def read_tokens(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """token_ids, keep, seq or pos at cache positions [start, stop) of complete blocks, each chunk checked."""
-        from .reader import ChunkReader
-
+        """token_ids, keep, seq or pos at cache positions [start, stop) of complete blocks, each chunk checked.
+        One ranged request per shard (obstore coalesces its chunks), several shards in flight."""
         lay = self.layout
         stop = lay.n_tokens if stop is None else min(stop, lay.n_tokens)
-        chunks = list(range(start // lay.chunk_tokens, -(-stop // lay.chunk_tokens))) if stop > start else []
         out = np.empty(max(stop - start, 0), TOKEN_ARRAYS[name])
-        reader = ChunkReader(self, layers=[], chunks=chunks, allow_incomplete=True, prefetch=4)
-        for ch in reader.iter_chunks(chunks):
-            col = getattr(ch, name)
-            a, b = max(ch.start, start), min(ch.start + len(col), stop)
-            out[a - start : b - start] = col[a - ch.start : b - ch.start].numpy()
-        reader.close()
+        if stop <= start:
+            return torch.from_numpy(out)
+        self.require_checksums()
+        manifests = self.manifests()
+        dtype = np.dtype(TOKEN_ARRAYS[name])
+
+        def shard(s: int) -> None:
+            key, s0 = self.shard_key(name, (s,)), s * lay.shard_tokens
+            m = manifests.get(s0 // lay.block_tokens)
+            if m is None:
+                raise CacheError(f"tokens {s0}.. of {self.location} are not in a complete block: rerun `harvest run`")
+            entry = m.files[key]
+            inner = range(
+                max(start - s0, 0) // lay.chunk_tokens, -(-(min(stop, s0 + lay.shard_tokens) - s0) // lay.chunk_tokens)
+            )
+            pieces = [entry.pieces[j] for j in inner]
+            if any(p is None for p in pieces):
+                raise self.corrupt(key, " (a chunk is absent)")
+            try:
+                got = self.store.get_ranges(key, [p[0] for p in pieces], [p[0] + p[1] for p in pieces])
+            except StoreMissing:
+                raise IntegrityError(f"{self.store.describe(key)} is missing: run `harvest verify {self.location}`")
+            for j, p, data in zip(inner, pieces, got):
+                if chunk_hash(data) != p[2]:
+                    raise self.corrupt(key, f" chunk {j}")
+                c0 = s0 + j * lay.chunk_tokens
+                a, b = max(c0, start), min(c0 + lay.chunk_tokens, stop)
+                out[a - start : b - start] = np.frombuffer(data, dtype)[a - c0 : b - c0]
+
+        self.store.parallel(shard, list(range(start // lay.shard_tokens, -(-stop // lay.shard_tokens))))
         return torch.from_numpy(out)
 
     # -- reference reads through zarr-python ------------------------------------------------------
@@ -700,35 +724,37 @@ def save_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def _check_file(cache: Cache, key: str, entry: FileEntry, size: int | None) -> list[str]:
-    """Size, whole-file crc32, and (new manifests) the shard index and every inner chunk's xxh3. Read in
-    pieces of at most 16 MB, several files at a time (ranged reads on an object store)."""
+    """Size, whole-file crc32, and (new manifests) every inner chunk's xxh3 and the shard index (its crc32c,
+    and entries pointing where the manifest says), in ONE pass over the file: the chunks one ranged read
+    each, then the rest (the index) in pieces of at most 16 MB."""
     if size is None:
         return [f"{key}: file missing"]
     if size != entry.size:
         return [f"{key}: size {size} != {entry.size} (truncated or overwritten)"]
-    problems, crc, step = [], 0, 1 << 24
-    pieces = {p[0]: (j, p) for j, p in enumerate(entry.pieces or []) if p is not None}
-    for lo in range(0, size, step):
-        data = cache.store.get_range(key, lo, min(lo + step, size))
-        crc = zlib.crc32(data, crc)
-    if crc != entry.crc32:
-        problems.append(f"{key}: crc32 mismatch (corrupt)")
-    if entry.pieces is None:
-        return problems
-    starts = sorted(pieces)
-    for off in starts:
-        j, (_, nbytes, want) = pieces[off]
-        if chunk_hash(cache.store.get_range(key, off, off + nbytes)) != want:
+    problems, crc, pos, tail = [], 0, 0, b""
+    pieces = sorted((p[0], p[1], j, p[2]) for j, p in enumerate(entry.pieces or []) if p is not None)
+    for off, nbytes, j, want in pieces:
+        if off != pos:  # the writer leaves no gaps: a manifest that says otherwise is not ours
+            return [f"{key}: manifest pieces do not tile the file (corrupt manifest)"]
+        data = cache.store.get_range(key, off, off + nbytes)
+        crc, pos = zlib.crc32(data, crc), off + nbytes
+        if chunk_hash(data) != want:
             problems.append(f"{key}: inner chunk {j} fails its xxh3 checksum (corrupt)")
-    if key.startswith(("acts/", *(f"{n}/" for n in TOKEN_ARRAYS))):
+    for lo in range(pos, size, 1 << 24):
+        data = cache.store.get_range(key, lo, min(lo + (1 << 24), size))
+        crc, tail = zlib.crc32(data, crc), bytes(data)
+    if crc != entry.crc32:
+        problems.insert(0, f"{key}: crc32 mismatch (corrupt)")
+    is_shard = key.split("/", 1)[0] in ("acts", *TOKEN_ARRAYS)
+    if entry.pieces is not None and is_shard:
         n_inner = len(entry.pieces)
-        raw = bytes(cache.store.get_range(key, size - 16 * n_inner - 4, size))
-        if index_crc(raw[:-4]) != raw[-4:]:
+        raw = tail[-(16 * n_inner + 4) :] if len(tail) >= 16 * n_inner + 4 else b""
+        if len(raw) != 16 * n_inner + 4 or index_crc(raw[:-4]) != raw[-4:]:
             problems.append(f"{key}: shard index fails its crc32c (torn or corrupt)")
         else:
             got = np.frombuffer(raw[:-4], "<u8").reshape(n_inner, 2).tolist()
-            want = [[p[0], p[1]] if p is not None else [ABSENT, ABSENT] for p in entry.pieces]
-            if got != want:
+            want_index = [[p[0], p[1]] if p is not None else [ABSENT, ABSENT] for p in entry.pieces]
+            if got != want_index:
                 problems.append(f"{key}: shard index entry redirected (does not match the manifest)")
     return problems
 

@@ -303,6 +303,7 @@ def _harvest(spec: CacheSpec, dist: Dist, lock: Lock, show_progress: bool, log: 
                 bg = BackgroundWriter(writer)
                 try:
                     for b in todo:
+                        lock.check()  # stop if another process took the location over (our lease expired)
                         acts, tokens, stats = _compute_block(
                             b,
                             bridge,

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
+
 from .atomic import atomic_write, fsync_dir
 from .errors import StorageError, StoreError
 
@@ -76,7 +78,8 @@ class Store(ABC):
         data = self.get_range(key, offset, offset + out.nbytes)
         if data.nbytes != out.nbytes:
             raise StoreMissing(f"{self.describe(key)}: short read at {offset}")
-        out[:] = data
+        # numpy copies without holding the GIL (a memoryview assignment holds it: it slowed every other thread)
+        np.copyto(np.frombuffer(out, np.uint8), np.frombuffer(data, np.uint8))
 
     @abstractmethod
     def size(self, key: str) -> int | None:
@@ -182,7 +185,7 @@ class LocalStore(Store):
         try:
             return os.open(self.path(key), os.O_RDONLY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
-            raise StoreMissing(f"{self.describe(key)} is missing: run `harvest verify {self.location}`")
+            raise StoreMissing(f"{self.describe(key)} is missing")
 
     def get_range(self, key: str, start: int, stop: int) -> memoryview:
         fd = self._open(key)
@@ -200,7 +203,7 @@ class LocalStore(Store):
         finally:
             os.close(fd)
         if n != out.nbytes:
-            raise StoreMissing(f"{self.describe(key)}: short read at {offset}: run `harvest verify {self.location}`")
+            raise StoreMissing(f"{self.describe(key)}: short read at {offset} (truncated)")
 
     def size(self, key: str) -> int | None:
         try:
@@ -217,7 +220,7 @@ class LocalStore(Store):
         for dirpath, _, files in os.walk(base):
             for f in files:
                 p = Path(dirpath) / f
-                out[p.relative_to(self.root).as_posix()] = p.lstat().st_size
+                out[p.relative_to(self.root).as_posix()] = p.stat().st_size
         return out
 
     def _mkparent(self, key: str) -> Path:
@@ -355,6 +358,20 @@ class ObjectStore(Store):
     def _env(self) -> str:
         return ENV_HINT.get(self.scheme, "cloud")
 
+    def _has_credentials(self) -> bool:
+        """Whether the environment names credentials (else requests go out unsigned or from instance metadata)."""
+        names = {
+            "s3": (
+                "AWS_ACCESS_KEY_ID",
+                "AWS_PROFILE",
+                "AWS_WEB_IDENTITY_TOKEN_FILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            ),
+            "gs": ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_SERVICE_ACCOUNT", "GOOGLE_SERVICE_ACCOUNT_KEY"),
+            "az": ("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_KEY", "AZURE_CLIENT_ID", "AZURE_STORAGE_TOKEN"),
+        }.get(self.scheme, ())
+        return not names or any(os.environ.get(n) for n in names)
+
     def _error(self, e: BaseException, key: str, writing: bool = False) -> StoreError:
         """One line for each way a request fails, naming the fix."""
         from obstore import exceptions as ox
@@ -370,6 +387,8 @@ class ObjectStore(Store):
             return StoreError(f"{where}: no valid credentials ({_first_line(e)}): set {self._env()}")
         if isinstance(e, PermissionError | ox.PermissionDeniedError) or "AccessDenied" in text or " 403 " in text:
             verb = "write" if writing else "read"
+            if not self._has_credentials():
+                return StoreError(f"{where}: access denied and no credentials are set: set {self._env()}")
             return StoreError(f"permission denied to {verb} {where}: grant {verb} access or choose another location")
         if "error sending request" in text or "Connect" in text or "dns error" in text or "timed out" in text:
             return StoreError(
@@ -503,17 +522,15 @@ class ReadThroughStore(Store):
         if max_bytes is None:
             env = os.environ.get("MLSAE_LOCAL_CACHE_GB")
             free = self.local.free_space() or 0
-            max_bytes = int(float(env) * 1e9) if env else int(0.8 * (free + self._used()))
+            max_bytes = int(float(env) * 1e9) if env else int(0.8 * (free + sum(self.local.list().values())))
         self.max_bytes = max_bytes
         self._mutex = threading.Lock()
         self._fetching: dict[str, threading.Lock] = {}
-        self._sizes: OrderedDict[str, int] = OrderedDict(sorted(self.local.list().items()))  # oldest first
-
-    def _used(self) -> int:
-        return sum(self.local.list().values())
+        self._sizes: OrderedDict[str, int] = OrderedDict(sorted(self.local.list().items()))  # LRU order
+        self._used = sum(self._sizes.values())
 
     def _local(self, key: str) -> bool:
-        """True once `key` is (or has just been made) a verified local copy; False for pass-through keys."""
+        """True once `key` is a verified local copy (fetched now if needed); False for pass-through keys."""
         entry = self.expected(key)
         if entry is None:
             return False
@@ -534,31 +551,35 @@ class ReadThroughStore(Store):
                 )
             if entry.size > self.max_bytes:
                 return False
-            self._make_room(entry.size)
+            with self._mutex:  # make room for it (least recently used first), counting copies being written
+                while self._sizes and self._used + entry.size > self.max_bytes:
+                    old, size = self._sizes.popitem(last=False)
+                    self._used -= size
+                    self.local.delete(old)
+                self._used += entry.size
             self.local.put(key, data)
             with self._mutex:
                 self._sizes[key] = entry.size
         return True
 
-    def _make_room(self, need: int) -> None:
-        with self._mutex:
-            while self._sizes and sum(self._sizes.values()) + need > self.max_bytes:
-                old, _ = self._sizes.popitem(last=False)
-                self.local.delete(old)  # a reader holding its data in a buffer is unaffected
+    def _read(self, key: str, local: Any, remote: Any) -> Any:
+        if self._local(key):
+            try:
+                return local()
+            except StoreMissing:  # evicted between the check and the read by another thread
+                pass
+        return remote()
 
     def get(self, key: str) -> bytes:
-        return self.local.get(key) if self._local(key) else self.remote.get(key)
+        return self._read(key, lambda: self.local.get(key), lambda: self.remote.get(key))
 
     def get_range(self, key: str, start: int, stop: int) -> memoryview:
-        if self._local(key):
-            return self.local.get_range(key, start, stop)
-        return self.remote.get_range(key, start, stop)
+        return self._read(
+            key, lambda: self.local.get_range(key, start, stop), lambda: self.remote.get_range(key, start, stop)
+        )
 
     def read_into(self, key: str, offset: int, out: memoryview) -> None:
-        if self._local(key):
-            self.local.read_into(key, offset, out)
-        else:
-            self.remote.read_into(key, offset, out)
+        self._read(key, lambda: self.local.read_into(key, offset, out), lambda: self.remote.read_into(key, offset, out))
 
     def size(self, key: str) -> int | None:
         return self.remote.size(key)

@@ -48,8 +48,11 @@ def docs_cache(neox_dir, text_dir, tmp_path_factory) -> Path:
 def s3_endpoint():
     """A REAL S3 protocol server (moto) in this process on a free loopback port; clients find it through the
     standard AWS environment variables, as they would find MinIO or R2."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not one log line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

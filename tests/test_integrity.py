@@ -47,6 +47,8 @@ def flip(path: Path, offset: int, mask: int = 0x01) -> None:
 
 def read_everything(path: Path) -> None:
     cache = open_cache(path)
+    for name in ("token_ids", "keep", "seq", "pos"):
+        cache.read_tokens(name)
     for _ in ChunkReader(cache, prefetch=2):
         pass
     cache.windows()
@@ -112,6 +114,8 @@ def test_flipped_mantissa_bit(cache_copy):
 def test_flipped_token_array_byte(cache_copy):
     flip(cache_copy / "keep/c/1", 3)
     assert_caught(cache_copy, "keep/c/1")
+    with pytest.raises(IntegrityError, match="keep/c/1 chunk 0"):
+        open_cache(cache_copy).read_tokens("keep", 64, 80)  # the checked token reads refuse it too
 
 
 def test_redirected_shard_index_entry_with_a_valid_crc(cache_copy):

@@ -29,7 +29,7 @@ from harvest.atomic import atomic_write_json
 from harvest.cache import LOCK_KEY
 from harvest.env import Dist, library_versions
 from harvest.errors import SpecError, UserError
-from harvest.lock import exclusive
+from harvest.lock import Lock, exclusive
 from harvest.models import resolve_device
 from harvest.progress import progress_bar
 from train.checkpoint import Checkpoint
@@ -74,6 +74,7 @@ class Run:
     resume: Checkpoint | None  # the state it resumes from, None when it starts fresh
     fvu_initial: dict[str, Any] | None = None
     logger: RunLogger | None = None  # rank 0 only
+    lock: Lock | None = None  # rank 0 only: this process is the folder's one writer
 
     @property
     def out(self) -> Path:
@@ -241,7 +242,8 @@ def _open_run(
     out = Path(cfg.out or cfg.default_out())
     if out.exists() and not out.is_dir():
         raise SpecError(f"--out {out} is a file: choose a folder")
-    dist.run_on_rank0(lambda: locks.enter_context(exclusive(out, "train run")))
+    held: list[Lock | None] = []
+    dist.run_on_rank0(lambda: held.append(locks.enter_context(exclusive(out, "train run"))))
     try:
         sae_cfg = SaeConfig.from_expansion(
             p.cache.layout.d_model,
@@ -271,6 +273,7 @@ def _open_run(
         log(f"{out}: already finished ({SUMMARY}); remove it to train again")
         return None
     run = _build_run(record, p)
+    run.lock = held[0] if held else None
     run.resume = Checkpoint.load(out, p.device) if state == "resume" else None
     if run.resume is not None:
         _restore(run, run.resume, dist)
@@ -488,13 +491,17 @@ def _checkpoint(runs: list[Run], step: int, stream: MinibatchStream, dist: Dist)
 
         states = [None] * dist.world_size
         tdist.all_gather_object(states, stream.state.to_dict())
-    if dist.rank == 0:
+
+    def save() -> None:
         for run in runs:
+            if run.lock is not None:
+                run.lock.check()  # another process took the folder over (this one was suspended): stop writing
             ck = Checkpoint(
                 step, run.sae.state_dict(), run.opt.state_dict(), run.dead.state_dict(), states, run.fvu_initial
             )
             ck.save(run.out)
-    dist.barrier()
+
+    dist.run_on_rank0(save)  # a failed write (full disk, lost lock) stops every rank with its one line
 
 
 # ---------------------------------------------------------------------------------------------
