@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from analyze.results import DeltaCeResult, WindowSource
 from harvest import open_cache
 from harvest.errors import ModelError, UserError
 from harvest.models import ModelSource, load_bridge, load_tokenizer, resolve_device, resolve_model
@@ -53,6 +54,7 @@ from train.special import SpecialTokens
 from train.split import HeldOut
 
 FINAL_HOOK = "unembed.hook_in"  # the final normed residual: the unembedding's input
+DELTA_CE_PNG = "delta_ce.png"
 LOGIT_FLOATS = 2**24  # rows x vocab floats per logits block (64 MB in float32)
 
 ReconstructFn = Callable[[Tensor, int], Tensor]  # (vectors [n, d] of layer l, l) -> reconstructions [n, d]
@@ -239,7 +241,7 @@ def spliced_metrics(
 # inputs
 
 
-def cache_windows(cache: Any, heldout: HeldOut, n_windows: int) -> tuple[np.ndarray, dict[str, Any]]:
+def cache_windows(cache: Any, heldout: HeldOut, n_windows: int) -> tuple[np.ndarray, WindowSource]:
     """Up to `n_windows` of the run's held-out context windows [n, ctx] (every token of each never trained
     on), spread evenly over the held-out set, in cache order. A legacy chunk split holds out whole windows
     only by chance: those count, and a run with none is refused."""
@@ -257,13 +259,13 @@ def cache_windows(cache: Any, heldout: HeldOut, n_windows: int) -> tuple[np.ndar
         )
     n = min(n_windows, len(held))
     chosen = held[(np.arange(n) * len(held)) // n]
-    info = {
-        "source": "cache",
-        "windows": chosen.tolist() if len(chosen) <= 4096 else f"{len(chosen)} windows",
-        "held_out": heldout.describe(),
-        "held_out_token_fraction": 1.0,
-        "fully_held_out_windows": len(chosen),
-    }
+    info = WindowSource(
+        source="heldout",
+        windows=chosen.tolist(),
+        dataset=None,
+        held_out_token_fraction=1.0,
+        fully_held_out_windows=len(chosen),
+    )
     return cache.windows().numpy()[chosen], info
 
 
@@ -308,7 +310,7 @@ def run_delta_ce(
     dataset_config: str | None = None,
     show_progress: bool = False,
     write: bool = True,
-) -> dict[str, Any]:
+) -> DeltaCeResult:
     """Per-layer delta CE and KL of the run's SAE against the clean model on about `tokens` tokens (whole
     context windows). Writes delta_ce.json and delta_ce.png into `out_dir` (default: the run folder).
     The cache (default: the one recorded by the run) supplies the model, hook, tokenization settings and,
@@ -349,7 +351,7 @@ def run_delta_ce(
             bool(cache.meta["tokenizer"]["prepend_bos"]),
             dataset_name=f"dataset {dataset!r}",
         )
-        info = {"source": "dataset", "dataset": dataset, "windows": f"the first {n_windows}"}
+        info = WindowSource("dataset", [], dataset, None, None)
         special = sorted(set(tokenizer.all_special_ids))
     is_special = np.isin(windows, np.asarray(special, dtype=np.int64))
     keep_all = ~is_special if mode == "exclude" else np.ones(windows.shape, bool)
@@ -384,36 +386,41 @@ def run_delta_ce(
             sums = sums + spliced_metrics(bridge, ids, layers, reconstruct, keep, hook=spec["hook"], zeroed=zeroed)
             bar.advance(len(ids))
 
-    result = {
-        "run": str(record.dir),
-        "model": source.name,
-        "cache": str(cache.path),
-        "hook": f"blocks.{{l}}.hook_{spec['hook']}",
-        "lens": cache.lens_record,
-        "layers": layers,
-        **sums.means(),
-        "windows": len(ids_all),
-        "context": ctx,
-        "positions": int(ids_all.numel()),
-        "special_tokens": mode,
-        "window_source": info,
-        "seconds": time.time() - t0,
-        "definitions": {
+    means = sums.means()
+    result = DeltaCeResult(
+        run=str(record.dir),
+        model=source.name,
+        cache=str(cache.path),
+        hook=f"blocks.{{l}}.hook_{spec['hook']}",
+        lens=cache.lens_record,
+        layers=layers,
+        tokens=means["tokens"],
+        clean_ce=means["clean_ce"],
+        ce=means["ce"],
+        delta_ce=means["delta_ce"],
+        kl=means["kl"],
+        delta_ce_mean=sum(means["delta_ce"]) / len(layers),
+        kl_mean=sum(means["kl"]) / len(layers),
+        windows=len(ids_all),
+        context=ctx,
+        positions=int(ids_all.numel()),
+        special_tokens=mode,
+        window_source=info,
+        seconds=time.time() - t0,
+        definitions={
             "delta_ce": "mean next-token CE with layer l's hook replaced by the SAE reconstruction, minus the "
             "clean model's mean CE, over the same predictions",
             "kl": "mean over predictions of KL(p_clean || p_spliced)",
-            "tokens": "predictions counted: t -> t+1 with both tokens non-special (special_tokens exclude) or all; "
-            "only kept positions are spliced",
+            "tokens": "predictions counted: t -> t+1 with both tokens non-special (special_tokens exclude) or "
+            "all; only kept positions are spliced",
         },
-    }
-    result["delta_ce_mean"] = sum(result["delta_ce"]) / len(layers)
-    result["kl_mean"] = sum(result["kl"]) / len(layers)
+    )
     if write:
         out = Path(out_dir) if out_dir is not None else record.dir
         out.mkdir(parents=True, exist_ok=True)
-        (out / "delta_ce.json").write_text(json.dumps(result, indent=1))
-        plot_delta_ce(result, out / "delta_ce.png")
-        result["files"] = {n: str(out / n) for n in ["delta_ce.json", "delta_ce.png"]}
+        plot_delta_ce(result, out / DELTA_CE_PNG)
+        result.figures, result.files = [DELTA_CE_PNG], [DeltaCeResult.FILE]
+        result.save(out)
     return result
 
 
@@ -421,33 +428,35 @@ def run_delta_ce(
 # output
 
 
-def format_delta_ce(result: dict[str, Any]) -> str:
+def format_delta_ce(result: DeltaCeResult) -> str:
     lines = [
-        f"delta CE on {result['tokens']:,} predictions ({result['windows']} windows of {result['context']}); "
-        f"clean CE {result['clean_ce']:.4f} nats",
+        f"delta CE on {result.tokens:,} predictions ({result.windows} windows of {result.context}); "
+        f"clean CE {result.clean_ce:.4f} nats",
         f"{'layer':>5}  {'delta CE':>9}  {'KL':>9}",
     ]
-    for l, d, k in zip(result["layers"], result["delta_ce"], result["kl"]):
+    for l, d, k in zip(result.layers, result.delta_ce, result.kl):
         lines.append(f"{l:>5}  {d:>9.4f}  {k:>9.4f}")
-    lines.append(f"{'mean':>5}  {result['delta_ce_mean']:>9.4f}  {result['kl_mean']:>9.4f}")
+    lines.append(f"{'mean':>5}  {result.delta_ce_mean:>9.4f}  {result.kl_mean:>9.4f}")
     return "\n".join(lines)
 
 
-def plot_delta_ce(result: dict[str, Any], path: Path) -> None:
+def plot_delta_ce(result: DeltaCeResult, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = result["layers"]
+    layers = result.layers
     fig, axes = plt.subplots(1, 2, figsize=(4 + 0.5 * len(layers), 3.2))
-    for ax, key, title in [(axes[0], "delta_ce", "delta CE (nats)"), (axes[1], "kl", "KL(clean || spliced) (nats)")]:
-        vals = [v if math.isfinite(v) else 0.0 for v in result[key]]
-        ax.bar([str(l) for l in layers], vals, color="tab:blue" if key == "delta_ce" else "tab:orange")
+    for ax, values, title, color in [
+        (axes[0], result.delta_ce, "delta CE (nats)", "tab:blue"),
+        (axes[1], result.kl, "KL(clean || spliced) (nats)", "tab:orange"),
+    ]:
+        ax.bar([str(l) for l in layers], [v if math.isfinite(v) else 0.0 for v in values], color=color)
         ax.set_xlabel("spliced layer")
         ax.set_title(title)
     fig.suptitle(
-        f"SAE reconstruction spliced in, {result['tokens']:,} predictions; clean CE {result['clean_ce']:.3f}",
+        f"SAE reconstruction spliced in, {result.tokens:,} predictions; clean CE {result.clean_ce:.3f}",
         fontsize=9,
     )
     fig.tight_layout()

@@ -12,19 +12,26 @@ the first run's config.json, which must be held out for every run (same cache, n
 from __future__ import annotations
 
 import csv
-import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from analyze.results import (
+    Comparison,
+    LayerComparison,
+    ReconstructionResult,
+    RunReconstruction,
+)
 from harvest import open_cache
 from harvest.models import resolve_device
 from train.evaluate import evaluate
 from train.record import RunError, RunRecord, load_run
 from train.special import SpecialTokens
+
+FVU_CSV, FVU_FEATURE_CSV, RECONSTRUCTION_PNG = "fvu_matrix.csv", "fvu_feature_matrix.csv", "reconstruction.png"
+
 
 # ---------------------------------------------------------------------------------------------
 # run folders (read through train.record: one loader, one error type)
@@ -71,7 +78,7 @@ def run_reconstruction(
     tokens: int | None = None,
     special_tokens: str | None = None,
     write: bool = True,
-) -> dict[str, Any]:
+) -> ReconstructionResult:
     """Held-out metrics of each run and the layer x layer FVU matrix; writes reconstruction.json,
     fvu_matrix.csv, fvu_feature_matrix.csv and reconstruction.png into `out_dir` (default: the first
     run's folder) when `write`. `cache_path` defaults to the cache recorded by the first run;
@@ -94,92 +101,84 @@ def run_reconstruction(
         matrix = evaluate(sae, cache, heldout, columns, device, special)
         own = matrix if record.layers == columns else evaluate(sae, cache, heldout, record.layers, device, special)
         rows.append(
-            {
-                "label": label,
-                "run": str(record.dir),
-                "trained_layers": record.layers,
-                "multi_layer": record.multi_layer,
-                "sae": asdict(record.sae),
-                "held_out": own.to_dict(),
-                "fvu": matrix.fvu,
-                "fvu_feature": matrix.fvu_feature,
-                "mse": matrix.mse,
-                "l0": matrix.l0,
-                "dead_fraction_per_layer": matrix.dead_fraction_per_layer,
-                "firing_density": matrix.firing_density,
-            }
+            RunReconstruction(
+                label=label,
+                run=str(record.dir),
+                trained_layers=record.layers,
+                multi_layer=record.multi_layer,
+                n_latents=sae.cfg.n_latents,
+                k=sae.cfg.k,
+                held_out=own,
+                matrix=matrix,
+            )
         )
 
-    result = {
-        "cache": str(cache.path),
-        "fingerprint": cache.fingerprint,
-        "model": cache.meta["model"]["name"],
-        "lens": cache.lens_record,
-        "heldout": heldout.to_dict(),
-        "eval_chunks": heldout.chunks,
-        "tokens": rows[0]["held_out"]["tokens"],
-        "special_tokens": special,
-        "layers": columns,
-        "rows": [r["label"] for r in rows],
-        "fvu_matrix": [r["fvu"] for r in rows],
-        "fvu_feature_matrix": [r["fvu_feature"] for r in rows],
-        "runs": rows,
-        "definitions": {
+    result = ReconstructionResult(
+        cache=str(cache.path),
+        fingerprint=cache.fingerprint,
+        model=cache.meta["model"]["name"],
+        lens=cache.lens_record,
+        held_out_set=heldout,
+        tokens=rows[0].held_out.tokens,
+        special_tokens=special,
+        layers=columns,
+        runs=rows,
+        comparison_fvu=compare(rows, columns, "fvu"),
+        comparison_fvu_feature=compare(rows, columns, "fvu_feature"),
+        definitions={
             "fvu": "sum of squared errors / sum of squared deviations from the mean of all scalars of the "
             "layer, pooled over the held-out tokens (reference definition)",
             "fvu_feature": "same numerator / sum of squared deviations from each feature's mean (Gao et al.)",
+            "l0": "mean number of latents above 1e-3 per vector of the layer",
+            "dead_fraction": "latents that never exceed 1e-3 at that layer over the held-out tokens",
+            "firing_density": "mean over latents of the fraction of held-out tokens on which it fires at that layer",
             "matrix": "row = SAE (MLSAE, or single-layer SAE L<i> trained on layer i), column j = the layer "
             "whose vectors it reconstructs",
         },
-    }
-    result["comparison"] = {"fvu": compare(result, "fvu"), "fvu_feature": compare(result, "fvu_feature")}
+    )
     if write:
         out = Path(out_dir) if out_dir is not None else records[0].dir
         out.mkdir(parents=True, exist_ok=True)
-        (out / "reconstruction.json").write_text(json.dumps(result, indent=1))
-        for key, name in [("fvu", "fvu_matrix.csv"), ("fvu_feature", "fvu_feature_matrix.csv")]:
-            write_matrix_csv(out / name, result["rows"], columns, result[f"{key}_matrix"])
-        plot_reconstruction(result, out / "reconstruction.png")
-        result["files"] = {
-            n: str(out / n)
-            for n in ["reconstruction.json", "fvu_matrix.csv", "fvu_feature_matrix.csv", "reconstruction.png"]
-        }
+        write_matrix_csv(out / FVU_CSV, result.rows, columns, result.fvu_matrix)
+        write_matrix_csv(out / FVU_FEATURE_CSV, result.rows, columns, result.fvu_feature_matrix)
+        plot_reconstruction(result, out / RECONSTRUCTION_PNG)
+        result.files = [ReconstructionResult.FILE, FVU_CSV, FVU_FEATURE_CSV]
+        result.figures = [RECONSTRUCTION_PNG]
+        result.save(out)
     return result
 
 
-def compare(result: dict[str, Any], key: str = "fvu") -> dict[str, Any]:
+def compare(runs: list[RunReconstruction], columns: list[int], key: str = "fvu") -> Comparison:
     """Per evaluation layer j: the (first) MLSAE's FVU, the single-layer SAE trained on j (diagonal) and
     the best single-layer SAE trained on another layer (off-diagonal); None where a row is absent."""
-    runs, columns = result["runs"], result["layers"]
-    mlsae = next((r for r in runs if r["multi_layer"]), None)
-    single = {r["trained_layers"][0]: r for r in runs if not r["multi_layer"]}
+    mlsae = next((r for r in runs if r.multi_layer), None)
+    single = {r.trained_layers[0]: r for r in runs if not r.multi_layer}
+    row = lambda r: getattr(r.matrix, key)
     per_layer = []
     for j, layer in enumerate(columns):
         diag = single.get(layer)
-        others = [(r[key][j], i) for i, r in single.items() if i != layer and math.isfinite(r[key][j])]
+        others = [(row(r)[j], i) for i, r in single.items() if i != layer and math.isfinite(row(r)[j])]
         best = min(others) if others else None
         per_layer.append(
-            {
-                "layer": layer,
-                "mlsae": mlsae[key][j] if mlsae else None,
-                "diagonal": diag[key][j] if diag else None,
-                "off_diagonal_best": best[0] if best else None,
-                "off_diagonal_layer": best[1] if best else None,
-            }
+            LayerComparison(
+                layer=layer,
+                mlsae=row(mlsae)[j] if mlsae else None,
+                diagonal=row(diag)[j] if diag else None,
+                off_diagonal_best=best[0] if best else None,
+                off_diagonal_layer=best[1] if best else None,
+            )
         )
-    ratios = [p["mlsae"] / p["diagonal"] for p in per_layer if p["mlsae"] is not None and p["diagonal"]]
+    ratios = [p.mlsae / p.diagonal for p in per_layer if p.mlsae is not None and p.diagonal]
     beats = [
-        p["mlsae"] < p["off_diagonal_best"]
-        for p in per_layer
-        if p["mlsae"] is not None and p["off_diagonal_best"] is not None
+        p.mlsae < p.off_diagonal_best for p in per_layer if p.mlsae is not None and p.off_diagonal_best is not None
     ]
-    return {
-        "mlsae": mlsae["label"] if mlsae else None,
-        "per_layer": per_layer,
-        "mlsae_over_diagonal_mean": sum(ratios) / len(ratios) if ratios else None,
-        "mlsae_beats_off_diagonal": sum(beats),
-        "off_diagonal_compared": len(beats),
-    }
+    return Comparison(
+        mlsae=mlsae.label if mlsae else None,
+        per_layer=per_layer,
+        mlsae_over_diagonal_mean=sum(ratios) / len(ratios) if ratios else None,
+        mlsae_beats_off_diagonal=sum(beats),
+        off_diagonal_compared=len(beats),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,36 +197,40 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def _held_out_unit(result: dict[str, Any]) -> str:
-    windows = (result.get("heldout") or {}).get("windows")
-    return f"{len(windows)} held-out windows" if windows else f"{len(result['eval_chunks'])} held-out chunks"
-
-
-def format_reconstruction(result: dict[str, Any], key: str = "fvu") -> str:
-    """A plain-text table: per layer, MLSAE vs diagonal vs best off-diagonal, and the claim's tally."""
-    c = result["comparison"][key]
-    lines = [
-        f"held-out {key} on {result['tokens']:,} tokens ({_held_out_unit(result)} of {result['cache']})",
-        f"{'layer':>5}  {'MLSAE':>8}  {'diagonal':>8}  {'best other':>10}  (trained on)",
-    ]
-    for p in c["per_layer"]:
-        other = "" if p["off_diagonal_layer"] is None else f"L{p['off_diagonal_layer']}"
+def format_reconstruction(result: ReconstructionResult) -> str:
+    """Plain-text tables: each SAE's held-out metrics per layer; per layer, MLSAE vs diagonal vs best
+    off-diagonal FVU, and the claim's tally."""
+    lines = [f"held-out metrics on {result.tokens:,} tokens ({result.held_out_set.describe()}) of {result.cache}"]
+    for r in result.runs:
+        h = r.held_out
         lines.append(
-            f"{p['layer']:>5}  {_f(p['mlsae']):>8}  {_f(p['diagonal']):>8}  {_f(p['off_diagonal_best']):>10}  {other}"
+            f"{r.label}: FVU mean {h.fvu_mean:.4f} (per-feature {h.fvu_feature_mean:.4f}); dead at every "
+            f"layer {h.dead_fraction:.3f}"
         )
-    if c["mlsae_over_diagonal_mean"] is not None:
+        lines.append(f"{'layer':>7}  {'FVU':>8}  {'FVU feat':>8}  {'L0':>7}  {'dead':>6}  {'density':>8}")
+        for i, l in enumerate(h.layers):
+            lines.append(
+                f"{l:>7}  {h.fvu[i]:>8.4f}  {h.fvu_feature[i]:>8.4f}  {h.l0[i]:>7.2f}  "
+                f"{h.dead_fraction_per_layer[i]:>6.3f}  {h.firing_density[i]:>8.2e}"
+            )
+    c = result.comparison_fvu
+    lines.append(f"{'layer':>5}  {'MLSAE':>8}  {'diagonal':>8}  {'best other':>10}  (trained on)")
+    for p in c.per_layer:
+        other = "" if p.off_diagonal_layer is None else f"L{p.off_diagonal_layer}"
+        lines.append(f"{p.layer:>5}  {_f(p.mlsae):>8}  {_f(p.diagonal):>8}  {_f(p.off_diagonal_best):>10}  {other}")
+    if c.mlsae_over_diagonal_mean is not None:
         lines.append(
-            f"MLSAE / diagonal single-layer SAE, mean over layers: {c['mlsae_over_diagonal_mean']:.3f} (paper: ~1)"
+            f"MLSAE / diagonal single-layer SAE, mean over layers: {c.mlsae_over_diagonal_mean:.3f} (paper: ~1)"
         )
-    if c["off_diagonal_compared"]:
+    if c.off_diagonal_compared:
         lines.append(
-            f"MLSAE better than every other-layer SAE at {c['mlsae_beats_off_diagonal']} of "
-            f"{c['off_diagonal_compared']} layers (paper: all)"
+            f"MLSAE better than every other-layer SAE at {c.mlsae_beats_off_diagonal} of "
+            f"{c.off_diagonal_compared} layers (paper: all)"
         )
     return "\n".join(lines)
 
 
-def plot_reconstruction(result: dict[str, Any], path: Path) -> None:
+def plot_reconstruction(result: ReconstructionResult, path: Path) -> None:
     """Left: the FVU matrix (log colour scale: off-diagonal FVUs can exceed 1), cells annotated.
     Right: per layer, the MLSAE against the diagonal and the best off-diagonal single-layer SAE."""
     import matplotlib
@@ -236,7 +239,7 @@ def plot_reconstruction(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    m, rows, cols = result["fvu_matrix"], result["rows"], result["layers"]
+    m, rows, cols = result.fvu_matrix, result.rows, result.layers
     finite = [v for r in m for v in r if math.isfinite(v) and v > 0]
     fig, (ax, ax2) = plt.subplots(
         1,
@@ -270,13 +273,13 @@ def plot_reconstruction(result: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("SAE (trained on)")
     ax.set_title("held-out FVU")
     fig.colorbar(im, ax=ax, fraction=0.04)
-    per = result["comparison"]["fvu"]["per_layer"]
+    per = result.comparison_fvu.per_layer
     for name, label, style in [
         ("mlsae", "MLSAE", "o-"),
         ("diagonal", "single-layer SAE, same layer", "s--"),
         ("off_diagonal_best", "best single-layer SAE, other layer", "^:"),
     ]:
-        pts = [(p["layer"], p[name]) for p in per if p[name] is not None]
+        pts = [(p.layer, getattr(p, name)) for p in per if getattr(p, name) is not None]
         if pts:
             ax2.plot(*zip(*pts), style, label=label)
     ax2.set_yscale("log")

@@ -177,6 +177,12 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted
 
 
+def cli_app(help: str) -> typer.Typer:
+    """A typer app as every CLI of the project builds it (no shell completion, no rich tracebacks: user
+    errors are one line, see run_app)."""
+    return typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=help)
+
+
 def run_app(app: typer.Typer, on_interrupt: str) -> None:
     """Run a typer app: user errors and file-system failures become one red line on stderr (exit 2), Ctrl-C
     prints `on_interrupt` (exit 130); never a traceback.
