@@ -121,6 +121,7 @@ def test_train_from_the_bucket_equals_training_from_a_local_copy(s3_small, tmp_p
 
 def test_local_read_through_cache(s3_small, local_small, tmp_path, monkeypatch):
     folder = tmp_path / "lc"
+    monkeypatch.setenv("MLSAE_LOCAL_CACHE_GB", "10")  # room for everything (the default depends on free space)
     cache = open_cache(s3_small, local_cache=folder)
     first = [c.acts.clone() for c in ChunkReader(cache, seed=2)]
     [copy_root] = list(folder.iterdir())
