@@ -548,6 +548,8 @@ class ReadThroughStore(Store):
                     old, size = self._sizes.popitem(last=False)
                     self._used -= size
                     self.local.delete(old)
+                if self._used + entry.size > self.max_bytes:
+                    return False  # the rest of the room is taken by copies being written: read it remotely
                 self._used += entry.size
             self.local.put(key, data)
             with self._mutex:
