@@ -1,4 +1,5 @@
-"""`analyze variance | reconstruction | delta-ce | resid | prompt | report | compare`: parse, call, print."""
+"""`analyze variance | reconstruction | delta-ce | resid | prompt | examples | report | compare`: parse, call,
+print."""
 
 from __future__ import annotations
 
@@ -169,6 +170,40 @@ def prompt(
     from analyze.prompt import run_prompt
 
     run_prompt(sae, text, model=model, out_dir=_out(out, sae), device=device, console=console)
+
+
+@app.command()
+def examples(
+    sae: Path = SAE,
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the run's)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Kept tokens to stream (default: all)."),
+    top: int = typer.Option(32, "--top", help="Examples kept per latent, and per latent and layer."),
+    context: int = typer.Option(8, "--context", help="Tokens of context shown on each side."),
+    logits: int = typer.Option(10, "--logits", help="Promoted/suppressed next tokens shown per latent (0: none)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model for tokens and logits (default: the cache's)."),
+    browser: bool = typer.Option(True, "--browser/--no-browser", help="Write the static latent browser."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <run>/latents)."),
+    device: str = DEVICE,
+) -> None:
+    """Top activating examples of every latent (over all layers and per layer), density, histograms, and a
+    static HTML latent browser; one streaming pass over the cache, resumable."""
+    from analyze.examples import format_examples, run_examples
+
+    res = run_examples(
+        sae,
+        cache_path=cache,
+        tokens=tokens,
+        top=top,
+        context=context,
+        out_dir=out,
+        device=device,
+        model=model,
+        logits=logits,
+        browser=browser,
+        log=lambda m: err_console.print(f"[dim]{m}[/]"),
+    )
+    if res.get("files"):
+        console.print(format_examples(res), soft_wrap=True, highlight=False)
 
 
 @app.command()
