@@ -3,7 +3,6 @@ print."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -11,7 +10,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harvest.errors import SpecError
 from harvest.flags import run_app
 
 app = typer.Typer(
@@ -31,10 +29,9 @@ def _cache_of(run: Path, cache: Optional[Path]) -> Path:
     """The cache a run was trained on, unless --cache says otherwise."""
     if cache is not None:
         return cache
-    cfg = run / "config.json"
-    if not cfg.is_file():
-        raise SpecError(f"{run} is not a training run (no config.json): pass --sae with a `train run` folder")
-    return Path(json.loads(cfg.read_text())["cache"]["path"])
+    from train.record import load_run
+
+    return Path(load_run(run, require_sae=False).cache.path)
 
 
 def _out(out: Optional[Path], run: Path) -> Path:

@@ -44,13 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from analyze.reconstruction import RunError, read_run
 from harvest import open_cache
 from harvest.errors import ModelError, UserError
 from harvest.models import ModelSource, load_bridge, load_tokenizer, resolve_device, resolve_model
 from harvest.run import TORCH_DTYPES
 from harvest.text import iter_documents, make_windows, resolve_dataset
-from train import load_sae
+from train.record import RunError, load_run
 
 FINAL_HOOK = "unembed.hook_in"  # the final normed residual: the unembedding's input
 LOGIT_FLOATS = 2**24  # rows x vocab floats per logits block (64 MB in float32)
@@ -287,12 +286,11 @@ def run_delta_ce(
     The cache (default: the one recorded by the run) supplies the model, hook, tokenization settings and,
     unless `dataset` is given, the windows; `split`/`text_column`/`dataset_config` default to the cache's."""
     t0 = time.time()
-    record = read_run(run_dir)
-    cache = open_cache(cache_path or record["cache"]["path"])
-    if cache.fingerprint != record["cache"]["fingerprint"]:
+    record = load_run(run_dir)
+    cache = open_cache(cache_path or record.cache.path)
+    if cache.fingerprint != record.cache.fingerprint:
         raise RunError(
-            f"{run_dir} was trained on cache {record['cache']['path']}, not on {cache.path}: pass its own "
-            f"cache with --cache"
+            f"{run_dir} was trained on cache {record.cache.path}, not on {cache.path}: pass its own cache with --cache"
         )
     spec = cache.meta["spec"]
     if tokens < 1:
@@ -300,7 +298,7 @@ def run_delta_ce(
     include = (
         include_special
         if include_special is not None
-        else (bool(record["train"].get("include_special", False)) or spec.get("special_tokens") == "include")
+        else (record.special_tokens == "include-real" or spec.get("special_tokens") == "include")
     )
     device = resolve_device(device)
     source = _resolve(model, cache)
@@ -308,7 +306,7 @@ def run_delta_ce(
     ctx = cache.layout.context
     n_windows = -(-tokens // ctx)
     if dataset is None:
-        windows, info = cache_windows(cache, record["eval_chunks"], n_windows)
+        windows, info = cache_windows(cache, record.heldout.chunks, n_windows)
         special = cache.meta["tokenizer"]["special_ids"]
     else:
         data = resolve_dataset(dataset)
@@ -331,8 +329,8 @@ def run_delta_ce(
         special = sorted(set(tokenizer.all_special_ids))
     keep_all = np.ones(windows.shape, bool) if include else ~np.isin(windows, np.asarray(special, dtype=np.int64))
 
-    sae = load_sae(record["dir"], device=device)
-    layers = list(record["layers"])
+    sae = record.load_sae(device)
+    layers = list(record.layers)
     bridge = load_bridge(source, tokenizer, device, TORCH_DTYPES[spec["model_dtype"]])
     if int(bridge.cfg.d_model) != sae.cfg.d_model or max(layers) >= int(bridge.cfg.n_layers):
         raise DeltaCeError(
@@ -356,7 +354,7 @@ def run_delta_ce(
             bar.advance(len(ids))
 
     result = {
-        "run": record["dir"],
+        "run": str(record.dir),
         "model": source.name,
         "cache": str(cache.path),
         "hook": f"blocks.{{l}}.hook_{spec['hook']}",
@@ -380,7 +378,7 @@ def run_delta_ce(
     result["delta_ce_mean"] = sum(result["delta_ce"]) / len(layers)
     result["kl_mean"] = sum(result["kl"]) / len(layers)
     if write:
-        out = Path(out_dir) if out_dir is not None else Path(record["dir"])
+        out = Path(out_dir) if out_dir is not None else record.dir
         out.mkdir(parents=True, exist_ok=True)
         (out / "delta_ce.json").write_text(json.dumps(result, indent=1))
         plot_delta_ce(result, out / "delta_ce.png")

@@ -28,10 +28,6 @@ COSINE_PNG = "resid_cosine.png"
 NORM_PNG = "resid_norm.png"
 
 
-class SaeFolderError(UserError):
-    """A folder given as an SAE run holds no SAE."""
-
-
 # ---------------------------------------------------------------------------------------------
 # MMCS
 
@@ -62,12 +58,10 @@ def mmcs(W: torch.Tensor, chunk: int | None = None) -> float:
 
 
 def decoder_mmcs(sae_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
-    from train import load_sae
+    from train.record import load_run
 
     folder = Path(sae_dir)
-    if not (folder / "sae.safetensors").is_file():
-        raise SaeFolderError(f"{folder} holds no sae.safetensors: pass the folder of a finished `train run`")
-    sae = load_sae(folder, device)
+    sae = load_run(folder).load_sae(device)
     mc = max_cosine(sae.W_dec.detach())
     return {
         "sae": str(folder),

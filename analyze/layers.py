@@ -450,13 +450,6 @@ class ReferenceVariances:
 # cache + SAE -> variance.json, layer_distribution.safetensors, figures
 
 
-def _run_layers(sae_dir: Path) -> list[int]:
-    cfg_file = sae_dir / "config.json"
-    if not cfg_file.is_file():
-        raise SpecError(f"{sae_dir} has no config.json: pass a training run folder (the --out of `train run`)")
-    return list(json.loads(cfg_file.read_text())["layers"])
-
-
 @contextmanager
 def _distributed() -> Iterator[tuple[int, int]]:
     """(rank, world size): from torch.distributed when initialized; under torchrun when nobody has
@@ -512,15 +505,16 @@ def run_variance(
     over ranks, and rank 0 alone writes. Writes variance.json, layer_distribution.safetensors and two
     PNG figures into `out_dir`; returns the summary dict (the content of variance.json)."""
     from harvest.models import resolve_device
-    from train import load_sae
+    from train.record import load_run
 
     if tokens < 1:
         raise SpecError(f"--tokens must be positive, got {tokens}")
     sae_dir, out_dir = Path(sae_dir), Path(out_dir)
-    layers = _run_layers(sae_dir)
+    record = load_run(sae_dir)
+    layers = record.layers
     cache = open_cache(cache_path)
     dev = resolve_device(device)
-    sae = load_sae(sae_dir, dev)
+    sae = record.load_sae(dev)
     if sae.cfg.d_model != cache.layout.d_model:
         raise CacheError(
             f"the SAE in {sae_dir} has d_model {sae.cfg.d_model} but {cache.path} holds "

@@ -77,16 +77,6 @@ def prompt_stats(
 # the run
 
 
-def _run_record(sae_dir: Path) -> dict[str, Any]:
-    cfg = sae_dir / "config.json"
-    if not (sae_dir / "sae.safetensors").is_file() or not cfg.is_file():
-        raise PromptError(
-            f"{sae_dir} is not a finished training run (needs sae.safetensors and config.json): "
-            f"pass the --out folder of `train run`"
-        )
-    return json.loads(cfg.read_text())
-
-
 def tokenize_prompt(text: str, tokenizer: Any, prepend_bos: bool, max_tokens: int | None = None) -> list[int]:
     """The prompt as one document of the cache's token stream: [BOS] EOS text (see the module doc)."""
     from harvest.text import make_windows
@@ -120,12 +110,12 @@ def run_prompt(
     recorded in the run's config.json (when the cache was moved)."""
     from harvest.models import load_bridge, load_tokenizer, resolve_device, resolve_model
     from harvest.run import TORCH_DTYPES, forward_layers
-    from train import load_sae
+    from train.record import load_run
 
     sae_dir = Path(sae_dir)
-    record = _run_record(sae_dir)
-    layers = [int(l) for l in record["layers"]]
-    cache_path = Path(cache or record["cache"]["path"])
+    record = load_run(sae_dir)
+    layers = record.layers
+    cache_path = Path(cache or record.cache.path)
     try:
         c = open_cache(cache_path)
     except CacheError:
@@ -135,7 +125,7 @@ def run_prompt(
         )
     spec, tok_meta = c.meta.get("spec", {}), c.meta.get("tokenizer", {})
     device = resolve_device(device)
-    sae = load_sae(sae_dir, device)
+    sae = record.load_sae(device)
     source = resolve_model(model or c.meta["model"]["name"])
     tokenizer = load_tokenizer(source)
     prepend_bos = bool(tok_meta.get("prepend_bos", False))

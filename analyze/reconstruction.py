@@ -14,75 +14,51 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 from harvest import open_cache
-from harvest.errors import UserError
 from harvest.models import resolve_device
-from train import load_sae
 from train.evaluate import evaluate
-
-
-class RunError(UserError):
-    """A run folder is missing, unfinished, or does not match the other runs or the cache."""
-
+from train.record import RunError, RunRecord, load_run
 
 # ---------------------------------------------------------------------------------------------
-# run folders
+# run folders (read through train.record: one loader, one error type)
 
 
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """A finished training run's config.json (what it was trained on), with its folder under "dir"."""
-    p = Path(run_dir)
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file() or not (p / "sae.safetensors").is_file():
-        raise RunError(
-            f"{p} is not a finished training run (needs config.json and sae.safetensors): pass a run "
-            f"folder written by `train run`, or let that run finish"
-        )
-    record = json.loads(cfg_file.read_text())
-    return {**record, "dir": str(p)}
-
-
-def run_label(record: dict[str, Any]) -> str:
-    """'MLSAE' for a multi-layer run, 'L<l>' for a single-layer SAE trained on layer l."""
-    layers = record["layers"]
-    return "MLSAE" if len(layers) > 1 else f"L{layers[0]}"
-
-
-def _labels(records: list[dict[str, Any]]) -> list[str]:
+def _labels(records: list[RunRecord]) -> list[str]:
     """Row labels; runs that would share a label (two MLSAEs of a sweep) get their folder name added."""
-    base = [run_label(r) for r in records]
-    return [b if base.count(b) == 1 else f"{b} ({Path(r['dir']).name})" for b, r in zip(base, records)]
+    base = [r.label() for r in records]
+    return [b if base.count(b) == 1 else f"{b} ({r.dir.name})" for b, r in zip(base, records)]
 
 
-def check_same_cache(records: list[dict[str, Any]], cache: Any) -> None:
+def check_same_cache(records: list[RunRecord], cache: Any) -> None:
     """Every run was trained on `cache` (same fingerprint), and the first run's held-out chunks are held
     out for every run (a run with a smaller held-out set trained on some of them)."""
     for r in records:
-        if r["cache"]["fingerprint"] != cache.fingerprint:
+        if r.cache.fingerprint != cache.fingerprint:
             raise RunError(
-                f"{r['dir']} was trained on cache {r['cache']['path']} (fingerprint "
-                f"{r['cache']['fingerprint']}), not on {cache.path} ({cache.fingerprint}): pass runs "
+                f"{r.dir} was trained on cache {r.cache.path} (fingerprint "
+                f"{r.cache.fingerprint}), not on {cache.path} ({cache.fingerprint}): pass runs "
                 f"trained on one cache, and that cache"
             )
-    held_out = set(records[0]["eval_chunks"])
+    held_out = set(records[0].heldout.chunks)
     for r in records[1:]:
-        if not held_out <= set(r["eval_chunks"]):
+        if not held_out <= set(r.heldout.chunks):
             raise RunError(
-                f"{r['dir']} trained on some of the held-out chunks of {records[0]['dir']}: list first "
+                f"{r.dir} trained on some of the held-out chunks of {records[0].dir}: list first "
                 f"the run with the fewest held-out tokens (--eval-tokens)"
             )
 
 
-def held_out_chunks(record: dict[str, Any], cache: Any, tokens: int | None) -> list[int]:
+def held_out_chunks(record: RunRecord, cache: Any, tokens: int | None) -> list[int]:
     """The run's held-out chunks; with `tokens`, the fewest leading ones that hold at least that many
     cache positions (whole chunks: the unit the reader reads)."""
-    chunks = list(record["eval_chunks"])
+    chunks = list(record.heldout.chunks)
     if not chunks:
         raise RunError(
-            f"{record['dir']} has no held-out chunks (trained with --eval-tokens 0): retrain with --eval-tokens > 0"
+            f"{record.dir} has no held-out chunks (trained with --eval-tokens 0): retrain with --eval-tokens > 0"
         )
     if tokens is None:
         return chunks
@@ -115,33 +91,31 @@ def run_reconstruction(
     `include_special` to the first run's training setting."""
     if not run_dirs:
         raise RunError("no run given: pass at least one --sae RUN folder")
-    records = [read_run(d) for d in run_dirs]
-    cache = open_cache(cache_path or records[0]["cache"]["path"])
+    records = [load_run(d) for d in run_dirs]
+    cache = open_cache(cache_path or records[0].cache.path)
     cache.require_complete()
     check_same_cache(records, cache)
     chunks = held_out_chunks(records[0], cache, tokens)
     if include_special is None:
-        include_special = bool(records[0]["train"].get("include_special", False))
+        include_special = records[0].special_tokens == "include-real"
     device = resolve_device(device)
-    columns = sorted({l for r in records for l in r["layers"]})
+    columns = sorted({l for r in records for l in r.layers})
     labels = _labels(records)
 
     rows = []
     for record, label in zip(records, labels):
-        sae = load_sae(record["dir"], device=device)
+        sae = record.load_sae(device)
         matrix = evaluate(sae, cache, chunks, columns, device, include_special)
         own = (
-            matrix
-            if record["layers"] == columns
-            else evaluate(sae, cache, chunks, record["layers"], device, include_special)
+            matrix if record.layers == columns else evaluate(sae, cache, chunks, record.layers, device, include_special)
         )
         rows.append(
             {
                 "label": label,
-                "run": record["dir"],
-                "trained_layers": record["layers"],
-                "multi_layer": len(record["layers"]) > 1,
-                "sae": record["sae"],
+                "run": str(record.dir),
+                "trained_layers": record.layers,
+                "multi_layer": record.multi_layer,
+                "sae": asdict(record.sae),
                 "held_out": own,
                 "fvu": matrix["fvu"],
                 "fvu_feature": matrix["fvu_feature"],
@@ -173,7 +147,7 @@ def run_reconstruction(
     }
     result["comparison"] = {"fvu": compare(result, "fvu"), "fvu_feature": compare(result, "fvu_feature")}
     if write:
-        out = Path(out_dir) if out_dir is not None else Path(records[0]["dir"])
+        out = Path(out_dir) if out_dir is not None else records[0].dir
         out.mkdir(parents=True, exist_ok=True)
         (out / "reconstruction.json").write_text(json.dumps(result, indent=1))
         for key, name in [("fvu", "fvu_matrix.csv"), ("fvu_feature", "fvu_feature_matrix.csv")]:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from train.record import RunError, read_record
+
 REPORT_HTML = "report.html"
 
 # name -> (json file, title, figure-name prefixes claimed by the section)
@@ -147,31 +149,38 @@ def provenance(
     """Runs (config.json + summary.json) and cache (metadata) behind a report. Without explicit
     arguments, the SAE folders and cache paths named inside the sections' JSON are used."""
     datas = [s.get("data") for s in (sections or {}).values()]
-    runs = [str(p) for p in sae_dirs] or _candidate_paths(datas, ("sae", "sae_dir", "saes", "runs", "run"))
+    given = [str(p) for p in sae_dirs]
+    runs = given or _candidate_paths(datas, ("sae", "sae_dir", "saes", "runs", "run"))
     out: dict[str, Any] = {"runs": [], "cache": None}
     caches = [str(cache)] if cache else []
     for r in dict.fromkeys(runs):
-        folder = Path(r)
-        if not (folder / "config.json").is_file():
+        try:
+            rec = read_record(r)
+        except RunError:
+            if r in given:
+                raise
+            rec = None  # a path found inside some JSON that is not (or no longer) a run folder
+        if rec is None:
             continue
-        cfg = _load_json(folder / "config.json")
-        summ = _load_json(folder / "summary.json") if (folder / "summary.json").is_file() else {}
+        summ = rec.summary() or {}
         held = summ.get("held_out") or {}
         out["runs"].append(
             {
-                "folder": str(folder),
-                "layers": cfg.get("layers"),
-                "n_latents": (cfg.get("sae") or {}).get("n_latents"),
-                "k": (cfg.get("sae") or {}).get("k"),
-                "steps": cfg.get("steps"),
+                "folder": str(rec.dir),
+                "layers": rec.layers,
+                "n_latents": rec.sae.n_latents,
+                "k": rec.sae.k,
+                "steps": rec.steps,
                 "tokens": summ.get("tokens"),
+                "held_out": rec.heldout.describe(),
+                "special_tokens": rec.special_tokens,
                 "held_out_fvu_mean": held.get("fvu_mean"),
                 "held_out_fvu": held.get("fvu"),
                 "held_out_layers": held.get("layers"),
             }
         )
-        if not caches and isinstance(cfg.get("cache"), dict) and cfg["cache"].get("path"):
-            caches.append(cfg["cache"]["path"])
+        if not caches:
+            caches.append(rec.cache.path)
     caches += _candidate_paths(datas, ("cache",))
     for c in dict.fromkeys(caches):
         try:

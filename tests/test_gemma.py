@@ -116,8 +116,9 @@ def test_mlsae_trains_on_the_gemma_cache(gemma_train_cache, tmp_path):
     assert final["tokens"] > 700 and len(final["fvu"]) == 18
     assert final["fvu_feature_mean"] < 0.5 * init["fvu_feature_mean"]
     assert final["fvu_mean"] < 0.5 * init["fvu_mean"]
-    record = __import__("json").loads((out / "config.json").read_text())
-    again = evaluate(load_sae(out), open_cache(gemma_train_cache), record["eval_chunks"], list(range(18)), "cpu")
+    from train.record import load_run
+
+    again = evaluate(load_sae(out), open_cache(gemma_train_cache), load_run(out).heldout.chunks, list(range(18)), "cpu")
     assert again["fvu"] == pytest.approx(final["fvu"], rel=1e-6)
 
 

@@ -18,6 +18,7 @@ from harvest.run import harvest
 from harvest.spec import CacheSpec
 from train.config import TrainConfig
 from train.loop import train
+from train.record import RunError
 
 CACHE = dict(context=32, tokens=32 * 32, chunk_tokens=128, shard_tokens=256, shuffle_tokens=512, batch_size=8)
 PROMPT = "The committee met on Tuesday to discuss the budget."
@@ -190,7 +191,7 @@ def test_prompt_user_errors(gsae, neox_dir, tmp_path):
         tokenize_prompt("  ", tok, False)
     with pytest.raises(PromptError, match="shorten it"):
         tokenize_prompt(PROMPT * 20, tok, False, max_tokens=32)
-    with pytest.raises(PromptError, match="train run"):
+    with pytest.raises(RunError, match="train run"):
         run_prompt(tmp_path, PROMPT, out_dir=tmp_path, device="cpu", show=False)
     with pytest.raises(PromptError, match="--cache"):
         run_prompt(gsae, PROMPT, out_dir=tmp_path, device="cpu", cache=tmp_path / "gone", show=False)

@@ -24,6 +24,7 @@ from train import load_sae
 from train.config import TrainConfig
 from train.evaluate import evaluate
 from train.loop import train
+from train.record import load_run
 
 CACHE = dict(context=32, tokens=32 * 128, chunk_tokens=256, shard_tokens=1024, shuffle_tokens=4096, batch_size=16)
 FAST = dict(
@@ -150,9 +151,9 @@ def test_layer_matrix_diagonal_and_mlsae_row_match_held_out_evaluation(runs, rca
         assert np.asarray(res[key]).shape == (3, 3) and np.isfinite(res[key]).all()
 
     cache = open_cache(rcache)
-    mlsae_cfg = json.loads((runs["mlsae"] / "config.json").read_text())
-    assert res["eval_chunks"] == mlsae_cfg["eval_chunks"]
-    direct = evaluate(load_sae(runs["mlsae"]), cache, mlsae_cfg["eval_chunks"], [0, 1, 2], "cpu")
+    heldout = load_run(runs["mlsae"]).heldout
+    assert res["eval_chunks"] == heldout.chunks
+    direct = evaluate(load_sae(runs["mlsae"]), cache, heldout.chunks, [0, 1, 2], "cpu")
     assert res["fvu_matrix"][0] == pytest.approx(direct["fvu"], rel=1e-6)
     assert res["fvu_feature_matrix"][0] == pytest.approx(direct["fvu_feature"], rel=1e-6)
     for row, name, layer in [(1, "l0", 0), (2, "l2", 2)]:  # diagonal = the run's own held-out FVU

@@ -23,6 +23,7 @@ from train.config import TrainConfig
 from train.data import MinibatchStream, split_chunks
 from train.evaluate import evaluate
 from train.loop import train
+from train.record import load_run
 
 CACHE = dict(context=32, tokens=32 * 512, chunk_tokens=256, shard_tokens=1024, shuffle_tokens=4096, batch_size=8)
 FAST = dict(expansion_factor=4, k=4, batch_tokens=512, eval_tokens=2048, round_chunks=6, lr=3e-3, log_every=5)
@@ -75,10 +76,10 @@ def test_training_lowers_held_out_fvu_and_reported_fvu_recomputes(tcache, tmp_pa
     [s] = train([cfg(tcache, out, tokens=512 * 120)], show_progress=False)
     assert s["held_out"]["fvu_mean"] < 0.6 * s["held_out_initial"]["fvu_mean"]
     assert all(l0 <= 4 for l0 in s["held_out"]["l0"])
-    record = json.loads((out / "config.json").read_text())
-    assert record["cache"]["fingerprint"] == open_cache(tcache).fingerprint and record["layers"] == [0, 1, 2]
+    record = load_run(out)
+    assert record.cache.fingerprint == open_cache(tcache).fingerprint and record.layers == [0, 1, 2]
     sae = load_sae(out)
-    again = evaluate(sae, open_cache(tcache), record["eval_chunks"], record["layers"], "cpu")
+    again = evaluate(sae, open_cache(tcache), record.heldout.chunks, record.layers, "cpu")
     assert again["fvu"] == pytest.approx(s["held_out"]["fvu"], rel=1e-6)
     assert again["fvu_feature"] == pytest.approx(s["held_out"]["fvu_feature"], rel=1e-6)
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -165,7 +166,7 @@ def test_two_ranks_under_torchrun_finish(tcache, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 30 and s["held_out"]["fvu_mean"] < s["held_out_initial"]["fvu_mean"]
-    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert load_run(out).world_size == 2
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 30
 
 

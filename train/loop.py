@@ -28,7 +28,9 @@ from train.config import TrainConfig
 from train.data import MinibatchStream, StreamState, split_chunks
 from train.evaluate import evaluate
 from train.objectives import DeadLatents, training_loss
+from train.record import CacheRef, RunRecord, read_record
 from train.sae import SaeConfig, TopKSae
+from train.split import HeldOut
 
 CHECKPOINT = "checkpoint.pt"
 SHARED_FIELDS = (
@@ -68,61 +70,23 @@ def _lr(cfg: TrainConfig, n_latents: int) -> float:
     return 2e-4 / math.sqrt(n_latents / 2**14) if cfg.lr_scaling else cfg.lr
 
 
-def _run_record(
-    cfg: TrainConfig,
-    cache: Any,
-    layers: list[int],
-    sae_cfg: SaeConfig,
-    lr: float,
-    eval_chunks: list[int],
-    steps: int,
-    world_size: int,
-) -> dict[str, Any]:
-    """config.json: enough to load the SAE and to know exactly what it was trained on."""
-    return {
-        "train": cfg.to_dict(),
-        "hyperparameters": cfg.hyperparameters(),
-        "sae": sae_cfg.__dict__,
-        "lr_effective": lr,
-        "steps": steps,
-        "world_size": world_size,
-        "cache": {
-            "path": str(Path(cfg.cache).resolve()),
-            "fingerprint": cache.fingerprint,
-            "model": cache.meta["model"]["name"],
-            "dataset": cache.meta["spec"]["dataset"],
-            "hook": cache.meta["spec"]["hook"],
-            "lens": cache.lens_record,
-            "dtype": cache.layout.dtype,
-            "n_tokens": cache.layout.n_tokens,
-        },
-        "layers": layers,
-        "eval_chunks": eval_chunks,
-        "versions": library_versions(),
-    }
-
-
-def _check_out(out: Path, record: dict[str, Any]) -> str:
+def _check_out(out: Path, record: RunRecord) -> str:
     """'new', 'resume' or 'done'; error if `out` holds another run or differing hyperparameters."""
-    cfg_file = out / "config.json"
-    if not cfg_file.is_file():
+    old = read_record(out)
+    if old is None:
         if out.exists() and any(out.iterdir()):
             raise SpecError(f"{out} exists and holds no training run: choose another --out or remove it")
         return "new"
-    old = json.loads(cfg_file.read_text())
-    diffs = [
-        f"{k}: {old['hyperparameters'].get(k)!r} -> {v!r}"
-        for k, v in record["hyperparameters"].items()
-        if old["hyperparameters"].get(k) != v
-    ]
-    if old["cache"]["fingerprint"] != record["cache"]["fingerprint"]:
+    mine, theirs = record.train.hyperparameters(), old.train.hyperparameters()
+    diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+    if old.cache.fingerprint != record.cache.fingerprint:
         diffs.insert(0, "cache fingerprint differs")
     if diffs:
         raise SpecError(
             f"{out} holds a run with other settings ({'; '.join(diffs[:4])}): resume with the same "
             f"settings, or choose another --out"
         )
-    return "done" if (out / "summary.json").is_file() else "resume"
+    return "done" if old.finished else "resume"
 
 
 def train(configs: list[TrainConfig], show_progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
@@ -192,7 +156,19 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
         except ValueError as e:
             raise SpecError(f"{e}: lower -k or raise --expansion-factor")
         lr = _lr(cfg, sae_cfg.n_latents)
-        record = _run_record(cfg, cache, layers, sae_cfg, lr, list(eval_chunks), steps, dist.world_size)
+        record = RunRecord(
+            dir=out,
+            train=cfg,
+            sae=sae_cfg,
+            layers=layers,
+            cache=CacheRef.of(cache, cfg.cache),
+            heldout=HeldOut.legacy(eval_chunks, sum(b - a for a, b in map(cache.layout.chunk_range, eval_chunks))),
+            special_tokens="include-real" if cfg.include_special else "cache",
+            steps=steps,
+            lr_effective=lr,
+            world_size=dist.world_size,
+            versions=library_versions(),
+        )
         state = _check_out(out, record)
         if state == "done":
             log(f"{out}: already finished (summary.json); remove it to train again")
@@ -231,7 +207,7 @@ def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Cal
             )
         if dist.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.json").write_text(json.dumps(record, indent=1))
+            record.save()
             if start_step == 0:
                 (out / "metrics.jsonl").write_text("")
             run.metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run)

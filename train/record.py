@@ -1,0 +1,223 @@
+"""The run folder's contract: `RunRecord` (config.json), written by `train`, read by every analysis.
+
+A run folder holds
+    config.json        THIS record: hyperparameters, the SAE's shape, the cache it was trained on, the
+                       held-out set, the special-token mode, the step count, library versions
+    sae.safetensors    the weights, sae_config.json their shape (train/sae.py)
+    metrics.jsonl      one line per logged step; summary.json at the end (held-out metrics)
+    checkpoint.pt      resumable training state
+
+`load_run` is THE loader: every reader goes through it, and every problem with a folder is one
+`RunError` line. Folders written before this record had a version (format 1: `eval_chunks`, no
+`heldout`, `include_special`) still load; their held-out set is the legacy chunk split.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from harvest.atomic import atomic_write_json
+from harvest.errors import UserError
+from train.config import TrainConfig
+from train.sae import CONFIG_FILE, WEIGHTS_FILE, SaeConfig, TopKSae
+from train.split import HeldOut
+
+RUN_FORMAT = "mlsae-run"
+RUN_FORMAT_VERSION = 2  # 1: the unversioned config.json of the first releases
+CONFIG = "config.json"
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+
+
+class RunError(UserError):
+    """A run folder is missing, unfinished, corrupt, or does not match the other runs or the cache."""
+
+
+@dataclass
+class CacheRef:
+    """The cache a run was trained on, as recorded at training time."""
+
+    path: str
+    fingerprint: str
+    model: str | None = None
+    dataset: str | None = None
+    hook: str | None = None
+    lens: dict[str, Any] | None = None  # the tuned lens the vectors went through (harvest's record), or None
+    dtype: str | None = None
+    n_tokens: int | None = None
+
+    @classmethod
+    def of(cls, cache: Any, path: str | Path | None = None) -> CacheRef:
+        meta = cache.meta
+        return cls(
+            path=str(Path(path or cache.path).resolve()),
+            fingerprint=cache.fingerprint,
+            model=meta["model"]["name"],
+            dataset=meta["spec"]["dataset"],
+            hook=meta["spec"]["hook"],
+            lens=cache.lens_record,
+            dtype=cache.layout.dtype,
+            n_tokens=cache.layout.n_tokens,
+        )
+
+
+@dataclass
+class RunRecord:
+    dir: Path  # the run folder (where the record was read from or is written to; not stored)
+    train: TrainConfig  # every flag of the run (train/config.py)
+    sae: SaeConfig
+    layers: list[int]  # model layers the SAE was trained on, in the order of its metrics
+    cache: CacheRef
+    heldout: HeldOut  # the tokens never trained on: every held-out number uses exactly these
+    special_tokens: str  # exclude | reference | include-real, or "cache" (old runs: follow the cache's keep mask)
+    steps: int
+    lr_effective: float
+    world_size: int
+    versions: dict[str, str]
+
+    # -- what a reader asks ----------------------------------------------------------------------
+    @property
+    def multi_layer(self) -> bool:
+        return len(self.layers) > 1
+
+    def label(self) -> str:
+        """'MLSAE' for a multi-layer run, 'L<l>' for a single-layer SAE trained on layer l."""
+        return "MLSAE" if self.multi_layer else f"L{self.layers[0]}"
+
+    @property
+    def has_sae(self) -> bool:
+        return (self.dir / WEIGHTS_FILE).is_file() and (self.dir / CONFIG_FILE).is_file()
+
+    @property
+    def finished(self) -> bool:
+        """Training completed: the weights and summary.json are written."""
+        return self.has_sae and (self.dir / SUMMARY).is_file()
+
+    def load_sae(self, device: str = "cpu") -> TopKSae:
+        """The trained SAE; one RunError line when its files are missing, corrupt or not this run's."""
+        if not self.has_sae:
+            raise RunError(
+                f"{self.dir} holds no trained SAE ({WEIGHTS_FILE} + {CONFIG_FILE}): let `train run` finish "
+                f"(rerun it to resume), or pass a finished run folder"
+            )
+        try:
+            sae = TopKSae.load(self.dir, device)
+        except Exception as e:  # any parse failure of a file we did not just write is the user's to fix
+            raise RunError(
+                f"{self.dir}: {WEIGHTS_FILE} or {CONFIG_FILE} is unreadable ({_short(e)}): restore them or retrain"
+            )
+        if sae.cfg != self.sae:
+            raise RunError(
+                f"{self.dir / CONFIG_FILE} ({sae.cfg}) does not match the SAE in {CONFIG} ({self.sae}): "
+                f"the folder mixes two runs; retrain into a fresh --out"
+            )
+        return sae
+
+    def summary(self) -> dict[str, Any] | None:
+        """summary.json (written when training finished), or None before that."""
+        path = self.dir / SUMMARY
+        if not path.is_file():
+            return None
+        return _read_json(path)
+
+    # -- writing -----------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": RUN_FORMAT,
+            "format_version": RUN_FORMAT_VERSION,
+            "train": self.train.to_dict(),
+            "sae": asdict(self.sae),
+            "layers": list(self.layers),
+            "cache": asdict(self.cache),
+            "heldout": self.heldout.to_dict(),
+            "special_tokens": self.special_tokens,
+            "steps": self.steps,
+            "lr_effective": self.lr_effective,
+            "world_size": self.world_size,
+            "versions": dict(self.versions),
+        }
+
+    def save(self, folder: str | Path | None = None) -> Path:
+        """Write config.json atomically into `folder` (default: self.dir); returns its path."""
+        folder = Path(folder) if folder is not None else self.dir
+        atomic_write_json(folder / CONFIG, self.to_json())
+        return folder / CONFIG
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], folder: str | Path) -> RunRecord:
+        """A record from config.json's content (either format); ValueError/KeyError/TypeError if malformed."""
+        version = d.get("format_version", 1)
+        if version > RUN_FORMAT_VERSION:
+            raise ValueError(f"format version {version} is newer than this code's {RUN_FORMAT_VERSION}")
+        raw_train = dict(d["train"])
+        if version == 1:  # the unversioned first format
+            heldout = HeldOut.legacy(list(d["eval_chunks"]), 0)
+            special = "include-real" if raw_train.get("include_special") else "cache"
+        else:
+            heldout = HeldOut.from_dict(d["heldout"])
+            special = str(d["special_tokens"])
+        known = {f.name for f in fields(TrainConfig)}
+        train = TrainConfig().replace(**{k: v for k, v in raw_train.items() if k in known})
+        cache_keys = {f.name for f in fields(CacheRef)}
+        return cls(
+            dir=Path(folder),
+            train=train,
+            sae=SaeConfig.from_dict(d["sae"]),
+            layers=[int(l) for l in d["layers"]],
+            cache=CacheRef(**{k: v for k, v in d["cache"].items() if k in cache_keys}),
+            heldout=heldout,
+            special_tokens=special,
+            steps=int(d["steps"]),
+            lr_effective=float(d["lr_effective"]),
+            world_size=int(d.get("world_size", 1)),
+            versions=dict(d.get("versions", {})),
+        )
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunError(f"{path} is unreadable or not valid JSON ({_short(e)}): restore it or retrain the run")
+
+
+def read_record(path: str | Path) -> RunRecord | None:
+    """The record of a run folder, or None when `path` holds no config.json; RunError when it is corrupt."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"{folder} is a file, not a run folder: pass the --out folder of `train run`")
+    cfg = folder / CONFIG
+    if not cfg.is_file():
+        return None
+    d = _read_json(cfg)
+    if not isinstance(d, dict) or d.get("format", RUN_FORMAT) != RUN_FORMAT:
+        raise RunError(f"{cfg} is not a training run's record: pass the --out folder of `train run`")
+    try:
+        return RunRecord.from_json(d, folder)
+    except (KeyError, ValueError, TypeError, UserError) as e:
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"is invalid ({_short(e)})"
+        raise RunError(f"{cfg} {what}: restore it, or retrain into a fresh --out")
+
+
+def load_run(path: str | Path, require_sae: bool = True) -> RunRecord:
+    """THE loader of a run folder: its record, checked to hold a trained SAE (unless `require_sae` is False)."""
+    record = read_record(path)
+    if record is None:
+        raise RunError(
+            f"{path} is not a training run (no {CONFIG}): pass the --out folder of `train run` (or `train sweep`)"
+        )
+    if require_sae and not record.has_sae:
+        raise RunError(
+            f"{path} is not a finished training run (needs {WEIGHTS_FILE} and {CONFIG_FILE}): let `train run` "
+            f"finish (rerun it to resume), or pass a finished run folder"
+        )
+    return record
