@@ -35,11 +35,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from analyze.layers import LayerDistribution, _distributed, _json_num
-from analyze.reconstruction import RunError, read_run
 from harvest import open_cache
 from harvest.atomic import atomic_write, atomic_write_json
 from harvest.errors import CacheError, SpecError
 from train.objectives import FIRE_THRESHOLD
+from train.record import RunError, RunRecord, load_run
 
 EXAMPLES_JSON = "examples.json"
 EXAMPLES_FILE = "examples.safetensors"
@@ -271,11 +271,11 @@ class ExamplesError(RunError):
     """Bad input to `analyze examples`."""
 
 
-def _work_key(record: dict[str, Any], sae_dir: Path, **args: Any) -> str:
+def _work_key(record: RunRecord, **args: Any) -> str:
     """What a checkpoint must match to be resumed: the SAE file, the cache and every argument."""
-    st = (sae_dir / "sae.safetensors").stat()
+    st = (record.dir / "sae.safetensors").stat()
     return json.dumps(
-        {"sae": [str(sae_dir.resolve()), st.st_size, st.st_mtime_ns], "cache": record["cache"]["fingerprint"], **args},
+        {"sae": [str(record.dir.resolve()), st.st_size, st.st_mtime_ns], "cache": record.cache.fingerprint, **args},
         sort_keys=True,
     )
 
@@ -307,34 +307,32 @@ def run_examples(
     same result as an uninterrupted pass. Under torchrun the chunks are split over ranks, which merge
     their states at the end; rank 0 writes. Returns the summary (examples.json)."""
     from harvest.models import resolve_device
-    from train import load_sae
     from train.latents import iter_latents
 
     sae_dir = Path(sae_dir)
-    record = read_run(sae_dir)
+    record = load_run(sae_dir)
     if tokens is not None and tokens < 1:
         raise SpecError(f"--tokens must be positive, got {tokens}")
     if top < 1 or context < 0 or logits < 0:
         raise SpecError(f"need --top >= 1, --context >= 0 and --logits >= 0; got {top}, {context}, {logits}")
     out_dir = Path(out_dir) if out_dir is not None else sae_dir / "latents"
-    layers = [int(l) for l in record["layers"]]
-    cache = open_cache(cache_path or record["cache"]["path"])
+    layers = record.layers
+    cache = open_cache(cache_path or record.cache.path)
     cache.require_complete()
-    if cache.fingerprint != record["cache"]["fingerprint"]:
+    if cache.fingerprint != record.cache.fingerprint:
         raise ExamplesError(
-            f"{sae_dir} was trained on cache {record['cache']['path']}, not on {cache.path}: pass its own "
-            f"cache with --cache"
+            f"{sae_dir} was trained on cache {record.cache.path}, not on {cache.path}: pass its own cache with --cache"
         )
     dev = resolve_device(device)
-    sae = load_sae(sae_dir, dev)
+    sae = record.load_sae(dev)
     if sae.cfg.d_model != cache.layout.d_model:
         raise CacheError(f"the SAE has d_model {sae.cfg.d_model}, {cache.path} holds {cache.layout.d_model}")
-    include_special = bool(record["train"].get("include_special", False))
+    include_special = record.special_tokens == "include-real"  # otherwise the cache's keep mask decides
     F, L, C = sae.cfg.n_latents, len(layers), cache.layout.context
 
     with _distributed() as (rank, world):
         budget = None if tokens is None else tokens // world + (rank < tokens % world)
-        key = _work_key(record, sae_dir, tokens=tokens, top=top, seed=seed, world=world, special=include_special)
+        key = _work_key(record, tokens=tokens, top=top, seed=seed, world=world, special=include_special)
         work = out_dir / WORK_DIR
         ckpt = work / f"rank{rank}.safetensors"
         acc, skip, resumed = ExampleAccumulator.zeros(F, L, top, C, dev), 0, False

@@ -170,8 +170,8 @@ def test_examples_of_a_real_sae_equal_the_dense_computation_and_the_browser_show
     cache_path, run = tiny_run
     out = tmp_path / "latents"
     res = run_examples(run, tokens=None, top=6, context=3, out_dir=out, device="cpu", progress=False, rows=100)
-    h, where, tok, cache, sae = dense_pass(cache_path, run, rows=100)
-    L, T, F = h.shape
+    h, where, tok, cache, _sae = dense_pass(cache_path, run, rows=100)
+    _L, T, F = h.shape
     assert res["tokens"] == T == int(cache.read_tokens("keep").sum())
 
     t = load_file(str(out / "examples.safetensors"))
@@ -223,7 +223,7 @@ class LinkCollector(html.parser.HTMLParser):
 def test_an_interrupted_pass_resumes_to_the_uninterrupted_result(tiny_run, tmp_path, monkeypatch):
     import train.latents
 
-    cache_path, run = tiny_run
+    _cache_path, run = tiny_run
     full = run_examples(run, top=4, out_dir=tmp_path / "full", device="cpu", progress=False, browser=False, rows=64)
     real = train.latents.iter_latents
 
@@ -257,7 +257,7 @@ run_examples(sys.argv[1], top=5, out_dir=sys.argv[2], device="cpu", progress=Fal
 
 
 def test_two_ranks_under_torchrun_give_what_one_gives(tiny_run, tmp_path):
-    cache_path, run = tiny_run
+    _cache_path, run = tiny_run
     run_examples(run, top=5, out_dir=tmp_path / "one", device="cpu", progress=False, browser=False, rows=64)
     script = tmp_path / "ddp_examples.py"
     script.write_text(DDP_SCRIPT)
@@ -302,12 +302,16 @@ def run_analyze(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_cli_writes_the_browser_and_bad_input_is_one_line(tiny_run, tmp_path, capsys):
-    cache_path, run = tiny_run
+    _cache_path, run = tiny_run
     code, out, err = run_analyze(["examples", "--sae", run, "--top", "3", "--out", tmp_path / "x"], capsys)
     assert code == 0, err
     assert "latent browser: file://" in out and (tmp_path / "x" / "browser" / "index.html").is_file()
+    no_sae = tmp_path / "no_sae"
+    no_sae.mkdir()
+    (no_sae / "config.json").write_text((run / "config.json").read_text())
     for argv, fragment in [
-        (["examples", "--sae", tmp_path], "not a finished training run"),
+        (["examples", "--sae", tmp_path], "not a training run"),
+        (["examples", "--sae", no_sae], "not a finished training run"),
         (["examples", "--sae", run, "--tokens", "0"], "--tokens"),
         (["examples", "--sae", run, "--top", "0"], "--top"),
     ]:
