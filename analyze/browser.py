@@ -43,6 +43,7 @@ th{background:#f4f4f4;cursor:pointer;position:sticky;top:0}td.n{text-align:right
 .ctx mark{border-radius:3px;padding:0 1px;outline:1px solid #c60}
 .ex td{vertical-align:top}nav a{margin-right:1em}details{margin:.3em 0}summary{cursor:pointer}
 .note{background:#fff8e1;border-left:3px solid #e0a800;padding:.3em .8em}svg text{font-size:10px;fill:#444}
+.tk{font-family:ui-monospace,Menlo,monospace;white-space:pre;background:#eef1f8;border-radius:3px;padding:0 2px}
 """
 
 SORT_JS = """
@@ -86,6 +87,11 @@ def _num(v: float, digits: int = 3) -> str:
 def _tok(s: str) -> str:
     """A token for display: newlines and tabs made visible, HTML escaped."""
     return _e(s.replace("\n", "↵").replace("\t", "→"))
+
+
+def _chip(s: str) -> str:
+    """A token on its own (index, logits): boxed, so that its spaces show."""
+    return f"<span class=tk>{_tok(s)}</span>"
 
 
 def _spark(p: list[float]) -> str:
@@ -190,7 +196,7 @@ def _latent_page(data: BrowserData, j: int, n_latents: int) -> str:
         logits_html = f"<h2>Next-token logits</h2><p class=note>{_e(data.logits_note)}</p>"
     else:
         lg = data.logits[j]
-        cell = lambda items: "".join(f"<tr><td>{_tok(t)}</td><td class=n>{v:+.3f}</td></tr>" for t, v in items)
+        cell = lambda items: "".join(f"<tr><td>{_chip(t)}</td><td class=n>{v:+.3f}</td></tr>" for t, v in items)
         logits_html = (
             "<h2>Next-token logits</h2><p class=muted>"
             + _e(data.logits_note)
@@ -248,7 +254,7 @@ def _index(data: BrowserData, rows: list[dict[str, Any]]) -> str:
             + num(r["var_layer"])
             + num(r["density"])
             + num(r["max"])
-            + f"<td class=spark>{_spark(r['p_layer'])}</td><td>{' · '.join(_tok(t) for t in r['top_tokens'])}</td></tr>"
+            + f"<td class=spark>{_spark(r['p_layer'])}</td><td>{' '.join(_chip(t) for t in r['top_tokens'])}</td></tr>"
         )
     table = (
         "<table id=lat><thead><tr><th data-k>latent</th><th data-k>E[L|J]</th><th data-k>Var(L|J)</th>"

@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -629,11 +630,16 @@ def _verdict_class(v: str) -> str:
 
 
 def write_report(
-    out_html: str | Path, sections: dict[str, Any], title: str | None = None, prov: dict[str, Any] | None = None
+    out_html: str | Path,
+    sections: dict[str, Any],
+    title: str | None = None,
+    prov: dict[str, Any] | None = None,
+    links: Iterable[tuple[str, str]] = (),
 ) -> Path:
     """Write ONE self-contained HTML file. `sections`: {name: JSON path | {"data", "figures", "title"} |
     JSON data}; names in KNOWN get their headline numbers and claims. `prov`: from `provenance()`
-    (derived from the sections' JSON when None)."""
+    (derived from the sections' JSON when None). `links`: (text, relative href) shown under the title
+    (the latent browser of `analyze examples`)."""
     secs = {n: _normalize(n, v) for n, v in sections.items()}
     prov = prov if prov is not None else provenance(sections=secs)
     model = (prov.get("cache") or {}).get("model")
@@ -661,7 +667,9 @@ def write_report(
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_e(title)}</title><style>{CSS}</style>"
         f"</head><body><h1>{_e(title)}</h1><p class=muted>generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
         f" · reproduces Lawson et al., Residual Stream Analysis with Multi-Layer SAEs (arXiv 2409.04185)</p>"
-        f"<p>{toc}</p>{claims_html}{_provenance_html(prov)}"
+        f"<p>{toc}</p>"
+        + "".join(f"<p><b><a href='{_e(href)}'>{_e(text)}</a></b></p>" for text, href in links)
+        + f"{claims_html}{_provenance_html(prov)}"
         + "".join(_section_html(n, s) for n, s in secs.items())
         + "</body></html>"
     )
@@ -678,7 +686,16 @@ def report_folder(
     cache: str | Path | None = None,
     title: str | None = None,
 ) -> Path:
-    """collect_sections + provenance + write_report: <folder>/report.html by default."""
+    """collect_sections + provenance + write_report: <folder>/report.html by default; links the latent
+    browser of `analyze examples` found in <folder>/latents or <first run>/latents."""
+    sae_dirs = list(sae_dirs)
     secs = collect_sections(folder)
     prov = provenance(sae_dirs, cache, secs)
-    return write_report(out_html or Path(folder) / REPORT_HTML, secs, title, prov)
+    out = Path(out_html or Path(folder) / REPORT_HTML)
+    found = [Path(d) / "latents" / "browser" / "index.html" for d in [folder, *sae_dirs[:1]]]
+    links = [
+        ("Latent browser: every latent's top examples, P(L|J), logits", os.path.relpath(p, out.parent))
+        for p in found
+        if p.is_file()
+    ][:1]
+    return write_report(out, secs, title, prov, links)

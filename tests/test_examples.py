@@ -264,9 +264,14 @@ def run_analyze(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_cli_writes_the_browser_and_bad_input_is_one_line(tiny_run, tmp_path, capsys):
     _cache_path, run = tiny_run
-    code, out, err = run_analyze(["examples", "--sae", run, "--top", "3", "--out", tmp_path / "x"], capsys)
+    from analyze.report import report_folder
+
+    folder = tmp_path / "analysis"
+    code, out, err = run_analyze(["examples", "--sae", run, "--top", "3", "--out", folder / "latents"], capsys)
     assert code == 0, err
-    assert "latent browser: file://" in out and (tmp_path / "x" / "browser" / "index.html").is_file()
+    assert "latent browser: file://" in out and (folder / "latents" / "browser" / "index.html").is_file()
+    report = report_folder(folder, sae_dirs=[run]).read_text()  # `analyze report` links the browser
+    assert "href='latents/browser/index.html'" in report
     no_sae = tmp_path / "no_sae"
     no_sae.mkdir()
     (no_sae / "config.json").write_text((run / "config.json").read_text())

@@ -1,0 +1,164 @@
+"""Max-activating-examples benchmark, run by hand: prints numbers, asserts nothing (not part of the test suite).
+
+    python bench/examples.py --sae RUN_DIR [--tokens 4096] [--repeats 3] [--rows 4096] [--device auto]
+                             [--out /tmp/bench-examples] [--memory-only | --no-memory]
+
+1. Throughput: `analyze.examples.run_examples` (what `analyze examples` runs, browser off) against a bare
+   encode of the SAME chunks: `train.latents.iter_latents` with the same reader order, keep mask, token
+   budget and sub-batches, whose codes are thrown away. run_examples's own `tokens_per_s` is its streaming
+   loop (reader + encode + ExampleAccumulator.update); target examples / bare >= 0.8. Repeats alternate
+   the two paths, so other load hits both alike; best and median, with the CPU share each got.
+2. Peak memory at --tokens and at 10x --tokens: each in a fresh process (ru_maxrss), for run_examples
+   and for the bare stream; the examples state is fixed-size, so its peak should not grow with tokens.
+3. One whole call with the browser (pages written), for the time the pages take.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_BENCH_DIR = Path(__file__).resolve().parent  # keep bench/harvest.py from shadowing the harvest package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
+sys.path.insert(0, str(_BENCH_DIR.parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+from analyze.examples import run_examples  # noqa: E402
+from bench.common import best_median, cpu_seconds, cpu_share, fmt_rate, print_summary, sync  # noqa: E402
+from harvest import open_cache  # noqa: E402
+from harvest.models import resolve_device  # noqa: E402
+from train.latents import iter_latents  # noqa: E402
+from train.record import load_run  # noqa: E402
+
+
+def time_examples(run: Path, tokens: int, out: Path, device: str, rows: int) -> tuple[float, float]:
+    """(tokens/s of run_examples's streaming loop, CPU share of the whole call); browser off."""
+    shutil.rmtree(out, ignore_errors=True)
+    c0, t = cpu_seconds(), time.perf_counter()
+    res = run_examples(run, tokens=tokens, out_dir=out, device=device, rows=rows, browser=False, progress=False)
+    wall = time.perf_counter() - t
+    return res["tokens_per_s"], cpu_share(cpu_seconds() - c0, wall)
+
+
+@torch.no_grad()
+def time_bare(run: Path, tokens: int, device: str, rows: int) -> tuple[float, float]:
+    """(tokens/s, CPU share) of iter_latents alone: read, keep, encode; the codes are dropped."""
+    record = load_run(run)
+    sae, cache = record.load_sae(device), open_cache(record.cache.path)
+    n = 0
+    sync(device)
+    c0, t = cpu_seconds(), time.perf_counter()
+    for b in iter_latents(sae, cache, record.layers, tokens=tokens, rows=rows, device=device):
+        n += b.n
+    sync(device)
+    wall = time.perf_counter() - t
+    return n / wall, cpu_share(cpu_seconds() - c0, wall)
+
+
+def peak_rss(what: str, run: Path, tokens: int, out: Path, device: str, rows: int) -> dict:
+    """Peak resident memory of one fresh process doing `what` (examples | bare) over `tokens` tokens."""
+    code = f"""
+import json, resource, sys
+sys.path.insert(0, {str(_BENCH_DIR.parent)!r})
+from pathlib import Path
+from bench.examples import time_bare, time_examples
+run, out = Path({str(run)!r}), Path({str(out)!r})
+if {what!r} == "examples":
+    tps, _ = time_examples(run, {tokens}, out, {device!r}, {rows})
+else:
+    tps, _ = time_bare(run, {tokens}, {device!r}, {rows})
+print(json.dumps({{"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tps": tps}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sae", type=Path, required=True, help="a trained run folder")
+    p.add_argument("--tokens", type=int, default=4096, help="kept tokens per throughput measurement")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rows", type=int, default=4096, help="tokens per encoded sub-batch (x layers vectors)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=Path("/tmp/bench-examples"), help="scratch folder (replaced)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory measurement")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    record = load_run(args.sae)
+    cache = open_cache(record.cache.path)
+    kept = int(cache.read_tokens("keep").sum())
+    print(
+        f"# analyze examples benchmark: {args.sae} ({record.sae.n_latents:,} latents, k {record.sae.k}, "
+        f"{len(record.layers)} layers); cache {cache.path} ({kept:,} kept tokens); {args.tokens:,} tokens per "
+        f"measurement, sub-batch {args.rows} tokens; device {device}, torch threads {torch.get_num_threads()}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} (a shared machine: see the CPU shares)",
+        flush=True,
+    )
+    rows = []
+    if not args.memory_only:
+        time_examples(args.sae, min(args.tokens, args.rows), args.out / "warm", device, args.rows)  # warm-up
+        time_bare(args.sae, min(args.tokens, args.rows), device, args.rows)
+        ex, bare, ex_share, bare_share = [], [], [], []
+        for r in range(args.repeats):
+            order = ["examples", "bare"] if r % 2 == 0 else ["bare", "examples"]
+            for what in order:
+                if what == "examples":
+                    tps, share = time_examples(args.sae, args.tokens, args.out / "ex", device, args.rows)
+                    ex.append(tps)
+                    ex_share.append(share)
+                else:
+                    tps, share = time_bare(args.sae, args.tokens, device, args.rows)
+                    bare.append(tps)
+                    bare_share.append(share)
+                print(f"  repeat {r}: {what:8s} {fmt_rate(tps)}  (CPU share {share:.2f})", flush=True)
+        (eb, em), (bb, bm) = best_median(ex), best_median(bare)
+        rows += [
+            ("analyze examples (stream)", f"best {fmt_rate(eb)}, median {fmt_rate(em)}, CPU share "
+             f"{statistics.median(ex_share):.2f}"),
+            ("bare encode, same chunks", f"best {fmt_rate(bb)}, median {fmt_rate(bm)}, CPU share "
+             f"{statistics.median(bare_share):.2f}"),
+            ("examples / bare", f"best {eb / bb:.3f}, median {em / bm:.3f} (target >= 0.8)"),
+        ]  # fmt: skip
+        shutil.rmtree(args.out / "pages", ignore_errors=True)
+        t = time.perf_counter()
+        res = run_examples(args.sae, tokens=args.tokens, out_dir=args.out / "pages", device=device, progress=False)
+        wall = time.perf_counter() - t
+        pages = sum(f.stat().st_size for f in (args.out / "pages" / "browser").rglob("*") if f.is_file())
+        rows.append(
+            (
+                "whole call with the browser",
+                f"{wall:.1f} s ({res['seconds']:.1f} s streaming; {res['browser']['pages']:,} pages, "
+                f"{pages / 2**20:.1f} MiB)",
+            )
+        )
+    if not args.no_memory:
+        small, big = args.tokens, min(10 * args.tokens, kept)
+        for what in ("examples", "bare"):
+            a = peak_rss(what, args.sae, small, args.out / "mem", device, args.rows)
+            b = peak_rss(what, args.sae, big, args.out / "mem", device, args.rows)
+            rows.append(
+                (
+                    f"peak RSS, {what}",
+                    f"{a['peak_mib']:,.0f} MiB at {small:,} tokens, {b['peak_mib']:,.0f} MiB at {big:,} "
+                    f"({big / small:.1f}x tokens): x{b['peak_mib'] / a['peak_mib']:.2f}",
+                )
+            )
+        state = json.loads((args.out / "mem" / "examples.json").read_text())["memory_bytes"]
+        rows.append(("examples state (fixed size)", f"{state / 2**20:.1f} MiB"))
+    print(f"# self peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB")
+    print_summary(rows)
+
+
+if __name__ == "__main__":
+    main()
