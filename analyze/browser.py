@@ -49,7 +49,7 @@ th{background:#f4f4f4;cursor:pointer;position:sticky;top:0}td.n{text-align:right
 SORT_JS = """
 document.querySelectorAll('th[data-k]').forEach(function(th){th.onclick=function(){
  var tb=document.querySelector('#lat tbody'),i=th.cellIndex,rows=Array.from(tb.rows);
- var d=th.dataset.d=th.dataset.d==='a'?'d':'a';
+ var d=th.dataset.d=th.dataset.d==='d'?'a':'d';
  rows.sort(function(a,b){var x=parseFloat(a.cells[i].dataset.v),y=parseFloat(b.cells[i].dataset.v);
   if(isNaN(x))return 1;if(isNaN(y))return -1;return d==='a'?x-y:y-x});rows.forEach(function(r){tb.appendChild(r)})}});
 var q=document.getElementById('q');q.oninput=function(){var s=q.value.toLowerCase();

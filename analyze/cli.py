@@ -186,19 +186,8 @@ def examples(
     static HTML latent browser; one streaming pass over the cache, resumable."""
     from analyze.examples import format_examples, run_examples
 
-    res = run_examples(
-        sae,
-        cache_path=cache,
-        tokens=tokens,
-        top=top,
-        context=context,
-        out_dir=out,
-        device=device,
-        model=model,
-        logits=logits,
-        browser=browser,
-        log=lambda m: err_console.print(f"[dim]{m}[/]"),
-    )
+    shown = dict(top=top, context=context, model=model, logits=logits, browser=browser)
+    res = run_examples(sae, cache, tokens, out_dir=out, device=device, log=lambda m: err_console.print(m), **shown)
     if res.get("files"):
         console.print(format_examples(res), soft_wrap=True, highlight=False)
 

@@ -144,18 +144,15 @@ class ExampleAccumulator:
         )
 
     @property
-    def n_latents(self) -> int:
-        return self.mass.shape[0]
-
-    @property
-    def n_layers(self) -> int:
-        return self.mass.shape[1]
+    def shape(self) -> tuple[int, int]:
+        """(latents, layers)."""
+        return self.mass.shape[0], self.mass.shape[1]
 
     @torch.no_grad()
     def update(self, values: Tensor, indices: Tensor, seq: Tensor, pos: Tensor) -> None:
         """One batch: values, indices [L, n, k] of the same n tokens at the L layers; seq, pos [n]."""
         L, n, k = values.shape
-        F, dev = self.n_latents, values.device
+        F, dev = self.shape[0], values.device
         self.tokens += n
         if n == 0:
             return
@@ -237,7 +234,7 @@ class ExampleAccumulator:
 
     def distribution(self, layers: Sequence[int]) -> LayerDistribution:
         """The layer distribution of the firing mass (P(L|J), E[L|J], Var(L|J): analyze.layers' formulas)."""
-        d = LayerDistribution.zeros(self.n_latents, layers, self.mass.device)
+        d = LayerDistribution.zeros(self.shape[0], layers, self.mass.device)
         d.mass = self.mass
         d.tokens = self.tokens.double()
         return d
@@ -248,12 +245,12 @@ class ExampleAccumulator:
 
     def examples(self, latent: int, layer_pos: int | None = None) -> list[dict[str, Any]]:
         """The kept examples of one latent, best first: value, seq, pos, layer position."""
-        L, C = self.n_layers, self.context
+        (F, L), C = self.shape, self.context
         if layer_pos is None:
             v, i = self.overall.values[latent], self.overall.ids[latent]
             lay, where = i % L, i // L
         else:
-            g = layer_pos * self.n_latents + latent
+            g = layer_pos * F + latent
             v, i = self.per_layer.values[g], self.per_layer.ids[g]
             lay, where = torch.full_like(i, layer_pos), i
         filled = i >= 0
@@ -531,7 +528,7 @@ def browser_data(
     from harvest.models import load_tokenizer
 
     acc = ExampleAccumulator.from_tensors({k: tensors[k] for k in acc.to_tensors()}, acc.context)
-    L, C, c = acc.n_layers, acc.context, summary["context"]
+    L, C, c = acc.shape[1], acc.context, summary["context"]
     source = _resolve(model, cache)
     text = TokenText(load_tokenizer(source))
     ids = torch.cat([acc.overall.ids.reshape(-1) // L, acc.per_layer.ids.reshape(-1)])

@@ -11,12 +11,14 @@ import torch
 from harvest.cache import Cache
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run `harvest ARGV` through the real entry point; returns (exit code, stdout, stderr)."""
-    from harvest.cli import main
+def run_cli(argv: list[str], capsys, prog: str = "harvest") -> tuple[int, str, str]:
+    """Run `PROG ARGV` (harvest, train or analyze) through the real entry point; returns (exit code, stdout,
+    stderr)."""
+    import importlib
 
+    main = importlib.import_module(f"{prog}.cli").main
     old = sys.argv
-    sys.argv = ["harvest", *map(str, argv)]
+    sys.argv = [prog, *map(str, argv)]
     code = 0
     try:
         main()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import harvest_and_train
+from helpers import harvest_and_train, run_cli
 from safetensors.torch import load_file
 
 from analyze.examples import ExampleAccumulator, TopExamples, run_examples
@@ -48,7 +48,7 @@ def brute_tops(h: torch.Tensor, where: list[int], top: int) -> tuple[dict, dict]
 
 
 def stream_tops(acc: ExampleAccumulator) -> tuple[dict, dict]:
-    L, F, C = acc.n_layers, acc.n_latents, acc.context
+    (F, L), C = acc.shape, acc.context
     overall = {j: [(e["value"], e["seq"] * C + e["pos"], e["layer_pos"]) for e in acc.examples(j)] for j in range(F)}
     per_layer = {
         (l, j): [(e["value"], e["seq"] * C + e["pos"]) for e in acc.examples(j, l)] for l in range(L) for j in range(F)
@@ -247,19 +247,7 @@ def test_two_ranks_under_torchrun_give_what_one_gives(tiny_run, tmp_path):
 
 
 def run_analyze(argv: list[str], capsys) -> tuple[int, str, str]:
-    from analyze.cli import main
-
-    old = sys.argv
-    sys.argv = ["analyze", *map(str, argv)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(argv, capsys, prog="analyze")
 
 
 def test_cli_writes_the_browser_and_bad_input_is_one_line(tiny_run, tmp_path, capsys):

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import harvest_and_train
+from helpers import harvest_and_train, run_cli
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import load_file
 
@@ -146,19 +145,7 @@ def test_delphi_files_hold_exactly_the_nonzero_activations(tiny_run, tmp_path):
 
 
 def run_train_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    from train.cli import main
-
-    old = sys.argv
-    sys.argv = ["train", *map(str, argv)]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(argv, capsys, prog="train")
 
 
 def one_line_error(code: int, err: str, fragment: str) -> None:
