@@ -26,7 +26,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -61,10 +61,17 @@ def hist_edges() -> Tensor:
 @dataclass
 class TopExamples:
     """For each of G groups, its T largest (value, id) entries: rows sorted by value desc, then id asc;
-    empty slots hold (-inf, -1) at the end of a row."""
+    empty slots hold (-inf, -1) at the end of a row.
+
+    `add_` queues the entries of a batch that can enter their row (value >= the row's T-th) and merges the
+    queue when it holds as many entries as the state (and on `flush_`): the rows a merge touches are
+    re-sorted once per G*T queued entries instead of once per batch (early in a pass nearly every row is
+    touched by every batch). Memory: the state plus at most G*T + one batch of queued entries."""
 
     values: Tensor  # [G, T] float32
     ids: Tensor  # [G, T] int64
+    pending: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list, repr=False)
+    pending_n: int = 0
 
     @classmethod
     def empty(cls, groups: int, top: int, device: str | torch.device = "cpu") -> "TopExamples":
@@ -78,28 +85,63 @@ class TopExamples:
         return self.values.shape[1]
 
     @torch.no_grad()
+    def add_(self, group: Tensor, value: Tensor, ident: Tensor) -> None:
+        """Queue entries (group [E], value [E] > 0, ident [E]; every (group, ident) pair new) for a merge."""
+        keep = value >= self.values[group, -1]
+        n = int(keep.sum())
+        if n:
+            self.pending.append((group[keep], value[keep].float(), ident[keep]))
+            self.pending_n += n
+            if self.pending_n >= self.values.numel():
+                self.flush_()
+
+    def flush_(self) -> "TopExamples":
+        """Merge the queued entries into the rows."""
+        if self.pending:
+            group, value, ident = (torch.cat(x) for x in zip(*self.pending))
+            self.pending, self.pending_n = [], 0
+            self.merge_(group, value, ident)
+        return self
+
+    @torch.no_grad()
     def merge_(self, group: Tensor, value: Tensor, ident: Tensor) -> None:
-        """Add entries (group [E], value [E] > 0, ident [E]); every (group, ident) pair must be new."""
+        """Merge entries (group [E], value [E] > 0, ident [E]) into the rows now; every (group, ident) pair
+        must be new."""
         keep = value >= self.values[group, -1]  # can enter its row (ties with the T-th are sorted out below)
         if not bool(keep.any()):
             return
         group, value, ident = group[keep], value[keep].float(), ident[keep]
-        touched = torch.unique(group)  # sorted
+        dev = group.device
+        hit = torch.zeros(len(self.values), dtype=torch.bool, device=dev)
+        hit[group] = True
+        touched = hit.nonzero().squeeze(1)  # the rows to rebuild (no sort: a mask over the rows)
+        slot_of = torch.empty(len(self.values), dtype=torch.int64, device=dev)
+        slot_of[touched] = torch.arange(len(touched), device=dev)
         cur_v, cur_i = self.values[touched], self.ids[touched]
         filled = cur_i >= 0
-        rows = torch.arange(len(touched), device=group.device).unsqueeze(1).expand_as(cur_i)
-        slot = torch.cat([rows[filled], torch.searchsorted(touched, group)])
+        rows = torch.arange(len(touched), device=dev).unsqueeze(1).expand_as(cur_i)
+        slot = torch.cat([rows[filled], slot_of[group]])
         v = torch.cat([cur_v[filled], value])
         i = torch.cat([cur_i[filled], ident])
-        # order by (slot, value desc, id asc): sort by id, then stably by a packed (slot, value desc) key
-        o = torch.argsort(i)
-        key = slot[o] * (SIGN_MASK + 1) + (SIGN_MASK - v[o].view(torch.int32).to(torch.int64))
-        o = o[torch.argsort(key, stable=True)]
+        # order by (slot, value desc, id asc): one sort of a packed (slot, value desc) key, then the runs of
+        # equal keys (exact float ties in one row: a few per million entries) reordered by id
+        key = slot * (SIGN_MASK + 1) + (SIGN_MASK - v.view(torch.int32).to(torch.int64))
+        o = torch.argsort(key)
+        ks = key[o]
+        tie = ks[1:] == ks[:-1]
+        if bool(tie.any()):
+            member = torch.zeros(len(ks), dtype=torch.bool, device=dev)
+            member[1:] |= tie
+            member[:-1] |= tie
+            at = member.nonzero().squeeze(1)  # positions of tied entries, increasing: runs stay in key order
+            sub = o[at]
+            sub = sub[torch.argsort(i[sub])]
+            o[at] = sub[torch.argsort(key[sub], stable=True)]
         slot, v, i = slot[o], v[o], i[o]
         counts = torch.bincount(slot, minlength=len(touched))
-        rank = torch.arange(len(slot), device=slot.device) - (torch.cumsum(counts, 0) - counts)[slot]
+        rank = torch.arange(len(slot), device=dev) - (torch.cumsum(counts, 0) - counts)[slot]
         m = rank < self.top
-        new = TopExamples.empty(len(touched), self.top, group.device)
+        new = TopExamples.empty(len(touched), self.top, dev)
         new.values[slot[m], rank[m]] = v[m]
         new.ids[slot[m], rank[m]] = i[m]
         self.values[touched] = new.values
@@ -166,19 +208,27 @@ class ExampleAccumulator:
         bins = torch.bucketize(v, hist_edges().to(dev), right=True).sub_(1).clamp_(0, n_bins - 1)
         self.hist.view(-1).add_(torch.bincount(lat * n_bins + bins, minlength=F * n_bins))
         where = seq.to(dev).long() * self.context + pos.to(dev).long()  # [n] position id of each token
-        self.per_layer.merge_(layer * F + lat, v, where[tok])
+        self.per_layer.add_(layer * F + lat, v, where[tok])
         # overall: one entry per (latent, token), its maximum over layers (lowest layer on ties). Entries
         # below the row's threshold cannot become a maximum that enters it: filter first, then pick maxima
         # (stable sorts keep the layer-major order among equal values).
         cand = (v >= self.overall.values[lat, -1]).nonzero().squeeze(1)
         if len(cand):
-            cand = cand[torch.argsort(-v[cand], stable=True)]
-            cand = cand[torch.argsort(lat[cand] * n + tok[cand], stable=True)]
+            pair = lat[cand] * n + tok[cand]
+            if F * n < 2**32:  # one stable sort of a packed (pair, value desc) key
+                cand = cand[
+                    torch.argsort(
+                        pair * (SIGN_MASK + 1) + (SIGN_MASK - v[cand].view(torch.int32).to(torch.int64)), stable=True
+                    )
+                ]
+            else:
+                cand = cand[torch.argsort(-v[cand], stable=True)]
+                cand = cand[torch.argsort(lat[cand] * n + tok[cand], stable=True)]
             pair = lat[cand] * n + tok[cand]
             first = torch.ones_like(pair, dtype=torch.bool)
             first[1:] = pair[1:] != pair[:-1]
             best = cand[first]
-            self.overall.merge_(lat[best], v[best], where[tok[best]] * L + layer[best])
+            self.overall.add_(lat[best], v[best], where[tok[best]] * L + layer[best])
 
     def merge_(self, other: "ExampleAccumulator") -> "ExampleAccumulator":
         self.overall.merge_from_(other.overall)
@@ -204,6 +254,8 @@ class ExampleAccumulator:
         return self
 
     def to_tensors(self) -> dict[str, Tensor]:
+        self.overall.flush_()
+        self.per_layer.flush_()
         out = {
             "overall_values": self.overall.values,
             "overall_ids": self.overall.ids,
@@ -245,6 +297,8 @@ class ExampleAccumulator:
 
     def examples(self, latent: int, layer_pos: int | None = None) -> list[dict[str, Any]]:
         """The kept examples of one latent, best first: value, seq, pos, layer position."""
+        self.overall.flush_()
+        self.per_layer.flush_()
         (F, L), C = self.shape, self.context
         if layer_pos is None:
             v, i = self.overall.values[latent], self.overall.ids[latent]
