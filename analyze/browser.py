@@ -31,6 +31,7 @@ from harvest.atomic import fsync_dir, fsync_file
 
 BROWSER_DIR = "browser"
 SPARK = "▁▂▃▄▅▆▇█"
+LAYER_ROWS = 10  # examples shown per layer on a page (all --top of them are in examples.safetensors)
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:1.5em auto;max-width:1200px;padding:0 1em;
@@ -41,6 +42,7 @@ th{background:#f4f4f4;cursor:pointer;position:sticky;top:0}td.n{text-align:right
 .muted{color:#777}.spark{font-family:monospace;letter-spacing:-1px;color:#3366aa}
 .ctx{font-family:ui-monospace,Menlo,monospace;font-size:12.5px;white-space:pre-wrap;word-break:break-all}
 .ctx mark{border-radius:3px;padding:0 1px;outline:1px solid #c60}
+.a0{background:rgba(255,140,0,0.23)}.a1{background:rgba(255,140,0,0.32)}.a2{background:rgba(255,140,0,0.41)}.a3{background:rgba(255,140,0,0.49)}.a4{background:rgba(255,140,0,0.57)}.a5{background:rgba(255,140,0,0.66)}.a6{background:rgba(255,140,0,0.74)}.a7{background:rgba(255,140,0,0.83)}.a8{background:rgba(255,140,0,0.91)}.a9{background:rgba(255,140,0,1.00)}
 .ex td{vertical-align:top}nav a{margin-right:1em}details{margin:.3em 0}summary{cursor:pointer}
 .note{background:#fff8e1;border-left:3px solid #e0a800;padding:.3em .8em}svg text{font-size:10px;fill:#444}
 .tk{font-family:ui-monospace,Menlo,monospace;white-space:pre;background:#eef1f8;border-radius:3px;padding:0 2px}
@@ -119,11 +121,11 @@ def _bars(values: list[float], labels: list[str], title: str, height: int = 90, 
 
 
 def _context_html(tokens: list[str], at: int, value: float, vmax: float) -> str:
-    alpha = 0.15 + 0.85 * (value / vmax if vmax > 0 else 1.0)
+    """The context with the activating token highlighted; opacity (10 CSS classes) = value / vmax."""
+    shade = min(9, int(10 * value / vmax)) if vmax > 0 else 9
     left = "".join(_tok(t) for t in tokens[:at])
     right = "".join(_tok(t) for t in tokens[at + 1 :])
-    mark = f'<mark style="background:rgba(255,140,0,{alpha:.2f})" title="{value:.4g}">{_tok(tokens[at])}</mark>'
-    return f'<span class="ctx">{left}{mark}{right}</span>'
+    return f"<span class=ctx>{left}<mark class=a{shade}>{_tok(tokens[at])}</mark>{right}</span>"
 
 
 def _examples_table(data: BrowserData, rows: list[dict[str, Any]], vmax: float, show_layer: bool) -> str:
@@ -211,8 +213,12 @@ def _latent_page(data: BrowserData, j: int, n_latents: int) -> str:
         f"most; highlight opacity = activation / {vmax:.4g}</p>" + _examples_table(data, overall, vmax, True)
     )
     per_layer = ["<h2>Top contexts at each layer</h2>"]
+    per_layer.append(
+        f"<p class=muted>at most {LAYER_ROWS} per layer here; examples.safetensors holds all "
+        f"{data.summary['top']} per layer</p>"
+    )
     for li in range(L):
-        rows = data.examples(j, li)
+        rows = data.examples(j, li)[:LAYER_ROWS]
         if rows:
             per_layer.append(
                 f"<details{' open' if li == round(mean) else ''}><summary>layer {data.layers[li]}: "
