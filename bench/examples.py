@@ -41,28 +41,31 @@ from train.latents import iter_latents  # noqa: E402
 from train.record import load_run  # noqa: E402
 
 
-def time_examples(run: Path, tokens: int, out: Path, device: str, rows: int) -> tuple[float, float]:
-    """(tokens/s of run_examples's streaming loop, CPU share of the whole call); browser off."""
+def time_examples(run: Path, tokens: int, out: Path, device: str, rows: int) -> tuple[float, float, float]:
+    """(tokens/s of run_examples's streaming loop, CPU share of the whole call, tokens per CPU-second of the
+    whole call: load, stream, write the tensors); browser off."""
     shutil.rmtree(out, ignore_errors=True)
     c0, t = cpu_seconds(), time.perf_counter()
     res = run_examples(run, tokens=tokens, out_dir=out, device=device, rows=rows, browser=False, progress=False)
-    wall = time.perf_counter() - t
-    return res["tokens_per_s"], cpu_share(cpu_seconds() - c0, wall)
+    wall, cpu = time.perf_counter() - t, cpu_seconds() - c0
+    return res["tokens_per_s"], cpu_share(cpu, wall), res["tokens"] / cpu
 
 
 @torch.no_grad()
-def time_bare(run: Path, tokens: int, device: str, rows: int) -> tuple[float, float]:
-    """(tokens/s, CPU share) of iter_latents alone: read, keep, encode; the codes are dropped."""
+def time_bare(run: Path, tokens: int, device: str, rows: int) -> tuple[float, float, float]:
+    """(tokens/s of the stream, CPU share, tokens per CPU-second of the whole call) of iter_latents alone:
+    load, read, keep, encode; the codes are dropped."""
+    c0 = cpu_seconds()
     record = load_run(run)
     sae, cache = record.load_sae(device), open_cache(record.cache.path)
     n = 0
     sync(device)
-    c0, t = cpu_seconds(), time.perf_counter()
+    c1, t = cpu_seconds(), time.perf_counter()
     for b in iter_latents(sae, cache, record.layers, tokens=tokens, rows=rows, device=device):
         n += b.n
     sync(device)
     wall = time.perf_counter() - t
-    return n / wall, cpu_share(cpu_seconds() - c0, wall)
+    return n / wall, cpu_share(cpu_seconds() - c1, wall), n / (cpu_seconds() - c0)
 
 
 def peak_rss(what: str, run: Path, tokens: int, out: Path, device: str, rows: int) -> dict:
@@ -74,9 +77,9 @@ from pathlib import Path
 from bench.examples import time_bare, time_examples
 run, out = Path({str(run)!r}), Path({str(out)!r})
 if {what!r} == "examples":
-    tps, _ = time_examples(run, {tokens}, out, {device!r}, {rows})
+    tps = time_examples(run, {tokens}, out, {device!r}, {rows})[0]
 else:
-    tps, _ = time_bare(run, {tokens}, {device!r}, {rows})
+    tps = time_bare(run, {tokens}, {device!r}, {rows})[0]
 print(json.dumps({{"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tps": tps}}))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -109,27 +112,30 @@ def main() -> None:
     if not args.memory_only:
         time_examples(args.sae, min(args.tokens, args.rows), args.out / "warm", device, args.rows)  # warm-up
         time_bare(args.sae, min(args.tokens, args.rows), device, args.rows)
-        ex, bare, ex_share, bare_share = [], [], [], []
+        got: dict[str, list[tuple[float, float, float]]] = {"examples": [], "bare": []}
         for r in range(args.repeats):
-            order = ["examples", "bare"] if r % 2 == 0 else ["bare", "examples"]
-            for what in order:
+            for what in ["examples", "bare"] if r % 2 == 0 else ["bare", "examples"]:
                 if what == "examples":
-                    tps, share = time_examples(args.sae, args.tokens, args.out / "ex", device, args.rows)
-                    ex.append(tps)
-                    ex_share.append(share)
+                    m = time_examples(args.sae, args.tokens, args.out / "ex", device, args.rows)
                 else:
-                    tps, share = time_bare(args.sae, args.tokens, device, args.rows)
-                    bare.append(tps)
-                    bare_share.append(share)
-                print(f"  repeat {r}: {what:8s} {fmt_rate(tps)}  (CPU share {share:.2f})", flush=True)
-        (eb, em), (bb, bm) = best_median(ex), best_median(bare)
-        rows += [
-            ("analyze examples (stream)", f"best {fmt_rate(eb)}, median {fmt_rate(em)}, CPU share "
-             f"{statistics.median(ex_share):.2f}"),
-            ("bare encode, same chunks", f"best {fmt_rate(bb)}, median {fmt_rate(bm)}, CPU share "
-             f"{statistics.median(bare_share):.2f}"),
-            ("examples / bare", f"best {eb / bb:.3f}, median {em / bm:.3f} (target >= 0.8)"),
-        ]  # fmt: skip
+                    m = time_bare(args.sae, args.tokens, device, args.rows)
+                got[what].append(m)
+                print(f"  repeat {r}: {what:8s} {fmt_rate(m[0])}  (CPU share {m[1]:.2f}; {m[2]:,.1f} tok per CPU-s)")
+        for what, label in [("examples", "analyze examples (stream)"), ("bare", "bare encode, same chunks")]:
+            b, m = best_median([x[0] for x in got[what]])
+            share = statistics.median(x[1] for x in got[what])
+            per_cpu = statistics.median(x[2] for x in got[what])
+            rows.append(
+                (label, f"best {fmt_rate(b)}, median {fmt_rate(m)}, CPU share {share:.2f}; {per_cpu:,.1f} tok/CPU-s")
+            )
+        ratio = lambda i, f: f([x[i] for x in got["examples"]]) / f([x[i] for x in got["bare"]])
+        rows.append(
+            (
+                "examples / bare (wall)",
+                f"best {ratio(0, max):.3f}, median {ratio(0, statistics.median):.3f} (target >= 0.8)",
+            )
+        )
+        rows.append(("examples / bare (per CPU-second, whole calls)", f"median {ratio(2, statistics.median):.3f}"))
         shutil.rmtree(args.out / "pages", ignore_errors=True)
         t = time.perf_counter()
         res = run_examples(args.sae, tokens=args.tokens, out_dir=args.out / "pages", device=device, progress=False)

@@ -166,6 +166,13 @@ def _model_id(cache_meta: dict[str, Any]) -> str:
     return m.get("identity", {}).get("hub_id") or m["name"]
 
 
+def _model_note(cache_meta: dict[str, Any]) -> str:
+    ident = cache_meta["model"].get("identity", {})
+    if "embedded" in ident:
+        return f" (the embedded GGUF, sha256 {ident.get('gguf_sha256', '')[:12]}, dequantized: not the Hub checkpoint)"
+    return f" (revision {ident['revision']})" if ident.get("revision") else ""
+
+
 def _held_out_at(summary: dict[str, Any] | None, layer: int) -> dict[str, float] | None:
     h = (summary or {}).get("held_out") or {}
     if layer not in h.get("layers", []):
@@ -333,7 +340,7 @@ def model_card(record: RunRecord, fmt: str, cache_meta: dict[str, Any], repo: st
         "",
         "| | |",
         "|---|---|",
-        f"| model | `{_model_id(cache_meta)}` |",
+        f"| model | `{_model_id(cache_meta)}`{_model_note(cache_meta)} |",
         f"| hook | `{hook_name(record.layers[0], record.cache.hook)}`"
         + (f" ... layer {record.layers[-1]} ({len(record.layers)} layers, one SAE)" if record.multi_layer else "")
         + " |",
