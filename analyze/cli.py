@@ -179,6 +179,7 @@ def examples(
     logits: int = typer.Option(10, "--logits", help="Promoted/suppressed next tokens shown per latent (0: none)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model for tokens and logits (default: the cache's)."),
     browser: bool = typer.Option(True, "--browser/--no-browser", help="Write the static latent browser."),
+    heldout: bool = typer.Option(False, "--heldout", help="Only the run's held-out tokens (never trained on)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <run>/latents)."),
     device: str = DEVICE,
 ) -> None:
@@ -186,7 +187,7 @@ def examples(
     static HTML latent browser; one streaming pass over the cache, resumable."""
     from analyze.examples import format_examples, run_examples
 
-    shown = dict(top=top, context=context, model=model, logits=logits, browser=browser)
+    shown = dict(top=top, context=context, model=model, logits=logits, browser=browser, heldout=heldout)
     res = run_examples(sae, cache, tokens, out_dir=out, device=device, log=lambda m: err_console.print(m), **shown)
     if res.get("files"):
         console.print(format_examples(res), soft_wrap=True, highlight=False)

@@ -343,6 +343,7 @@ def run_examples(
     model: str | None = None,
     logits: int = 10,
     browser: bool = True,
+    heldout: bool = False,
     seed: int = 0,
     rows: int = 4096,
     checkpoint_seconds: float = 60.0,
@@ -352,6 +353,7 @@ def run_examples(
     """Stream up to `tokens` kept tokens (default: all) of the run's cache through its SAE and keep, per
     latent, the `top` best examples over all layers and at each layer; write examples.safetensors,
     examples.json and (with `browser`) the static latent browser into `out_dir` (default <run>/latents).
+    With `heldout`, only the run's held-out tokens (RunRecord.heldout: tokens it was never trained on).
 
     Resumable: every `checkpoint_seconds` each rank saves its state (a few fixed-size tensors) under
     out_dir/.examples-work; the same call again continues after the last completed chunk and gives the
@@ -383,7 +385,7 @@ def run_examples(
 
     with _distributed() as (rank, world):
         budget = None if tokens is None else tokens // world + (rank < tokens % world)
-        key = _work_key(record, tokens=tokens, top=top, seed=seed, world=world, special=include_special)
+        key = _work_key(record, tokens=tokens, top=top, seed=seed, world=world, special=include_special, held=heldout)
         work = out_dir / WORK_DIR
         ckpt = work / f"rank{rank}.safetensors"
         acc, skip, resumed = ExampleAccumulator.zeros(F, L, top, C, dev), 0, False
@@ -399,7 +401,8 @@ def run_examples(
         seen0 = int(acc.tokens)
         left = None if budget is None else budget - seen0
         stream = iter_latents(
-            sae, cache, layers, tokens=left, rows=rows, device=dev, include_special=include_special,
+            sae, cache, layers, chunks=record.heldout.chunks if heldout else None, tokens=left, rows=rows,
+            device=dev, include_special=include_special, select=record.heldout.mask if heldout else None,
             seed=seed, rank=rank, world_size=world, skip=skip,
         )  # fmt: skip
         from harvest.progress import progress_bar
@@ -433,6 +436,7 @@ def run_examples(
         "n_latents": F,
         "k": sae.cfg.k,
         "include_special": include_special,
+        "tokens_used": f"held out: {record.heldout.describe()}" if heldout else "all kept tokens of the cache",
         "sae": str(sae_dir.resolve()),
         "cache": str(cache.path.resolve()),
         "cache_fingerprint": cache.fingerprint,

@@ -8,7 +8,7 @@
    budget and sub-batches, whose codes are thrown away. run_examples's own `tokens_per_s` is its streaming
    loop (reader + encode + ExampleAccumulator.update); target examples / bare >= 0.8. Repeats alternate
    the two paths, so other load hits both alike; best and median, with the CPU share each got.
-2. Peak memory at --tokens and at 10x --tokens: each in a fresh process (ru_maxrss), for run_examples
+2. Peak memory at --tokens and at 10x --tokens: each in a fresh process (VmHWM), for run_examples
    and for the bare stream; the examples state is fixed-size, so its peak should not grow with tokens.
 3. One whole call with the browser (pages written), for the time the pages take.
 """
@@ -71,7 +71,7 @@ def time_bare(run: Path, tokens: int, device: str, rows: int) -> tuple[float, fl
 def peak_rss(what: str, run: Path, tokens: int, out: Path, device: str, rows: int) -> dict:
     """Peak resident memory of one fresh process doing `what` (examples | bare) over `tokens` tokens."""
     code = f"""
-import json, resource, sys
+import json, sys
 sys.path.insert(0, {str(_BENCH_DIR.parent)!r})
 from pathlib import Path
 from bench.examples import time_bare, time_examples
@@ -80,7 +80,8 @@ if {what!r} == "examples":
     tps = time_examples(run, {tokens}, out, {device!r}, {rows})[0]
 else:
     tps = time_bare(run, {tokens}, {device!r}, {rows})[0]
-print(json.dumps({{"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tps": tps}}))
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))  # ru_maxrss survives exec: not that
+print(json.dumps({{"peak_mib": int(hwm.split()[1]) / 1024, "tps": tps}}))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

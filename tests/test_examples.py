@@ -171,6 +171,25 @@ def test_examples_of_a_real_sae_equal_the_dense_computation_and_the_browser_show
             assert (b / Path(name).parent / href).is_file(), (name, href)
 
 
+def test_heldout_examples_come_only_from_the_runs_heldout_tokens(tiny_run, tmp_path):
+    from harvest import ChunkReader, open_cache
+    from train.record import load_run
+
+    cache_path, run = tiny_run
+    record = load_run(run)
+    res = run_examples(run, top=4, out_dir=tmp_path / "h", device="cpu", progress=False, browser=False, heldout=True)
+    cache = open_cache(cache_path)
+    held = set()
+    for ch in ChunkReader(cache, chunks=record.heldout.chunks):
+        m = ch.keep & record.heldout.mask(ch.seq.long())
+        held |= set(zip(ch.seq[m].tolist(), ch.pos[m].tolist()))
+    assert res["tokens"] == len(held) > 0 and "held out" in res["tokens_used"]
+    t = load_file(str(tmp_path / "h" / "examples.safetensors"))
+    acc = ExampleAccumulator.from_tensors({k: t[k] for k in ExampleAccumulator.zeros(1, 1, 1, 1).to_tensors()}, 32)
+    found = [(e["seq"], e["pos"]) for j in range(acc.shape[0]) for e in acc.examples(j)]
+    assert found and set(found) <= held
+
+
 class LinkCollector(html.parser.HTMLParser):
     def __init__(self):
         super().__init__()
