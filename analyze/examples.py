@@ -46,6 +46,7 @@ EXAMPLES_FILE = "examples.safetensors"
 WORK_DIR = ".examples-work"  # per-rank checkpoints of an unfinished pass; removed when it completes
 HIST_DECADES = (-3, 3)  # histogram: log-spaced bins from 1e-3 to 1e3, 8 per decade, plus one overflow bin
 HIST_PER_DECADE = 8
+MERGE_ENTRIES = 1 << 21  # entries (queued + kept) merged at once: bounds the merge's temporary memory
 SIGN_MASK = 0x7FFFFFFF  # float32 bits of non-negative values sort like the values; SIGN_MASK - bits reverses them
 
 
@@ -96,11 +97,16 @@ class TopExamples:
                 self.flush_()
 
     def flush_(self) -> "TopExamples":
-        """Merge the queued entries into the rows."""
+        """Merge the queued entries into the rows, a slab of rows at a time: a merge's temporaries (~50 bytes
+        per entry) then stay near MERGE_ENTRIES entries whatever the state's size."""
         if self.pending:
             group, value, ident = (torch.cat(x) for x in zip(*self.pending))
             self.pending, self.pending_n = [], 0
-            self.merge_(group, value, ident)
+            G = len(self.values)
+            slabs = max(1, -(-(len(group) + self.values.numel()) // MERGE_ENTRIES))
+            for s in range(slabs):
+                m = (group >= s * G // slabs) & (group < (s + 1) * G // slabs)
+                self.merge_(group[m], value[m], ident[m])
         return self
 
     @torch.no_grad()
