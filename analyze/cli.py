@@ -1,183 +1,183 @@
 """`analyze variance | reconstruction | delta-ce | resid | prompt | examples | report | compare`: parse, call,
-print."""
+print.
+
+Each command is one helper (`_variance`, `_reconstruction`, ...) that runs an analysis and prints its
+summary; `report` runs the same helpers into one folder, then renders the HTML from their typed results.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
-from harvest.flags import run_app
+from harvest.errors import SpecError
+from harvest.flags import cli_app, run_app
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Layer distributions, variance ratios, reconstruction quality and residual geometry of SAEs.",
-)
+app = cli_app("Layer distributions, variance ratios, reconstruction quality and residual geometry of SAEs.")
 console = Console()
 err_console = Console(stderr=True)
 
 SAE = typer.Option(..., "--sae", help="Run folder of a trained SAE (train run --out).")
+SAES = typer.Option(..., "--sae", help="Run folders (repeat --sae, or list them after it); the first leads.")
+MORE_RUNS = typer.Argument(None, help="More run folders (single-layer baselines).")
+CACHE = typer.Option(None, "--cache", help="Cache folder or URL (default: the (first) run's).")
+MODEL = typer.Option(None, "--model", help="Model (default: the cache's).")
 DEVICE = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda or cuda:N.")
+REFERENCE = typer.Option(
+    False, "--reference-formulas", help="Also the reference code's (improper) variance formulas, from the same pass."
+)
 
 
-def _cache_of(run: Path, cache: Optional[Path]) -> Path:
-    """The cache a run was trained on, unless --cache says otherwise."""
+@app.callback()
+def _options(
+    local_cache: Optional[str] = typer.Option(
+        None,
+        "--local-cache",
+        help="Folder for a verified local copy of a cache in a bucket (also $MLSAE_LOCAL_CACHE); before the command.",
+    ),
+) -> None:
+    if local_cache:
+        os.environ["MLSAE_LOCAL_CACHE"] = local_cache  # read by harvest.open_cache for every cache it opens
+
+
+def _cache_of(run: Path, cache: Optional[str]) -> str:
+    """The cache (path or URL) a run was trained on, unless --cache says otherwise."""
     if cache is not None:
         return cache
     from train.record import load_run
 
-    return Path(load_run(run, require_sae=False).cache.path)
+    return load_run(run, require_sae=False).cache.path
 
 
-def _out(out: Optional[Path], run: Path) -> Path:
-    return out if out is not None else run
+def _log(message: str) -> None:
+    err_console.print(f"[dim]{message}[/]")
 
 
-def _print_variance(res: dict[str, Any]) -> None:
-    ml = res["multi_layer"]
-    console.print(f"[bold]variance[/] over {res['tokens']:,} tokens, layers {res['layers'][0]}..{res['layers'][-1]}")
-    console.print(
-        f"  Var(L) = {res['var_l']:.4g}   E[Var(L|J)] = {res['exp_var_l_given_j']:.4g}   "
-        f"E[Var(L|J,T)] = {res['exp_var_l_given_jt']:.4g}"
-    )
-    console.print(
-        f"  E[Var(L|J)]/Var(L) = [bold]{res['ratio_latent']:.4f}[/]   "
-        f"E[Var(L|J,T)]/E[Var(L|J)] = [bold]{res['ratio_token']:.4f}[/]"
-    )
-    console.print(
-        f"  latents active at >1 layer: {ml['per_token_pooled']:.1%} per token (pooled), "
-        f"{ml['aggregated']:.1%} aggregated over tokens"
-    )
-    ref = res.get("reference_formulas")
-    if ref:
-        console.print(
-            f"  [dim]reference code's formulas (not proper variances): "
-            f"{ref['ratio_latent_ref']:.4f}, {ref['ratio_token_ref']:.4f}[/]"
-        )
+def _show(text: str) -> None:
+    console.print(text, highlight=False, soft_wrap=True, markup=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# one helper per analysis (the commands and `report` call these)
+
+
+def _variance(run: Path, cache: str, tokens: int, out: Path, reference: bool, device: str) -> None:
+    from analyze.layers import format_variance, run_variance
+
+    _show(format_variance(run_variance(run, cache, tokens, out, reference_formulas=reference, device=device, log=_log)))
+
+
+def _reconstruction(runs: list[Path], cache: Optional[str], out: Path, device: str, tokens: Optional[int]) -> None:
+    from analyze.reconstruction import format_reconstruction, run_reconstruction
+
+    _show(format_reconstruction(run_reconstruction(runs, cache_path=cache, out_dir=out, device=device, tokens=tokens)))
+
+
+def _delta_ce(
+    run: Path, model: Optional[str], dataset: Optional[str], tokens: int, cache: Optional[str], out: Path, device: str
+) -> None:
+    from analyze.delta_ce import format_delta_ce, run_delta_ce
+
+    res = run_delta_ce(run, model, dataset, tokens, out, device, cache_path=cache, show_progress=True)
+    _show(format_delta_ce(res))
+
+
+def _resid(cache: str, sae: Optional[Path], tokens: Optional[int], out: Path, device: str) -> None:
+    from analyze.geometry import format_resid, run_mmcs, run_resid
+
+    res = run_resid(cache, out, tokens=tokens, device=device)
+    _show(format_resid(res, run_mmcs(sae, out, device) if sae is not None else None))
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
 
 
 @app.command()
 def variance(
     sae: Path = SAE,
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the run's)."),
+    cache: Optional[str] = CACHE,
     tokens: int = typer.Option(10_000_000, "--tokens", help="Kept tokens to stream (the poster: 10M)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
-    reference_formulas: bool = typer.Option(
-        False, "--reference-formulas", help="Also report the reference code's (improper) formulas."
-    ),
+    reference_formulas: bool = REFERENCE,
     device: str = DEVICE,
 ) -> None:
     """P(L|J), E[L|J], Var(L|J), the two variance ratios and multi-layer fractions; heatmap and histogram."""
-    from analyze.layers import run_variance
-
-    res = run_variance(
-        sae,
-        _cache_of(sae, cache),
-        tokens,
-        _out(out, sae),
-        reference_formulas=reference_formulas,
-        device=device,
-        log=lambda m: err_console.print(f"[dim]{m}[/]"),
-    )
-    if res:
-        _print_variance(res)
+    _variance(sae, _cache_of(sae, cache), tokens, out or sae, reference_formulas, device)
 
 
 @app.command()
 def reconstruction(
-    sae: list[Path] = typer.Option(..., "--sae", help="Run folders (repeat --sae, or list them after it)."),
-    runs: Optional[list[Path]] = typer.Argument(None, help="More run folders."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the first run's)."),
+    sae: list[Path] = SAES,
+    runs: Optional[list[Path]] = MORE_RUNS,
+    cache: Optional[str] = CACHE,
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Held-out tokens to use (default: all)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the first run)."),
     device: str = DEVICE,
 ) -> None:
-    """Held-out FVU (both definitions), MSE, L0, dead fraction; the layer x layer FVU matrix and its figure."""
-    from analyze.reconstruction import format_reconstruction, run_reconstruction
-
+    """Held-out FVU (both definitions), MSE, L0, dead fraction and firing density per layer; the layer x layer
+    FVU matrix and its figure."""
     dirs = [*sae, *(runs or [])]
-    res = run_reconstruction(dirs, cache_path=cache, out_dir=_out(out, dirs[0]), device=device, tokens=tokens)
-    console.print(format_reconstruction(res))
+    _reconstruction(dirs, cache, out or dirs[0], device, tokens)
 
 
 @app.command("delta-ce")
 def delta_ce(
     sae: Path = SAE,
-    model: Optional[str] = typer.Option(None, "--model", help="Model (default: the cache's)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Text (default: the cache's own windows)."),
+    model: Optional[str] = MODEL,
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Text (default: the run's held-out windows)."),
     tokens: int = typer.Option(2048, "--tokens", help="Tokens of text to evaluate."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the run's)."),
+    cache: Optional[str] = CACHE,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
     device: str = DEVICE,
 ) -> None:
     """Per-layer delta CE and KL: splice each layer's reconstruction into block l's output, vs the clean model."""
-    from analyze.delta_ce import format_delta_ce, run_delta_ce
-
-    res = run_delta_ce(
-        sae,
-        model=model,
-        dataset=dataset,
-        tokens=tokens,
-        out_dir=_out(out, sae),
-        device=device,
-        cache_path=cache,
-        show_progress=True,
-    )
-    console.print(format_delta_ce(res))
+    _delta_ce(sae, model, dataset, tokens, cache, out or sae, device)
 
 
 @app.command()
 def resid(
-    cache: Path = typer.Option(..., "--cache", help="Cache folder."),
-    sae: Optional[Path] = typer.Option(None, "--sae", help="Also the MMCS of this SAE's decoder."),
+    cache: str = typer.Option(..., "--cache", help="Cache folder or URL."),
+    sae: Optional[Path] = typer.Option(None, "--sae", help="Also the MMCS of this SAE's decoder (mmcs.json)."),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Kept tokens to stream (default: all)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the cache folder)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Adjacent-layer cosine similarity of layer-mean-centered residuals, residual norm per layer, decoder MMCS."""
-    from analyze.geometry import run_resid
+    from harvest.store import is_url
 
-    _print_resid(run_resid(cache, _out(out, cache), tokens=tokens, sae_dir=sae, device=device))
-
-
-def _print_resid(res: dict[str, Any]) -> None:
-    table = Table("layers", "cos (centered)", "cos (raw)")
-    for pair, c, u in zip(res["pairs"], res["cosine_centered"], res["cosine_uncentered"]):
-        table.add_row(f"{pair[0]}->{pair[1]}", f"{c:.3f}", f"{u:.3f}")
-    console.print(table)
-    console.print("mean norm per layer: " + ", ".join(f"{n:.4g}" for n in res["norm_mean"]))
-    if "mmcs" in res:
-        console.print(f"decoder MMCS: {res['mmcs']['mmcs']:.4f}")
+    if out is None and is_url(cache):
+        raise SpecError(f"{cache} is in a bucket: pass --out with a local folder for the results")
+    _resid(cache, sae, tokens, out or Path(cache), device)
 
 
 @app.command()
 def prompt(
     text: str = typer.Argument(..., help="The prompt."),
     sae: Path = SAE,
-    model: Optional[str] = typer.Option(None, "--model", help="Model (default: the cache's)."),
+    model: Optional[str] = MODEL,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
     device: str = DEVICE,
 ) -> None:
     """The latent x layer heatmap of one prompt, and which latents fire at which layers for each token."""
     from analyze.prompt import run_prompt
 
-    run_prompt(sae, text, model=model, out_dir=_out(out, sae), device=device, console=console)
+    run_prompt(sae, text, model=model, out_dir=out or sae, device=device, console=console)
 
 
 @app.command()
 def examples(
     sae: Path = SAE,
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the run's)."),
+    cache: Optional[str] = CACHE,
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Kept tokens to stream (default: all)."),
     top: int = typer.Option(32, "--top", help="Examples kept per latent, and per latent and layer."),
     context: int = typer.Option(8, "--context", help="Tokens of context shown on each side."),
     logits: int = typer.Option(10, "--logits", help="Promoted/suppressed next tokens shown per latent (0: none)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model for tokens and logits (default: the cache's)."),
+    model: Optional[str] = MODEL,
     browser: bool = typer.Option(True, "--browser/--no-browser", help="Write the static latent browser."),
     heldout: bool = typer.Option(False, "--heldout", help="Only the run's held-out tokens (never trained on)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <run>/latents)."),
@@ -188,67 +188,57 @@ def examples(
     from analyze.examples import format_examples, run_examples
 
     shown = dict(top=top, context=context, model=model, logits=logits, browser=browser, heldout=heldout)
-    res = run_examples(sae, cache, tokens, out_dir=out, device=device, log=lambda m: err_console.print(m), **shown)
+    res = run_examples(sae, cache, tokens, out_dir=out, device=device, log=_log, **shown)
     if res.get("files"):
         console.print(format_examples(res), soft_wrap=True, highlight=False)
 
 
 @app.command()
 def report(
-    sae: list[Path] = typer.Option(..., "--sae", help="Run folders; the first is analysed in depth."),
-    runs: Optional[list[Path]] = typer.Argument(None, help="More run folders (single-layer baselines)."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache (default: the first run's)."),
-    model: Optional[str] = typer.Option(
-        None, "--model", help="Model for delta CE and the prompt (default: the cache's)."
-    ),
+    sae: list[Path] = SAES,
+    runs: Optional[list[Path]] = MORE_RUNS,
+    cache: Optional[str] = CACHE,
+    model: Optional[str] = MODEL,
     tokens: int = typer.Option(1_000_000, "--tokens", help="Kept tokens for the variance analysis."),
-    delta_ce_tokens: int = typer.Option(1024, "--delta-ce-tokens", help="Tokens of text for delta CE."),
+    reference_formulas: bool = REFERENCE,
+    delta_ce_tokens: int = typer.Option(1024, "--delta-ce-tokens", help="Held-out tokens for delta CE."),
     prompt_text: str = typer.Option(
-        "The President addressed the Congress on the state of the Union.",
-        "--prompt",
-        help="Prompt for the per-token heatmap.",
+        "The President addressed the Congress on the state of the Union.", "--prompt", help="Prompt for the heatmap."
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <first run>/analysis)."),
     device: str = DEVICE,
 ) -> None:
     """Run every analysis into one folder and write one self-contained HTML report."""
-    from analyze.delta_ce import format_delta_ce, run_delta_ce
-    from analyze.geometry import run_resid
-    from analyze.layers import run_variance
+    from analyze.delta_ce import DeltaCeError
     from analyze.prompt import run_prompt
-    from analyze.reconstruction import format_reconstruction, run_reconstruction
-    from analyze.report import report_folder
+    from analyze.report import clear_results, find_browser, provenance, report_folder
+    from analyze.training import run_training
 
     dirs = [*sae, *(runs or [])]
     main_run = dirs[0]
     cache_path = _cache_of(main_run, cache)
     folder = out if out is not None else main_run / "analysis"
-    folder.mkdir(parents=True, exist_ok=True)
-    log = lambda m: err_console.print(f"[dim]{m}[/]")
+    prov = provenance(dirs, cache_path)
+    clear_results(folder)  # results of an earlier report must not pass for this one's
+    prov.save(folder)
     console.rule("variance")
-    _print_variance(run_variance(main_run, cache_path, tokens, folder, device=device, log=log))
+    _variance(main_run, cache_path, tokens, folder, reference_formulas, device)
     console.rule("reconstruction")
-    console.print(format_reconstruction(run_reconstruction(dirs, cache_path=cache_path, out_dir=folder, device=device)))
+    _reconstruction(dirs, cache_path, folder, device, None)
+    if run_training([(r.folder, r.label, r.layers) for r in prov.runs], folder) is None:
+        _log("no run folder holds heldout.csv (train with --eval-every): the report has no training curve")
     console.rule("delta CE")
-    console.print(
-        format_delta_ce(
-            run_delta_ce(
-                main_run,
-                model=model,
-                tokens=delta_ce_tokens,
-                out_dir=folder,
-                device=device,
-                cache_path=cache_path,
-                show_progress=True,
-            )
-        )
-    )
+    try:
+        _delta_ce(main_run, model, None, delta_ce_tokens, cache_path, folder, device)
+    except DeltaCeError as e:  # e.g. a run of the legacy chunk split holds out no whole window: report the rest
+        _log(f"delta CE left out of the report: {e}")
     console.rule("residual geometry")
-    _print_resid(run_resid(cache_path, folder, sae_dir=main_run))
+    _resid(cache_path, main_run, None, folder, "cpu")
     console.rule("prompt")
     run_prompt(main_run, prompt_text, model=model, out_dir=folder, device=device, cache=cache_path, console=console)
-    html = report_folder(folder, sae_dirs=dirs, cache=cache_path)
-    console.print(f"[bold green]report[/] {html}")
+    if find_browser(folder, main_run) is None:
+        _log(f"no latent browser under {folder} or {main_run}: run `analyze examples --sae {main_run}` to add one")
+    console.print(f"[bold green]report[/] {report_folder(folder, sae_dirs=dirs)}")
 
 
 @app.command()
@@ -259,17 +249,17 @@ def compare(
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Write compare.json/.csv/.md here."),
 ) -> None:
-    """The headline numbers of several analysis folders side by side (e.g. with and without a tuned lens)."""
+    """Headline numbers and claims of several analysis folders side by side (e.g. quickstart vs scale run)."""
     from analyze.compare import format_compare, run_compare
 
-    res = run_compare(folders, label, out)
-    console.print(format_compare(res), highlight=False, soft_wrap=True)
-    if res.get("files"):
-        console.print(f"[bold green]wrote[/] {', '.join(res['files'])}")
+    res, files = run_compare(folders, label, out)
+    _show(format_compare(res))
+    if files:
+        console.print(f"[bold green]wrote[/] {', '.join(map(str, files))}")
 
 
 def main() -> None:
-    run_app(app, "interrupted")
+    run_app(app, "interrupted: rerun the same command to start the analysis again")
 
 
 if __name__ == "__main__":

@@ -6,15 +6,15 @@ default) is replaced by sae(x).x_hat (model space) and the rest of the model run
     delta CE_l = mean CE(spliced_l) - mean CE(clean),   KL_l = mean KL(p_clean || p_spliced_l),
 both means over the same counted predictions.
 
-Special tokens (BOS/EOS/PAD). The SAE is trained and evaluated on kept tokens only (harvest's `keep`),
-so by default:
-  - only kept positions are spliced; special tokens keep their clean activation (the SAE never saw
-    them; Gemma's BOS, ~1e5 in one dimension, would otherwise be the whole story);
-  - a prediction t -> t+1 counts when BOTH tokens are kept: a special target is a document boundary,
-    not text, and a prediction made from a special position reads an unspliced vector at layer l.
-With `include_special` (the default when the SAE was trained with --include-special, or the cache was
-harvested with special_tokens: include) every position is spliced and every prediction counts, as the
-reference code does.
+Special tokens (BOS/EOS/PAD) follow the run's mode (train/special.py; `special_tokens` overrides it):
+  - exclude: only non-special positions are spliced; special tokens keep their clean activation (the
+    SAE never saw them; Gemma's BOS, ~1e5 in one dimension, would otherwise be the whole story), and a
+    prediction t -> t+1 counts when BOTH tokens are non-special: a special target is a document
+    boundary, not text, and a prediction made from a special position reads an unspliced vector;
+  - include-real: every position is spliced with the reconstruction of its real vector, every
+    prediction counts;
+  - reference: as the reference code, the SAE sees ZEROS at special positions, so its (zero)
+    reconstruction is spliced there, and every prediction counts.
 
 Memory. Gemma's vocabulary is 262,144, so logits are never formed for a whole batch: every run stops at
 the unembedding's input (`unembed.hook_in`, the final normed state, [batch, ctx, d]); the clean and the
@@ -23,11 +23,10 @@ of rows x vocab, the clean block once for all layers. This also skips the unembe
 forward, which for Gemma costs as much as all its blocks. `check_logits` verifies once per run that
 this path reproduces the model's own logits.
 
-Windows. By default the cache's own context windows (same tokenizer, context and BOS policy as the
-activations the SAE was trained on), those with the most tokens in the run's held-out chunks first
-(the cache shuffles tokens within a write block, so a window is often only partly held out; the
-fraction is recorded). With `dataset`, fresh windows are tokenized with harvest.text using the cache's
-context and prepend_bos settings: the first windows of that dataset.
+Windows. By default the run's held-out context windows from the cache (same tokenizer, context and BOS
+policy as the activations the SAE was trained on; no token of them was trained on: train/split.py),
+spread evenly over the held-out set. With `dataset`, fresh windows are tokenized with harvest.text using
+the cache's context and prepend_bos settings: the first windows of that dataset.
 """
 
 from __future__ import annotations
@@ -44,14 +43,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from analyze.results import DeltaCeResult, WindowSource
 from harvest import open_cache
 from harvest.errors import ModelError, UserError
 from harvest.models import ModelSource, load_bridge, load_tokenizer, resolve_device, resolve_model
 from harvest.run import TORCH_DTYPES
 from harvest.text import iter_documents, make_windows, resolve_dataset
 from train.record import RunError, load_run
+from train.special import SpecialTokens
+from train.split import HeldOut
 
 FINAL_HOOK = "unembed.hook_in"  # the final normed residual: the unembedding's input
+DELTA_CE_PNG = "delta_ce.png"
 LOGIT_FLOATS = 2**24  # rows x vocab floats per logits block (64 MB in float32)
 
 ReconstructFn = Callable[[Tensor, int], Tensor]  # (vectors [n, d] of layer l, l) -> reconstructions [n, d]
@@ -129,13 +132,26 @@ def sae_reconstructor(sae: Callable, lens: Any = None) -> ReconstructFn:
     return reconstruct
 
 
-def _splice(layer: int, reconstruct_fn: ReconstructFn, keep: Tensor) -> Callable:
+def _splice(layer: int, reconstruct_fn: ReconstructFn, keep: Tensor, zeroed: ZeroedSplice | None = None) -> Callable:
     def hook_fn(x: Tensor, hook: Any) -> Tensor:
         out = x.clone()  # a returned tensor replaces the activation (TransformerLens hooks)
-        out[keep] = reconstruct_fn(x[keep], layer).to(x.dtype)
+        fed = keep if zeroed is None else keep & ~zeroed.mask
+        out[fed] = reconstruct_fn(x[fed], layer).to(x.dtype)
+        if zeroed is not None:
+            out[zeroed.mask] = zeroed.value(layer).to(x.dtype)
         return out
 
     return hook_fn
+
+
+@dataclass
+class ZeroedSplice:
+    """Special-token mode `reference` (train/special.py): the SAE sees ZEROS at `mask` [batch, ctx]; its
+    output there, mapped to model space, is `value(layer)` [d] (no SAE call needed: a zero vector
+    standardizes to zero and reconstructs to exactly zero)."""
+
+    mask: Tensor
+    value: Callable[[int], Tensor]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +202,7 @@ def spliced_metrics(
     keep_mask: Tensor,
     hook: str = "resid_post",
     rows: int | None = None,
+    zeroed: ZeroedSplice | None = None,
 ) -> DeltaCeSums:
     """CE of the clean model and, per layer, of the model with blocks.{l}.hook_{hook} replaced by
     reconstruct_fn at the kept positions; KL(clean || spliced). ids, keep_mask: [batch, ctx]. A prediction
@@ -196,7 +213,9 @@ def spliced_metrics(
     targets = ids[:, 1:][counted].unsqueeze(1)
     clean = final_states(bridge, ids)[:, :-1][counted]
     spliced = [
-        final_states(bridge, ids, [(f"blocks.{l}.hook_{hook}", _splice(l, reconstruct_fn, keep))])[:, :-1][counted]
+        final_states(bridge, ids, [(f"blocks.{l}.hook_{hook}", _splice(l, reconstruct_fn, keep, zeroed))])[:, :-1][
+            counted
+        ]
         for l in layers
     ]
     n = targets.shape[0]
@@ -222,20 +241,31 @@ def spliced_metrics(
 # inputs
 
 
-def cache_windows(cache: Any, eval_chunks: Sequence[int], n_windows: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """`n_windows` of the cache's context windows [n, ctx], ranked by how many of their tokens lie in
-    `eval_chunks` (most first; ties, and windows with none, in cache order), returned in cache order."""
-    ctx, n_seq = cache.layout.context, cache.layout.n_sequences
-    held = np.zeros(n_seq, dtype=np.int64)
-    for c in eval_chunks:
-        held += np.bincount(cache.read_tokens("seq", *cache.layout.chunk_range(c)).numpy(), minlength=n_seq)
-    chosen = np.sort(np.argsort(-held, kind="stable")[: min(n_windows, n_seq)])
-    info = {
-        "source": "cache",
-        "windows": chosen.tolist() if len(chosen) <= 4096 else f"{len(chosen)} windows",
-        "held_out_token_fraction": float(held[chosen].sum() / (len(chosen) * ctx)),
-        "fully_held_out_windows": int((held[chosen] == ctx).sum()),
-    }
+def cache_windows(cache: Any, heldout: HeldOut, n_windows: int) -> tuple[np.ndarray, WindowSource]:
+    """Up to `n_windows` of the run's held-out context windows [n, ctx] (every token of each never trained
+    on), spread evenly over the held-out set, in cache order. A legacy chunk split holds out whole windows
+    only by chance: those count, and a run with none is refused."""
+    if heldout.is_legacy:
+        full = np.bincount(
+            cache.read_tokens("seq").numpy()[heldout.positions(cache)], minlength=cache.layout.n_sequences
+        )
+        held = np.flatnonzero(full == cache.layout.context)
+    else:
+        held = np.asarray(heldout.windows, dtype=np.int64)
+    if len(held) == 0:
+        raise DeltaCeError(
+            f"the run holds out no whole context window ({heldout.describe()}): retrain it with "
+            f"--eval-tokens > 0 (held-out windows), or pass --dataset to score fresh text"
+        )
+    n = min(n_windows, len(held))
+    chosen = held[(np.arange(n) * len(held)) // n]
+    info = WindowSource(
+        source="heldout",
+        windows=chosen.tolist(),
+        dataset=None,
+        held_out_token_fraction=1.0,
+        fully_held_out_windows=len(chosen),
+    )
     return cache.windows().numpy()[chosen], info
 
 
@@ -274,13 +304,13 @@ def run_delta_ce(
     device: str = "auto",
     cache_path: str | Path | None = None,
     batch_size: int | None = None,
-    include_special: bool | None = None,
+    special_tokens: str | None = None,
     split: str | None = None,
     text_column: str | None = None,
     dataset_config: str | None = None,
     show_progress: bool = False,
     write: bool = True,
-) -> dict[str, Any]:
+) -> DeltaCeResult:
     """Per-layer delta CE and KL of the run's SAE against the clean model on about `tokens` tokens (whole
     context windows). Writes delta_ce.json and delta_ce.png into `out_dir` (default: the run folder).
     The cache (default: the one recorded by the run) supplies the model, hook, tokenization settings and,
@@ -295,18 +325,14 @@ def run_delta_ce(
     spec = cache.meta["spec"]
     if tokens < 1:
         raise DeltaCeError(f"tokens = {tokens}: pass --tokens >= 1")
-    include = (
-        include_special
-        if include_special is not None
-        else (record.special_tokens == "include-real" or spec.get("special_tokens") == "include")
-    )
+    mode = SpecialTokens.of(special_tokens or record.special_tokens, cache).mode
     device = resolve_device(device)
     source = _resolve(model, cache)
     tokenizer = load_tokenizer(source)
     ctx = cache.layout.context
     n_windows = -(-tokens // ctx)
     if dataset is None:
-        windows, info = cache_windows(cache, record.heldout.chunks, n_windows)
+        windows, info = cache_windows(cache, record.heldout, n_windows)
         special = cache.meta["tokenizer"]["special_ids"]
     else:
         data = resolve_dataset(dataset)
@@ -325,9 +351,10 @@ def run_delta_ce(
             bool(cache.meta["tokenizer"]["prepend_bos"]),
             dataset_name=f"dataset {dataset!r}",
         )
-        info = {"source": "dataset", "dataset": dataset, "windows": f"the first {n_windows}"}
+        info = WindowSource("dataset", [], dataset, None, None)
         special = sorted(set(tokenizer.all_special_ids))
-    keep_all = np.ones(windows.shape, bool) if include else ~np.isin(windows, np.asarray(special, dtype=np.int64))
+    is_special = np.isin(windows, np.asarray(special, dtype=np.int64))
+    keep_all = ~is_special if mode == "exclude" else np.ones(windows.shape, bool)
 
     sae = record.load_sae(device)
     layers = list(record.layers)
@@ -341,7 +368,10 @@ def run_delta_ce(
     check_logits(bridge, ids_all[:1].to(device))
 
     lens = cache.lens()
-    reconstruct = sae_reconstructor(sae, None if lens is None else lens.to(device))
+    lens = None if lens is None else lens.to(device)
+    reconstruct = sae_reconstructor(sae, lens)
+    zero = torch.zeros(sae.cfg.d_model, device=device)
+    zero_value = (lambda l: zero) if lens is None else (lambda l: lens.inverse(zero, l))
     batch = batch_size or int(spec.get("batch_size", 4))
     sums = DeltaCeSums.zeros(layers)
     from harvest.progress import progress_bar
@@ -350,39 +380,47 @@ def run_delta_ce(
         for s in range(0, len(ids_all), batch):
             ids = ids_all[s : s + batch].to(device)
             keep = torch.from_numpy(keep_all[s : s + batch]).to(device)
-            sums = sums + spliced_metrics(bridge, ids, layers, reconstruct, keep, hook=spec["hook"])
+            zeroed = None
+            if mode == "reference":
+                zeroed = ZeroedSplice(torch.from_numpy(is_special[s : s + batch]).to(device), zero_value)
+            sums = sums + spliced_metrics(bridge, ids, layers, reconstruct, keep, hook=spec["hook"], zeroed=zeroed)
             bar.advance(len(ids))
 
-    result = {
-        "run": str(record.dir),
-        "model": source.name,
-        "cache": str(cache.path),
-        "hook": f"blocks.{{l}}.hook_{spec['hook']}",
-        "lens": cache.lens_record,
-        "layers": layers,
-        **sums.means(),
-        "windows": len(ids_all),
-        "context": ctx,
-        "positions": int(ids_all.numel()),
-        "include_special": include,
-        "window_source": info,
-        "seconds": time.time() - t0,
-        "definitions": {
+    means = sums.means()
+    result = DeltaCeResult(
+        run=str(record.dir),
+        model=source.name,
+        cache=str(cache.path),
+        hook=f"blocks.{{l}}.hook_{spec['hook']}",
+        lens=cache.lens_record,
+        layers=layers,
+        tokens=means["tokens"],
+        clean_ce=means["clean_ce"],
+        ce=means["ce"],
+        delta_ce=means["delta_ce"],
+        kl=means["kl"],
+        delta_ce_mean=sum(means["delta_ce"]) / len(layers),
+        kl_mean=sum(means["kl"]) / len(layers),
+        windows=len(ids_all),
+        context=ctx,
+        positions=int(ids_all.numel()),
+        special_tokens=mode,
+        window_source=info,
+        seconds=time.time() - t0,
+        definitions={
             "delta_ce": "mean next-token CE with layer l's hook replaced by the SAE reconstruction, minus the "
             "clean model's mean CE, over the same predictions",
             "kl": "mean over predictions of KL(p_clean || p_spliced)",
-            "tokens": "predictions counted: t -> t+1 with both tokens kept (non-special) unless include_special; "
-            "only kept positions are spliced",
+            "tokens": "predictions counted: t -> t+1 with both tokens non-special (special_tokens exclude) or "
+            "all; only kept positions are spliced",
         },
-    }
-    result["delta_ce_mean"] = sum(result["delta_ce"]) / len(layers)
-    result["kl_mean"] = sum(result["kl"]) / len(layers)
+    )
     if write:
         out = Path(out_dir) if out_dir is not None else record.dir
         out.mkdir(parents=True, exist_ok=True)
-        (out / "delta_ce.json").write_text(json.dumps(result, indent=1))
-        plot_delta_ce(result, out / "delta_ce.png")
-        result["files"] = {n: str(out / n) for n in ["delta_ce.json", "delta_ce.png"]}
+        plot_delta_ce(result, out / DELTA_CE_PNG)
+        result.figures, result.files = [DELTA_CE_PNG], [DeltaCeResult.FILE]
+        result.save(out)
     return result
 
 
@@ -390,33 +428,35 @@ def run_delta_ce(
 # output
 
 
-def format_delta_ce(result: dict[str, Any]) -> str:
+def format_delta_ce(result: DeltaCeResult) -> str:
     lines = [
-        f"delta CE on {result['tokens']:,} predictions ({result['windows']} windows of {result['context']}); "
-        f"clean CE {result['clean_ce']:.4f} nats",
+        f"delta CE on {result.tokens:,} predictions ({result.windows} windows of {result.context}); "
+        f"clean CE {result.clean_ce:.4f} nats",
         f"{'layer':>5}  {'delta CE':>9}  {'KL':>9}",
     ]
-    for l, d, k in zip(result["layers"], result["delta_ce"], result["kl"]):
+    for l, d, k in zip(result.layers, result.delta_ce, result.kl):
         lines.append(f"{l:>5}  {d:>9.4f}  {k:>9.4f}")
-    lines.append(f"{'mean':>5}  {result['delta_ce_mean']:>9.4f}  {result['kl_mean']:>9.4f}")
+    lines.append(f"{'mean':>5}  {result.delta_ce_mean:>9.4f}  {result.kl_mean:>9.4f}")
     return "\n".join(lines)
 
 
-def plot_delta_ce(result: dict[str, Any], path: Path) -> None:
+def plot_delta_ce(result: DeltaCeResult, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = result["layers"]
+    layers = result.layers
     fig, axes = plt.subplots(1, 2, figsize=(4 + 0.5 * len(layers), 3.2))
-    for ax, key, title in [(axes[0], "delta_ce", "delta CE (nats)"), (axes[1], "kl", "KL(clean || spliced) (nats)")]:
-        vals = [v if math.isfinite(v) else 0.0 for v in result[key]]
-        ax.bar([str(l) for l in layers], vals, color="tab:blue" if key == "delta_ce" else "tab:orange")
+    for ax, values, title, color in [
+        (axes[0], result.delta_ce, "delta CE (nats)", "tab:blue"),
+        (axes[1], result.kl, "KL(clean || spliced) (nats)", "tab:orange"),
+    ]:
+        ax.bar([str(l) for l in layers], [v if math.isfinite(v) else 0.0 for v in values], color=color)
         ax.set_xlabel("spliced layer")
         ax.set_title(title)
     fig.suptitle(
-        f"SAE reconstruction spliced in, {result['tokens']:,} predictions; clean CE {result['clean_ce']:.3f}",
+        f"SAE reconstruction spliced in, {result.tokens:,} predictions; clean CE {result.clean_ce:.3f}",
         fontsize=9,
     )
     fig.tight_layout()

@@ -34,12 +34,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from analyze.layers import LayerDistribution, _distributed, _json_num
+from analyze.layers import LayerDistribution, _distributed
+from analyze.results import ExamplesSummary, to_jsonable
 from harvest import open_cache
 from harvest.atomic import atomic_write, atomic_write_json
 from harvest.errors import CacheError, SpecError
 from train.objectives import FIRE_THRESHOLD
 from train.record import RunError, RunRecord, load_run
+from train.special import SpecialTokens
 
 EXAMPLES_JSON = "examples.json"
 EXAMPLES_FILE = "examples.safetensors"
@@ -386,12 +388,12 @@ def run_examples(
     sae = record.load_sae(dev)
     if sae.cfg.d_model != cache.layout.d_model:
         raise CacheError(f"the SAE has d_model {sae.cfg.d_model}, {cache.path} holds {cache.layout.d_model}")
-    include_special = record.special_tokens == "include-real"  # otherwise the cache's keep mask decides
+    special = SpecialTokens.of(record.special_tokens, cache)  # the tokens (and vectors) the run trained on
     F, L, C = sae.cfg.n_latents, len(layers), cache.layout.context
 
     with _distributed() as (rank, world):
         budget = None if tokens is None else tokens // world + (rank < tokens % world)
-        key = _work_key(record, tokens=tokens, top=top, seed=seed, world=world, special=include_special, held=heldout)
+        key = _work_key(record, tokens=tokens, top=top, seed=seed, world=world, special=special.mode, held=heldout)
         work = out_dir / WORK_DIR
         ckpt = work / f"rank{rank}.safetensors"
         acc, skip, resumed = ExampleAccumulator.zeros(F, L, top, C, dev), 0, False
@@ -408,7 +410,7 @@ def run_examples(
         left = None if budget is None else budget - seen0
         stream = iter_latents(
             sae, cache, layers, chunks=record.heldout.chunks if heldout else None, tokens=left, rows=rows,
-            device=dev, include_special=include_special, select=record.heldout.mask if heldout else None,
+            device=dev, special=special, select=record.heldout.mask if heldout else None,
             seed=seed, rank=rank, world_size=world, skip=skip,
         )  # fmt: skip
         from harvest.progress import progress_bar
@@ -441,10 +443,10 @@ def run_examples(
         "layers": layers,
         "n_latents": F,
         "k": sae.cfg.k,
-        "include_special": include_special,
+        "special_tokens": special.mode,
         "tokens_used": f"held out: {record.heldout.describe()}" if heldout else "all kept tokens of the cache",
         "sae": str(sae_dir.resolve()),
-        "cache": str(cache.path.resolve()),
+        "cache": str(cache.path),
         "cache_fingerprint": cache.fingerprint,
         "model": cache.meta["model"]["name"],
         "lens": cache.lens_record,
@@ -480,7 +482,7 @@ def run_examples(
             lambda tmp: save_file(tensors, str(tmp), metadata={"layers": json.dumps(layers), "context": str(C)}),
         )
         files = [EXAMPLES_JSON, EXAMPLES_FILE]
-        summary = _json_num(summary)
+        summary = to_jsonable(summary)
         if browser:
             from analyze.browser import write_browser
 
@@ -489,6 +491,16 @@ def run_examples(
             files.append(summary["browser"]["index"])
         summary["files"] = files
         atomic_write_json(out_dir / EXAMPLES_JSON, summary)
+        # the typed summary the report reads (analyze/results.py); browser path relative to out_dir
+        ExamplesSummary(
+            sae=str(sae_dir),
+            browser=summary["browser"]["index"] if browser else "",
+            tokens=summary["tokens"],
+            latents=F - summary["dead_latents"],
+            examples_per_latent=top,
+            files=files,
+            definitions=summary["definitions"],
+        ).save(out_dir)
         shutil.rmtree(work, ignore_errors=True)
     return summary
 
@@ -597,8 +609,8 @@ def browser_data(
     text = TokenText(load_tokenizer(source))
     ids = torch.cat([acc.overall.ids.reshape(-1) // L, acc.per_layer.ids.reshape(-1)])
     seqs = torch.unique(ids[ids >= 0] // C).numpy()
-    rows = np.asarray(cache.group["windows"].get_orthogonal_selection((seqs, slice(None)))) if len(seqs) else []
-    windows = {int(s): r for s, r in zip(seqs, rows)}
+    all_windows = cache.windows().numpy()  # checked reads; n_tokens x 4 bytes
+    windows = {int(s): all_windows[s] for s in seqs}
     text.add(np.unique(np.concatenate([r for r in windows.values()])) if windows else [])
 
     def context(seq: int, pos: int) -> tuple[list[str], int]:

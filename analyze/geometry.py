@@ -13,17 +13,15 @@ Everything over tokens is a running sum, read chunk by chunk: memory does not gr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from analyze.results import MmcsResult, ResidResult
 from harvest import ChunkReader, UserError, open_cache
 from harvest.models import resolve_device
 
-RESID_JSON = "resid.json"
 COSINE_PNG = "resid_cosine.png"
 NORM_PNG = "resid_norm.png"
 
@@ -57,18 +55,20 @@ def mmcs(W: torch.Tensor, chunk: int | None = None) -> float:
     return max_cosine(W, chunk).double().mean().item()
 
 
-def decoder_mmcs(sae_dir: str | Path, device: str = "cpu") -> dict[str, Any]:
+def decoder_mmcs(sae_dir: str | Path, device: str = "cpu") -> MmcsResult:
+    """The MMCS of a trained SAE's decoder directions, and quantiles of each direction's max cosine."""
     from train.record import load_run
 
     folder = Path(sae_dir)
     sae = load_run(folder).load_sae(device)
     mc = max_cosine(sae.W_dec.detach())
-    return {
-        "sae": str(folder),
-        "n_latents": int(mc.numel()),
-        "mmcs": mc.double().mean().item(),
-        "max_cosine_quantiles": {str(q): torch.quantile(mc.cpu(), q).item() for q in (0.05, 0.5, 0.95)},
-    }
+    return MmcsResult(
+        sae=str(folder),
+        n_latents=int(mc.numel()),
+        mmcs=mc.double().mean().item(),
+        max_cosine_quantiles={str(q): torch.quantile(mc.cpu(), q).item() for q in (0.05, 0.5, 0.95)},
+        definitions={"mmcs": "mean over decoder directions i of max_{j != i} cos(W_dec[i], W_dec[j])"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,11 +160,10 @@ def run_resid(
     cache_path: str | Path,
     out_dir: str | Path,
     tokens: int | None = None,
-    sae_dir: str | Path | None = None,
     device: str = "cpu",
     figures: bool = True,
-) -> dict[str, Any]:
-    """Adjacent-layer cosines, norms (and an SAE decoder's MMCS) -> out_dir/resid.json + two PNGs."""
+) -> ResidResult:
+    """Adjacent-layer cosines and norms -> out_dir/resid.json + two PNGs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
@@ -172,50 +171,66 @@ def run_resid(
     sums, layers = resid_sums(cache_path, tokens, device)
     n = max(sums.n, 1)
     norm = (sums.norm / n).tolist()
-    result: dict[str, Any] = {
-        "cache": str(cache.path),
-        "model": cache.meta.get("model", {}).get("name"),
-        "hook": cache.meta.get("spec", {}).get("hook"),
-        "lens": cache.lens_record,
-        "tokens": sums.n,
-        "layers": layers,
-        "pairs": [[a, b] for a, b in zip(layers, layers[1:])],
-        "cosine_centered": (sums.cos_centered / n).tolist(),
-        "cosine_uncentered": (sums.cos_raw / n).tolist(),
-        "norm_mean": norm,
-        "norm_growth": norm[-1] / norm[0] if norm and norm[0] > 0 else None,
-        "definitions": {
+    result = ResidResult(
+        cache=str(cache.path),
+        model=cache.meta.get("model", {}).get("name"),
+        hook=cache.meta.get("spec", {}).get("hook"),
+        lens=cache.lens_record,
+        tokens=sums.n,
+        layers=layers,
+        pairs=[[a, b] for a, b in zip(layers, layers[1:])],
+        cosine_centered=(sums.cos_centered / n).tolist(),
+        cosine_uncentered=(sums.cos_raw / n).tolist(),
+        norm_mean=norm,
+        norm_growth=norm[-1] / norm[0] if norm and norm[0] > 0 else None,
+        definitions={
             "cosine_centered": "mean over kept tokens t of cos(x_{t,l} - mu_l, x_{t,l'} - mu_{l'}) for consecutive "
             "cached layers (l, l'); mu_l = layer mean over all kept tokens of the cache",
             "cosine_uncentered": "the same without centering (for comparison only)",
             "norm_mean": "mean over kept tokens of the L2 norm |x_{t,l}|",
             "norm_growth": "norm_mean of the last layer / norm_mean of the first",
-            "mmcs": "mean over decoder directions i of max_{j != i} cos(W_dec[i], W_dec[j])",
         },
-    }
-    if sae_dir is not None:
-        result["mmcs"] = decoder_mmcs(sae_dir, device)
+    )
     if figures:
-        result["figures"] = _figures(result, out)
-    (out / RESID_JSON).write_text(json.dumps(result, indent=1))
+        result.figures = _figures(result, out)
+    result.files = [ResidResult.FILE]
+    result.save(out)
     return result
 
 
-def _figures(r: dict[str, Any], out: Path) -> list[str]:
+def format_resid(res: ResidResult, mmcs: MmcsResult | None = None) -> str:
+    """Adjacent-layer cosines, norms (and the decoder MMCS) as plain text."""
+    lines = [f"{'layers':>9}  {'cos (centered)':>14}  {'cos (raw)':>9}"]
+    for (a, b), c, u in zip(res.pairs, res.cosine_centered, res.cosine_uncentered):
+        lines.append(f"{f'{a}->{b}':>9}  {c:>14.3f}  {u:>9.3f}")
+    lines.append("mean norm per layer: " + ", ".join(f"{n:.4g}" for n in res.norm_mean))
+    if mmcs is not None:
+        lines.append(f"decoder MMCS: {mmcs.mmcs:.4f}")
+    return "\n".join(lines)
+
+
+def run_mmcs(sae_dir: str | Path, out_dir: str | Path, device: str = "cpu") -> MmcsResult:
+    """decoder_mmcs -> out_dir/mmcs.json."""
+    result = decoder_mmcs(sae_dir, resolve_device(device))
+    result.save(out_dir)
+    return result
+
+
+def _figures(r: ResidResult, out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    model = r["model"] or r["cache"]
-    title = f"{Path(model).name if Path(model).exists() else model} ({r['tokens']:,} tokens)"
+    model = r.model or r.cache
+    title = f"{Path(model).name if Path(model).exists() else model} ({r.tokens:,} tokens)"
     names = []
-    if r["pairs"]:
+    if r.pairs:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        x = [a for a, _ in r["pairs"]]
-        ax.plot(x, r["cosine_centered"], "o-", label="centered (x - layer mean)")
-        ax.plot(x, r["cosine_uncentered"], "s--", alpha=0.6, label="uncentered")
+        x = [a for a, _ in r.pairs]
+        ax.plot(x, r.cosine_centered, "o-", label="centered (x - layer mean)")
+        ax.plot(x, r.cosine_uncentered, "s--", alpha=0.6, label="uncentered")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer l (vs the next cached layer)")
         ax.set_ylabel("mean cosine similarity")
@@ -227,8 +242,8 @@ def _figures(r: dict[str, Any], out: Path) -> list[str]:
         plt.close(fig)
         names.append(COSINE_PNG)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(r["layers"], r["norm_mean"], "o-")
-    if all(v > 0 for v in r["norm_mean"]):
+    ax.plot(r.layers, r.norm_mean, "o-")
+    if all(v > 0 for v in r.norm_mean):
         ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")

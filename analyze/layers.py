@@ -39,12 +39,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from analyze.results import LayerVariances, MultiLayer, ReferenceFormulas, VarianceResult
 from harvest import ChunkReader, open_cache
 from harvest.atomic import atomic_write
 from harvest.errors import CacheError, SpecError
 from train.objectives import FIRE_THRESHOLD
+from train.special import SpecialTokens
 
-VARIANCE_JSON = "variance.json"
 DISTRIBUTION_FILE = "layer_distribution.safetensors"
 HEATMAP_PNG = "layer_heatmap.png"
 HISTOGRAM_PNG = "layer_mean_histogram.png"
@@ -268,14 +269,13 @@ class LayerDistribution:
     def _nan_where_empty(self, x: Tensor) -> Tensor:
         return torch.where(self.latent_mass() > 0, x, torch.full((), math.nan, dtype=x.dtype, device=x.device))
 
-    def variances(self) -> dict[str, float]:
+    def variances(self) -> LayerVariances:
         """Var(L), E[Var(L|J)], E[Var(L|J,T)] and the two ratios (NaN where undefined)."""
         m_j = self.latent_mass()
         M = m_j.sum()
         l = torch.arange(self.n_layers, dtype=torch.float64, device=self.mass.device)
         if M <= 0:
-            nan = math.nan
-            return dict(var_l=nan, exp_var_l_given_j=nan, exp_var_l_given_jt=nan, ratio_latent=nan, ratio_token=nan)
+            return LayerVariances(math.nan, math.nan, math.nan, math.nan, math.nan)
         p_l = self.mass.sum(0) / M
         mu = (p_l * l).sum()
         var_l = (p_l * (l - mu) ** 2).sum().item()
@@ -283,7 +283,7 @@ class LayerDistribution:
         mu_j = (self.mass @ l) / torch.where(m_j > 0, m_j, 1.0)
         e_var_j = ((self.mass * (l - mu_j.unsqueeze(1)) ** 2).sum() / M).item()
         e_var_jt = (self.token_var.sum() / M).item()
-        return dict(
+        return LayerVariances(
             var_l=var_l,
             exp_var_l_given_j=e_var_j,
             exp_var_l_given_jt=e_var_jt,
@@ -291,29 +291,20 @@ class LayerDistribution:
             ratio_token=_div(e_var_jt, e_var_j),
         )
 
-    def multi_layer(self) -> dict[str, float]:
+    def multi_layer(self) -> MultiLayer:
         """Fractions of latents active at more than one layer, per token and aggregated (DEFINITIONS)."""
         with_mass = self.mass > 0
         active = with_mass.any(1)
         multi = with_mass.sum(1) > 1
-        return {
-            "per_token_mean": _div(self.multi_share_sum.item(), self.active_tokens.item()),
-            "per_token_pooled": _div(self.multi_pairs.sum().item(), self.pairs.sum().item()),
-            "aggregated": _div(multi.sum().item(), active.sum().item()),
-            "active_latents": int(active.sum()),
-            "multi_layer_latents": int(multi.sum()),
-            "active_tokens": int(self.active_tokens.item()),
-            "mean_active_latents_per_token": _div(self.pairs.sum().item(), self.active_tokens.item()),
-        }
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "tokens": int(self.tokens.item()),
-            "layers": self.layers.tolist(),
-            "layer_positions": list(range(self.n_layers)),
-            **self.variances(),
-            "multi_layer": self.multi_layer(),
-        }
+        return MultiLayer(
+            per_token_mean=_div(self.multi_share_sum.item(), self.active_tokens.item()),
+            per_token_pooled=_div(self.multi_pairs.sum().item(), self.pairs.sum().item()),
+            aggregated=_div(multi.sum().item(), active.sum().item()),
+            active_latents=int(active.sum()),
+            multi_layer_latents=int(multi.sum()),
+            active_tokens=int(self.active_tokens.item()),
+            mean_active_latents_per_token=_div(self.pairs.sum().item(), self.active_tokens.item()),
+        )
 
 
 def _div(a: float, b: float) -> float:
@@ -430,20 +421,12 @@ class ReferenceVariances:
             self.sums, self.batches = t[:-1], int(t[-1].item())
         return self
 
-    def compute(self) -> dict[str, Any]:
+    def compute(self) -> ReferenceFormulas:
         n = self.batches
-        out = {k: (self.sums[i].item() / n if n else math.nan) for i, k in enumerate(REFERENCE_KEYS)}
-        return {
-            **out,
-            "batches": n,
-            "batch_tokens": self.batch_tokens,
-            "tokens": n * self.batch_tokens,
-            "source": REFERENCE_SOURCE,
-            "label": "reference code's formulas: NOT proper variances (the first ratio is ~1 for any data); "
-            "for comparison only",
-            "ratio_latent_ref": out["rel_var_f"],
-            "ratio_token_ref": out["rel_var_t"],
-        }
+        means = {k: (self.sums[i].item() / n if n else math.nan) for i, k in enumerate(REFERENCE_KEYS)}
+        return ReferenceFormulas(
+            **means, batches=n, batch_tokens=self.batch_tokens, tokens=n * self.batch_tokens, source=REFERENCE_SOURCE
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,17 +451,6 @@ def _distributed() -> Iterator[tuple[int, int]]:
         d.close()
 
 
-def _json_num(x: Any) -> Any:
-    """NaN/inf -> None: variance.json stays standard JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_num(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_num(v) for v in x]
-    return x
-
-
 @torch.no_grad()
 def run_variance(
     sae_dir: str | Path,
@@ -494,16 +466,17 @@ def run_variance(
     reference_batch_tokens: int = REFERENCE_BATCH_TOKENS,
     figures: bool = True,
     log: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> VarianceResult:
     """Layer distributions and variance ratios of the SAE in `sae_dir` over up to `tokens` kept tokens.
 
     Reads whole chunks of the cache (all complete chunks, or `chunks`) in the ChunkReader's seeded order
-    (`seed`), keeps the tokens whose `keep` flag is set (special tokens excluded) until `tokens` are
-    used, restricted to the layers the SAE was trained on (config.json "layers"), and encodes them in
+    (`seed`), keeps the tokens the run trained on (its special-token mode: the `keep` flag, or every
+    token for include-real; held-out windows included) until `tokens` are used, restricted to the
+    layers the SAE was trained on (the run record's layers), and encodes them in
     sub-batches of `rows` tokens x L layers on `device`. Under torchrun (torch.distributed initialized)
     the chunks are split over ranks, each rank takes its share of `tokens`, the accumulators are summed
     over ranks, and rank 0 alone writes. Writes variance.json, layer_distribution.safetensors and two
-    PNG figures into `out_dir`; returns the summary dict (the content of variance.json)."""
+    PNG figures into `out_dir`; returns the result (the content of variance.json)."""
     from harvest.models import resolve_device
     from train.record import load_run
 
@@ -534,36 +507,39 @@ def run_variance(
         acc = LayerDistribution.zeros(sae.cfg.n_latents, layers, dev)
         ref = ReferenceVariances(sae.cfg.n_latents, len(layers), reference_batch_tokens) if reference_formulas else None
         t0 = time.perf_counter()
-        _stream(sae, reader, budget, rows, dev, acc, ref, progress and rank == 0)
+        special = SpecialTokens.of(record.special_tokens, cache)
+        _stream(sae, reader, budget, rows, dev, acc, ref, progress and rank == 0, special)
         seconds = time.perf_counter() - t0
         acc.all_reduce_()
         if ref is not None:
             ref.all_reduce_()
 
-    summary = {
-        **acc.summary(),
-        "tokens_requested": tokens,
-        "n_latents": sae.cfg.n_latents,
-        "k": sae.cfg.k,
-        "sae": str(sae_dir.resolve()),
-        "cache": str(cache.path.resolve()),
-        "cache_fingerprint": cache.fingerprint,
-        "lens": cache.lens_record,
-        "seed": seed,
-        "device": dev,
-        "world_size": world,
-        "seconds": seconds,
-        "tokens_per_s": acc.tokens.item() / max(seconds, 1e-9),
-        "definitions": DEFINITIONS,
-    }
-    if ref is not None:
-        summary["reference_formulas"] = ref.compute()
-    summary = _json_num(summary)
+    result = VarianceResult(
+        tokens=int(acc.tokens.item()),
+        tokens_requested=tokens,
+        layers=list(layers),
+        n_latents=sae.cfg.n_latents,
+        k=sae.cfg.k,
+        variances=acc.variances(),
+        multi_layer=acc.multi_layer(),
+        reference=ref.compute() if ref is not None else None,
+        special_tokens=special.mode,
+        sae=str(sae_dir.resolve()),
+        cache=cache.location,
+        cache_fingerprint=cache.fingerprint,
+        lens=cache.lens_record,
+        seed=seed,
+        device=dev,
+        world_size=world,
+        seconds=seconds,
+        tokens_per_s=acc.tokens.item() / max(seconds, 1e-9),
+        definitions=DEFINITIONS,
+    )
     if rank == 0:
-        if summary["tokens"] < tokens:
-            log(f"note: the chosen chunks hold only {summary['tokens']:,} kept tokens; used them all")
-        _write_outputs(acc, summary, out_dir, figures)
-    return summary
+        if result.tokens < tokens:
+            log(f"note: the chosen chunks hold only {result.tokens:,} kept tokens; used them all")
+        _write_outputs(acc, result, out_dir, figures)
+    return result
 
 
 def _stream(
@@ -575,17 +551,20 @@ def _stream(
     acc: LayerDistribution,
     ref: ReferenceVariances | None,
     progress: bool,
+    special: SpecialTokens,
 ) -> None:
-    """Encode up to `budget` kept tokens of the reader's chunks and feed the accumulators."""
+    """Encode up to `budget` tokens of the reader's chunks (those the run's special-token mode uses) and
+    feed the accumulators."""
     from harvest.progress import progress_bar
 
     upper = min(budget, len(reader) * reader.layout.chunk_tokens)  # kept tokens are unknown until read
     done = 0
     with progress_bar("variance", upper, "tokens", enabled=progress, rate_unit="tok/s") as bar:
         for chunk in reader.epoch(0):
-            kept = chunk.keep.nonzero().squeeze(1)[: budget - done]
+            kept = special.usable(chunk.keep, chunk.token_ids).nonzero().squeeze(1)[: budget - done]
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
             x_all = chunk.acts[:, kept] if dev == "cpu" else chunk.acts.to(dev, non_blocking=True)[:, kept.to(dev)]
+            x_all = special.vectors(x_all, chunk.token_ids[kept])  # zeros at special tokens in `reference` mode
             for s in range(0, x_all.shape[1], rows):
                 values, indices = sae.encode(x_all[:, s : s + rows].float())
                 acc.update(values, indices)
@@ -600,7 +579,7 @@ def _stream(
         torch.cuda.synchronize()  # the time measured by the caller is the work done, not the work queued
 
 
-def _write_outputs(acc: LayerDistribution, summary: dict[str, Any], out_dir: Path, figures: bool) -> None:
+def _write_outputs(acc: LayerDistribution, result: VarianceResult, out_dir: Path, figures: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {
         **acc.to_tensors(),
@@ -614,15 +593,30 @@ def _write_outputs(acc: LayerDistribution, summary: dict[str, Any], out_dir: Pat
         lambda tmp: save_file(
             {k: v.contiguous() for k, v in tensors.items()},
             str(tmp),
-            metadata={"layers": json.dumps(summary["layers"]), "tokens": str(summary["tokens"])},
+            metadata={"layers": json.dumps(result.layers), "tokens": str(result.tokens)},
         ),
     )
     if figures:
         from analyze.figures_layers import layer_heatmap, mean_layer_histogram
 
         p, mean = tensors["p_layer_given_latent"], tensors["mean_layer"]
-        layer_heatmap(p, mean, summary["layers"], out_dir / HEATMAP_PNG)
-        mean_layer_histogram(mean, summary["layers"], out_dir / HISTOGRAM_PNG)
-        summary["figures"] = [HEATMAP_PNG, HISTOGRAM_PNG]
-    summary["files"] = [VARIANCE_JSON, DISTRIBUTION_FILE]
-    (out_dir / VARIANCE_JSON).write_text(json.dumps(summary, indent=1) + "\n")
+        layer_heatmap(p, mean, result.layers, out_dir / HEATMAP_PNG)
+        mean_layer_histogram(mean, result.layers, out_dir / HISTOGRAM_PNG)
+        result.figures = [HEATMAP_PNG, HISTOGRAM_PNG]
+    result.files = [VarianceResult.FILE, DISTRIBUTION_FILE]
+    result.save(out_dir)
+
+
+def format_variance(res: VarianceResult) -> str:
+    """The headline numbers of `analyze variance` as plain text."""
+    v, ml, ref = res.variances, res.multi_layer, res.reference
+    lines = [
+        f"variance over {res.tokens:,} tokens, layers {res.layers[0]}..{res.layers[-1]}",
+        f"  Var(L) = {v.var_l:.4g}   E[Var(L|J)] = {v.exp_var_l_given_j:.4g}   "
+        f"E[Var(L|J,T)] = {v.exp_var_l_given_jt:.4g}",
+        f"  E[Var(L|J)]/Var(L) = {v.ratio_latent:.4f}   E[Var(L|J,T)]/E[Var(L|J)] = {v.ratio_token:.4f}",
+        f"  latents active at >1 layer: {ml.per_token_pooled:.1%} per token (pooled), {ml.aggregated:.1%} aggregated",
+    ]
+    if ref is not None:
+        lines.append(f"  reference code's formulas (not proper variances): {ref.rel_var_f:.4f}, {ref.rel_var_t:.4f}")
+    return "\n".join(lines)

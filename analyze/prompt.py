@@ -3,12 +3,12 @@
 The poster's contrast: over many tokens most latents fire at several layers, but at ONE token position
 most latents fire at a single layer. For a prompt we report both sides of that comparison, with the
 definitions and the accumulator of `analyze variance` (analyze.layers: DEFINITIONS, LayerDistribution),
-in the same JSON keys as variance.json:
+in the same types as its VarianceResult (analyze.results: LayerVariances, MultiLayer):
 - multi_layer.per_token_pooled: of the latents active at token t (at any layer), the fraction active at
   >= 2 layers at t, pooled over tokens (sum_t |M_t| / sum_t |A_t|; per_token_mean: mean over tokens);
 - multi_layer.aggregated: of the latents active anywhere in the prompt, the fraction active at >= 2
   layers, counting layers over all the prompt's tokens together;
-- ratio_token = E[Var(L|J,T)] / E[Var(L|J)] and ratio_latent = E[Var(L|J)] / Var(L) for the prompt.
+- variances.ratio_token = E[Var(L|J,T)] / E[Var(L|J)], variances.ratio_latent = E[Var(L|J)] / Var(L).
 A latent is active when its post-ReLU value exceeds FIRE_THRESHOLD (1e-3; method.md Sec. 4). Special
 tokens (BOS/EOS) are shown in the table, marked, and left out of every statistic.
 
@@ -19,17 +19,17 @@ windows start with BOS. The vectors are rounded to the cache's storage dtype, as
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from analyze.layers import DEFINITIONS
+from analyze.results import PromptLatents, PromptResult, PromptToken, TopLatent
 from harvest import UserError, open_cache
 from harvest.errors import CacheError, ModelError
 
-PROMPT_JSON = "prompt.json"
 PROMPT_PNG = "prompt.png"
 
 
@@ -102,7 +102,7 @@ def run_prompt(
     top: int = 5,
     show: bool = True,
     console: Any = None,
-) -> dict[str, Any]:
+) -> PromptResult:
     """Encode every (token, layer) vector of `text`; write prompt.json and prompt.png to `out_dir`
     (default: the run folder, as the other analyses) and, when `show`, print the per-token table.
 
@@ -115,7 +115,7 @@ def run_prompt(
     sae_dir = Path(sae_dir)
     record = load_run(sae_dir)
     layers = record.layers
-    cache_path = Path(cache or record.cache.path)
+    cache_path = cache or record.cache.path  # a path or a URL
     try:
         c = open_cache(cache_path)
     except CacheError:
@@ -154,90 +154,78 @@ def run_prompt(
     special_ids = set(tokenizer.all_special_ids) | set(tok_meta.get("special_ids", []) if model is None else [])
     special = torch.tensor([i in special_ids for i in ids])
     st = prompt_stats(values, indices, ~special, sae.cfg.n_latents, layers)
-    result = _result(st, ids, special, tokenizer, layers, top)
-    result.update(
-        {
-            "text": text,
-            "sae": str(sae_dir),
-            "cache": str(cache_path),
-            "model": source.name,
-            "hook": hook,
-            "lens": c.lens_record,
-            "prepend_bos": prepend_bos,
-            "n_latents": sae.cfg.n_latents,
-            "k": sae.cfg.k,
-        }
-    )
-
-    out = Path(out_dir) if out_dir is not None else sae_dir
-    out.mkdir(parents=True, exist_ok=True)
-    result["figures"] = [_figure(st, result, layers, out)]
-    (out / PROMPT_JSON).write_text(json.dumps(result, indent=1))
-    if show:
-        print_table(result, console)
-    return result
-
-
-def _nan_none(x: Any) -> Any:
-    """NaN -> None, so that prompt.json stays standard JSON."""
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _nan_none(v) for k, v in x.items()}
-    return x
-
-
-def _result(
-    st: dict[str, Any], ids: list[int], special: torch.Tensor, tokenizer: Any, layers: list[int], top: int
-) -> dict[str, Any]:
-    from analyze.layers import DEFINITIONS
-
-    tokens = []
-    for t, acts in enumerate(st["per_token"]):
-        ranked = sorted(acts.items(), key=lambda kv: -float(kv[1].sum()))[:top]
-        tokens.append(
-            {
-                "pos": t,
-                "id": ids[t],
-                "text": tokenizer.decode([ids[t]]),
-                "special": bool(special[t]),
-                "n_active": int(st["n_active"][t]),
-                "n_multi": int(st["n_multi"][t]),
-                "top": [
-                    {
-                        "latent": j,
-                        "activation": float(v.sum()),
-                        "layers": [layers[l] for l in v.nonzero().squeeze(1).tolist()],
-                        "values": [round(float(v[l]), 4) for l in v.nonzero().squeeze(1).tolist()],
-                    }
-                    for j, v in ranked
-                ],
-            }
-        )
     acc = st["acc"]
-    on = (acc.latent_mass() > 0).nonzero().squeeze(1)
-    mean_l, var_l = acc.mean_layer()[on], acc.var_layer()[on]
-    order = torch.argsort(mean_l, stable=True)
-    return {
-        "layers": layers,
-        "n_tokens": len(ids),
-        "n_tokens_used": int((~special).sum()),
-        **_nan_none(acc.variances()),
-        "multi_layer": _nan_none(acc.multi_layer()),
-        "tokens": tokens,
-        "latents": {
-            "ids": on[order].tolist(),
-            "mean_layer": mean_l[order].tolist(),
-            "var_layer": var_l[order].tolist(),
-            "n_layers": (acc.mass[on[order]] > 0).sum(1).tolist(),
-        },
-        "definitions": {
+    result = PromptResult(
+        text=text,
+        sae=str(sae_dir),
+        cache=str(cache_path),
+        model=source.name,
+        hook=hook,
+        lens=c.lens_record,
+        prepend_bos=prepend_bos,
+        n_latents=sae.cfg.n_latents,
+        k=sae.cfg.k,
+        layers=layers,
+        n_tokens=len(ids),
+        n_tokens_used=int((~special).sum()),
+        variances=acc.variances(),
+        multi_layer=acc.multi_layer(),
+        tokens=_tokens(st, ids, special, tokenizer, layers, top),
+        latents=_latents(acc),
+        definitions={
             **DEFINITIONS,
             "latents": "the latents active in the prompt, sorted by E[L|J=j] (mean_layer) of the "
             "prompt's activation mass",
             "special tokens": "shown in 'tokens' with special=true, excluded from every statistic",
         },
-    }
+    )
+    out = Path(out_dir) if out_dir is not None else sae_dir
+    out.mkdir(parents=True, exist_ok=True)
+    result.figures = [_figure(acc, result, out)]
+    result.save(out)
+    if show:
+        print_table(result, console)
+    return result
+
+
+def _tokens(
+    st: dict[str, Any], ids: list[int], special: torch.Tensor, tokenizer: Any, layers: list[int], top: int
+) -> list[PromptToken]:
+    tokens = []
+    for t, acts in enumerate(st["per_token"]):
+        ranked = sorted(acts.items(), key=lambda kv: -float(kv[1].sum()))[:top]
+        tokens.append(
+            PromptToken(
+                pos=t,
+                id=ids[t],
+                text=tokenizer.decode([ids[t]]),
+                special=bool(special[t]),
+                n_active=int(st["n_active"][t]),
+                n_multi=int(st["n_multi"][t]),
+                top=[
+                    TopLatent(
+                        latent=j,
+                        activation=float(v.sum()),
+                        layers=[layers[l] for l in v.nonzero().squeeze(1).tolist()],
+                        values=[round(float(v[l]), 4) for l in v.nonzero().squeeze(1).tolist()],
+                    )
+                    for j, v in ranked
+                ],
+            )
+        )
+    return tokens
+
+
+def _latents(acc: Any) -> PromptLatents:
+    on = (acc.latent_mass() > 0).nonzero().squeeze(1)
+    mean_l, var_l = acc.mean_layer()[on], acc.var_layer()[on]
+    order = torch.argsort(mean_l, stable=True)
+    return PromptLatents(
+        ids=on[order].tolist(),
+        mean_layer=mean_l[order].tolist(),
+        var_layer=var_l[order].tolist(),
+        n_layers=(acc.mass[on[order]] > 0).sum(1).tolist(),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,10 +233,10 @@ def _result(
 
 
 def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+    return "n/a" if v is None or math.isnan(v) else f"{v:.3f}"
 
 
-def print_table(result: dict[str, Any], console: Any = None, max_latents: int = 5) -> None:
+def print_table(result: PromptResult, console: Any = None, max_latents: int = 5) -> None:
     """The per-token table: which of the top latents fire at which layers."""
     from rich.console import Console
     from rich.markup import escape
@@ -256,7 +244,7 @@ def print_table(result: dict[str, Any], console: Any = None, max_latents: int = 
 
     console = console or Console()
     table = Table(
-        title=f"latents per token ({result.get('model')}, layers {result['layers'][0]}..{result['layers'][-1]})",
+        title=f"latents per token ({result.model}, layers {result.layers[0]}..{result.layers[-1]})",
         show_lines=False,
     )
     for col, kw in [
@@ -267,24 +255,24 @@ def print_table(result: dict[str, Any], console: Any = None, max_latents: int = 
         ("top latents: layers where active", {}),
     ]:
         table.add_column(col, **kw)
-    for t in result["tokens"]:
-        tok = escape(repr(t["text"])[1:-1])
-        lat = "  ".join(f"{d['latent']}@{_ranges(d['layers'])}" for d in t["top"][:max_latents])
-        style = "dim" if t["special"] else None
+    for t in result.tokens:
+        tok = escape(repr(t.text)[1:-1])
+        lat = "  ".join(f"{d.latent}@{_ranges(d.layers)}" for d in t.top[:max_latents])
+        style = "dim" if t.special else None
         table.add_row(
-            str(t["pos"]),
-            tok + (" (special)" if t["special"] else ""),
-            str(t["n_active"]),
-            str(t["n_multi"]),
+            str(t.pos),
+            tok + (" (special)" if t.special else ""),
+            str(t.n_active),
+            str(t.n_multi),
             escape(lat),
             style=style,
         )
     console.print(table)
-    ml = result["multi_layer"]
+    ml = result.multi_layer
     console.print(
-        f"latents active at >= 2 layers: per token {_fmt(ml['per_token_pooled'])} (mean over tokens "
-        f"{_fmt(ml['per_token_mean'])}) vs aggregated over the prompt {_fmt(ml['aggregated'])}; "
-        f"E[Var(L|J,T)]/E[Var(L|J)] = {_fmt(result['ratio_token'])}"
+        f"latents active at >= 2 layers: per token {_fmt(ml.per_token_pooled)} (mean over tokens "
+        f"{_fmt(ml.per_token_mean)}) vs aggregated over the prompt {_fmt(ml.aggregated)}; "
+        f"E[Var(L|J,T)]/E[Var(L|J)] = {_fmt(result.variances.ratio_token)}"
     )
 
 
@@ -300,14 +288,14 @@ def _ranges(layers: list[int]) -> str:
     return ",".join(parts) or "-"
 
 
-def _figure(st: dict[str, Any], r: dict[str, Any], layers: list[int], out: Path) -> str:
+def _figure(acc: Any, r: PromptResult, out: Path) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ids = r["latents"]["ids"]
-    mass = st["acc"].mass[ids] if ids else torch.zeros(0, len(layers), dtype=torch.float64)
+    ids, layers = r.latents.ids, r.layers
+    mass = acc.mass[ids] if ids else torch.zeros(0, len(layers), dtype=torch.float64)
     p = mass / mass.sum(1, keepdim=True).clamp_min(1e-300)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
     if len(ids):
@@ -326,18 +314,17 @@ def _figure(st: dict[str, Any], r: dict[str, Any], layers: list[int], out: Path)
     ax.set_ylabel("layer")
     ax.set_title("Latent activation mass over layers (summed over the prompt's tokens)", fontsize=9)
 
-    toks = [t for t in r["tokens"] if not t["special"]]
-    single = [t["n_active"] - t["n_multi"] for t in toks]
-    multi = [t["n_multi"] for t in toks]
+    toks = [t for t in r.tokens if not t.special]
+    single = [t.n_active - t.n_multi for t in toks]
+    multi = [t.n_multi for t in toks]
     x = range(len(toks))
     bx.bar(x, single, label="active at 1 layer")
     bx.bar(x, multi, bottom=single, label="active at >= 2 layers")
     if len(toks) <= 40:
-        bx.set_xticks(list(x), [repr(t["text"])[1:-1][:10] for t in toks], rotation=90, fontsize=7)
+        bx.set_xticks(list(x), [repr(t.text)[1:-1][:10] for t in toks], rotation=90, fontsize=7)
     bx.set_ylabel("latents active at the token")
     bx.set_title(
-        f">= 2 layers: per token {_fmt(r['multi_layer']['per_token_pooled'])}, aggregated "
-        f"{_fmt(r['multi_layer']['aggregated'])}",
+        f">= 2 layers: per token {_fmt(r.multi_layer.per_token_pooled)}, aggregated {_fmt(r.multi_layer.aggregated)}",
         fontsize=9,
     )
     bx.legend(fontsize=8)

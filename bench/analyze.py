@@ -118,7 +118,7 @@ def time_run_variance(
     )
     sync(device)
     wall = time.perf_counter() - t
-    return VarianceRun(summary["tokens"], wall, summary["seconds"], cpu_share(cpu_seconds() - c0, wall), notes)
+    return VarianceRun(summary.tokens, wall, summary.seconds, cpu_share(cpu_seconds() - c0, wall), notes)
 
 
 def kept_chunks(reader: ChunkReader, budget: int, device: str) -> Iterator[torch.Tensor]:

@@ -63,9 +63,11 @@ from harvest import open_cache  # noqa: E402
 from harvest.env import Dist  # noqa: E402
 from harvest.models import resolve_device  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.data import MinibatchStream, split_chunks  # noqa: E402
-from train.objectives import DeadLatents  # noqa: E402
-from train.sae import SaeConfig, TopKSae  # noqa: E402
+from train.data import MinibatchStream  # noqa: E402
+from train.record import CacheRef, RunRecord  # noqa: E402
+from train.sae import SaeConfig  # noqa: E402
+from train.special import SpecialTokens  # noqa: E402
+from train.split import HeldOut, choose_heldout  # noqa: E402
 
 ORIG = {name: getattr(tloop, name) for name in ["_step", "evaluate", "_init_b_pre", "_checkpoint", "MinibatchStream"]}
 
@@ -119,7 +121,7 @@ class Shapes:
     device: str
     layers: list[int]
     train_chunks: list[int]
-    eval_chunks: list[int]
+    heldout: HeldOut
     d_model: int
 
 
@@ -129,8 +131,8 @@ def shapes_of(args: argparse.Namespace) -> Shapes:
     cache.require_complete()
     cfg = base_config(args, "unused")
     layers = cfg.layer_list(cache.layers)
-    train_chunks, eval_chunks = split_chunks(cache, min(cfg.eval_tokens, cache.layout.n_tokens // 2))
-    return Shapes(cache, resolve_device(args.device), layers, train_chunks, eval_chunks, cache.layout.d_model)
+    heldout = choose_heldout(cache, cfg.eval_tokens, cfg.heldout_seed)
+    return Shapes(cache, resolve_device(args.device), layers, cache.complete_chunks(), heldout, cache.layout.d_model)
 
 
 def base_config(args: argparse.Namespace, out: str, **kw: Any) -> TrainConfig:
@@ -164,23 +166,22 @@ def make_stream(sh: Shapes, cfg: TrainConfig) -> MinibatchStream:
         cfg.round_chunks,
         sh.device,
         seed=cfg.seed,
-        include_special=cfg.include_special,
+        special=SpecialTokens.of(cfg.special_tokens, sh.cache),
         prefetch=cfg.prefetch,
+        heldout=sh.heldout,
     )
 
 
 def make_run(sh: Shapes, cfg: TrainConfig, out: Path) -> tloop.Run:
-    """A Run built exactly as train.loop._train builds a new one (same seed -> same initial SAE)."""
+    """A Run built exactly as train.loop builds a new one (same seed -> same initial SAE)."""
     sae_cfg = SaeConfig.from_expansion(
         sh.d_model, cfg.expansion_factor, cfg.k, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens
     )
-    lr = tloop._lr(cfg, sae_cfg.n_latents)
-    sae = TopKSae(sae_cfg, device=sh.device, generator=torch.Generator().manual_seed(cfg.seed))
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10)
-    layer_idx = torch.tensor(list(range(len(sh.layers))), device=sh.device)
-    return tloop.Run(
-        cfg, out, layer_idx, sh.layers, sae, opt, DeadLatents(sae_cfg.n_latents, cfg.dead_tokens, sh.device), lr
-    )
+    special = SpecialTokens.of(cfg.special_tokens, sh.cache)
+    p = tloop.Pass(sh.cache, sh.device, sh.heldout, special, sh.layers, 1, cfg.batch_tokens)
+    lr = 2e-4 / (sae_cfg.n_latents / 2**14) ** 0.5 if cfg.lr_scaling else cfg.lr
+    record = RunRecord(out, cfg, sae_cfg, sh.layers, CacheRef.of(sh.cache), sh.heldout, special.mode, 1, lr, 1, {})
+    return tloop._build_run(record, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def measure_step(
         step_s,
         cpu_s,
         dead,
-        parts[0] if parts else float("nan"),
+        parts.loss if parts else float("nan"),
         read_s,
         share,
     )
@@ -398,8 +399,8 @@ def run_train(configs: list[TrainConfig], device: str) -> TrainResult:
     in_loop = lambda iv: step0_end <= iv[0] and iv[1] <= last_end
     metrics_last = []
     for c in configs:
-        lines = (Path(c.out) / "metrics.jsonl").read_text().splitlines()
-        metrics_last.append(json.loads(lines[-1]) if lines else {})
+        lines = [l for l in map(json.loads, (Path(c.out) / "metrics.jsonl").read_text().splitlines()) if "loss" in l]
+        metrics_last.append(lines[-1] if lines else {})  # the last training step (held-out evaluations have no loss)
     first_wait = trace.waits[0]
     return TrainResult(
         n_runs,
@@ -559,7 +560,7 @@ def _main(args: argparse.Namespace, tmp: Path) -> None:
     print(
         f"# train benchmark: cache {sh.cache.path} ({lay.n_tokens:,} tokens x {len(lay.layers)} layers x d "
         f"{lay.d_model}, {lay.dtype}, chunk {lay.chunk_tokens}); {len(sh.train_chunks)} training chunks, "
-        f"{len(sh.eval_chunks)} held-out"
+        f"held out: {sh.heldout.describe()}"
     )
     print(
         f"# SAE: layers {args.layers} ({n_layers}), n_latents {args.expansion_factor * sh.d_model:,} "

@@ -21,24 +21,25 @@ bfloat16 is stored as uint16 bits (zarr 3.1 has no bfloat16) with the logical dt
 
 from __future__ import annotations
 
-import errno
+import hashlib
 import json
 import os
-import shutil
 import zlib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
+import google_crc32c
 import numpy as np
 import torch
+import xxhash
 import zarr
-from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write_json, fsync_dir, fsync_file
-from .errors import CacheError, StorageError
+from .errors import CacheError, IntegrityError
 from .stats import LayerStats
+from .store import LocalStore, ReadThroughStore, Store, StoreMissing, open_store
 
 if TYPE_CHECKING:
     from .lens import Lens, LensSource
@@ -136,30 +137,106 @@ class Layout:
 
 
 # ---------------------------------------------------------------------------------------------
-# small file helpers
+# checksums and shard encoding
+
+ABSENT = 2**64 - 1  # shard index entry (offset, nbytes) of an inner chunk that was never written
+MANIFEST_VERSION = 2  # 1 (before chunk checksums): {"size", "crc32"} per file; see `harvest upgrade`
+WINDOWS_MANIFEST = "manifest/windows.json"
+LOCK_KEY = ".mlsae-lock.json"  # harvest/lock.py's lock object; part of a cache location, never of its data
 
 
-def file_checksum(path: Path, fsync: bool = False) -> tuple[int, int]:
-    """(size, crc32) of a file, optionally fsyncing it first."""
-    crc, size = 0, 0
-    if fsync:
-        fsync_file(path)
-    with open(path, "rb") as f:
-        while buf := f.read(1 << 22):
-            crc = zlib.crc32(buf, crc)
-            size += len(buf)
-    return size, crc
+def chunk_hash(data: Any) -> str:
+    """xxh3-64 of stored bytes (hex). Chosen over crc32c: it takes any buffer without a copy, runs at ~19 GB/s
+    per core here and releases the GIL, so the reader's threads check chunks in parallel."""
+    return f"{xxhash.xxh3_64_intdigest(data):016x}"
 
 
-def _storage_error(e: OSError, path: Path) -> StorageError:
-    if e.errno == errno.ENOSPC:
-        return StorageError(
-            f"disk full while writing {path}: free space there or pass --out on a larger disk; "
-            f"rerun the same command to resume"
-        )
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return StorageError(f"cannot write {path} ({e.strerror}): choose a writable --out")
-    return StorageError(f"writing {path} failed ({e.strerror or e}): check the disk, then rerun to resume")
+def index_crc(index: bytes) -> bytes:
+    """The crc32c that zarr's sharding codec appends to a shard index (little-endian u32)."""
+    return np.uint32(google_crc32c.value(index)).tobytes()
+
+
+def meta_hash(attrs: dict[str, Any]) -> str:
+    """sha256 of the cache's metadata (zarr.json attributes), recorded in every manifest: a hand edit of the
+    token count or the layer labels no longer matches the blocks that were harvested under the original."""
+    return hashlib.sha256(json.dumps(attrs, sort_keys=True).encode()).hexdigest()
+
+
+def _blosc(itemsize: int) -> Any:
+    from numcodecs import Blosc
+
+    # the exact configuration zarr's BloscCodec builds from `_codecs` (so zarr-python reads our shards)
+    return Blosc.from_config(dict(cname="zstd", clevel=1, shuffle=1, blocksize=1 << 20, typesize=itemsize))
+
+
+def encode_shard(rows: np.ndarray, shard_rows: int, chunk_rows: int, compression: str) -> tuple[bytes, list]:
+    """One shard file in zarr's `sharding_indexed` layout (inner chunks, then the index of (offset, nbytes)
+    u64 pairs and its crc32c), from the `rows` the array holds in it (fewer than `shard_rows` at the array's
+    end: a partial last chunk is zero-padded, chunks past the end are absent). Returns the bytes and the
+    manifest's pieces: [offset, nbytes, xxh3] per inner chunk, None where absent."""
+    parts, pieces, index, offset = [], [], [], 0
+    codec = _blosc(rows.dtype.itemsize) if compression != "none" else None
+    for lo in range(0, shard_rows, chunk_rows):
+        if lo >= len(rows):
+            index.append((ABSENT, ABSENT))
+            pieces.append(None)
+            continue
+        chunk = rows[lo : lo + chunk_rows]
+        if len(chunk) < chunk_rows:
+            chunk = np.concatenate([chunk, np.zeros((chunk_rows - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        data = np.ascontiguousarray(chunk).view(np.uint8).reshape(-1)
+        data = codec.encode(data) if codec is not None else data.tobytes()
+        parts.append(data)
+        index.append((offset, len(data)))
+        pieces.append([offset, len(data), chunk_hash(data)])
+        offset += len(data)
+    raw_index = np.asarray(index, dtype="<u8").tobytes()
+    return b"".join([*parts, raw_index, index_crc(raw_index)]), pieces
+
+
+def whole_file(data: bytes) -> dict[str, Any]:
+    """Manifest entry of a file that is read whole (stats, windows chunks): one piece."""
+    return {"size": len(data), "crc32": zlib.crc32(data), "pieces": [[0, len(data), chunk_hash(data)]]}
+
+
+# ---------------------------------------------------------------------------------------------
+# manifests: ONE parser, so run, train, info and verify agree on what is complete
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    crc32: int  # of the whole file (zlib): what verify, push/pull and the read-through cache check
+    pieces: list | None = None  # [offset, nbytes, xxh3] per inner chunk (None = absent); None in old manifests
+
+
+@dataclass(frozen=True)
+class BlockManifest:
+    block: int
+    start: int
+    stop: int
+    files: dict[str, FileEntry]
+    meta_sha256: str | None  # None in old manifests
+
+    @property
+    def checksummed(self) -> bool:
+        return self.meta_sha256 is not None and all(f.pieces is not None for f in self.files.values())
+
+    def to_json(self) -> bytes:
+        files = {k: {"size": f.size, "crc32": f.crc32, "pieces": f.pieces} for k, f in self.files.items()}
+        d = {"version": MANIFEST_VERSION, "block": self.block, "start": self.start, "stop": self.stop}
+        return json.dumps({**d, "meta_sha256": self.meta_sha256, "files": files}, indent=1).encode()
+
+
+def parse_manifest(raw: bytes, where: str, fix: str) -> BlockManifest:
+    """A manifest's bytes -> BlockManifest; anything malformed is corrupt (one line with `fix`)."""
+    try:
+        d = json.loads(raw)
+        files = {k: FileEntry(int(v["size"]), int(v["crc32"]), v.get("pieces")) for k, v in d["files"].items()}
+        return BlockManifest(int(d["block"]), int(d["start"]), int(d["stop"]), files, d.get("meta_sha256"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        kind = "invalid JSON" if isinstance(e, json.JSONDecodeError) else f"malformed ({type(e).__name__}: {e})"
+        raise CacheError(f"{where} is corrupt ({kind}): {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,83 +251,148 @@ def _codecs(compression: str, itemsize: int) -> dict[str, Any]:
     return {"compressors": BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=itemsize, blocksize=1 << 20)}
 
 
-def create_cache(
-    path: Path, meta: dict[str, Any], layout: Layout, windows: np.ndarray, lens: "LensSource | None" = None
-) -> None:
-    """Create an empty cache with its metadata, token windows and (a copy of) its tuned lens, atomically
-    (temp folder + rename). The lens copy keeps the cache self-contained: analyses read it from there."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CacheError(f"{path} exists and is not an mlsae cache: choose another --out or remove it")
-    tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "layout": asdict(layout)}
-        root = zarr.open_group(str(tmp), mode="w", attributes={META_KEY: meta})
-        np_dtype = STORAGE_DTYPES[layout.dtype][0]
-        d, n = layout.d_model, layout.n_tokens
+def _zarr_documents(meta: dict[str, Any], layout: Layout, n_windows: int) -> dict[str, bytes]:
+    """The zarr.json documents of an empty cache, made by zarr-python itself (in memory)."""
+    from zarr.storage import MemoryStore
+
+    docs: dict[str, Any] = {}
+    root = zarr.open_group(MemoryStore(docs), mode="w", attributes={META_KEY: meta})
+    np_dtype = STORAGE_DTYPES[layout.dtype][0]
+    d, n = layout.d_model, layout.n_tokens
+    root.create_array(
+        "acts",
+        shape=(len(layout.layers), n, d),
+        dtype=np_dtype,
+        chunks=(1, layout.chunk_tokens, d),
+        shards=(1, layout.shard_tokens, d),
+        fill_value=0,
+        **_codecs(layout.compression, np_dtype.itemsize),
+        dimension_names=("layer", "token", "feature"),
+    )
+    for name, dt in TOKEN_ARRAYS.items():
         root.create_array(
-            "acts",
-            shape=(len(layout.layers), n, d),
-            dtype=np_dtype,
-            chunks=(1, layout.chunk_tokens, d),
-            shards=(1, layout.shard_tokens, d),
+            name,
+            shape=(n,),
+            dtype=dt,
+            chunks=(layout.chunk_tokens,),
+            shards=(layout.shard_tokens,),
             fill_value=0,
-            **_codecs(layout.compression, np_dtype.itemsize),
-            dimension_names=("layer", "token", "feature"),
-        )
-        for name, dt in TOKEN_ARRAYS.items():
-            root.create_array(
-                name,
-                shape=(n,),
-                dtype=dt,
-                chunks=(layout.chunk_tokens,),
-                shards=(layout.shard_tokens,),
-                fill_value=0,
-                compressors=None,
-            )
-        rows = max(1, (1 << 20) // layout.context)
-        w = root.create_array(
-            "windows",
-            shape=windows.shape,
-            dtype="int32",
-            chunks=(min(rows, len(windows)), layout.context),
             compressors=None,
         )
-        w[...] = windows.astype(np.int32)
-        (tmp / "manifest").mkdir()
-        if lens is not None:
-            lens.copy_to(tmp / LENS_DIR)
-        if path.exists():
-            path.rmdir()
-        os.rename(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _storage_error(e, path)
+    root.create_array(
+        "windows",
+        shape=(n_windows, layout.context),
+        dtype="int32",
+        chunks=(windows_chunk_rows(layout, n_windows), layout.context),
+        compressors=None,
+    )
+    return {k: v.to_bytes() for k, v in docs.items()}
+
+
+def windows_chunk_rows(layout: Layout, n_windows: int) -> int:
+    return min(max(1, (1 << 20) // layout.context), n_windows)
+
+
+CACHE_NAMES = {"zarr.json", "acts", "windows", "manifest", LENS_DIR, LOCK_KEY, *TOKEN_ARRAYS}
+
+
+def location_state(store: Store) -> str:
+    """'absent' (nothing there), 'cache' (a root zarr.json: created), 'partial' (only cache files: a creation
+    that was interrupted, safe to redo) or 'foreign' (anything else: never touched)."""
+    if store.exists("zarr.json"):
+        return "cache"  # without listing a big cache's objects
+    keys = store.list()
+    if not keys:
+        return "absent"
+    tops = {k.split("/", 1)[0] for k in keys}
+    # hidden names: the lock and temporary files of interrupted writes (".zarr.json.XXXX.tmp")
+    return "partial" if all(t in CACHE_NAMES or t.startswith(".") for t in tops) else "foreign"
+
+
+def create_cache(
+    location: str | Path | Store,
+    meta: dict[str, Any],
+    layout: Layout,
+    windows: np.ndarray,
+    lens: "LensSource | None" = None,
+) -> None:
+    """Create an empty cache: array metadata, token windows (checksummed in manifest/windows.json), a copy of
+    its tuned lens, and the root zarr.json LAST, only if absent: the creation's commit point, on a disk as
+    in a bucket. Leftovers of an interrupted creation are replaced. The lens copy keeps the cache
+    self-contained: analyses read it from there."""
+    store = location if isinstance(location, Store) else open_store(location)
+    state = location_state(store)
+    if state in ("cache", "foreign"):
+        raise CacheError(f"{store.location} exists and is not an empty location: choose another --out or remove it")
+    for top in CACHE_NAMES - {LOCK_KEY}:
+        store.delete_prefix(top)
+    meta = {**meta, "format": FORMAT, "format_version": FORMAT_VERSION, "layout": asdict(layout)}
+    docs = _zarr_documents(meta, layout, len(windows))
+    root = docs.pop("zarr.json")
+    for key, doc in docs.items():
+        store.put(key, doc)
+    rows = windows_chunk_rows(layout, len(windows))
+    files = {}
+    w = windows.astype("<i4")
+    for i in range(0, len(w), rows):
+        part = w[i : i + rows]
+        if len(part) < rows:  # zarr pads edge chunks to the full chunk shape
+            part = np.concatenate([part, np.zeros((rows - len(part), w.shape[1]), w.dtype)])
+        data = part.tobytes()
+        key = f"windows/c/{i // rows}/0"
+        store.put(key, data)
+        files[key] = whole_file(data)
+    attrs_hash = meta_hash(json.loads(root)["attributes"][META_KEY])
+    store.put(WINDOWS_MANIFEST, json.dumps({"meta_sha256": attrs_hash, "files": files}, indent=1).encode())
+    if lens is not None:
+        for name in ("config.json", "params.pt"):
+            store.put(f"{LENS_DIR}/{name}", (lens.folder / name).read_bytes())
+    if not store.create("zarr.json", root):
+        raise CacheError(f"{store.location} was created by another process meanwhile: rerun to resume it")
 
 
 class Cache:
-    """Read access to a cache: metadata, manifest, statistics, and reference (zarr-python) reads."""
+    """Read access to a cache: metadata, manifests, statistics, verified token reads, and reference
+    (zarr-python) reads. `location` is a path or a URL; `local_cache` a folder for a read-through copy."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        meta_file = self.path / "zarr.json"
-        if not meta_file.is_file():
-            raise CacheError(f"{self.path} is not a cache (no zarr.json): check the path or run `harvest run` first")
+    def __init__(self, location: str | Path | Store, local_cache: str | Path | None = None):
+        self._manifests: dict[int, BlockManifest] | None = None
+        self._entries: dict[str, FileEntry] | None = None
+        self._windows_entries: dict[str, FileEntry] | None = None
+        self._lens_folder: Path | None = None
+        store = location if isinstance(location, Store) else open_store(location)
+        local_cache = local_cache or os.environ.get("MLSAE_LOCAL_CACHE") or None
+        if local_cache is not None and not store.is_local:
+            store = ReadThroughStore(store, local_cache, expected=self._expected_piece)
+        self.store = store
+        self.location = store.location
+        where = self.location
         try:
-            attrs = json.loads(meta_file.read_text())["attributes"][META_KEY]
-        except (KeyError, json.JSONDecodeError):
-            raise CacheError(f"{self.path} is a zarr group but not an mlsae cache: check the path")
-        if attrs.get("format_version") != FORMAT_VERSION:
+            raw = store.get("zarr.json")
+        except StoreMissing:
+            raise CacheError(f"{where} is not a cache (no zarr.json): check the path or run `harvest run` first")
+        try:
+            attrs = json.loads(raw)["attributes"][META_KEY]
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"{where} is a zarr group but not an mlsae cache (or its zarr.json is corrupt): check it")
+        if not isinstance(attrs, dict) or attrs.get("format_version") != FORMAT_VERSION:
             raise CacheError(
-                f"{self.path} has cache format version {attrs.get('format_version')}, this code reads "
-                f"{FORMAT_VERSION}: re-harvest it or install a matching version"
+                f"{where} has cache format version {attrs.get('format_version') if isinstance(attrs, dict) else None}, "
+                f"this code reads {FORMAT_VERSION}: re-harvest it or install a matching version"
             )
+        try:
+            self.layout = Layout.from_dict(attrs["layout"])
+        except (KeyError, TypeError, ValueError):
+            raise CacheError(f"{where}/zarr.json has a malformed layout (edited?): restore it or re-harvest")
         self.meta: dict[str, Any] = attrs
-        self.layout = Layout.from_dict(attrs["layout"])
+        self.meta_sha256 = meta_hash(attrs)
 
     # -- metadata ------------------------------------------------------------------------------
+    @property
+    def path(self) -> Any:
+        """The cache folder as a Path for a local cache; the URL (str) of a remote one."""
+        return self.store.root if isinstance(self.store, LocalStore) else self.location
+
     @property
     def fingerprint(self) -> str:
         return self.meta["fingerprint"]
@@ -276,32 +418,79 @@ class Cache:
         rec = self.lens_record
         if rec is None:
             return None
-        folder = self.path / LENS_DIR
-        if not (folder / "params.pt").is_file() or params_sha256(folder) != rec["params_sha256"]:
+        folder = self._lens_copy()
+        if folder is None or params_sha256(folder) != rec["params_sha256"]:
             raise CacheError(
-                f"{folder} is missing or differs from the lens the cache was harvested with "
-                f"(sha256 {rec['params_sha256'][:12]}): restore it from {rec['path']} or re-harvest"
+                f"{self.store.describe(LENS_DIR)} is missing or differs from the lens the cache was harvested "
+                f"with (sha256 {rec['params_sha256'][:12]}): restore it from {rec['path']} or re-harvest"
             )
         return Lens.load(folder, self.layout.d_model, self.meta["model"]["n_layers"])
 
-    # -- manifest ------------------------------------------------------------------------------
+    def _lens_copy(self) -> Path | None:
+        """A local folder holding the cache's lens files (the cache's own folder when it is local)."""
+        if isinstance(self.store, LocalStore):
+            folder = self.store.root / LENS_DIR
+            return folder if (folder / "params.pt").is_file() else None
+        if self._lens_folder is None:
+            import tempfile
+
+            folder = Path(tempfile.mkdtemp(prefix="mlsae-lens-"))
+            try:
+                for name in ("config.json", "params.pt"):
+                    (folder / name).write_bytes(self.store.get(f"{LENS_DIR}/{name}"))
+            except StoreMissing:
+                return None
+            self._lens_folder = folder
+        return self._lens_folder
+
+    # -- manifests -----------------------------------------------------------------------------
+    def manifest_key(self, b: int) -> str:
+        return f"manifest/block-{b:06d}.json"
+
+    def stats_key(self, b: int) -> str:
+        return f"manifest/block-{b:06d}.stats.safetensors"
+
     def manifest_path(self, b: int) -> Path:
-        return self.path / "manifest" / f"block-{b:06d}.json"
+        return self.path / self.manifest_key(b)
 
     def stats_path(self, b: int) -> Path:
-        return self.path / "manifest" / f"block-{b:06d}.stats.safetensors"
+        return self.path / self.stats_key(b)
 
-    def block_entry(self, b: int) -> dict[str, Any] | None:
-        p = self.manifest_path(b)
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text())
-        except json.JSONDecodeError:
-            return None  # cannot happen with atomic writes; treat as not done
+    def manifests(self, refresh: bool | str = False) -> dict[int, BlockManifest]:
+        """Every committed block's manifest, parsed and checked against the cache's metadata: THE definition
+        of a complete block, for every command. `refresh` lists again and fetches only new manifests (they
+        are written once), several in flight."""
+        if self._manifests is None or refresh:
+            names = {self.manifest_key(b): b for b in range(self.layout.n_blocks)}
+            keys = [k for k in self.store.list("manifest") if k in names]
+            known = {} if self._manifests is None or refresh == "all" else self._manifests
+            new = [k for k in keys if names[k] not in known]
+            raws = self.store.parallel(self.store.get, new)
+            parsed = {names[k]: self._parse(k, raw) for k, raw in zip(new, raws)}
+            self._manifests = {names[k]: known.get(names[k]) or parsed[names[k]] for k in keys}
+            self._entries = None
+        return self._manifests
+
+    def _parse(self, key: str, raw: bytes) -> BlockManifest:
+        where = self.store.describe(key)
+        m = parse_manifest(raw, where, f"run `harvest verify {self.location}`, delete it and rerun `harvest run`")
+        if m.meta_sha256 is not None and m.meta_sha256 != self.meta_sha256:
+            raise IntegrityError(
+                f"{self.store.describe('zarr.json')} differs from the metadata block {m.block} was harvested "
+                f"with (edited by hand?): restore the original zarr.json or re-harvest; `harvest verify` checks"
+            )
+        if (m.block, m.start, m.stop) != (self.manifest_block(key), *self.layout.block_range(m.block)):
+            raise CacheError(f"{where} is corrupt (wrong block range): run `harvest verify {self.location}`")
+        return m
+
+    def manifest_block(self, key: str) -> int:
+        return int(key.rsplit("-", 1)[1].split(".")[0])
+
+    def block_entry(self, b: int) -> BlockManifest | None:
+        return self.manifests().get(b)
 
     def complete_blocks(self) -> list[int]:
-        return [b for b in range(self.layout.n_blocks) if self.manifest_path(b).is_file()]
+        return sorted(self.manifests(refresh=True))
 
     @property
     def complete(self) -> bool:
@@ -311,124 +500,419 @@ class Cache:
         done = len(self.complete_blocks())
         if done != self.layout.n_blocks:
             raise CacheError(
-                f"cache {self.path} is incomplete ({done}/{self.layout.n_blocks} blocks): "
+                f"cache {self.location} is incomplete ({done}/{self.layout.n_blocks} blocks): "
                 f"rerun the same `harvest run` command to finish it"
+            )
+
+    def require_checksums(self) -> None:
+        """Readers refuse blocks harvested before chunk checksums existed: one line naming the upgrade."""
+        old = [b for b, m in self.manifests().items() if not m.checksummed]
+        if old or not self.store.exists(WINDOWS_MANIFEST):
+            raise CacheError(
+                f"cache {self.location} was harvested without chunk checksums ({len(old)} blocks): "
+                f"run `harvest upgrade {self.location}` once (it verifies the files and adds them)"
             )
 
     def complete_chunks(self) -> list[int]:
         return [c for b in self.complete_blocks() for c in self.layout.chunks_of_block(b)]
 
     def stats(self) -> LayerStats:
-        """Per-layer statistics over the kept tokens of all complete blocks."""
+        """Per-layer statistics over the kept tokens of all complete blocks (each file checked)."""
         total = LayerStats.zeros(len(self.layers), self.layout.d_model)
-        for b in self.complete_blocks():
-            total = total.merge(LayerStats.from_tensors(load_file(str(self.stats_path(b)))))
+        for b, m in sorted(self.manifests(refresh=True).items()):
+            raw = self.read_whole(self.stats_key(b), m.files.get(self.stats_key(b)))
+            total = total.merge(LayerStats.from_tensors(load_bytes(raw)))
         return total
 
     def size_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return sum(self.store.list().values())
 
     # -- file locations (for the fast reader and verify) -------------------------------------------
     @cached_property
     def array_meta(self) -> dict[str, dict[str, Any]]:
         names = ["acts", "windows", *TOKEN_ARRAYS]
-        return {n: json.loads((self.path / n / "zarr.json").read_text()) for n in names}
+        try:
+            return {n: json.loads(self.store.get(f"{n}/zarr.json")) for n in names}
+        except (StoreMissing, ValueError) as e:
+            raise CacheError(f"{self.location}: array metadata missing or corrupt ({e}): re-harvest")
+
+    def shard_key(self, array: str, shard_coords: Iterable[int]) -> str:
+        sep = self.array_meta[array]["chunk_key_encoding"]["configuration"]["separator"]
+        return f"{array}/" + sep.join(["c", *map(str, shard_coords)])
 
     def shard_file(self, array: str, shard_coords: Iterable[int]) -> Path:
-        sep = self.array_meta[array]["chunk_key_encoding"]["configuration"]["separator"]
-        return self.path / array / sep.join(["c", *map(str, shard_coords)])
+        return self.path / self.shard_key(array, shard_coords)
 
-    def block_files(self, b: int) -> list[Path]:
-        files = []
+    def block_keys(self, b: int) -> list[str]:
+        keys = []
         for s in self.layout.shards_of_block(b):
-            files += [self.shard_file("acts", (li, s, 0)) for li in range(len(self.layers))]
-            files += [self.shard_file(name, (s,)) for name in TOKEN_ARRAYS]
-        return files
+            keys += [self.shard_key("acts", (li, s, 0)) for li in range(len(self.layers))]
+            keys += [self.shard_key(name, (s,)) for name in TOKEN_ARRAYS]
+        return keys
+
+    # -- verified reads ----------------------------------------------------------------------------
+    def _expected_piece(self, key: str) -> FileEntry | None:
+        """The manifest entry of a data file (for the read-through cache's check of whole downloads); None for
+        metadata, which is always read from the source."""
+        if key.endswith("zarr.json") or key.split("/", 1)[0] not in ("acts", "windows", *TOKEN_ARRAYS):
+            return None
+        if key.startswith("windows/"):
+            return self.windows_manifest().get(key)
+        if self._entries is None:
+            self._entries = {k: f for m in self.manifests().values() for k, f in m.files.items()}
+        return self._entries.get(key)
+
+    def read_whole(self, key: str, entry: FileEntry | None) -> bytes:
+        """A small file read whole and checked against its manifest entry (xxh3; crc32 in old manifests)."""
+        if entry is None:
+            raise CacheError(f"{self.store.describe(key)} is not in its manifest: run `harvest verify {self.location}`")
+        try:
+            data = self.store.get(key)
+        except StoreMissing:
+            raise IntegrityError(f"{self.store.describe(key)} is missing: run `harvest verify {self.location}`")
+        if entry.pieces is not None:
+            ok = len(data) == entry.size and chunk_hash(data) == entry.pieces[0][2]
+        else:
+            ok = len(data) == entry.size and zlib.crc32(data) == entry.crc32
+        if not ok:
+            raise self.corrupt(key)
+        return data
+
+    def corrupt(self, key: str, what: str = "") -> IntegrityError:
+        return IntegrityError(
+            f"{self.store.describe(key)}{what} does not match its checksum (corrupt): "
+            f"run `harvest verify {self.location}` and re-harvest the damaged blocks"
+        )
+
+    def windows_manifest(self) -> dict[str, FileEntry]:
+        if self._windows_entries is None:
+            self._windows_entries = self._read_windows_manifest()
+        return self._windows_entries
+
+    def _read_windows_manifest(self) -> dict[str, FileEntry]:
+        try:
+            d = json.loads(self.store.get(WINDOWS_MANIFEST))
+            if d["meta_sha256"] != self.meta_sha256:
+                raise IntegrityError(
+                    f"{self.store.describe('zarr.json')} differs from the metadata the cache was created with "
+                    f"(edited by hand?): restore the original zarr.json or re-harvest"
+                )
+            return {k: FileEntry(int(v["size"]), int(v["crc32"]), v["pieces"]) for k, v in d["files"].items()}
+        except StoreMissing:
+            self.require_checksums()
+            raise
+        except (ValueError, KeyError, TypeError):
+            where = self.store.describe(WINDOWS_MANIFEST)
+            raise CacheError(f"{where} is corrupt: run `harvest verify {self.location}`")
+
+    def windows(self) -> torch.Tensor:
+        """Every context window [n_sequences, context] int32, each chunk checked."""
+        n, ctx = self.layout.n_sequences, self.layout.context
+        rows = windows_chunk_rows(self.layout, n)
+        entries = self.windows_manifest()
+        out = np.empty((n, ctx), np.int32)
+        for i in range(0, n, rows):
+            key = f"windows/c/{i // rows}/0"
+            data = self.read_whole(key, entries.get(key))
+            out[i : i + rows] = np.frombuffer(data, "<i4").reshape(rows, ctx)[: n - i]
+        return torch.from_numpy(out)
+
+    def read_tokens(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """token_ids, keep, seq or pos at cache positions [start, stop) of complete blocks, each chunk checked.
+        One ranged request per shard (obstore coalesces its chunks), several shards in flight."""
+        lay = self.layout
+        stop = lay.n_tokens if stop is None else min(stop, lay.n_tokens)
+        out = np.empty(max(stop - start, 0), TOKEN_ARRAYS[name])
+        if stop <= start:
+            return torch.from_numpy(out)
+        self.require_checksums()
+        manifests = self.manifests()
+        dtype = np.dtype(TOKEN_ARRAYS[name])
+
+        def shard(s: int) -> None:
+            key, s0 = self.shard_key(name, (s,)), s * lay.shard_tokens
+            m = manifests.get(s0 // lay.block_tokens)
+            if m is None:
+                raise CacheError(f"tokens {s0}.. of {self.location} are not in a complete block: rerun `harvest run`")
+            entry = m.files[key]
+            inner = range(
+                max(start - s0, 0) // lay.chunk_tokens, -(-(min(stop, s0 + lay.shard_tokens) - s0) // lay.chunk_tokens)
+            )
+            pieces = [entry.pieces[j] for j in inner]
+            if any(p is None for p in pieces):
+                raise self.corrupt(key, " (a chunk is absent)")
+            try:
+                got = self.store.get_ranges(key, [p[0] for p in pieces], [p[0] + p[1] for p in pieces])
+            except StoreMissing:
+                raise IntegrityError(f"{self.store.describe(key)} is missing: run `harvest verify {self.location}`")
+            for j, p, data in zip(inner, pieces, got):
+                if chunk_hash(data) != p[2]:
+                    raise self.corrupt(key, f" chunk {j}")
+                c0 = s0 + j * lay.chunk_tokens
+                a, b = max(c0, start), min(c0 + lay.chunk_tokens, stop)
+                out[a - start : b - start] = np.frombuffer(data, dtype)[a - c0 : b - c0]
+
+        self.store.parallel(shard, list(range(start // lay.shard_tokens, -(-stop // lay.shard_tokens))))
+        return torch.from_numpy(out)
 
     # -- reference reads through zarr-python ------------------------------------------------------
     @cached_property
     def group(self) -> zarr.Group:
-        return zarr.open_group(str(self.path), mode="r")
+        return zarr.open_group(store=self.store.zarr_store(), mode="r")
 
     def read(self, layer: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Vectors [stop-start, d] of one model layer at cache positions [start, stop)."""
+        """Vectors [stop-start, d] of one model layer at cache positions [start, stop) (zarr-python, unchecked:
+        the reference the fast reader is tested against)."""
         a = self.group["acts"][self.layout.layer_index(layer), start:stop]
         return from_storage(np.ascontiguousarray(a), self.layout.dtype)
 
-    def read_tokens(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """token_ids, keep, seq or pos at cache positions [start, stop)."""
-        return torch.from_numpy(np.ascontiguousarray(self.group[name][start:stop]))
 
-    def windows(self) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.group["windows"][...]))
+def load_bytes(raw: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    return load(raw)
 
 
-def open_cache(path: str | Path) -> Cache:
-    return Cache(Path(path))
+def open_cache(location: str | Path, local_cache: str | Path | None = None) -> Cache:
+    """A cache at a local path or a URL (s3://, gs://, az://, file://); `local_cache`: a folder that keeps a
+    verified, size-bounded copy of what is read from a remote cache, so later epochs read from local disk
+    (default: $MLSAE_LOCAL_CACHE; size bound $MLSAE_LOCAL_CACHE_GB, else 80% of the free space there)."""
+    return Cache(location, local_cache)
 
 
 class CacheWriter(Cache):
-    """Writes whole blocks. One process owns each block; the manifest entry is written last."""
-
-    def __init__(self, path: Path):
-        super().__init__(path)
-        group = zarr.open_group(str(self.path), mode="r+")
-        # write_empty_chunks: zarr otherwise skips chunks equal to the fill value (a block of one window
-        # has seq == 0 everywhere), leaving out files and index entries that readers and checksums expect.
-        self._arrays = {name: group[name].with_config({"write_empty_chunks": True}) for name in ["acts", *TOKEN_ARRAYS]}
+    """Writes whole blocks. One process owns each block; the manifest is created last, only if absent."""
 
     def write_block(self, b: int, acts: np.ndarray, tokens: dict[str, np.ndarray], stats: LayerStats) -> None:
         """acts [n_layers, block_len, d] in storage dtype, already permuted; tokens: TOKEN_ARRAYS columns."""
-        start, stop = self.layout.block_range(b)
-        if acts.shape != (len(self.layers), stop - start, self.layout.d_model):
+        lay = self.layout
+        start, stop = lay.block_range(b)
+        if acts.shape != (len(self.layers), stop - start, lay.d_model):
             raise ValueError(f"block {b}: acts shape {acts.shape} does not match the layout")
-        try:
-            # Files of a block not in the manifest are leftovers of a crash: remove them, or zarr would
-            # read-modify-write them (and fail on a torn shard index).
-            for f in self.block_files(b):
-                f.unlink(missing_ok=True)
-            for li in range(len(self.layers)):
-                self._arrays["acts"][li, start:stop] = acts[li]
-            for name in TOKEN_ARRAYS:
-                self._arrays[name][start:stop] = tokens[name]
-            save_file(stats.to_tensors(), str(self.stats_path(b)))
-            files = {}
-            for f in [*self.block_files(b), self.stats_path(b)]:
-                size, crc = file_checksum(f, fsync=True)
-                files[str(f.relative_to(self.path))] = {"size": size, "crc32": crc}
-            fsync_dir(self.path / "acts")
-            atomic_write_json(self.manifest_path(b), {"block": b, "start": start, "stop": stop, "files": files})
-        except OSError as e:
-            raise _storage_error(e, self.path)
+        jobs = []
+        for s in lay.shards_of_block(b):
+            lo, hi = s * lay.shard_tokens - start, min((s + 1) * lay.shard_tokens, stop) - start
+            jobs += [(self.shard_key("acts", (li, s, 0)), acts[li, lo:hi], lay.compression) for li in range(len(acts))]
+            jobs += [(self.shard_key(n, (s,)), tokens[n][lo:hi], "none") for n in TOKEN_ARRAYS]
+
+        def write(job: tuple[str, np.ndarray, str]) -> tuple[str, FileEntry]:
+            key, rows, compression = job
+            data, pieces = encode_shard(rows, lay.shard_tokens, lay.chunk_tokens, compression)
+            self.store.put(key, data)  # a whole object, written once (a rewrite after a crash is identical)
+            return key, FileEntry(len(data), zlib.crc32(data), pieces)
+
+        files = dict(self.store.parallel(write, jobs))
+        stats_raw = save_bytes(stats.to_tensors())
+        self.store.put(self.stats_key(b), stats_raw)
+        files[self.stats_key(b)] = FileEntry(**whole_file(stats_raw))
+        manifest = BlockManifest(b, start, stop, files, self.meta_sha256)
+        if not self.store.create(self.manifest_key(b), manifest.to_json()):  # the commit point
+            raise CacheError(
+                f"block {b} of {self.location} was committed by another process meanwhile: two writers on one "
+                f"cache (harvest takes a lock; was it removed by hand?)"
+            )
+
+
+def save_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify and upgrade: everything a reader trusts
+
+
+def _check_file(cache: Cache, key: str, entry: FileEntry, size: int | None) -> list[str]:
+    """Size, whole-file crc32, and (new manifests) every inner chunk's xxh3 and the shard index (its crc32c,
+    and entries pointing where the manifest says), in ONE pass over the file: the chunks one ranged read
+    each, then the rest (the index) in pieces of at most 16 MB."""
+    if size is None:
+        return [f"{key}: file missing"]
+    if size != entry.size:
+        return [f"{key}: size {size} != {entry.size} (truncated or overwritten)"]
+    problems, crc, pos, tail = [], 0, 0, b""
+    pieces = sorted((p[0], p[1], j, p[2]) for j, p in enumerate(entry.pieces or []) if p is not None)
+    for off, nbytes, j, want in pieces:
+        if off != pos:  # the writer leaves no gaps: a manifest that says otherwise is not ours
+            return [f"{key}: manifest pieces do not tile the file (corrupt manifest)"]
+        data = cache.store.get_range(key, off, off + nbytes)
+        crc, pos = zlib.crc32(data, crc), off + nbytes
+        if chunk_hash(data) != want:
+            problems.append(f"{key}: inner chunk {j} fails its xxh3 checksum (corrupt)")
+    for lo in range(pos, size, 1 << 24):
+        data = cache.store.get_range(key, lo, min(lo + (1 << 24), size))
+        crc, tail = zlib.crc32(data, crc), bytes(data)
+    if crc != entry.crc32:
+        problems.insert(0, f"{key}: crc32 mismatch (corrupt)")
+    is_shard = key.split("/", 1)[0] in ("acts", *TOKEN_ARRAYS)
+    if entry.pieces is not None and is_shard:
+        n_inner = len(entry.pieces)
+        raw = tail[-(16 * n_inner + 4) :] if len(tail) >= 16 * n_inner + 4 else b""
+        if len(raw) != 16 * n_inner + 4 or index_crc(raw[:-4]) != raw[-4:]:
+            problems.append(f"{key}: shard index fails its crc32c (torn or corrupt)")
+        else:
+            got = np.frombuffer(raw[:-4], "<u8").reshape(n_inner, 2).tolist()
+            want_index = [[p[0], p[1]] if p is not None else [ABSENT, ABSENT] for p in entry.pieces]
+            if got != want_index:
+                problems.append(f"{key}: shard index entry redirected (does not match the manifest)")
+    return problems
 
 
 def verify_cache(cache: Cache, progress: Any = None) -> list[str]:
-    """Re-read every file of every block; return the problems found (empty list = healthy)."""
-    problems = []
+    """Re-read every file a reader trusts (acts, token arrays, stats, windows, the lens copy) and the
+    metadata hash; return the problems found (empty list = healthy)."""
+    problems: list[str] = []
+    listing = cache.store.list()
+    checks: list[tuple[str, FileEntry]] = []
     for b in range(cache.layout.n_blocks):
-        entry = cache.block_entry(b)
-        if entry is None:
+        key = cache.manifest_key(b)
+        if key not in listing:
             problems.append(f"block {b} is missing (cache incomplete): rerun `harvest run` to finish it")
             continue
-        expected = {str(f.relative_to(cache.path)) for f in cache.block_files(b)}
-        missing_listing = expected - set(entry["files"])
+        try:
+            m = cache._parse(key, cache.store.get(key))
+        except CacheError as e:
+            problems.append(str(e))
+            continue
+        if m.meta_sha256 is None:
+            problems.append(f"block {b} has no chunk checksums (older harvest): run `harvest upgrade {cache.location}`")
+        expected = {*cache.block_keys(b), cache.stats_key(b)}
+        missing_listing = expected - set(m.files)
         if missing_listing:
             problems.append(f"block {b}: manifest does not list {sorted(missing_listing)[0]}")
-        for rel, want in entry["files"].items():
-            f = cache.path / rel
-            if not f.is_file():
-                problems.append(f"{rel}: file missing")
-                continue
-            size, crc = file_checksum(f)
-            if size != want["size"]:
-                problems.append(f"{rel}: size {size} != {want['size']} (truncated or overwritten)")
-            elif crc != want["crc32"]:
-                problems.append(f"{rel}: crc32 mismatch (corrupt)")
-            if progress is not None:
-                progress(size)
+        checks += list(m.files.items())
+    if WINDOWS_MANIFEST in listing:
+        try:
+            windows = cache.windows_manifest()
+            rows = windows_chunk_rows(cache.layout, cache.layout.n_sequences)
+            for i in range(-(-cache.layout.n_sequences // rows)):
+                if f"windows/c/{i}/0" not in windows:
+                    problems.append(f"{WINDOWS_MANIFEST} does not list windows/c/{i}/0")
+            checks += list(windows.items())
+        except CacheError as e:
+            problems.append(str(e))
+    else:
+        problems.append(f"{WINDOWS_MANIFEST} is missing: run `harvest upgrade {cache.location}` (older harvest)")
+
+    def check(item: tuple[str, FileEntry]) -> list[str]:
+        found = _check_file(cache, item[0], item[1], listing.get(item[0]))
+        if progress is not None:
+            progress(item[1].size)
+        return found
+
+    for found in cache.store.parallel(check, checks, workers=4 if cache.store.is_local else 16):
+        problems += found
     if cache.lens_record is not None:
         try:
             cache.lens()
         except CacheError as e:
             problems.append(str(e))
     return problems
+
+
+def upgrade_cache(cache: Cache, log: Any = print) -> int:
+    """Give a cache harvested before chunk checksums existed its checksums: check every file of every
+    complete block against the crc32 its manifest recorded, then rewrite the manifest with per-chunk xxh3
+    and the metadata hash; check the windows against the (crc32-verified) token arrays and record their
+    checksums. Returns the number of manifests upgraded. Safe to rerun; never touches data files."""
+    lay = cache.layout
+    todo = {b: m for b, m in cache.manifests(refresh="all").items() if not m.checksummed}
+    for n_done, (b, m) in enumerate(sorted(todo.items())):
+        files = {}
+        for key, entry in m.files.items():
+            data = cache.store.get(key)
+            if len(data) != entry.size or zlib.crc32(data) != entry.crc32:
+                raise IntegrityError(
+                    f"{cache.store.describe(key)} does not match its manifest's size/crc32: the cache is damaged; "
+                    f"delete {cache.manifest_key(b)} and rerun `harvest run` to rewrite block {b}, then upgrade"
+                )
+            files[key] = FileEntry(entry.size, entry.crc32, _pieces_of(key, data, lay))
+        cache.store.put(cache.manifest_key(b), BlockManifest(b, m.start, m.stop, files, cache.meta_sha256).to_json())
+        if n_done % 50 == 0:
+            log(f"upgraded {n_done + 1}/{len(todo)} manifests")
+    if not cache.store.exists(WINDOWS_MANIFEST):
+        windows = np.asarray(cache.group["windows"][...])
+        for b in cache.complete_blocks():  # token columns are crc32-checked above: the windows must agree
+            s, e = lay.block_range(b)
+            col = {n: np.asarray(cache.group[n][s:e]) for n in ("token_ids", "seq", "pos")}
+            if not np.array_equal(windows[col["seq"], col["pos"]], col["token_ids"]):
+                raise IntegrityError(
+                    f"{cache.store.describe('windows')} disagrees with the token ids of block {b} (corrupt windows): "
+                    f"re-harvest the cache"
+                )
+        rows = windows_chunk_rows(lay, lay.n_sequences)
+        keys = [f"windows/c/{i}/0" for i in range(-(-lay.n_sequences // rows))]
+        files = {k: whole_file(cache.store.get(k)) for k in keys}
+        cache.store.put(WINDOWS_MANIFEST, json.dumps({"meta_sha256": cache.meta_sha256, "files": files}).encode())
+    cache.manifests(refresh="all")
+    cache._windows_entries = None
+    return len(todo)
+
+
+def _pieces_of(key: str, data: bytes, lay: Layout) -> list:
+    """Per-chunk pieces of an existing file: from its shard index (checked) or, for stats, the whole file."""
+    if key.startswith("manifest/"):
+        return whole_file(data)["pieces"]
+    n_inner = lay.shard_tokens // lay.chunk_tokens
+    raw = data[-16 * n_inner - 4 :]
+    if index_crc(raw[:-4]) != raw[-4:]:
+        raise IntegrityError(f"{key}: shard index fails its crc32c: re-harvest its block")
+    pieces = []
+    for off, nbytes in np.frombuffer(raw[:-4], "<u8").reshape(n_inner, 2).tolist():
+        pieces.append(None if off == ABSENT else [off, nbytes, chunk_hash(memoryview(data)[off : off + nbytes])])
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------------
+# push / pull: copy a cache between locations
+
+
+def copy_cache(src: Cache, dst: Store, progress: Any = None, log: Any = print) -> tuple[int, int]:
+    """Copy a complete or partial cache to `dst` (a disk or a bucket), in the order a harvest writes: array
+    metadata, windows, lens, the root zarr.json (create-if-absent), then block by block, each block's
+    files before its manifest. Every file is checked against the manifest's size and crc32 on the way.
+    Blocks whose manifest exists at `dst` are skipped, so an interrupted copy resumes. Returns (blocks
+    copied, blocks skipped). The caller holds `dst`'s lock."""
+    src.require_checksums()
+    state = location_state(dst)
+    if state == "foreign":
+        raise CacheError(f"{dst.location} holds something that is not an mlsae cache: choose another destination")
+    if state == "cache":
+        there = Cache(dst)
+        if there.fingerprint != src.fingerprint or there.meta_sha256 != src.meta_sha256:
+            raise CacheError(
+                f"{dst.location} holds another cache (fingerprint {there.fingerprint[:12]}): choose another "
+                f"destination, or remove it to replace it"
+            )
+    else:
+        for top in CACHE_NAMES - {LOCK_KEY}:
+            dst.delete_prefix(top)
+        meta_keys = [k for k in src.store.list() if k.endswith("zarr.json") and k != "zarr.json"]
+        meta_keys += [WINDOWS_MANIFEST, *src.windows_manifest()]
+        meta_keys += [f"{LENS_DIR}/{n}" for n in ("config.json", "params.pt")] if src.lens_record else []
+        windows = src.windows_manifest()
+        for key in meta_keys:
+            data = src.read_whole(key, windows[key]) if key in windows else src.store.get(key)
+            dst.put(key, data)
+        dst.create("zarr.json", src.store.get("zarr.json"))
+    done_there = {k for k in dst.list("manifest") if k.endswith(".json")}
+    copied = skipped = 0
+    for b, m in sorted(src.manifests(refresh=True).items()):
+        if src.manifest_key(b) in done_there:
+            skipped += 1
+            continue
+
+        def copy(item: tuple[str, FileEntry]) -> None:
+            key, entry = item
+            data = src.store.get(key)
+            if len(data) != entry.size or zlib.crc32(data) != entry.crc32:
+                raise src.corrupt(key)
+            dst.put(key, data)
+            if progress is not None:
+                progress(entry.size)
+
+        dst.parallel(copy, list(m.files.items()), workers=8)
+        dst.create(src.manifest_key(b), src.store.get(src.manifest_key(b)))  # the block's commit point
+        copied += 1
+    return copied, skipped

@@ -1,4 +1,5 @@
-"""`harvest run | info | verify`: parse, call, print. Every CacheSpec field is a `run` flag of the same name."""
+"""`harvest run | info | verify | push | pull | upgrade | lens train`: parse, call, print. Every CacheSpec
+field is a `run` flag of the same name; every cache argument is a folder or a URL."""
 
 from __future__ import annotations
 
@@ -58,13 +59,15 @@ def run(
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
-    """Spec, shape, tokens, layers, dtype, size on disk, completeness and per-layer norms of a cache."""
+def info(path: str = typer.Argument(..., help="Cache folder or URL (s3://, gs://, az://, file://).")) -> None:
+    """Spec, shape, tokens, layers, dtype, size, completeness and per-layer norms of a cache (reads only the
+    metadata, manifests and statistics: no data is downloaded from a bucket)."""
     from .cache import open_cache
 
     cache = open_cache(path)
     lay, meta = cache.layout, cache.meta
     done = len(cache.complete_blocks())
+    old = [b for b, m in cache.manifests().items() if not m.checksummed]
     console.print(f"[bold]{path}[/]  fingerprint {cache.fingerprint}")
     console.print(
         f"model {meta['model']['name']} ({meta['model']['architecture']}), dataset {meta['spec']['dataset']}, "
@@ -90,6 +93,8 @@ def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
     )
     state = "[green]complete[/]" if done == lay.n_blocks else "[yellow]incomplete[/] (rerun `harvest run` to resume)"
     console.print(f"blocks {done}/{lay.n_blocks} {state}")
+    if old:
+        console.print(f"[yellow]{len(old)} blocks have no chunk checksums[/]: run `harvest upgrade {path}` once")
     stats = cache.stats()
     table = Table("layer", "kept vectors", "mean norm", "mean feature std", "max |mean|")
     for i, l in enumerate(lay.layers):
@@ -105,8 +110,10 @@ def info(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
 
 
 @app.command()
-def verify(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
-    """Re-read every file and check it against the manifest; exit 1 on missing, truncated or corrupt data."""
+def verify(path: str = typer.Argument(..., help="Cache folder or URL.")) -> None:
+    """Re-read every file a reader trusts (acts, token arrays, windows, stats, lens copy) and check it against
+    the manifests (size, crc32, shard index crc32c, every inner chunk's xxh3) and the metadata hash; exit 1
+    listing missing, truncated or corrupt files or blocks. On a bucket: ranged reads, several in flight."""
     from .cache import open_cache, verify_cache
     from .progress import progress_bar
 
@@ -122,6 +129,58 @@ def verify(path: Path = typer.Argument(..., help="Cache folder.")) -> None:
         err_console.print(f"error: {path} failed verification ({len(problems)} problems)")
         raise typer.Exit(1)
     console.print(f"[green]ok[/] {path}: {cache.layout.n_blocks} blocks, {cache.layout.n_tokens:,} tokens verified")
+
+
+def _copy(src_location: str, dst_location: str, what: str) -> None:
+    from .cache import copy_cache, open_cache
+    from .lock import Lock
+    from .progress import progress_bar
+    from .store import open_store
+
+    src = open_cache(src_location)
+    total = sum(f.size for m in src.manifests().values() for f in m.files.values())
+    lock = Lock(open_store(dst_location), what)
+    with lock, progress_bar(what.split()[-1], total, bytes_=True, console=err_console) as bar:
+        copied, skipped = copy_cache(src, lock.store, progress=bar.advance)
+    done = len(src.complete_blocks())
+    state = "complete" if done == src.layout.n_blocks else f"{done}/{src.layout.n_blocks} blocks (partial cache)"
+    console.print(
+        f"[green]ok[/] {src_location} -> {dst_location}: {copied} blocks copied, {skipped} already there; {state}"
+    )
+
+
+@app.command()
+def push(
+    local: str = typer.Argument(..., help="Cache folder."),
+    url: str = typer.Argument(..., help="Destination URL (s3://BUCKET/PREFIX, gs://..., az://...)."),
+) -> None:
+    """Copy a complete or partial cache to object storage, block by block, each manifest after its files;
+    every file checked against its manifest. Rerun after an interruption to resume."""
+    _copy(local, url, "harvest push")
+
+
+@app.command()
+def pull(
+    url: str = typer.Argument(..., help="Cache URL."),
+    local: str = typer.Argument(..., help="Destination folder."),
+) -> None:
+    """Copy a cache from object storage to a local folder (same protocol as push; resumable)."""
+    _copy(url, local, "harvest pull")
+
+
+@app.command()
+def upgrade(path: str = typer.Argument(..., help="Cache folder or URL harvested by an older version.")) -> None:
+    """Add chunk checksums and the metadata hash to a cache harvested before they existed: every file is
+    first checked against the crc32 its manifest recorded, the windows against the token arrays. Safe to
+    rerun; run it after the harvest has finished (it takes the cache's lock)."""
+    from .cache import open_cache, upgrade_cache
+    from .lock import Lock
+
+    cache = open_cache(path)
+    with Lock(cache.store, "harvest upgrade"):
+        n = upgrade_cache(cache, log=lambda m: err_console.print(f"[dim]{m}[/]"))
+    done = len(cache.complete_blocks())
+    console.print(f"[green]ok[/] {path}: {n} manifests upgraded; {done}/{cache.layout.n_blocks} blocks have checksums")
 
 
 lens_app = typer.Typer(

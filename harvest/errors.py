@@ -26,3 +26,11 @@ class CacheError(UserError):
 
 class StorageError(UserError):
     """Writing failed: disk full, unwritable path, value out of the storage dtype's range."""
+
+
+class StoreError(UserError):
+    """A cache location cannot be used: malformed URL, unknown scheme, missing bucket, credentials, network."""
+
+
+class IntegrityError(CacheError):
+    """Stored bytes differ from what the manifest recorded at harvest time: never read past it."""

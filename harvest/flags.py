@@ -172,6 +172,12 @@ def replace_fields(obj: Any, overrides: dict[str, Any], what: str) -> Any:
     return dataclasses.replace(obj, **given)
 
 
+def cli_app(help: str) -> typer.Typer:
+    """A typer app as every CLI of the project builds it (no shell completion, no rich tracebacks: user
+    errors are one line, see run_app)."""
+    return typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=help)
+
+
 def run_app(app: typer.Typer, on_interrupt: str) -> None:
     """Run a typer app: user errors become one red line on stderr (exit 2), never a traceback."""
     from rich.console import Console

@@ -1,27 +1,32 @@
-"""Fast whole-chunk reader: all requested layers of one chunk of tokens, in a seeded random order.
+"""Fast whole-chunk reader: all requested layers of one chunk of tokens, in a seeded random order, every
+chunk checked against the checksum its block's manifest recorded at harvest time.
 
-zarr-python costs ~0.5 ms per call and fancy indexing is slow (storage.md), so this reader parses each
-shard's index once and `preadv`s inner chunks straight into reusable buffers, with several chunks in
-flight on a thread pool (file reads release the GIL). `Cache.read` (zarr-python) stays the reference
-that the tests compare this against byte for byte; caches whose codecs this reader does not know are
-read through zarr-python instead.
+zarr-python costs ~0.5 ms per call and fancy indexing is slow (storage.md), so this reader takes each inner
+chunk's (offset, nbytes) from the manifest, checks the shard's own index (and its crc32c) against it once
+per shard, and reads chunks straight into a ring of reusable (optionally pinned) buffers through the
+cache's store: `os.preadv` on a local disk, ranged GETs on an object store. Several chunks are in flight
+on a thread pool; on an object store the ranged GETs of one chunk (one per layer and token array) are in
+flight together as well, so a remote read keeps prefetch x (layers + 4) requests going. Hashing (xxh3)
+and file / network reads release the GIL. `Cache.read` (zarr-python) stays the reference that the tests
+compare this against byte for byte.
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .cache import STORAGE_DTYPES, TOKEN_ARRAYS, Cache, from_storage
-from .errors import CacheError
+from .cache import ABSENT, STORAGE_DTYPES, TOKEN_ARRAYS, Cache, FileEntry, chunk_hash, from_storage, index_crc
+from .errors import CacheError, IntegrityError
+from .store import StoreMissing
 
-ABSENT = np.uint64(2**64 - 1)
+IO_THREADS = int(os.environ.get("MLSAE_READ_REQUESTS", "32"))  # ranged GETs in flight per remote reader
 
 
 @dataclass
@@ -52,11 +57,13 @@ def _inner_codec(array_meta: dict) -> str | None:
 
 
 class ChunkReader:
-    """Iterate whole chunks of a complete cache.
+    """Iterate whole chunks of a complete cache, each checked against its manifest.
 
     Yielded tensors are views into a ring of `prefetch + hold` reusable buffers: a chunk stays valid
     until `hold` further chunks have been requested. Copy (or move to the GPU) what you keep longer.
     """
+
+    _check_chunks = True  # bench/harvest.py turns it off on one instance to measure the checksum's cost
 
     def __init__(
         self,
@@ -73,15 +80,22 @@ class ChunkReader:
     ):
         if not allow_incomplete:
             cache.require_complete()
-        self.cache, self.layout = cache, cache.layout
+        cache.require_checksums()
+        self.cache, self.layout, self.store = cache, cache.layout, cache.store
         self.layers = list(cache.layers if layers is None else layers)
         self.layer_idx = [self.layout.layer_index(l) for l in self.layers]
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.prefetch, self.hold = max(1, prefetch), max(1, hold)
         self.chunks = np.asarray(cache.complete_chunks() if chunks is None else chunks, dtype=np.int64)
         self._codec = {name: _inner_codec(cache.array_meta[name]) for name in ["acts", *TOKEN_ARRAYS]}
-        self.fast = all(self._codec.values())
-        self._index: dict[str, np.ndarray] = {}
+        if not all(self._codec.values()):
+            raise CacheError(f"{cache.location} uses codecs this reader does not know: re-harvest it")
+        self.fast = True
+        self._manifests = cache.manifests()
+        self._checked_index: set[str] = set()
+        self._fix = f"run `harvest verify {cache.location}` and re-harvest the damaged blocks"
+        # one chunk's ranged GETs in flight together on an object store (latency, not bandwidth, is the limit)
+        self._io = None if self.store.is_local else ThreadPoolExecutor(IO_THREADS, thread_name_prefix="chunk-io")
         n_bufs = self.prefetch + self.hold
         shape = (len(self.layers), self.layout.chunk_tokens, self.layout.d_model)
         np_dtype = STORAGE_DTYPES[self.layout.dtype][0]
@@ -117,67 +131,97 @@ class ChunkReader:
         n_bufs = len(self._bufs)
         with ThreadPoolExecutor(self.prefetch, thread_name_prefix="chunk-reader") as pool:
             pending: deque[Future] = deque()
-            for i, c in enumerate(order):
-                pending.append(pool.submit(self.read_chunk, int(c), i % n_bufs))
-                if len(pending) > self.prefetch - 1:
+            try:
+                for i, c in enumerate(order):
+                    pending.append(pool.submit(self.read_chunk, int(c), i % n_bufs))
+                    if len(pending) > self.prefetch - 1:
+                        yield pending.popleft().result()
+                while pending:
                     yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
+            finally:  # an error (or an abandoned iterator) must not leave reads writing into handed-out buffers
+                for f in pending:
+                    f.cancel()
 
     # -- one chunk -------------------------------------------------------------------------------
     def read_chunk(self, c: int, buf: int = 0) -> Chunk:
-        start, stop = self.layout.chunk_range(c)
+        lay = self.layout
+        start, stop = lay.chunk_range(c)
         n = stop - start
         acts, toks = self._bufs[buf], self._tok_bufs[buf]
-        shard, inner = divmod(start, self.layout.shard_tokens)
-        inner //= self.layout.chunk_tokens
-        if self.fast:
-            for out, li in zip(acts, self.layer_idx):
-                self._read_inner("acts", (li, shard, 0), inner, out)
-            for name, out in toks.items():
-                self._read_inner(name, (shard,), inner, out)
-        else:  # zarr-python fallback for layouts this reader does not parse
-            g = self.cache.group
-            for out, li in zip(acts, self.layer_idx):
-                out[:n] = g["acts"][li, start:stop]
-            for name, out in toks.items():
-                out[:n] = g[name][start:stop]
+        shard, inner = divmod(start, lay.shard_tokens)
+        inner //= lay.chunk_tokens
+        manifest = self._manifests.get(start // lay.block_tokens)
+        if manifest is None:
+            raise CacheError(f"chunk {c} of {self.cache.location} is not in a complete block: rerun `harvest run`")
+        reads = [("acts", (li, shard, 0), out) for out, li in zip(acts, self.layer_idx)]
+        reads += [(name, (shard,), out) for name, out in toks.items()]
+        try:
+            if self._io is None:
+                for array, coords, out in reads:
+                    self._read_inner(array, coords, inner, out, manifest.files)
+            else:
+                futures = [self._io.submit(self._read_inner, a, co, inner, out, manifest.files) for a, co, out in reads]
+                for f in futures:
+                    f.result()
+        except StoreMissing as e:
+            raise IntegrityError(f"{e}: {self._fix}")
         return Chunk(
             c,
             start,
-            from_storage(acts[:, :n], self.layout.dtype),
+            from_storage(acts[:, :n], lay.dtype),
             *(torch.from_numpy(toks[name][:n]) for name in ["token_ids", "keep", "seq", "pos"]),
         )
 
-    def _shard_index(self, path: str, n_inner: int) -> np.ndarray:
-        idx = self._index.get(path)
-        if idx is None:
-            size = 16 * n_inner + 4
-            with open(path, "rb") as f:
-                f.seek(-size, os.SEEK_END)
-                raw = f.read(size)
-            idx = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_inner, 2)
-            self._index[path] = idx
-        return idx
-
-    def _read_inner(self, array: str, shard_coords: tuple[int, ...], inner: int, out: np.ndarray) -> None:
-        path = str(self.cache.shard_file(array, shard_coords))
+    def _check_index(self, key: str, entry: FileEntry) -> None:
+        """Once per shard: its index must pass its crc32c and point exactly where the manifest says."""
+        if key in self._checked_index:
+            return
         n_inner = self.layout.shard_tokens // self.layout.chunk_tokens
-        offset, nbytes = self._shard_index(path, n_inner)[inner]
-        if offset == ABSENT:
+        size = 16 * n_inner + 4
+        raw = bytes(self.store.get_range(key, entry.size - size, entry.size))
+        if len(raw) != size or index_crc(raw[:-4]) != raw[-4:]:
+            raise self.cache.corrupt(key, " shard index")
+        got = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_inner, 2)
+        want = [(p[0], p[1]) if p is not None else (ABSENT, ABSENT) for p in entry.pieces or []]
+        if got.tolist() != [list(w) for w in want]:
+            raise self.cache.corrupt(key, " shard index (an entry was redirected)")
+        self._checked_index.add(key)
+
+    def _read_inner(
+        self, array: str, coords: tuple[int, ...], inner: int, out: np.ndarray, files: dict[str, FileEntry]
+    ) -> None:
+        key = self.cache.shard_key(array, coords)
+        entry = files.get(key)
+        if entry is None or entry.pieces is None:
+            raise CacheError(f"{self.store.describe(key)} is not in its block's manifest: run `harvest verify`")
+        piece = entry.pieces[inner]
+        if piece is None:
             raise CacheError(
-                f"{path}: chunk {inner} is absent although its block is in the manifest: "
+                f"{self.store.describe(key)}: chunk {inner} is absent although its block is in the manifest: "
                 f"run `harvest verify` and re-harvest"
             )
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if self._codec[array] == "raw":
-                view = memoryview(out.reshape(-1).view(np.uint8))
-                if nbytes != view.nbytes or os.preadv(fd, [view], int(offset)) != nbytes:
-                    raise CacheError(f"{path}: short read of chunk {inner}: run `harvest verify`")
-            else:
-                from numcodecs import blosc
+        self._check_index(key, entry)
+        offset, nbytes, want = piece
+        if self._codec[array] == "raw":
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            if nbytes != view.nbytes:
+                raise self.cache.corrupt(key, f" chunk {inner} (size)")
+            self.store.read_into(key, offset, view)
+            if self._check_chunks and chunk_hash(view) != want:
+                raise self.cache.corrupt(key, f" chunk {inner}")
+        else:
+            from numcodecs import blosc
 
-                blosc.decompress(os.pread(fd, int(nbytes), int(offset)), out.reshape(-1))
-        finally:
-            os.close(fd)
+            data = self.store.get_range(key, offset, offset + nbytes)
+            if chunk_hash(data) != want:
+                raise self.cache.corrupt(key, f" chunk {inner}")
+            blosc.decompress(bytes(data), out.reshape(-1))
+
+    def close(self) -> None:
+        if self._io is not None:
+            self._io.shutdown()
+            self._io = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_io", None) is not None:
+            self._io.shutdown(wait=False)

@@ -7,26 +7,37 @@ Writing happens on a background thread while the next block's forward passes run
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
+import shutil  # noqa: F401  (the tests fake a full disk through harvest.run.shutil.disk_usage)
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from .cache import FLOAT16_MAX, STORAGE_DTYPES, CacheWriter, Layout, create_cache, open_cache, to_storage
+from .cache import (
+    CACHE_NAMES,
+    FLOAT16_MAX,
+    LOCK_KEY,
+    STORAGE_DTYPES,
+    CacheWriter,
+    Layout,
+    create_cache,
+    location_state,
+    open_cache,
+    to_storage,
+)
 from .env import Dist, library_versions
 from .errors import CacheError, SpecError, StorageError, UserError
 from .lens import Lens, resolve_lens
+from .lock import Lock
 from .models import ModelSource, load_bridge, load_config, load_tokenizer, resolve_device, resolve_model
 from .progress import progress_bar
 from .spec import CacheSpec, fingerprint
 from .stats import LayerStats
+from .store import Store, open_store
 from .text import adds_bos, iter_documents, make_windows, resolve_dataset
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,43 +142,31 @@ def _json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _check_existing(out: Path, identity: dict[str, Any], fp: str) -> bool:
+def _check_existing(out: Store, identity: dict[str, Any], fp: str) -> bool:
     """True if `out` is a cache of this spec (resume); error if it is anything else non-empty."""
-    if not out.exists():
+    state = location_state(out)
+    if state in ("absent", "partial"):
         return False
-    if out.is_dir() and not any(out.iterdir()):
-        return False
-    try:
-        cache = open_cache(out)
-    except CacheError:
-        raise CacheError(f"{out} exists and is not an mlsae cache: choose another --out or remove it")
+    if state == "foreign":
+        raise CacheError(f"{out.location} exists and is not an mlsae cache: choose another --out or remove it")
+    cache = open_cache(out)
     if cache.fingerprint != fp:
         old = cache.meta.get("identity", {})
         diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in identity.items() if old.get(k) != v]
         raise CacheError(
-            f"{out} holds a cache of a different spec ({'; '.join(diffs[:4]) or 'fingerprint differs'}): "
+            f"{out.location} holds a cache of a different spec ({'; '.join(diffs[:4]) or 'fingerprint differs'}): "
             f"use another --out, or remove the old cache to replace it"
         )
     return True
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        probe = out.parent / f".mlsae-write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise StorageError(f"cannot write to {out.parent} ({e.strerror}): choose a writable --out")
-
-
-def _check_disk_space(out: Path, layout: Layout, remaining_tokens: int) -> None:
+def _check_disk_space(out: Store, layout: Layout, remaining_tokens: int) -> None:
     per_token = layout.bytes_per_token() + 13  # + token_ids, keep, seq, pos
     need = remaining_tokens * per_token / (1.2 if layout.compression != "none" else 1.0)
-    free = shutil.disk_usage(out if out.exists() else out.parent).free
-    if need > free:
+    free = out.free_space()  # None on an object store
+    if free is not None and need > free:
         raise StorageError(
-            f"not enough disk space at {out}: the cache needs ~{need / 1e9:.2f} GB, "
+            f"not enough disk space at {out.location}: the cache needs ~{need / 1e9:.2f} GB, "
             f"{free / 1e9:.2f} GB are free; free space, lower --tokens, or choose another --out"
         )
 
@@ -175,18 +174,25 @@ def _check_disk_space(out: Path, layout: Layout, remaining_tokens: int) -> None:
 def harvest(spec: CacheSpec, show_progress: bool = True, log: Callable[[str], None] = print) -> Summary:
     spec.validate()
     dist = Dist.init()
+    lock = Lock(open_store(spec.out), "harvest run")  # rank 0 takes it in its setup step, for the whole job
     try:
-        return _harvest(spec, dist, show_progress and dist.rank == 0, log if dist.rank == 0 else lambda s: None)
+        return _harvest(spec, dist, lock, show_progress and dist.rank == 0, log if dist.rank == 0 else lambda s: None)
     finally:
+        lock.release()
         dist.close()
 
 
-def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[str], None]) -> Summary:
+def _harvest(spec: CacheSpec, dist: Dist, lock: Lock, show_progress: bool, log: Callable[[str], None]) -> Summary:
     t0 = time.time()
-    out = Path(spec.out)
+    out = lock.store
     # -- resolve everything cheap first: bad input fails before any work -------------------------
     source: list[ModelSource] = []
-    dist.run_on_rank0(lambda: source.append(resolve_model(spec.model)))  # rank 0 converts a GGUF once
+
+    def locked_resolve() -> None:  # the lock first: a second harvest of this --out stops here, naming the holder
+        lock.acquire()  # (also the write probe: the lock object is written inside --out)
+        source.append(resolve_model(spec.model))  # rank 0 converts a GGUF once
+
+    dist.run_on_rank0(locked_resolve)
     model = source[0] if source else resolve_model(spec.model)
     cfg = load_config(model)
     layers = spec.layer_list(cfg.num_hidden_layers)
@@ -223,7 +229,6 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
     def create() -> None:
         if _check_existing(out, identity, fp):
             return
-        _check_writable(out)
         _check_disk_space(out, layout, layout.n_tokens)
         with progress_bar("tokenizing", layout.n_tokens, "tokens", enabled=show_progress, transient=True) as bar:
             windows = make_windows(
@@ -275,7 +280,7 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
         remaining = sum(np.subtract(*layout.block_range(b)[::-1]) for b in range(layout.n_blocks) if b not in done)
         _check_disk_space(out, layout, int(remaining))
     if resumed and done:
-        log(f"resuming {out}: {len(done)}/{layout.n_blocks} blocks already complete")
+        log(f"resuming {out.location}: {len(done)}/{layout.n_blocks} blocks already complete")
 
     # -- the loop --------------------------------------------------------------------------------
     tokens_this_run, t_loop = 0, time.time()
@@ -298,6 +303,7 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
                 bg = BackgroundWriter(writer)
                 try:
                     for b in todo:
+                        lock.check()  # stop if another process took the location over (our lease expired)
                         acts, tokens, stats = _compute_block(
                             b,
                             bridge,
@@ -316,12 +322,13 @@ def _harvest(spec: CacheSpec, dist: Dist, show_progress: bool, log: Callable[[st
         dist.barrier()
     except UserError:
         if created[0] and dist.rank == 0 and not writer.complete_blocks():
-            shutil.rmtree(out, ignore_errors=True)  # nothing of value was written by this run: leave no trace
+            for top in CACHE_NAMES - {LOCK_KEY}:  # nothing of value was written by this run: leave no trace
+                out.delete_prefix(top)
         raise
     now = time.time()
     cache = open_cache(out)
     return Summary(
-        str(out),
+        out.location,
         layout.n_tokens,
         tokens_this_run * dist.world_size,
         layout.n_blocks,

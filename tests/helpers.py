@@ -11,12 +11,11 @@ import torch
 from harvest.cache import Cache
 
 
-def run_cli(argv: list[str], capsys, prog: str = "harvest") -> tuple[int, str, str]:
-    """Run `PROG ARGV` (harvest, train or analyze) through the real entry point; returns (exit code, stdout,
-    stderr)."""
-    import importlib
+def run_cli(argv: list, capsys, prog: str = "harvest") -> tuple[int, str, str]:
+    """Run `PROG ARGV` (harvest or analyze) through the real entry point; returns (exit code, stdout, stderr)."""
+    from importlib import import_module
 
-    main = importlib.import_module(f"{prog}.cli").main
+    main = import_module(f"{prog}.cli").main
     old = sys.argv
     sys.argv = [prog, *map(str, argv)]
     code = 0
@@ -78,3 +77,19 @@ def harvest_and_train(
         [TrainConfig(cache=str(cache), out=str(run), **{**cfg, **train})], show_progress=False, log=lambda s: None
     )
     return cache, run
+
+
+def spy_on_trained_batches(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(positions, acts) of every minibatch the training loop takes from its stream, filled as it trains."""
+    from train.data import MinibatchStream
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_iter = MinibatchStream.__iter__
+
+    def spy(self):
+        for batch in real_iter(self):
+            seen.append((batch.positions.clone(), batch.acts.clone()))
+            yield batch
+
+    monkeypatch.setattr(MinibatchStream, "__iter__", spy)
+    return seen

@@ -278,7 +278,7 @@ def test_cli_writes_the_browser_and_bad_input_is_one_line(tiny_run, tmp_path, ca
     assert code == 0, err
     assert "latent browser: file://" in out and (folder / "latents" / "browser" / "index.html").is_file()
     report = report_folder(folder, sae_dirs=[run]).read_text()  # `analyze report` links the browser
-    assert "href='latents/browser/index.html'" in report
+    assert "href='latents/browser/index.html'" in report and "3 examples each" in report
     no_sae = tmp_path / "no_sae"
     no_sae.mkdir()
     (no_sae / "config.json").write_text((run / "config.json").read_text())

@@ -118,8 +118,8 @@ def test_mlsae_trains_on_the_gemma_cache(gemma_train_cache, tmp_path):
     assert final["fvu_mean"] < 0.5 * init["fvu_mean"]
     from train.record import load_run
 
-    again = evaluate(load_sae(out), open_cache(gemma_train_cache), load_run(out).heldout.chunks, list(range(18)), "cpu")
-    assert again["fvu"] == pytest.approx(final["fvu"], rel=1e-6)
+    again = evaluate(load_sae(out), open_cache(gemma_train_cache), load_run(out).heldout, list(range(18)), "cpu")
+    assert again.fvu == pytest.approx(final["fvu"], rel=1e-6)
 
 
 def test_gemma_lens_readout_and_exact_inverse(gemma_cache):

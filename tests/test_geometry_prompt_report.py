@@ -1,24 +1,24 @@
-"""Residual geometry (cosines, norms, MMCS), one-prompt analysis, and the HTML report."""
+"""Residual geometry (cosines, norms, MMCS), one-prompt analysis, and the HTML report over real analyses."""
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
-from analyze.geometry import max_cosine, mmcs, run_resid
+from analyze.geometry import max_cosine, mmcs, run_mmcs, run_resid
 from analyze.prompt import PromptError, prompt_stats, run_prompt, tokenize_prompt
-from analyze.report import collect_sections, report_folder, write_report
+from analyze.report import provenance, report_folder
+from analyze.results import MmcsResult, PromptResult, ResidResult
 from harvest import open_cache
 from harvest.run import harvest
 from harvest.spec import CacheSpec
 from train.config import TrainConfig
 from train.loop import train
-from train.record import RunError
+from train.record import RunError, load_run
 
 CACHE = dict(context=32, tokens=32 * 32, chunk_tokens=128, shard_tokens=256, shuffle_tokens=512, batch_size=8)
 PROMPT = "The committee met on Tuesday to discuss the budget."
@@ -86,20 +86,21 @@ def test_resid_cosines_and_norms_match_a_direct_computation(gcache, gsae, tmp_pa
     want_u = [cos(a, b) for a, b in zip(xs, xs[1:])]
     want_n = [x.norm(dim=1).mean().item() for x in xs]
 
-    r = run_resid(gcache, tmp_path, sae_dir=gsae)
-    assert r["tokens"] == int(keep.sum()) and r["layers"] == [0, 1, 2] and r["pairs"] == [[0, 1], [1, 2]]
-    assert r["cosine_centered"] == pytest.approx(want_c, abs=1e-4)
-    assert r["cosine_uncentered"] == pytest.approx(want_u, abs=1e-4)
-    assert r["norm_mean"] == pytest.approx(want_n, rel=1e-5)
-    assert r["norm_growth"] == pytest.approx(want_n[-1] / want_n[0], rel=1e-5)
+    r = run_resid(gcache, tmp_path)
+    assert r.tokens == int(keep.sum()) and r.layers == [0, 1, 2] and r.pairs == [[0, 1], [1, 2]]
+    assert r.cosine_centered == pytest.approx(want_c, abs=1e-4)
+    assert r.cosine_uncentered == pytest.approx(want_u, abs=1e-4)
+    assert r.norm_mean == pytest.approx(want_n, rel=1e-5)
+    assert r.norm_growth == pytest.approx(want_n[-1] / want_n[0], rel=1e-5)
     from train import load_sae
 
-    assert r["mmcs"]["mmcs"] == pytest.approx(mmcs(load_sae(gsae).W_dec.detach()), abs=1e-6)
-    assert json.loads((tmp_path / "resid.json").read_text())["cosine_centered"] == r["cosine_centered"]
-    for f in r["figures"]:
+    m = run_mmcs(gsae, tmp_path)
+    assert m.mmcs == pytest.approx(mmcs(load_sae(gsae).W_dec.detach()), abs=1e-6)
+    assert ResidResult.load(tmp_path) == r and MmcsResult.load(tmp_path) == m
+    for f in r.figures:
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a token budget reads exactly that many kept tokens
-    assert run_resid(gcache, tmp_path / "small", tokens=100, figures=False)["tokens"] == 100
+    assert run_resid(gcache, tmp_path / "small", tokens=100, figures=False).tokens == 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,18 +123,18 @@ def test_prompt_stats_on_known_latents():
     assert sorted(st["per_token"][1]) == [3, 7] and st["per_token"][1][7].tolist() == [1.0, 1.0, 0.0]
     acc = st["acc"]  # the statistics: kept tokens only
     ml = acc.multi_layer()
-    assert ml["per_token_pooled"] == pytest.approx(1 / 3)  # (1 + 0) / (2 + 1), special token left out
-    assert ml["per_token_mean"] == pytest.approx((1 / 2 + 0) / 2)
-    assert ml["aggregated"] == pytest.approx(1 / 2)  # 7 of {3, 7}
+    assert ml.per_token_pooled == pytest.approx(1 / 3)  # (1 + 0) / (2 + 1), special token left out
+    assert ml.per_token_mean == pytest.approx((1 / 2 + 0) / 2)
+    assert ml.aggregated == pytest.approx(1 / 2)  # 7 of {3, 7}
     assert acc.mass[7].tolist() == [1.0, 1.0, 2.0] and acc.mass[9].sum() == 0 and acc.mass[5].sum() == 0
     # total mass 6; latent 7: P = (1/4, 1/4, 1/2); per (token, latent) only (1, 7) spreads: Var 1/4, mass 2
     p7 = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)
     l = torch.arange(3.0, dtype=torch.float64)
     var7 = float(p7 @ l**2 - (p7 @ l) ** 2)
     v = acc.variances()
-    assert v["exp_var_l_given_j"] == pytest.approx(4 / 6 * var7)
-    assert v["exp_var_l_given_jt"] == pytest.approx(2 / 6 * 0.25)
-    assert v["ratio_token"] == pytest.approx((2 / 6 * 0.25) / (4 / 6 * var7))
+    assert v.exp_var_l_given_j == pytest.approx(4 / 6 * var7)
+    assert v.exp_var_l_given_jt == pytest.approx(2 / 6 * 0.25)
+    assert v.ratio_token == pytest.approx((2 / 6 * 0.25) / (4 / 6 * var7))
 
 
 def test_prompt_writes_outputs_and_multi_layer_fraction_is_a_direct_count(gcache, gsae, neox_dir, tmp_path, capsys):
@@ -141,8 +142,7 @@ def test_prompt_writes_outputs_and_multi_layer_fraction_is_a_direct_count(gcache
     printed = capsys.readouterr().out
     assert "latents per token" in printed and "aggregated" in printed
     assert (tmp_path / "prompt.png").read_bytes()[:4] == b"\x89PNG"
-    saved = json.loads((tmp_path / "prompt.json").read_text())
-    assert saved["multi_layer"] == r["multi_layer"] and saved["tokens"] == r["tokens"]
+    assert PromptResult.load(tmp_path) == r
 
     # the tokenization of the cache: EOS (document separator) + text, no BOS for this tokenizer
     from harvest.models import load_bridge, load_tokenizer, resolve_model
@@ -152,8 +152,8 @@ def test_prompt_writes_outputs_and_multi_layer_fraction_is_a_direct_count(gcache
     source = resolve_model(str(neox_dir))
     tok = load_tokenizer(source)
     ids = [tok.eos_token_id] + tok(PROMPT, add_special_tokens=False).input_ids
-    assert [t["id"] for t in r["tokens"]] == ids
-    assert r["tokens"][0]["special"] and not any(t["special"] for t in r["tokens"][1:])
+    assert [t.id for t in r.tokens] == ids
+    assert r.tokens[0].special and not any(t.special for t in r.tokens[1:])
 
     # direct count: sets of (latent, layer) pairs per token
     x = forward_layers(load_bridge(source, tok, "cpu", torch.float32), torch.tensor([ids]), [0, 1, 2], "resid_post")
@@ -168,19 +168,19 @@ def test_prompt_writes_outputs_and_multi_layer_fraction_is_a_direct_count(gcache
                     layers_of.setdefault(j, set()).add(l)
         active.append(len(fired))
         multi.append(sum(len(s) >= 2 for s in fired.values()))
-    assert [t["n_active"] for t in r["tokens"][1:]] == active
-    assert [t["n_multi"] for t in r["tokens"][1:]] == multi
-    ml = r["multi_layer"]
-    assert ml["per_token_pooled"] == pytest.approx(sum(multi) / sum(active))
-    assert ml["per_token_mean"] == pytest.approx(
+    assert [t.n_active for t in r.tokens[1:]] == active
+    assert [t.n_multi for t in r.tokens[1:]] == multi
+    ml = r.multi_layer
+    assert ml.per_token_pooled == pytest.approx(sum(multi) / sum(active))
+    assert ml.per_token_mean == pytest.approx(
         sum(m / a for m, a in zip(multi, active) if a) / sum(a > 0 for a in active)
     )
-    assert ml["aggregated"] == pytest.approx(sum(len(s) >= 2 for s in layers_of.values()) / len(layers_of))
+    assert ml.aggregated == pytest.approx(sum(len(s) >= 2 for s in layers_of.values()) / len(layers_of))
     # aggregating over tokens can only add layers: a latent at >= 2 layers at some token is counted as such
     # (the two FRACTIONS need not be ordered: on Gemma, per-token pooled 0.64 > aggregated 0.53 for one prompt)
-    assert round(ml["aggregated"] * len(layers_of)) >= max(multi)
-    assert sorted(r["latents"]["ids"]) == sorted(layers_of)
-    assert r["latents"]["mean_layer"] == sorted(r["latents"]["mean_layer"])
+    assert round(ml.aggregated * len(layers_of)) >= max(multi)
+    assert sorted(r.latents.ids) == sorted(layers_of)
+    assert r.latents.mean_layer == sorted(r.latents.mean_layer)
 
 
 def test_prompt_user_errors(gsae, neox_dir, tmp_path):
@@ -199,73 +199,6 @@ def test_prompt_user_errors(gsae, neox_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # report
-
-
-def _png(path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(2, 1))
-    ax.plot([0, 1], [1, 0])
-    fig.savefig(path, dpi=40)
-    plt.close(fig)
-
-
-def test_report_is_self_contained_with_figures_numbers_and_claims(gcache, gsae, tmp_path):
-    out = tmp_path / "analysis"
-    run_resid(gcache, out, sae_dir=gsae)
-    (out / "variance.json").write_text(
-        json.dumps(
-            {  # the layout of analyze/layers.py
-                "tokens": 123456,
-                "layers": [0, 1, 2],
-                "var_l": 0.66,
-                "exp_var_l_given_j": 0.47,
-                "ratio_latent": 0.7123,
-                "ratio_token": 0.04321,
-                "multi_layer": {"per_token_mean": 0.25, "per_token_pooled": 0.2345, "aggregated": 0.8765},
-                "reference_formulas": {"ratio_token_ref": 0.999},
-                "figures": ["layer_heatmap.png"],
-            }
-        )
-    )
-    (out / "reconstruction.json").write_text(
-        json.dumps(
-            {  # the layout of analyze/reconstruction.py
-                "layers": [0, 1, 2],
-                "rows": ["MLSAE", "L1"],
-                "fvu_matrix": [[0.11, 0.13, 0.17], [0.5, 0.12, 0.6]],
-                "runs": [{"label": "MLSAE", "multi_layer": True, "held_out": {"fvu_mean": 0.1357}}],
-                "comparison": {
-                    "fvu": {
-                        "mlsae_over_diagonal_mean": 1.0833,
-                        "mlsae_beats_off_diagonal": 2,
-                        "off_diagonal_compared": 2,
-                    }
-                },
-            }
-        )
-    )
-    (out / "delta_ce.json").write_text("{not json")  # a broken file is shown as such, not fatal
-    for name in ["layer_heatmap.png", "reconstruction.png", "delta_ce.png", "mystery.png"]:
-        _png(out / name)
-
-    secs = collect_sections(out)
-    assert set(secs) == {"variance", "reconstruction", "delta_ce", "resid", "other"}
-    assert [p.name for p in secs["variance"]["figures"]] == ["layer_heatmap.png"]
-    doc = report_folder(out, sae_dirs=[gsae]).read_text()
-    assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]+"', doc)) == len(list(out.glob("*.png"))) == 6
-    assert not re.search(r'(src|href)="?(https?:|//|file:)', doc) and "<link" not in doc and "<script" not in doc
-    for number in ["0.04321", "0.7123", "0.1357", "0.2345", "0.8765", "123,456", "1.08", "2/2 layers"]:
-        assert number in doc
-    assert "0.999" not in doc.split("Claims checked")[1].split("Provenance")[0]  # reference formulas: never a claim
-    assert "E[Var(L|J,T)]/E[Var(L|J)]" in doc and "supported (&lt; 0.1)" in doc
-    assert "could not read delta_ce.json" in doc
-    assert str(gsae) in doc and open_cache(gcache).fingerprint[:16] in doc  # provenance
-    resid = json.loads((out / "resid.json").read_text())
-    assert f"{resid['cosine_centered'][0]:.4g}" in doc
 
 
 def test_report_over_the_real_analyses(gcache, gsae, neox_dir, tmp_path):
@@ -294,27 +227,34 @@ def test_report_over_the_real_analyses(gcache, gsae, neox_dir, tmp_path):
         ],
         show_progress=False,
     )
-    var = run_variance(gsae, gcache, 400, out, device="cpu", progress=False, log=lambda s: None)
+    var = run_variance(
+        gsae, gcache, 400, out, reference_formulas=True, reference_batch_tokens=128, device="cpu", progress=False
+    )
     rec = run_reconstruction([gsae, single], out_dir=out, device="cpu")
     dce = run_delta_ce(gsae, tokens=64, out_dir=out, device="cpu")
-    run_resid(gcache, out, sae_dir=gsae)
+    run_resid(gcache, out)
+    run_mmcs(gsae, out)
     pr = run_prompt(gsae, PROMPT, out_dir=out, device="cpu", show=False)
-    doc = report_folder(out, sae_dirs=[gsae, single]).read_text()
+    provenance([gsae, single], gcache).save(out)
+    doc = report_folder(out).read_text()
     pngs = list(out.glob("*.png"))
     assert len(pngs) >= 6 and len(re.findall(r'src="data:image/png;base64,', doc)) == len(pngs)
     assert "Other figures" not in doc  # every figure found its section
     fmt = lambda v: f"{v:.4g}"
     for v in [
-        var["ratio_token"],
-        var["multi_layer"]["per_token_pooled"],
-        dce["delta_ce_mean"],
-        rec["runs"][0]["held_out"]["fvu_mean"],
-        pr["multi_layer"]["aggregated"],
+        var.variances.ratio_token,
+        var.reference.rel_var_t,
+        var.multi_layer.per_token_pooled,
+        dce.delta_ce_mean,
+        rec.runs[0].held_out.fvu_mean,
+        rec.runs[0].held_out.l0[1],
+        pr.multi_layer.aggregated,
     ]:
         assert fmt(v) in doc
-    claims = doc.split("Claims checked")[1].split("Provenance")[0]
+    assert str(gsae) in doc and open_cache(gcache).fingerprint[:16] in doc  # provenance
+    claims = doc.split("Claims checked")[1].split("<h2 id=provenance>")[0]
     for claim in [
-        "held-out mean FVU",
+        "held-out FVU",
         "diagonal",
         "off-diagonal",
         "delta CE",
@@ -322,52 +262,56 @@ def test_report_over_the_real_analyses(gcache, gsae, neox_dir, tmp_path):
         "one prompt",
         "Adjacent layers",
         "norm grows",
+        "(not a proper variance)",
     ]:
         assert claim in claims
 
 
-def test_report_tolerates_missing_sections_and_unknown_keys(tmp_path):
-    out = write_report(
-        tmp_path / "r.html",
-        {"prompt": {"data": {"text": "hi <b>", "weird": {"x": [1, 2]}}, "figures": []}, "custom": {"answer": 42}},
-    )
-    doc = out.read_text()
-    assert "hi &lt;b&gt;" in doc and "weird.x" in doc and "42" in doc
-    assert "no analysis with the numbers for a claim" in doc
+def test_analyze_report_cli_writes_every_typed_result_and_the_html(gcache, gsae, tmp_path, capsys):
+    from analyze.results import load_analyses
+
+    out = tmp_path / "report"
+    args = ["--sae", gsae, "--reference-formulas", "--tokens", 600, "--delta-ce-tokens", 64, "--prompt", PROMPT]
+    code, printed, _ = run_cli(["report", *args, "--device", "cpu", "--out", out], capsys, "analyze")
+    assert code == 0
+    assert "reference code's formulas" in printed and "report" in printed
+    a = load_analyses(out)
+    assert a.latent_browser is None  # no `analyze examples` here
+    for r in (a.provenance, a.variance, a.reconstruction, a.training, a.delta_ce, a.resid, a.mmcs, a.prompt):
+        assert r is not None
+    # the training curve is train's heldout.csv: its last point is the final held-out evaluation
+    (curve,) = a.training.curves
+    final = load_run(gsae).summary()["held_out"]
+    assert len(curve.tokens) >= 2 and curve.fvu_mean[-1] == pytest.approx(final["fvu_mean"], rel=1e-5)
+    assert a.variance.tokens == 600 and a.variance.reference is not None and a.variance.reference.batch_tokens == 2048
+    assert a.provenance.runs[0].folder == str(gsae) and a.provenance.cache.fingerprint == open_cache(gcache).fingerprint
+    doc = (out / "report.html").read_text()
+    assert doc.count("<h2 id=") == 9  # claims + 8 sections
 
 
-def test_compare_puts_headline_numbers_side_by_side(tmp_path, capsys):
-    from analyze.cli import main as analyze_main
-    from analyze.compare import CompareError, compare_folders
+def test_report_of_a_legacy_run_leaves_out_delta_ce_in_one_line_and_no_stale_result(gcache, gsae, tmp_path, capsys):
+    """A run of the first releases (held out: the cache's last chunks, no whole window) still gets a report;
+    delta CE, which needs whole held-out windows, is left out with its reason, and the delta_ce.json of an
+    earlier report does not pass for this one's."""
+    import shutil
 
-    a, b, empty = tmp_path / "plain" / "analysis", tmp_path / "lens" / "analysis", tmp_path / "empty"
-    for folder, ratio, lens in [(a, 0.11, None), (b, 0.05, {"source": "lenses/x", "params_sha256": "ab"})]:
-        folder.mkdir(parents=True)
-        (folder / "variance.json").write_text(json.dumps({"tokens": 100, "ratio_latent": ratio, "lens": lens}))
-    (a / "delta_ce.json").write_text(json.dumps({"delta_ce_mean": 0.5}))
-    empty.mkdir()
-    res = compare_folders([a, b])
-    assert res["labels"] == ["plain", "lens"]
-    rows = {r["label"]: r["values"] for r in res["rows"]}
-    assert rows["tuned lens"] == ["none", "lenses/x"]
-    assert rows["E[Var(L|J)] / Var(L)"] == [0.11, 0.05] and rows["mean delta CE (nats)"] == [0.5, None]
-    for bad in ([a, empty], [a, tmp_path / "missing"]):
-        with pytest.raises(CompareError):
-            compare_folders(bad)
-    with pytest.raises(CompareError, match="one --label per folder"):
-        compare_folders([a, b], ["only one"])
+    from analyze.results import load_analyses
+    from train.split import HeldOut
 
-    import sys
-
-    argv, sys.argv = sys.argv, ["analyze", "compare", str(a), str(b), "--out", str(tmp_path / "cmp")]
-    try:
-        analyze_main()
-    except SystemExit as e:
-        assert e.code in (0, None)
-    finally:
-        sys.argv = argv
-    printed = capsys.readouterr().out
-    assert "| variance | E[Var(L|J)] / Var(L) | 0.11 | 0.05 |" in printed
-    assert (tmp_path / "cmp" / "compare.md").read_text().startswith("| section | number | plain | lens |")
-    with open(tmp_path / "cmp" / "compare.csv") as f:
-        assert next(csv.reader(f)) == ["section", "number", "plain", "lens"]
+    legacy = tmp_path / "legacy"
+    shutil.copytree(gsae, legacy, ignore=shutil.ignore_patterns("analysis"))
+    record = load_run(legacy)
+    record.heldout = HeldOut.legacy([7], 128)  # one shuffled chunk: no window lies wholly in it
+    record.save()
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "delta_ce.json").write_text("{}")  # stale, and even of an older format
+    args = ["--sae", legacy, "--tokens", 300, "--delta-ce-tokens", 64, "--prompt", PROMPT, "--device", "cpu"]
+    code, _, err = run_cli(["report", *args, "--out", out], capsys, "analyze")
+    assert code == 0, err
+    assert "delta CE left out of the report: the run holds out no whole context window" in " ".join(err.split())
+    a = load_analyses(out)
+    assert a.delta_ce is None and a.reconstruction.held_out_set.method == "legacy-chunks"
+    assert 100 < a.reconstruction.tokens <= 128 and "last 1 chunks" in a.provenance.runs[0].held_out
+    doc = (out / "report.html").read_text()
+    assert "Downstream loss" not in doc and "legacy split: their windows were partly trained on)" in doc.split("<h2")[1]

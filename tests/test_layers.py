@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from analyze.layers import LayerDistribution, ReferenceVariances, reference_variance_terms, run_variance
+from analyze.results import VarianceResult
 
 F = 10  # latents
 
@@ -107,7 +109,7 @@ def test_latent_at_one_layer_and_latent_spread_uniformly():
     assert within[1] == pytest.approx((L**2 - 1) / 12) and within[2] == pytest.approx((L**2 - 1) / 12)
     got, want = acc.variances(), brute_force(dense(values, indices, acc.n_latents))
     for key in ("var_l", "exp_var_l_given_j", "exp_var_l_given_jt", "ratio_latent", "ratio_token"):
-        assert got[key] == pytest.approx(want[key], rel=1e-12)
+        assert getattr(got, key) == pytest.approx(want[key], rel=1e-12)
 
 
 def test_one_hot_per_token_but_varying_over_tokens_gives_second_ratio_zero():
@@ -119,12 +121,12 @@ def test_one_hot_per_token_but_varying_over_tokens_gives_second_ratio_zero():
     values, indices = topk(L, T, 2, entries)
     acc = dist_of(values, indices, L)
     v = acc.variances()
-    assert v["exp_var_l_given_jt"] == pytest.approx(0, abs=1e-12) and v["ratio_token"] == pytest.approx(0, abs=1e-12)
-    assert v["exp_var_l_given_j"] > 0.5 and 0 < v["ratio_latent"] <= 1
+    assert v.exp_var_l_given_jt == pytest.approx(0, abs=1e-12) and v.ratio_token == pytest.approx(0, abs=1e-12)
+    assert v.exp_var_l_given_j > 0.5 and 0 < v.ratio_latent <= 1
     ml = acc.multi_layer()
-    assert ml["per_token_mean"] == 0 and ml["per_token_pooled"] == 0  # never two layers on one token
-    assert ml["aggregated"] == 1 and ml["active_latents"] == 2  # but every layer over tokens
-    assert ml["active_tokens"] == T and ml["mean_active_latents_per_token"] == 2
+    assert ml.per_token_mean == 0 and ml.per_token_pooled == 0  # never two layers on one token
+    assert ml.aggregated == 1 and ml.active_latents == 2  # but every layer over tokens
+    assert ml.active_tokens == T and ml.mean_active_latents_per_token == 2
 
 
 def test_multi_layer_fractions_per_token_and_aggregated():
@@ -140,10 +142,10 @@ def test_multi_layer_fractions_per_token_and_aggregated():
     ]  # token 2: only a sub-threshold value: no active latent
     values, indices = topk(L, 3, 2, entries)
     ml = dist_of(values, indices, L).multi_layer()
-    assert ml["per_token_mean"] == pytest.approx((1 / 2 + 0 / 3) / 2)  # token 2 has no active latent
-    assert ml["per_token_pooled"] == pytest.approx(1 / 5)
+    assert ml.per_token_mean == pytest.approx((1 / 2 + 0 / 3) / 2)  # token 2 has no active latent
+    assert ml.per_token_pooled == pytest.approx(1 / 5)
     # aggregated: latent 0 (layers 0, 1), latent 1 (layers 0, 2) at > 1 layer; latents 2, 3 at one
-    assert ml["aggregated"] == pytest.approx(2 / 4) and ml["active_tokens"] == 2
+    assert ml.aggregated == pytest.approx(2 / 4) and ml.active_tokens == 2
 
 
 def test_random_batches_match_brute_force_and_merging_halves_equals_one_pass():
@@ -160,9 +162,9 @@ def test_random_batches_match_brute_force_and_merging_halves_equals_one_pass():
         assert torch.allclose(t, merged.to_tensors()[name], rtol=1e-12, atol=1e-12), name
     # round trip through tensors
     back = LayerDistribution.from_tensors(merged.to_tensors())
-    assert back.summary() == merged.summary()
+    assert back.variances() == merged.variances() and back.multi_layer() == merged.multi_layer()
     want = brute_force(dense(values, indices, 12))
-    got = {**one.variances(), **one.multi_layer()}
+    got = {**asdict(one.variances()), **asdict(one.multi_layer())}
     for key, w in want.items():
         assert got[key] == pytest.approx(w, rel=1e-10), key
     assert 0 < got["ratio_token"] < 1 and 0 < got["ratio_latent"] < 1
@@ -178,7 +180,7 @@ def test_values_at_or_below_threshold_are_ignored():
     b = dist_of(*topk(L, 2, 3, base + noise), L)
     for name, t in a.to_tensors().items():
         assert torch.equal(t, b.to_tensors()[name]), name
-    assert b.multi_layer()["active_latents"] == 2
+    assert b.multi_layer().active_latents == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,16 +213,16 @@ def test_reference_formulas_on_a_worked_example():
     assert ref["rel_var_f"] == pytest.approx(62 / 63, rel=1e-14)
     assert ref["rel_var_t"] == pytest.approx(6 / 31, rel=1e-14)
     v = dist_of(values, indices, 2, n_latents=2).variances()
-    assert v["var_l"] == pytest.approx(5 / 36) and v["exp_var_l_given_j"] == pytest.approx(1 / 8)
-    assert v["ratio_latent"] == pytest.approx(9 / 10) and v["ratio_token"] == pytest.approx(1)
+    assert v.var_l == pytest.approx(5 / 36) and v.exp_var_l_given_j == pytest.approx(1 / 8)
+    assert v.ratio_latent == pytest.approx(9 / 10) and v.ratio_token == pytest.approx(1)
     # the reference averages per-batch values over batches of exactly batch_tokens tokens
     acc = ReferenceVariances(n_latents=2, n_layers=2, batch_tokens=2)
     acc.update(values[:, :1], indices[:, :1])  # batches are regrouped across update calls
     more = [torch.cat([a[:, 1:], a, a[:, :1]], 1) for a in (values, indices)]  # tokens 1, 0, 1, 0
     acc.update(*more)
     out = acc.compute()
-    assert out["batches"] == 2 and out["tokens"] == 4  # the trailing partial batch is left out
-    assert out["rel_var_f"] == pytest.approx(62 / 63) and out["rel_var_t"] == pytest.approx(6 / 31)
+    assert out.batches == 2 and out.tokens == 4  # the trailing partial batch is left out
+    assert out.rel_var_f == pytest.approx(62 / 63) and out.rel_var_t == pytest.approx(6 / 31)
 
 
 def reference_metric_dense(latents: torch.Tensor) -> dict[str, float]:
@@ -322,10 +324,11 @@ def test_run_variance_writes_files_whose_numbers_recompute(tiny_run, tmp_path):
     )
     for name in ("variance.json", "layer_distribution.safetensors", "layer_heatmap.png", "layer_mean_histogram.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    saved = json.loads((out / "variance.json").read_text())
+    saved = VarianceResult.load(out)
+    assert saved == summary
     layers = json.loads((run / "config.json").read_text())["layers"]
-    assert saved["tokens"] == 1500 and saved["layers"] == layers and saved["definitions"]
-    assert saved["reference_formulas"]["batches"] == 5 and "NOT proper" in saved["reference_formulas"]["label"]
+    assert saved.tokens == 1500 and saved.layers == layers and saved.definitions
+    assert saved.reference.batches == 5 and "NOT proper" in saved.reference.label
 
     # recompute from scratch: the same kept tokens in the reader's seeded order, a dense h, definitions
     cache, sae = open_cache(cache_path), load_sae(run)
@@ -342,15 +345,15 @@ def test_run_variance_writes_files_whose_numbers_recompute(tiny_run, tmp_path):
         values, indices = sae.encode(x)
     want = brute_force(dense(values, indices, n_lat))
     for key in ("var_l", "exp_var_l_given_j", "exp_var_l_given_jt", "ratio_latent", "ratio_token"):
-        assert saved[key] == pytest.approx(want[key], rel=1e-6), key
+        assert getattr(saved.variances, key) == pytest.approx(want[key], rel=1e-6), key
     for key in ("per_token_mean", "per_token_pooled", "aggregated"):
-        assert saved["multi_layer"][key] == pytest.approx(want[key], rel=1e-6), key
+        assert getattr(saved.multi_layer, key) == pytest.approx(want[key], rel=1e-6), key
     ref_batches = [
         reference_metric_dense(dense(values[:, s : s + 256], indices[:, s : s + 256], n_lat))
         for s in range(0, 1280, 256)
     ]
     for key in ("exp_var_l_f", "rel_var_f", "rel_var_t"):
-        assert saved["reference_formulas"][key] == pytest.approx(sum(b[key] for b in ref_batches) / 5, rel=1e-6)
+        assert getattr(saved.reference, key) == pytest.approx(sum(b[key] for b in ref_batches) / 5, rel=1e-6)
 
     t = load_file(str(out / "layer_distribution.safetensors"))
     h = dense(values, indices, n_lat)
@@ -358,8 +361,8 @@ def test_run_variance_writes_files_whose_numbers_recompute(tiny_run, tmp_path):
     m = t["mass"].sum(1)
     assert torch.allclose(t["p_layer_given_latent"][m > 0], (h.sum(1).T / h.sum((0, 1)).unsqueeze(1))[m > 0], rtol=1e-6)
     assert t["mean_layer"].shape == t["var_layer"].shape == (n_lat,)
-    assert summary["tokens"] == 1500 and summary["tokens_per_s"] > 0
-    assert not any(isinstance(v, float) and math.isnan(v) for v in summary.values())
+    assert summary.tokens == 1500 and summary.tokens_per_s > 0
+    assert not any(isinstance(v, float) and math.isnan(v) for v in asdict(summary.variances).values())
 
 
 def test_run_variance_uses_every_chunk_when_asked_for_more_tokens_than_the_cache_holds(tiny_run, tmp_path):
@@ -378,7 +381,7 @@ def test_run_variance_uses_every_chunk_when_asked_for_more_tokens_than_the_cache
         log=notes.append,
     )
     kept = int(open_cache(cache_path).read_tokens("keep").sum())
-    assert s["tokens"] == kept and notes and "only" in notes[0]
+    assert s.tokens == kept and notes and "only" in notes[0]
     assert not (tmp_path / "v" / "layer_heatmap.png").exists() and (tmp_path / "v" / "variance.json").is_file()
 
 
@@ -432,14 +435,14 @@ def test_two_ranks_under_torchrun_sum_to_the_single_process_result(tiny_run, tmp
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    two = json.loads((tmp_path / "two" / "variance.json").read_text())
-    assert two["world_size"] == 2 and two["tokens"] == one["tokens"]
+    two = VarianceResult.load(tmp_path / "two")
+    assert two.world_size == 2 and two.tokens == one.tokens
     for key in ("var_l", "exp_var_l_given_j", "exp_var_l_given_jt", "ratio_latent", "ratio_token"):
-        assert two[key] == pytest.approx(one[key], rel=1e-9), key
-    assert two["multi_layer"] == pytest.approx(one["multi_layer"], rel=1e-9)
+        assert getattr(two.variances, key) == pytest.approx(getattr(one.variances, key), rel=1e-9), key
+    assert asdict(two.multi_layer) == pytest.approx(asdict(one.multi_layer), rel=1e-9)
     a, b = (load_file(str(tmp_path / d / "layer_distribution.safetensors")) for d in ("one", "two"))
     assert torch.allclose(a["mass"], b["mass"], rtol=1e-9)
-    assert two["reference_formulas"]["batches"] >= 2
+    assert two.reference.batches >= 2
 
 
 def test_user_errors_name_the_fix(tiny_run, tmp_path):

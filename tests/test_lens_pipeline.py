@@ -151,15 +151,15 @@ def test_train_records_the_lens(lens_run, caches, lens_dir):
 
     record = json.loads((lens_run / "config.json").read_text())
     assert record["cache"]["lens"] == open_cache(caches["lens"]).lens_record
-    assert provenance([lens_run])["cache"]["lens"] == str(lens_dir)  # the report names the lens
+    assert provenance([lens_run], caches["lens"]).cache.lens == str(lens_dir)  # the report names the lens
 
 
 def test_prompt_encodes_in_the_lens_space(lens_run, caches, neox_dir, tmp_path):
     r = run_prompt(lens_run, PROMPT, out_dir=tmp_path, device="cpu", show=False)
-    assert r["lens"]["params_sha256"] == open_cache(caches["lens"]).lens_record["params_sha256"]
+    assert r.lens["params_sha256"] == open_cache(caches["lens"]).lens_record["params_sha256"]
     source = resolve_model(str(neox_dir))
     tok = load_tokenizer(source)
-    ids = [t["id"] for t in r["tokens"]]
+    ids = [t.id for t in r.tokens]
     x = forward_layers(load_bridge(source, tok, "cpu", torch.float32), torch.tensor([ids]), [0, 1, 2], "resid_post")[
         :, 0
     ]
@@ -173,14 +173,14 @@ def test_prompt_encodes_in_the_lens_space(lens_run, caches, neox_dir, tmp_path):
         ]
 
     lensed = torch.stack([lens.transform(x[l], l) for l in range(3)])
-    assert [t["n_active"] for t in r["tokens"]] == n_active(lensed)
+    assert [t.n_active for t in r.tokens] == n_active(lensed)
     assert n_active(lensed) != n_active(x)  # the check above can tell the two spaces apart
 
 
 def test_delta_ce_through_the_lens_runs_against_the_clean_model(lens_run, tmp_path):
     res = run_delta_ce(lens_run, tokens=64, out_dir=tmp_path, device="cpu")
-    assert res["lens"]["translators"] == {"0": 1, "1": 2, "2": None}
-    assert np.isfinite(res["clean_ce"]) and all(np.isfinite(res["delta_ce"])) and all(k >= 0 for k in res["kl"])
+    assert res.lens["translators"] == {"0": 1, "1": 2, "2": None}
+    assert np.isfinite(res.clean_ce) and all(np.isfinite(res.delta_ce)) and all(k >= 0 for k in res.kl)
 
 
 def test_lens_train_cli_writes_a_lens_that_harvest_accepts(neox_dir, text_dir, tmp_path, capsys):

@@ -12,8 +12,9 @@ import pytest
 import torch
 from tiny import documents
 
-from analyze.delta_ce import DeltaCeSums, run_delta_ce, sae_reconstructor, spliced_metrics
+from analyze.delta_ce import DeltaCeSums, ZeroedSplice, run_delta_ce, sae_reconstructor, spliced_metrics
 from analyze.reconstruction import RunError, format_reconstruction, run_reconstruction
+from analyze.results import DeltaCeResult, ReconstructionResult
 from harvest import open_cache
 from harvest.lens import Lens
 from harvest.models import load_bridge, load_tokenizer, resolve_model
@@ -113,6 +114,18 @@ def test_delta_ce_is_exactly_zero_for_the_true_activation_and_positive_for_noise
     both = a + DeltaCeSums.zeros([1])
     assert both.means() == a.means()
 
+    # reference mode: zeros spliced at the special positions (the SAE's output for a zero input), the
+    # identity elsewhere, every prediction counted: the same as running the model on those zeros directly
+    everywhere = torch.ones_like(keep)
+    zeroed = ZeroedSplice(~keep, lambda layer: torch.zeros(bridge.cfg.d_model))
+    ref = spliced_metrics(bridge, ids, [1], identity, everywhere, zeroed=zeroed)
+    zero_hook = lambda x, hook: x.masked_fill(~keep[..., None], 0.0)
+    with torch.inference_mode():
+        lp = bridge.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_post", zero_hook)]).log_softmax(-1)
+    want = -lp[:, :-1].gather(2, ids[:, 1:, None]).mean().item()
+    assert ref.n == ids.shape[0] * (ids.shape[1] - 1) and ref.means()["ce"][0] == pytest.approx(want, rel=1e-5)
+    assert ref.means()["delta_ce"][0] > 0
+
 
 def test_delta_ce_through_a_lens_is_zero_for_the_true_activation_only_with_the_exact_inverse(lm):
     """An SAE trained in lens space that reconstructs perfectly must give delta CE 0 after the inverse; the
@@ -146,37 +159,36 @@ def test_delta_ce_through_a_lens_is_zero_for_the_true_activation_only_with_the_e
 def test_layer_matrix_diagonal_and_mlsae_row_match_held_out_evaluation(runs, rcache, tmp_path):
     out = tmp_path / "recon"
     res = run_reconstruction([runs["mlsae"], runs["l0"], runs["l2"]], rcache, out, device="cpu")
-    assert res["rows"] == ["MLSAE", "L0", "L2"] and res["layers"] == [0, 1, 2]
-    for key in ["fvu_matrix", "fvu_feature_matrix"]:
-        assert np.asarray(res[key]).shape == (3, 3) and np.isfinite(res[key]).all()
+    assert res.rows == ["MLSAE", "L0", "L2"] and res.layers == [0, 1, 2]
+    for m in [res.fvu_matrix, res.fvu_feature_matrix]:
+        assert np.asarray(m).shape == (3, 3) and np.isfinite(m).all()
 
     cache = open_cache(rcache)
     heldout = load_run(runs["mlsae"]).heldout
-    assert res["eval_chunks"] == heldout.chunks
-    direct = evaluate(load_sae(runs["mlsae"]), cache, heldout.chunks, [0, 1, 2], "cpu")
-    assert res["fvu_matrix"][0] == pytest.approx(direct["fvu"], rel=1e-6)
-    assert res["fvu_feature_matrix"][0] == pytest.approx(direct["fvu_feature"], rel=1e-6)
+    assert res.held_out_set == heldout
+    direct = evaluate(load_sae(runs["mlsae"]), cache, heldout, [0, 1, 2], "cpu")
+    assert res.fvu_matrix[0] == pytest.approx(direct.fvu, rel=1e-6)
+    assert res.fvu_feature_matrix[0] == pytest.approx(direct.fvu_feature, rel=1e-6)
     for row, name, layer in [(1, "l0", 0), (2, "l2", 2)]:  # diagonal = the run's own held-out FVU
         own = json.loads((runs[name] / "summary.json").read_text())["held_out"]
-        assert res["fvu_matrix"][row][layer] == pytest.approx(own["fvu"][0], rel=1e-5)
-        assert res["fvu_feature_matrix"][row][layer] == pytest.approx(own["fvu_feature"][0], rel=1e-5)
-        assert res["runs"][row]["held_out"]["fvu"] == pytest.approx(own["fvu"], rel=1e-6)
-        assert res["runs"][row]["held_out"]["dead_fraction"] == pytest.approx(own["dead_fraction"])
+        assert res.fvu_matrix[row][layer] == pytest.approx(own["fvu"][0], rel=1e-5)
+        assert res.fvu_feature_matrix[row][layer] == pytest.approx(own["fvu_feature"][0], rel=1e-5)
+        assert res.runs[row].held_out.fvu == pytest.approx(own["fvu"], rel=1e-6)
+        assert res.runs[row].held_out.dead_fraction == pytest.approx(own["dead_fraction"])
+        assert res.runs[row].held_out.dead_fraction_per_layer == pytest.approx(own["dead_fraction_per_layer"])
 
-    per = {p["layer"]: p for p in res["comparison"]["fvu"]["per_layer"]}
-    m = res["fvu_matrix"]
-    assert (
-        per[0]["diagonal"] == m[1][0] and per[0]["off_diagonal_best"] == m[2][0] and per[0]["off_diagonal_layer"] == 2
-    )
-    assert per[1]["diagonal"] is None and per[1]["off_diagonal_best"] == min(m[1][1], m[2][1])
-    assert per[2]["mlsae"] == m[0][2]
+    per = {p.layer: p for p in res.comparison_fvu.per_layer}
+    m = res.fvu_matrix
+    assert per[0].diagonal == m[1][0] and per[0].off_diagonal_best == m[2][0] and per[0].off_diagonal_layer == 2
+    assert per[1].diagonal is None and per[1].off_diagonal_best == min(m[1][1], m[2][1])
+    assert per[2].mlsae == m[0][2]
     assert "MLSAE" in format_reconstruction(res)
 
     with open(out / "fvu_matrix.csv") as f:
         table = list(csv.reader(f))
-    assert table[0] == ["sae", "layer 0", "layer 1", "layer 2"] and [r[0] for r in table[1:]] == res["rows"]
+    assert table[0] == ["sae", "layer 0", "layer 1", "layer 2"] and [r[0] for r in table[1:]] == res.rows
     assert float(table[2][1]) == pytest.approx(m[1][0], rel=1e-5)
-    assert json.loads((out / "reconstruction.json").read_text())["rows"] == res["rows"]
+    assert ReconstructionResult.load(out) == res
     assert (out / "reconstruction.png").stat().st_size > 1000
 
 
@@ -195,9 +207,14 @@ def test_runs_of_another_cache_are_refused_in_one_line(runs, rcache, tmp_path):
 def test_run_delta_ce_uses_held_out_cache_windows_and_writes_outputs(runs, tmp_path):
     out = tmp_path / "dce"
     res = run_delta_ce(runs["mlsae"], tokens=64, out_dir=out, device="cpu")
-    assert res["layers"] == [0, 1, 2] and res["windows"] == 2 and res["context"] == 32
-    assert 0 < res["tokens"] <= 2 * 31
-    assert res["window_source"]["held_out_token_fraction"] > 0
-    assert all(np.isfinite(res["delta_ce"])) and all(k >= 0 for k in res["kl"])
-    assert json.loads((out / "delta_ce.json").read_text())["delta_ce"] == res["delta_ce"]
+    assert res.layers == [0, 1, 2] and res.windows == 2 and res.context == 32
+    assert 0 < res.tokens <= 2 * 31
+    assert res.window_source.held_out_token_fraction == 1.0
+    held = load_run(runs["mlsae"]).heldout.windows  # delta CE scores held-out windows only
+    assert len(res.window_source.windows) == 2 and set(res.window_source.windows) <= set(held)
+    assert all(np.isfinite(res.delta_ce)) and all(k >= 0 for k in res.kl)
+    assert DeltaCeResult.load(out) == res
     assert (out / "delta_ce.png").stat().st_size > 1000
+    # the reference's special-token mode: the SAE sees zeros at special positions, every prediction counts
+    ref = run_delta_ce(runs["mlsae"], tokens=64, device="cpu", special_tokens="reference", write=False)
+    assert res.special_tokens == "exclude" and ref.special_tokens == "reference" and ref.tokens == 2 * 31

@@ -40,7 +40,7 @@ def _print(summaries: list[dict]) -> None:
             f"(per-feature {final['fvu_feature_mean']:.4f}), initially {initial.get('fvu_mean', float('nan')):.4f}; "
             f"dead {final['dead_fraction']:.1%}"
         )
-        table = Table("layer", "FVU", "FVU per-feature", "MSE", "L0")
+        table = Table("layer", "FVU", "FVU per-feature", "MSE", "L0", "dead")
         for i, l in enumerate(final["layers"]):
             table.add_row(
                 str(l),
@@ -48,6 +48,7 @@ def _print(summaries: list[dict]) -> None:
                 f"{final['fvu_feature'][i]:.4f}",
                 f"{final['mse'][i]:.4g}",
                 f"{final['l0'][i]:.1f}",
+                f"{final['dead_fraction_per_layer'][i]:.1%}",
             )
         console.print(table)
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from harvest.errors import SpecError
-from harvest.flags import FlagConfig, flag_field
+from harvest.flags import FlagConfig, flag_field, read_yaml_mapping
+from train.special import SpecialTokensMode
 
 # Fields that may change when a run is resumed (they do not change the result).
-RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "prefetch"})
+RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "eval_every", "prefetch", "local_cache"})
 
 
 _f = flag_field
@@ -19,7 +20,7 @@ _f = flag_field
 
 @dataclass
 class TrainConfig(FlagConfig):
-    cache: str = _f("caches/gemma-3-270m-sotu", "Harvested cache folder.")
+    cache: str = _f("caches/gemma-3-270m-sotu", "Harvested cache: a folder or a URL (s3://, gs://, az://).")
     layers: str = _f(
         "all", "'all' trains the multi-layer SAE on every cached layer; a layer number trains a single-layer SAE."
     )
@@ -38,16 +39,38 @@ class TrainConfig(FlagConfig):
     k_aux: int = _f(256, "AuxK: dead latents used to reconstruct the residual.")
     aux_coef: float = _f(1 / 32, "AuxK loss coefficient.")
     eval_tokens: int = _f(
-        65_536, "Held-out tokens: the cache's last chunks, never trained on (at most half the cache)."
+        65_536,
+        "Held-out tokens: whole context windows (grouped by document), never trained on (at most half the cache).",
     )
+    heldout_seed: int = _f(0, "Seed of the held-out windows (keep it equal across runs that analyses compare).")
     round_chunks: int = _f(32, "Shuffle buffer: chunks read and permuted together on the device.")
-    include_special: bool = _f(False, "Also train on BOS/EOS/PAD tokens (the reference code does).")
+    special_tokens: SpecialTokensMode = _f(
+        "cache",
+        "BOS/EOS/PAD: cache (follow the cache's keep mask), exclude, reference (zero vectors, kept in the loss and "
+        "every metric: the reference code) or include-real (their real vectors).",
+    )
     seed: int = _f(0, "Seed of initialization and data order.")
     device: str = _f("auto", "auto (cuda when present), cpu, cuda or cuda:N.")
     checkpoint_every: int = _f(200, "Steps between resumable checkpoints.")
     log_every: int = _f(10, "Steps between lines of metrics.jsonl.")
+    eval_every: int = _f(
+        0,
+        "Steps between held-out evaluations (0 = before and after training only): lines of metrics.jsonl, and "
+        "heldout.csv / heldout.png at the end. Each encodes the held-out tokens once.",
+    )
+    log_to: Literal["none", "wandb", "trackio"] = _f(
+        "none", "Also log to an experiment tracker (SAELens key names); metrics.jsonl is always written."
+    )
+    log_project: str = _f("mlsae-cache", "Project name for --log-to.")
     prefetch: int = _f(8, "Chunk reads in flight.")
+    local_cache: str = _f(
+        "", "Folder for a verified local copy of a remote cache (later epochs read from local disk); '' = none."
+    )
     out: str = _f("", "Run folder; default runs/<cache name>-<layers>-x<expansion>-k<k>.")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        return cls().replace(**upgrade(read_yaml_mapping(path, cls._what, cls._yaml_flag)))
 
     def validate(self) -> "TrainConfig":
         self.check_types()
@@ -65,8 +88,8 @@ class TrainConfig(FlagConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise SpecError(f"{name} = {v!r} must be a positive integer")
-        if self.tokens < 0 or self.eval_tokens < 0 or self.warmup_steps < 0:
-            raise SpecError("tokens, eval_tokens and warmup_steps must be >= 0")
+        if self.tokens < 0 or self.eval_tokens < 0 or self.warmup_steps < 0 or self.eval_every < 0:
+            raise SpecError("tokens, eval_tokens, eval_every and warmup_steps must be >= 0")
         if not self.lr > 0:
             raise SpecError(f"lr = {self.lr} must be positive")
         if self.layers != "all":
@@ -91,6 +114,18 @@ class TrainConfig(FlagConfig):
 
     def hyperparameters(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+
+def upgrade(fields_: dict[str, Any]) -> dict[str, Any]:
+    """Fields of older configs and run records in today's names: `include_special: true` fed the real
+    special-token vectors (include-real); false followed the cache's keep mask (cache)."""
+    out = dict(fields_)
+    if "include_special" in out:
+        legacy = out.pop("include_special")
+        if not isinstance(legacy, bool):
+            raise SpecError(f"include_special = {legacy!r} must be true or false (or use special_tokens)")
+        out.setdefault("special_tokens", "include-real" if legacy is True else "cache")
+    return out
 
 
 def config_fields() -> list[dataclasses.Field]:

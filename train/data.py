@@ -1,7 +1,8 @@
 """Cache -> shuffled minibatches on the training device, exactly resumable.
 
 The stream is cut into rounds: round r of an epoch reads the next `round_chunks` chunks of this rank's
-seeded chunk order (whole-chunk reads, several in flight), drops tokens whose `keep` is False, adds the
+seeded chunk order (whole-chunk reads, several in flight), drops tokens whose `keep` is False and the
+tokens of held-out windows (train/split.py: they are spread over the chunks of their block), adds the
 tokens carried over from the previous round, permutes them on the device with a permutation seeded
 by (seed, rank, epoch, round) and yields full minibatches; the remainder (< one batch) is carried on.
 A round's state is therefore a few integers plus the carried cache positions, which is what a
@@ -20,6 +21,11 @@ import numpy as np
 import torch
 
 from harvest import Cache, ChunkReader
+from harvest.reader import Chunk
+from train.special import SpecialTokens
+from train.split import HeldOut
+
+KEEP_MASK = SpecialTokens("exclude", ())  # the cache's keep mask alone (no id is special)
 
 
 @dataclass
@@ -39,13 +45,20 @@ class Batch:
     positions: torch.Tensor  # [batch_tokens] cache positions (int64, CPU)
 
 
-def split_chunks(cache: Cache, eval_tokens: int) -> tuple[list[int], list[int]]:
-    """(train chunks, held-out chunks): the held-out set is the last whole chunks of the cache."""
-    chunks = cache.complete_chunks()
-    n_eval = -(-eval_tokens // cache.layout.chunk_tokens) if eval_tokens > 0 else 0
-    if n_eval >= len(chunks):
-        n_eval = max(0, len(chunks) - 1)
-    return chunks[: len(chunks) - n_eval], chunks[len(chunks) - n_eval :]
+def training_rows(chunk: Chunk, special: SpecialTokens, heldout: HeldOut | None) -> torch.Tensor:
+    """Rows of a chunk to train on: the tokens the special-token mode uses, minus held-out windows' tokens."""
+    use = special.usable(chunk.keep, chunk.token_ids)
+    if heldout is not None and heldout.windows:
+        use &= ~heldout.mask(chunk.seq)
+    return use.nonzero().squeeze(1)
+
+
+def count_training_tokens(cache: Cache, special: SpecialTokens, heldout: HeldOut | None) -> int:
+    """The tokens one epoch trains on (training_rows over the whole cache), from the token arrays alone."""
+    use = special.usable(cache.read_tokens("keep"), cache.read_tokens("token_ids"))
+    if heldout is not None and heldout.windows:
+        use &= ~heldout.mask(cache.read_tokens("seq"))
+    return int(use.sum())
 
 
 class MinibatchStream:
@@ -60,12 +73,14 @@ class MinibatchStream:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        include_special: bool = False,
+        special: SpecialTokens = KEEP_MASK,
         prefetch: int = 8,
+        heldout: HeldOut | None = None,
     ):
         self.cache, self.layout = cache, cache.layout
         self.batch_tokens, self.device, self.seed = batch_tokens, torch.device(device), seed
-        self.include_special = include_special
+        self.special = special
+        self.heldout = heldout  # its windows' tokens are dropped from every chunk read: never trained on
         self.rank = rank
         self.reader = ChunkReader(
             cache,
@@ -88,11 +103,14 @@ class MinibatchStream:
     def _round_chunks(self, epoch: int, r: int) -> np.ndarray:
         return self.reader.order(epoch)[r * self.round_chunks : (r + 1) * self.round_chunks]
 
-    def _kept_rows(self, acts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Copy rows out of the reader's reusable buffer onto the device (indexing on the device)."""
+    def _kept_rows(self, ch: Chunk, rows: torch.Tensor) -> torch.Tensor:
+        """Copy rows out of the reader's reusable buffer onto the device (indexing on the device), as the
+        special-token mode has the SAE see them."""
         if self.device.type == "cpu":
-            return acts[:, rows]  # advanced indexing copies
-        return acts.to(self.device)[:, rows.to(self.device)]
+            acts = ch.acts[:, rows]  # advanced indexing copies
+        else:
+            acts = ch.acts.to(self.device)[:, rows.to(self.device)]
+        return self.special.vectors(acts, ch.token_ids[rows])
 
     def _carry_from_disk(self, carry: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """On resume only: re-read the carried tokens (normally they are handed over in memory)."""
@@ -103,7 +121,7 @@ class MinibatchStream:
         for c in torch.unique(pos_t // self.layout.chunk_tokens).tolist():
             pos = pos_t[pos_t // self.layout.chunk_tokens == c]
             ch = self.reader.read_chunk(c)
-            parts.append(self._kept_rows(ch.acts, pos - ch.start))
+            parts.append(self._kept_rows(ch, pos - ch.start))
             positions.append(pos)
         acts, got = torch.cat(parts, dim=1), torch.cat(positions)
         # back to the carry's own order, which the next permutation depends on
@@ -119,8 +137,8 @@ class MinibatchStream:
         for ch in self.reader.iter_chunks(chunk_ids):
             if self._closed.is_set():  # the consumer stopped: do not read (and place) a round nobody uses
                 break
-            rows = torch.arange(len(ch.keep)) if self.include_special else ch.keep.nonzero().squeeze(1)
-            parts.append(self._kept_rows(ch.acts, rows))
+            rows = training_rows(ch, self.special, self.heldout)
+            parts.append(self._kept_rows(ch, rows))
             positions.append(rows.to(torch.int64) + ch.start)
         return torch.cat(parts, dim=1), torch.cat(positions)
 

@@ -123,9 +123,12 @@ def saelens_tensors(sae: Any, fold: bool = True) -> dict[str, torch.Tensor]:
     }
 
 
-def saelens_config(record: RunRecord, cache_meta: dict[str, Any], layer: int, held_out: dict | None) -> dict:
+def saelens_config(record: RunRecord, cache: Any, layer: int, held_out: dict | None) -> dict:
+    from train.special import SpecialTokens
+
+    cache_meta = cache.meta
     spec, tok = cache_meta["spec"], cache_meta.get("tokenizer", {})
-    special = record.special_tokens != "include-real"
+    special = SpecialTokens.of(record.special_tokens, cache)
     return {
         "architecture": "topk",
         "d_in": record.sae.d_model,
@@ -146,7 +149,8 @@ def saelens_config(record: RunRecord, cache_meta: dict[str, Any], layer: int, he
             "context_size": spec["context"],
             "prepend_bos": tok.get("prepend_bos"),
             "dataset_path": spec["dataset"],
-            "exclude_special_tokens": tok.get("special_ids", True) if special else False,
+            # the ids the SAE never saw (mode exclude); in reference/include-real modes it saw them
+            "exclude_special_tokens": list(special.ids) if special.mode == "exclude" else False,
             "neuronpedia_id": None,
         },
         "mlsae": {  # provenance; SAELens ignores keys it does not know
@@ -155,6 +159,7 @@ def saelens_config(record: RunRecord, cache_meta: dict[str, Any], layer: int, he
             "multi_layer": record.multi_layer,
             "cache_fingerprint": record.cache.fingerprint,
             "standardization_fold_c": fold_constant(record.sae.d_model),
+            "special_tokens": special.mode,
             "held_out_fvu": held_out,
         },
     }
@@ -181,7 +186,7 @@ def _held_out_at(summary: dict[str, Any] | None, layer: int) -> dict[str, float]
     return {"fvu": h["fvu"][i], "fvu_feature": h["fvu_feature"][i], "tokens": h.get("tokens")}
 
 
-def write_saelens(record: RunRecord, sae: Any, cache_meta: dict[str, Any], folder: Path) -> list[str]:
+def write_saelens(record: RunRecord, sae: Any, cache: Any, folder: Path) -> list[str]:
     """One SAELens folder per trained layer; the weights file is written once and hard-linked (same bytes)."""
     from safetensors.torch import save_file
 
@@ -192,7 +197,7 @@ def write_saelens(record: RunRecord, sae: Any, cache_meta: dict[str, Any], folde
         name = hook_name(layer, record.cache.hook)
         sub = folder / name
         sub.mkdir()
-        cfg = saelens_config(record, cache_meta, layer, _held_out_at(summary, layer))
+        cfg = saelens_config(record, cache, layer, _held_out_at(summary, layer))
         (sub / "cfg.json").write_text(json.dumps(cfg, indent=1))
         weights = sub / "sae_weights.safetensors"
         if first is None:
@@ -234,6 +239,7 @@ def write_delphi(
 
     from harvest.progress import progress_bar
     from train.latents import iter_latents
+    from train.special import SpecialTokens
 
     F, C = record.sae.n_latents, cache.layout.context
     ranges = delphi_splits(F, splits)
@@ -247,10 +253,10 @@ def write_delphi(
     }
     streamed = 0
     try:
-        include = record.special_tokens == "include-real"
+        special = SpecialTokens.of(record.special_tokens, cache)
         total = tokens or cache.layout.n_tokens
         with progress_bar("delphi", total, "tokens", enabled=progress, rate_unit="tok/s") as bar:
-            for b in iter_latents(sae, cache, record.layers, tokens=tokens, device=device, include_special=include):
+            for b in iter_latents(sae, cache, record.layers, tokens=tokens, device=device, special=special):
                 streamed += b.n
                 bar.advance(b.n)
                 for li in range(len(record.layers)):
@@ -403,7 +409,6 @@ def export_run(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export a finished run as `fmt` into `out` (see the module doc); optionally upload it to `push_to_hub`."""
-    from harvest import open_cache
     from harvest.models import resolve_device
 
     if fmt not in FORMATS:
@@ -422,15 +427,15 @@ def export_run(
     t0 = time.time()
     dev = resolve_device(device)
     sae = record.load_sae(dev)
-    cache = open_cache(record.cache.path) if fmt == "delphi" else None
-    if cache is not None:
+    cache = _open_cache(record)
+    if fmt == "delphi":
         cache.require_complete()
-    cache_meta = cache.meta if cache is not None else _cache_meta(record)
+    cache_meta = cache.meta
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if fmt == "saelens":
-            parts, extra = write_saelens(record, sae, cache_meta, tmp), {}
+            parts, extra = write_saelens(record, sae, cache, tmp), {}
         else:
             extra = write_delphi(record, sae, cache, tmp, splits, tokens, dev, progress)
             parts = extra["modules"]
@@ -471,12 +476,12 @@ def export_run(
     return result
 
 
-def _cache_meta(record: RunRecord) -> dict[str, Any]:
-    """The cache's metadata (model, spec, tokenizer): read from the cache where it still is."""
+def _open_cache(record: RunRecord) -> Any:
+    """The run's cache (its metadata: model, spec, tokenizer; and its tokens for delphi)."""
     from harvest import open_cache
 
     try:
-        return open_cache(record.cache.path).meta
+        return open_cache(record.cache.path)
     except UserError:
         raise ExportError(
             f"the run's cache {record.cache.path} is not readable from here: the export records its model, "

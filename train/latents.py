@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from harvest import Cache, ChunkReader
+from train.special import SpecialTokens
 
 
 @dataclass
@@ -54,7 +55,7 @@ def iter_latents(
     tokens: int | None = None,
     rows: int = 4096,
     device: str = "cpu",
-    include_special: bool = False,
+    special: SpecialTokens | None = None,
     select: Callable[[Tensor], Tensor] | None = None,
     seed: int = 0,
     rank: int = 0,
@@ -66,14 +67,16 @@ def iter_latents(
 
     Tokens are taken in the reader's seeded chunk order (`chunk_order`), within a chunk in cache order;
     `skip` leaves out the first `skip` chunks of that order (a resumed pass; `tokens` is then what is
-    left of the budget). `select(seq) -> bool mask` restricts to some windows (e.g. `HeldOut.mask`)."""
+    left of the budget). `special` (the run's `SpecialTokens`) decides which tokens count and what their
+    vectors are (zeros in `reference` mode); without it, the cache's `keep` mask. `select(seq) -> bool
+    mask` restricts to some windows (e.g. `HeldOut.mask`)."""
     order = chunk_order(cache, chunks, seed, rank, world_size)[skip:]
     if not order or (tokens is not None and tokens <= 0):
         return
     reader = ChunkReader(cache, layers=layers, chunks=order, prefetch=prefetch, pin_memory=device.startswith("cuda"))
     done = 0
     for chunk in reader.iter_chunks(order):
-        mask = torch.ones_like(chunk.keep) if include_special else chunk.keep.clone()
+        mask = chunk.keep.clone() if special is None else special.usable(chunk.keep, chunk.token_ids)
         if select is not None:
             mask &= select(chunk.seq.long())
         idx = mask.nonzero().squeeze(1)
@@ -84,6 +87,8 @@ def iter_latents(
             x_all = chunk.acts[:, idx]
         else:
             x_all = chunk.acts.to(device, non_blocking=True)[:, idx.to(device)]
+        if special is not None:
+            x_all = special.vectors(x_all, chunk.token_ids[idx])  # zeros at special tokens in `reference` mode
         meta = [t[idx].long().to(device) for t in (chunk.token_ids, chunk.seq, chunk.pos)]
         n = len(idx)
         starts = list(range(0, n, rows)) or [0]

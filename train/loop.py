@@ -1,45 +1,56 @@
 """The training loop: one pass over cache minibatches feeds one or more SAEs (a sweep), with
 checkpoints that resume exactly, NaN guards, and data-parallel ranks under torchrun.
 
-Per step and per SAE (method.md Sec. 2): forward (TopK, sparse decode, AuxK over dead latents) ->
+    setup      cache, held-out windows, special tokens, step count; per SAE its run folder (locked),
+               record, SAE, optimizer and resume state (_setup, _open_run)
+    each step  one minibatch; per SAE: [first step: b_pre + initial held-out evaluation] -> _step -> log;
+               then the evaluation and checkpoint cadences
+    finish     final held-out evaluation, weights, summary.json, heldout.csv / heldout.png
+
+Per step and per SAE (_step, method.md Sec. 2): forward (TopK, sparse decode, AuxK over dead latents) ->
 loss = mean over layers of the minibatch FVU + aux_coef * AuxK -> backward -> gradients averaged over
-ranks -> remove the decoder-parallel gradient -> Adam -> renormalize decoder rows -> update the
-global dead-latent counters.
+ranks -> remove the decoder-parallel gradient -> Adam at the step's learning rate (_lr_at) ->
+renormalize decoder rows -> update the global dead-latent counters.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
 import torch
 
-from harvest import open_cache
-from harvest.atomic import atomic_write
+from harvest import Cache, open_cache
+from harvest.atomic import atomic_write_json
+from harvest.cache import LOCK_KEY
 from harvest.env import Dist, library_versions
 from harvest.errors import SpecError, UserError
+from harvest.lock import Lock, exclusive
 from harvest.models import resolve_device
 from harvest.progress import progress_bar
+from train.checkpoint import Checkpoint
 from train.config import TrainConfig
-from train.data import MinibatchStream, StreamState, split_chunks
-from train.evaluate import evaluate
-from train.objectives import DeadLatents, training_loss
-from train.record import CacheRef, RunRecord, read_record
+from train.data import MinibatchStream, StreamState, count_training_tokens
+from train.evaluate import evaluate, read_metrics, write_heldout_curve
+from train.logging import RunLogger, StepMetrics, open_logger
+from train.objectives import FIRE_THRESHOLD, DeadLatents, training_loss
+from train.record import CHECKPOINT, METRICS, SUMMARY, CacheRef, RunRecord, read_record
 from train.sae import SaeConfig, TopKSae
-from train.split import HeldOut
+from train.special import SpecialTokens
+from train.split import HeldOut, choose_heldout
 
-CHECKPOINT = "checkpoint.pt"
 SHARED_FIELDS = (
     "cache",
     "tokens",
     "batch_tokens",
     "eval_tokens",
+    "heldout_seed",
     "round_chunks",
-    "include_special",
+    "special_tokens",
     "seed",
     "device",
     "prefetch",
@@ -55,38 +66,58 @@ class Run:
     """One SAE of the pass, with everything it owns."""
 
     cfg: TrainConfig
-    out: Path
+    record: RunRecord  # its config.json
     layer_idx: torch.Tensor  # rows of the minibatch's layer axis this SAE trains on
-    layers: list[int]
     sae: TopKSae
     opt: torch.optim.Adam
     dead: DeadLatents
-    lr: float
+    resume: Checkpoint | None  # the state it resumes from, None when it starts fresh
     fvu_initial: dict[str, Any] | None = None
-    metrics: TextIO | None = None
+    logger: RunLogger | None = None  # rank 0 only
+    lock: Lock | None = None  # rank 0 only: this process is the folder's one writer
+
+    @property
+    def out(self) -> Path:
+        return self.record.dir
+
+    @property
+    def layers(self) -> list[int]:
+        return self.record.layers
 
 
-def _lr(cfg: TrainConfig, n_latents: int) -> float:
-    return 2e-4 / math.sqrt(n_latents / 2**14) if cfg.lr_scaling else cfg.lr
+@dataclass
+class Pass:
+    """What every SAE of the pass shares, fixed by setup."""
+
+    cache: Cache
+    device: str
+    heldout: HeldOut
+    special: SpecialTokens
+    layers: list[int]  # the union of the runs' layers: the minibatch's layer axis
+    steps: int
+    batch_tokens: int
+    runs: list[Run] = field(default_factory=list)
+    start_step: int = 0
+
+    def evaluate(self, run: Run) -> dict[str, Any]:
+        return evaluate(run.sae, self.cache, self.heldout, run.layers, self.device, self.special.mode).to_dict()
 
 
-def _check_out(out: Path, record: RunRecord) -> str:
-    """'new', 'resume' or 'done'; error if `out` holds another run or differing hyperparameters."""
-    old = read_record(out)
-    if old is None:
-        if out.exists() and any(out.iterdir()):
-            raise SpecError(f"{out} exists and holds no training run: choose another --out or remove it")
-        return "new"
-    mine, theirs = record.train.hyperparameters(), old.train.hyperparameters()
-    diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
-    if old.cache.fingerprint != record.cache.fingerprint:
-        diffs.insert(0, "cache fingerprint differs")
-    if diffs:
-        raise SpecError(
-            f"{out} holds a run with other settings ({'; '.join(diffs[:4])}): resume with the same "
-            f"settings, or choose another --out"
-        )
-    return "done" if old.finished else "resume"
+class Throughput:
+    """Training tokens per second of this session, from the end of its first step (b_pre, the initial
+    evaluation and the first round read are one-off costs) and without the time spent evaluating."""
+
+    def __init__(self, tokens: int):
+        self.t0, self.tokens0, self.paused_s = time.time(), tokens, 0.0
+
+    def restart(self, tokens: int) -> None:
+        self.t0, self.tokens0, self.paused_s = time.time(), tokens, 0.0
+
+    def seconds(self) -> float:
+        return max(time.time() - self.t0 - self.paused_s, 1e-9)
+
+    def rate(self, tokens: int) -> float:
+        return (tokens - self.tokens0) / self.seconds()
 
 
 def train(configs: list[TrainConfig], show_progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
@@ -99,9 +130,234 @@ def train(configs: list[TrainConfig], show_progress: bool = True, log: Callable[
             raise SpecError(f"the SAEs of one pass must share {', '.join(bad)}: run them separately")
     dist = Dist.init()
     try:
-        return _train(configs, dist, show_progress and dist.rank == 0, log if dist.rank == 0 else lambda s: None)
+        with ExitStack() as locks:
+            return _train(configs, dist, locks, show_progress and dist.rank == 0, log if dist.rank == 0 else _quiet)
     finally:
         dist.close()
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _train(
+    configs: list[TrainConfig], dist: Dist, locks: ExitStack, show_progress: bool, log: Callable[[str], None]
+) -> list[dict]:
+    p = _setup(configs, dist, locks, log)
+    if not p.runs:
+        return []
+    stream = _stream(p, configs[0], dist)
+    autocast = _autocast(p.device)
+    clock = Throughput(p.start_step * p.batch_tokens)
+    batches = iter(stream)
+    bar_args = {"enabled": show_progress, "completed": p.start_step, "fields": {"loss": ".4f"}, "rate_unit": "tok/s"}
+    with progress_bar("train", p.steps, "steps", **bar_args) as bar:
+        for step in range(p.start_step, p.steps):
+            x_all = next(batches).acts.float()
+            for run in p.runs:
+                x = x_all.index_select(0, run.layer_idx)
+                if step == 0:
+                    _first_batch(run, x, p, dist)
+                metrics = _step(run, x, step, autocast, dist)
+                if _due(step, run.cfg.log_every) or step == p.steps - 1:
+                    _log_step(run, metrics, step, p, clock)
+            done = step + 1
+            if step == p.start_step and p.steps - p.start_step > 1:
+                clock.restart(done * p.batch_tokens)
+            if configs[0].eval_every and done % configs[0].eval_every == 0 and done < p.steps:
+                _evaluate_all(p, dist, done, clock)
+            if done % configs[0].checkpoint_every == 0 or done == p.steps:
+                _checkpoint(p.runs, done, stream, dist)
+            bar.advance(1, rate_amount=p.batch_tokens, loss=metrics.loss)
+    return _finish(p, dist, clock)
+
+
+# ---------------------------------------------------------------------------------------------
+# setup: everything decided once, before the first step
+
+
+def _setup(configs: list[TrainConfig], dist: Dist, locks: ExitStack, log: Callable[[str], None]) -> Pass:
+    """The pass and its runs: folders locked and checked, records written, resume states loaded."""
+    p = _plan(configs, dist, log)
+    for cfg in configs:
+        run = _open_run(cfg, cfg.layer_list(p.cache.layers), p, dist, locks, log)
+        if run is None:
+            continue
+        step = run.resume.step if run.resume else 0
+        if p.runs and step != p.start_step:
+            raise TrainingError(
+                f"{run.out} would start at step {step}, the other runs of this sweep at step {p.start_step}: "
+                f"resume them separately"
+            )
+        p.start_step = step
+        p.runs.append(run)
+    dist.run_on_rank0(lambda: _start_writing(p.runs))
+    if p.runs:
+        log(
+            f"training {len(p.runs)} SAE(s) on {p.cache.location}: {p.steps:,} steps of {p.batch_tokens:,} tokens, "
+            f"layers {p.layers if len(p.layers) < 8 else f'{p.layers[0]}..{p.layers[-1]}'}, held out: "
+            f"{p.heldout.describe()}, special tokens: {p.special.mode}, {p.device}"
+            + (f"; resuming at step {p.start_step}" if p.start_step else "")
+        )
+    return p
+
+
+def _plan(configs: list[TrainConfig], dist: Dist, log: Callable[[str], None]) -> Pass:
+    """What the SAEs of a pass share: the cache, held-out windows, special tokens, layers, steps."""
+    first = configs[0]
+    cache = open_cache(first.cache, first.local_cache or None)
+    cache.require_complete()
+    if first.batch_tokens % dist.world_size:
+        raise SpecError(f"batch_tokens = {first.batch_tokens} must be divisible by the {dist.world_size} ranks")
+    heldout = choose_heldout(cache, first.eval_tokens, first.heldout_seed)
+    special = SpecialTokens.of(first.special_tokens, cache)
+    train_tokens = count_training_tokens(cache, special, heldout)
+    tokens = first.tokens or train_tokens
+    if tokens > train_tokens:
+        log(f"{tokens:,} training tokens from a training split of {train_tokens:,}: {tokens / train_tokens:.2f} epochs")
+    if first.batch_tokens // dist.world_size > train_tokens:
+        raise SpecError(
+            f"batch_tokens = {first.batch_tokens} exceeds the {train_tokens:,} training tokens of the "
+            f"cache: lower --batch-tokens or harvest more"
+        )
+    layers = sorted({l for c in configs for l in c.layer_list(cache.layers)})
+    steps = max(1, tokens // first.batch_tokens)
+    return Pass(cache, resolve_device(first.device), heldout, special, layers, steps, first.batch_tokens)
+
+
+def _start_writing(runs: list[Run]) -> None:
+    """Rank 0, once every folder is checked and locked: the loggers (a tracker that cannot start stops
+    here, before any work), then config.json."""
+    for run in runs:
+        run.out.mkdir(parents=True, exist_ok=True)
+        log_to, project = run.cfg.log_to, run.cfg.log_project
+        run.logger = open_logger(run.out, run.resume is None, log_to, project, run.record.to_json(), run.layers)
+        run.record.save()
+
+
+def _open_run(
+    cfg: TrainConfig, layers: list[int], p: Pass, dist: Dist, locks: ExitStack, log: Callable[[str], None]
+) -> Run | None:
+    """One SAE: its folder locked and checked, its record, SAE, optimizer and checkpoint; None when done."""
+    out = Path(cfg.out or cfg.default_out())
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out {out} is a file: choose a folder")
+    held: list[Lock | None] = []
+    dist.run_on_rank0(lambda: held.append(locks.enter_context(exclusive(out, "train run"))))
+    try:
+        sae_cfg = SaeConfig.from_expansion(
+            p.cache.layout.d_model,
+            cfg.expansion_factor,
+            cfg.k,
+            k_aux=cfg.k_aux,
+            aux_coef=cfg.aux_coef,
+            dead_tokens=cfg.dead_tokens,
+        )
+    except ValueError as e:
+        raise SpecError(f"{e}: lower -k or raise --expansion-factor")
+    record = RunRecord(
+        dir=out,
+        train=cfg,
+        sae=sae_cfg,
+        layers=layers,
+        cache=CacheRef.of(p.cache),
+        heldout=p.heldout,
+        special_tokens=p.special.mode,
+        steps=p.steps,
+        lr_effective=2e-4 / math.sqrt(sae_cfg.n_latents / 2**14) if cfg.lr_scaling else cfg.lr,
+        world_size=dist.world_size,
+        versions=library_versions(),
+    )
+    state = _check_out(out, record)
+    if state == "done":
+        log(f"{out}: already finished ({SUMMARY}); remove it to train again")
+        return None
+    run = _build_run(record, p)
+    run.lock = held[0] if held else None
+    run.resume = Checkpoint.load(out, p.device) if state == "resume" else None
+    if run.resume is not None:
+        _restore(run, run.resume, dist)
+    return run
+
+
+def _build_run(record: RunRecord, p: Pass) -> Run:
+    """A fresh SAE (seeded: the same on any device), its optimizer and dead-latent counters."""
+    cfg = record.train
+    sae = TopKSae(record.sae, device=p.device, generator=torch.Generator().manual_seed(cfg.seed))
+    opt = torch.optim.Adam(sae.parameters(), lr=record.lr_effective, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
+    dead = DeadLatents(record.sae.n_latents, cfg.dead_tokens, p.device)
+    layer_idx = torch.tensor([p.layers.index(l) for l in record.layers], device=p.device)
+    return Run(cfg, record, layer_idx, sae, opt, dead, resume=None)
+
+
+def _check_out(out: Path, record: RunRecord) -> str:
+    """'new', 'resume' or 'done'; error if `out` holds another run or differing hyperparameters."""
+    old = read_record(out)
+    if old is None:
+        if out.exists() and any(not f.name.startswith(LOCK_KEY) for f in out.iterdir()):
+            raise SpecError(f"{out} exists and holds no training run: choose another --out or remove it")
+        return "new"
+    mine, theirs = record.train.hyperparameters(), old.train.hyperparameters()
+    diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+    if old.cache.fingerprint != record.cache.fingerprint:
+        diffs.insert(0, "cache fingerprint differs")
+    elif old.heldout.windows != record.heldout.windows and not old.finished:
+        diffs.insert(0, f"held-out windows differ ({old.heldout.describe()})")
+    if diffs:
+        raise SpecError(
+            f"{out} holds a run with other settings ({'; '.join(diffs[:4])}): resume with the same "
+            f"settings, or choose another --out"
+        )
+    return "done" if old.finished else "resume"
+
+
+def _restore(run: Run, ck: Checkpoint, dist: Dist) -> None:
+    if len(ck.stream) != dist.world_size:
+        raise TrainingError(
+            f"{run.out} was checkpointed with {len(ck.stream)} ranks: resume with the same number of ranks"
+        )
+    try:
+        run.sae.load_state_dict(ck.sae)
+        run.opt.load_state_dict(ck.opt)
+        run.dead.load_state_dict(ck.dead)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise TrainingError(
+            f"{run.out / CHECKPOINT} does not fit this run's SAE ({str(e).splitlines()[0][:120]}): delete it to "
+            f"restart the run from scratch"
+        )
+    run.fvu_initial = ck.fvu_initial
+
+
+def _stream(p: Pass, first: TrainConfig, dist: Dist) -> MinibatchStream:
+    stream = MinibatchStream(
+        p.cache,
+        p.cache.complete_chunks(),
+        p.layers,
+        p.batch_tokens // dist.world_size,
+        first.round_chunks,
+        p.device,
+        seed=first.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        special=p.special,
+        prefetch=first.prefetch,
+        heldout=p.heldout,
+    )
+    resume = p.runs[0].resume
+    if resume is not None:
+        stream.state = StreamState(**resume.stream[dist.rank])
+    return stream
+
+
+def _autocast(device: str) -> Any:
+    """On CUDA the encoder matmul runs in bfloat16 (sae.py keeps the rest in float32)."""
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# one step
 
 
 def _all_reduce(t: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
@@ -112,204 +368,10 @@ def _all_reduce(t: torch.Tensor, dist: Dist, op: str = "sum") -> torch.Tensor:
     return t
 
 
-def _train(configs: list[TrainConfig], dist: Dist, show_progress: bool, log: Callable[[str], None]) -> list[dict]:
-    first = configs[0]
-    cache = open_cache(first.cache)
-    cache.require_complete()
-    device = resolve_device(first.device)
-    layers_of = [c.layer_list(cache.layers) for c in configs]
-    union = sorted({l for ls in layers_of for l in ls})
-    train_chunks, eval_chunks = split_chunks(cache, min(first.eval_tokens, cache.layout.n_tokens // 2))
-    if first.batch_tokens % dist.world_size:
-        raise SpecError(f"batch_tokens = {first.batch_tokens} must be divisible by the {dist.world_size} ranks")
-    keep = cache.read_tokens("keep")
-    train_tokens = sum(
-        int(keep[slice(*cache.layout.chunk_range(c))].sum())
-        if not first.include_special
-        else len(range(*cache.layout.chunk_range(c)))
-        for c in train_chunks
-    )
-    tokens = first.tokens or train_tokens
-    steps = max(1, tokens // first.batch_tokens)
-    if tokens > train_tokens:
-        log(f"{tokens:,} training tokens from a training split of {train_tokens:,}: {tokens / train_tokens:.2f} epochs")
-    if first.batch_tokens // dist.world_size > train_tokens:
-        raise SpecError(
-            f"batch_tokens = {first.batch_tokens} exceeds the {train_tokens:,} training tokens of the "
-            f"cache: lower --batch-tokens or harvest more"
-        )
-
-    # -- the runs ----------------------------------------------------------------------------------
-    runs: list[Run] = []
-    start_step, stream_states = 0, None
-    for cfg, layers in zip(configs, layers_of):
-        out = Path(cfg.out or cfg.default_out())
-        try:
-            sae_cfg = SaeConfig.from_expansion(
-                cache.layout.d_model,
-                cfg.expansion_factor,
-                cfg.k,
-                k_aux=cfg.k_aux,
-                aux_coef=cfg.aux_coef,
-                dead_tokens=cfg.dead_tokens,
-            )
-        except ValueError as e:
-            raise SpecError(f"{e}: lower -k or raise --expansion-factor")
-        lr = _lr(cfg, sae_cfg.n_latents)
-        record = RunRecord(
-            dir=out,
-            train=cfg,
-            sae=sae_cfg,
-            layers=layers,
-            cache=CacheRef.of(cache, cfg.cache),
-            heldout=HeldOut.legacy(eval_chunks, sum(b - a for a, b in map(cache.layout.chunk_range, eval_chunks))),
-            special_tokens="include-real" if cfg.include_special else "cache",
-            steps=steps,
-            lr_effective=lr,
-            world_size=dist.world_size,
-            versions=library_versions(),
-        )
-        state = _check_out(out, record)
-        if state == "done":
-            log(f"{out}: already finished (summary.json); remove it to train again")
-            continue
-        gen = torch.Generator().manual_seed(cfg.seed)
-        sae = TopKSae(sae_cfg, device=device, generator=gen)
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.999), eps=6.25e-10, fused=True)
-        run = Run(
-            cfg,
-            out,
-            torch.tensor([union.index(l) for l in layers], device=device),
-            layers,
-            sae,
-            opt,
-            DeadLatents(sae_cfg.n_latents, cfg.dead_tokens, device),
-            lr,
-        )
-        if state == "resume" and (out / CHECKPOINT).is_file():
-            ck = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
-            sae.load_state_dict(ck["sae"])
-            opt.load_state_dict(ck["opt"])
-            run.dead.load_state_dict(ck["dead"])
-            run.fvu_initial = ck["fvu_initial"]
-            if len(ck["stream"]) != dist.world_size:
-                raise TrainingError(
-                    f"{out} was checkpointed with {len(ck['stream'])} ranks: resume with the same number of ranks"
-                )
-            if runs and (ck["step"] != start_step):
-                raise TrainingError(
-                    "the runs of this sweep were checkpointed at different steps: resume them separately"
-                )
-            start_step, stream_states = ck["step"], ck["stream"]
-        elif runs and start_step:
-            raise TrainingError(
-                f"{out} is new but other runs of this sweep resume at step {start_step}: resume them separately"
-            )
-        if dist.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            record.save()
-            if start_step == 0:
-                (out / "metrics.jsonl").write_text("")
-            run.metrics = open(out / "metrics.jsonl", "a")  # noqa: SIM115 (open for the whole run)
-        runs.append(run)
-    if not runs:
-        return []
-
-    per_rank = first.batch_tokens // dist.world_size
-    stream = MinibatchStream(
-        cache,
-        train_chunks,
-        union,
-        per_rank,
-        first.round_chunks,
-        device,
-        seed=first.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        include_special=first.include_special,
-        prefetch=first.prefetch,
-    )
-    if stream_states is not None:
-        stream.state = StreamState(**stream_states[dist.rank])
-    log(
-        f"training {len(runs)} SAE(s) on {cache.path}: {steps:,} steps of {first.batch_tokens:,} tokens, layers "
-        f"{union if len(union) < 8 else f'{union[0]}..{union[-1]}'}, {len(eval_chunks)} held-out chunks, {device}"
-        + (f"; resuming at step {start_step}" if start_step else "")
-    )
-
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if device.startswith("cuda")
-        else torch.autocast("cpu", enabled=False)
-    )
-    # throughput counts from the end of this session's first step: b_pre init, the initial held-out
-    # evaluation and the first round read are one-off costs, not the training rate
-    t0, tokens_at_t0 = time.time(), start_step * first.batch_tokens
-    batches = iter(stream)
-    bar_args = {"enabled": show_progress, "completed": start_step, "fields": {"loss": ".4f"}, "rate_unit": "tok/s"}
-    with progress_bar("train", steps, "steps", **bar_args) as bar:
-        for step in range(start_step, steps):
-            batch = next(batches)
-            x_all = batch.acts.float()
-            for run in runs:
-                x = x_all.index_select(0, run.layer_idx)
-                if step == 0:
-                    _init_b_pre(run, x, dist)
-                    run.fvu_initial = (
-                        evaluate(run.sae, cache, eval_chunks, run.layers, device, run.cfg.include_special)
-                        if dist.rank == 0
-                        else None
-                    )
-                parts = _step(run, x, step, autocast, dist)
-                if dist.rank == 0 and (step % run.cfg.log_every == 0 or step == steps - 1):
-                    rate = (step + 1) * first.batch_tokens - tokens_at_t0
-                    run.metrics.write(
-                        json.dumps(
-                            {
-                                "step": step,
-                                "tokens": (step + 1) * first.batch_tokens,
-                                "loss": parts[0],
-                                "fvu": parts[1],
-                                "fvu_per_layer": parts[2],
-                                "auxk": parts[3],
-                                "dead_fraction": run.dead.fraction,
-                                "lr": run.opt.param_groups[0]["lr"],
-                                "tokens_per_s": rate / max(time.time() - t0, 1e-9),
-                            }
-                        )
-                        + "\n"
-                    )
-                    run.metrics.flush()
-            done = step + 1
-            if step == start_step and steps - start_step > 1:
-                t0, tokens_at_t0 = time.time(), done * first.batch_tokens
-            if done % first.checkpoint_every == 0 or done == steps:
-                _checkpoint(runs, done, stream, dist)
-            bar.advance(1, rate_amount=first.batch_tokens, loss=parts[0])
-
-    # -- held-out evaluation and outputs --------------------------------------------------------------
-    summaries = []
-    seconds = time.time() - t0  # the training steps after this session's first one
-    for run in runs:
-        if dist.rank != 0:
-            continue
-        final = evaluate(run.sae, cache, eval_chunks, run.layers, device, run.cfg.include_special)
-        run.sae.save(run.out)
-        summary = {
-            "out": str(run.out),
-            "layers": run.layers,
-            "steps": steps,
-            "tokens": steps * first.batch_tokens,
-            "seconds_training": seconds,
-            "tokens_per_s": (steps * first.batch_tokens - tokens_at_t0) / max(seconds, 1e-9),
-            "held_out_initial": run.fvu_initial,
-            "held_out": final,
-        }
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        run.metrics.close()
-        summaries.append(summary)
-    dist.barrier()
-    return summaries
+def _first_batch(run: Run, x: torch.Tensor, p: Pass, dist: Dist) -> None:
+    """Before the first step: b_pre from the first batch, then the held-out evaluation before training."""
+    _init_b_pre(run, x, dist)
+    run.fvu_initial = _evaluate(run, p, dist, 0)
 
 
 @torch.no_grad()
@@ -322,37 +384,103 @@ def _init_b_pre(run: Run, x: torch.Tensor, dist: Dist) -> None:
         tdist.broadcast(run.sae.b_pre.data, src=0)
 
 
-def _step(run: Run, x: torch.Tensor, step: int, autocast: Any, dist: Dist) -> tuple[float, float, list, float]:
-    sae, cfg = run.sae, run.cfg
+def _lr_at(run: Run, step: int) -> float:
+    """The learning rate of a step: the run's lr after a linear warm-up (no decay: the paper's schedule)."""
+    if run.cfg.warmup_steps:
+        return run.record.lr_effective * min(1.0, (step + 1) / run.cfg.warmup_steps)
+    return run.record.lr_effective
+
+
+@dataclass
+class StepStats:
+    """A step's minibatch numbers, averaged over ranks (what _log_step reports)."""
+
+    loss: float
+    fvu: float
+    fvu_per_layer: list[float]
+    auxk: float
+    l0: float
+
+
+def _step(run: Run, x: torch.Tensor, step: int, autocast: Any, dist: Dist) -> StepStats:
+    sae = run.sae
     dead_mask = run.dead.mask
     with autocast:
         out = sae(x, dead_mask=dead_mask if bool(dead_mask.any()) else None)
-    parts = training_loss(x, out, cfg.aux_coef)
-    finite = torch.isfinite(parts.loss).float()
-    if _all_reduce(finite.clone(), dist).item() < dist.world_size:
+    parts = training_loss(x, out, run.cfg.aux_coef)
+    if _all_reduce(torch.isfinite(parts.loss).float(), dist).item() < dist.world_size:
+        kept = run.out / CHECKPOINT
+        where = f"the last good checkpoint is kept in {kept}" if kept.is_file() else "no checkpoint was written yet"
         raise TrainingError(
-            f"{run.out}: the loss became {parts.loss.item()} at step {step}; the last good "
-            f"checkpoint is kept in {run.out / CHECKPOINT}: lower --lr or check the cache "
-            f"(harvest verify)"
+            f"{run.out}: the loss became {parts.loss.item()} at step {step}; {where}: lower --lr or check the "
+            f"cache (harvest verify)"
         )
     run.opt.zero_grad(set_to_none=True)
     parts.loss.backward()
     if dist.world_size > 1:
-        for p in sae.parameters():
-            _all_reduce(p.grad, dist).div_(dist.world_size)
+        for param in sae.parameters():
+            _all_reduce(param.grad, dist).div_(dist.world_size)
     sae.remove_parallel_grads_()
-    if cfg.warmup_steps:
+    if run.cfg.warmup_steps:
         for g in run.opt.param_groups:
-            g["lr"] = run.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+            g["lr"] = _lr_at(run, step)
     run.opt.step()
     sae.renormalize_decoder_()
     fired = DeadLatents.fired(out.values, out.indices, sae.cfg.n_latents)
     fired = _all_reduce(fired.to(torch.int32), dist, "max").bool()
     run.dead.update(fired, x.shape[1] * dist.world_size)
-    stats = torch.stack([parts.loss.detach(), parts.fvu.detach(), parts.auxk.detach().float()])
-    stats = (_all_reduce(stats, dist) / dist.world_size).tolist()
+    l0 = (out.values.detach() > FIRE_THRESHOLD).sum(-1).float().mean()
+    stats = torch.stack([parts.loss.detach(), parts.fvu.detach(), parts.auxk.detach().float(), l0])
+    loss, fvu, auxk, l0_mean = (_all_reduce(stats, dist) / dist.world_size).tolist()
     per_layer = (_all_reduce(parts.fvu_per_layer.detach().clone(), dist) / dist.world_size).tolist()
-    return stats[0], stats[1], per_layer, stats[2]
+    return StepStats(loss, fvu, per_layer, auxk, l0_mean)
+
+
+# ---------------------------------------------------------------------------------------------
+# cadences: logging, evaluation, checkpoints
+
+
+def _due(step: int, every: int) -> bool:
+    return step % every == 0
+
+
+def _log_step(run: Run, s: StepStats, step: int, p: Pass, clock: Throughput) -> None:
+    if run.logger is None:
+        return
+    tokens = (step + 1) * p.batch_tokens
+    dead = int(run.dead.mask.sum())
+    run.logger.step(
+        StepMetrics(
+            step,
+            tokens,
+            s.loss,
+            s.fvu,
+            s.fvu_per_layer,
+            s.auxk,
+            s.l0,
+            dead / run.sae.cfg.n_latents,
+            dead,
+            run.opt.param_groups[0]["lr"],
+            clock.rate(tokens),
+        )
+    )
+
+
+def _evaluate(run: Run, p: Pass, dist: Dist, step: int) -> dict[str, Any] | None:
+    """Held-out metrics of one SAE after `step` steps (rank 0 only), logged."""
+    if dist.rank != 0:
+        return None
+    result = p.evaluate(run)
+    assert run.logger is not None
+    run.logger.evaluation(step, step * p.batch_tokens, result)
+    return result
+
+
+def _evaluate_all(p: Pass, dist: Dist, step: int, clock: Throughput) -> None:
+    t = time.time()
+    for run in p.runs:
+        _evaluate(run, p, dist, step)
+    clock.paused_s += time.time() - t
 
 
 def _checkpoint(runs: list[Run], step: int, stream: MinibatchStream, dist: Dist) -> None:
@@ -363,15 +491,45 @@ def _checkpoint(runs: list[Run], step: int, stream: MinibatchStream, dist: Dist)
 
         states = [None] * dist.world_size
         tdist.all_gather_object(states, stream.state.to_dict())
-    if dist.rank == 0:
+
+    def save() -> None:
         for run in runs:
-            ck = {
-                "step": step,
-                "sae": run.sae.state_dict(),
-                "opt": run.opt.state_dict(),
-                "dead": run.dead.state_dict(),
-                "stream": states,
-                "fvu_initial": run.fvu_initial,
-            }
-            atomic_write(run.out / CHECKPOINT, lambda p, ck=ck: torch.save(ck, p))
+            if run.lock is not None:
+                run.lock.check()  # another process took the folder over (this one was suspended): stop writing
+            ck = Checkpoint(
+                step, run.sae.state_dict(), run.opt.state_dict(), run.dead.state_dict(), states, run.fvu_initial
+            )
+            ck.save(run.out)
+
+    dist.run_on_rank0(save)  # a failed write (full disk, lost lock) stops every rank with its one line
+
+
+# ---------------------------------------------------------------------------------------------
+# finish
+
+
+def _finish(p: Pass, dist: Dist, clock: Throughput) -> list[dict]:
+    """Final held-out evaluation, weights, summary.json and the held-out curve of every run (rank 0)."""
+    summaries = []
+    seconds = clock.seconds()  # the training steps after this session's first one
+    tokens = p.steps * p.batch_tokens
+    for run in p.runs if dist.rank == 0 else []:
+        final = _evaluate(run, p, dist, p.steps)
+        run.sae.save(run.out)
+        summary = {
+            "out": str(run.out),
+            "layers": run.layers,
+            "steps": p.steps,
+            "tokens": tokens,
+            "seconds_training": seconds,
+            "tokens_per_s": clock.rate(tokens),
+            "held_out_initial": run.fvu_initial,
+            "held_out": final,
+        }
+        assert run.logger is not None
+        run.logger.close()
+        write_heldout_curve(run.out, read_metrics(run.out / METRICS))
+        atomic_write_json(run.out / SUMMARY, summary)
+        summaries.append(summary)
     dist.barrier()
+    return summaries

@@ -21,7 +21,7 @@ from typing import Any
 
 from harvest.atomic import atomic_write_json
 from harvest.errors import UserError
-from train.config import TrainConfig
+from train.config import TrainConfig, upgrade
 from train.sae import CONFIG_FILE, WEIGHTS_FILE, SaeConfig, TopKSae
 from train.split import HeldOut
 
@@ -41,7 +41,7 @@ class RunError(UserError):
 class CacheRef:
     """The cache a run was trained on, as recorded at training time."""
 
-    path: str
+    path: str  # where it was opened from: an absolute path or a URL (s3://, gs://, az://)
     fingerprint: str
     model: str | None = None
     dataset: str | None = None
@@ -51,10 +51,10 @@ class CacheRef:
     n_tokens: int | None = None
 
     @classmethod
-    def of(cls, cache: Any, path: str | Path | None = None) -> CacheRef:
+    def of(cls, cache: Any) -> CacheRef:
         meta = cache.meta
         return cls(
-            path=str(Path(path or cache.path).resolve()),
+            path=str(cache.location),  # an absolute path or a URL
             fingerprint=cache.fingerprint,
             model=meta["model"]["name"],
             dataset=meta["spec"]["dataset"],
@@ -108,7 +108,7 @@ class RunRecord:
             sae = TopKSae.load(self.dir, device)
         except Exception as e:  # any parse failure of a file we did not just write is the user's to fix
             raise RunError(
-                f"{self.dir}: {WEIGHTS_FILE} or {CONFIG_FILE} is unreadable ({_short(e)}): restore them or retrain"
+                f"{self.dir}: {WEIGHTS_FILE} or {CONFIG_FILE} is unreadable ({short_error(e)}): restore them or retrain"
             )
         if sae.cfg != self.sae:
             raise RunError(
@@ -153,15 +153,14 @@ class RunRecord:
         version = d.get("format_version", 1)
         if version > RUN_FORMAT_VERSION:
             raise ValueError(f"format version {version} is newer than this code's {RUN_FORMAT_VERSION}")
-        raw_train = dict(d["train"])
+        known = {f.name for f in fields(TrainConfig)}
+        train = TrainConfig().replace(**{k: v for k, v in upgrade(d["train"]).items() if k in known})
         if version == 1:  # the unversioned first format
             heldout = HeldOut.legacy(list(d["eval_chunks"]), 0)
-            special = "include-real" if raw_train.get("include_special") else "cache"
+            special = train.special_tokens
         else:
             heldout = HeldOut.from_dict(d["heldout"])
             special = str(d["special_tokens"])
-        known = {f.name for f in fields(TrainConfig)}
-        train = TrainConfig().replace(**{k: v for k, v in raw_train.items() if k in known})
         cache_keys = {f.name for f in fields(CacheRef)}
         return cls(
             dir=Path(folder),
@@ -178,7 +177,7 @@ class RunRecord:
         )
 
 
-def _short(e: BaseException) -> str:
+def short_error(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
@@ -187,7 +186,7 @@ def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunError(f"{path} is unreadable or not valid JSON ({_short(e)}): restore it or retrain the run")
+        raise RunError(f"{path} is unreadable or not valid JSON ({short_error(e)}): restore it or retrain the run")
 
 
 def read_record(path: str | Path) -> RunRecord | None:
@@ -204,7 +203,7 @@ def read_record(path: str | Path) -> RunRecord | None:
     try:
         return RunRecord.from_json(d, folder)
     except (KeyError, ValueError, TypeError, UserError) as e:
-        what = f"lacks {e}" if isinstance(e, KeyError) else f"is invalid ({_short(e)})"
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"is invalid ({short_error(e)})"
         raise RunError(f"{cfg} {what}: restore it, or retrain into a fresh --out")
 
 

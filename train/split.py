@@ -5,6 +5,16 @@ shuffles tokens within each write block, so a window's tokens are spread over ev
 a token is held out when its `seq` is one of the held-out windows, wherever it lies, and training drops
 those positions from the chunks it reads anyway (nothing is read twice).
 
+How the windows are chosen (`choose_heldout`), seeded:
+  1. Blocks: the fewest write blocks that hold the requested number of windows, in a seeded order. A
+     window's tokens never leave its block, so an evaluation reads those blocks only (about eval_tokens
+     rounded up to one block), never the whole cache: periodic evaluation stays cheap at any cache size.
+  2. Documents: where the windows show document boundaries (the EOS that precedes every document), the
+     windows are grouped into runs that start in the same document, and whole runs are taken in a seeded
+     order while they fit the budget ("documents": held-out text shares a document with training text at
+     most at the run's two ends). When that fills less than half the budget (documents much longer than
+     the budget), seeded single windows are taken instead ("windows").
+
 Runs trained before this existed held out the cache's last chunks ("legacy-chunks"): every token of those
 chunks, whatever its window. Such records still load; their held-out set is described by its chunks.
 """
@@ -14,8 +24,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from harvest import Cache
+from harvest.errors import CacheError
 
 HeldOutMethod = Literal["windows", "documents", "legacy-chunks"]
 METHODS: tuple[str, ...] = ("windows", "documents", "legacy-chunks")
@@ -72,3 +86,103 @@ class HeldOut:
             int(d["n_tokens"]),
             list(d.get("chunks", [])),
         )
+
+    def positions(self, cache: Cache) -> np.ndarray:
+        """The held-out cache positions, sorted (reads `seq` of the held-out chunks only)."""
+        if self.is_legacy:
+            ranges = [np.arange(*cache.layout.chunk_range(c)) for c in self.chunks]
+            return np.concatenate(ranges) if ranges else np.zeros(0, np.int64)
+        found = [np.zeros(0, np.int64)]
+        wanted = np.asarray(self.windows, dtype=np.int64)
+        for c in self.chunks:
+            start, stop = cache.layout.chunk_range(c)
+            seq = cache.read_tokens("seq", start, stop).numpy()
+            found.append(start + np.flatnonzero(np.isin(seq, wanted)))
+        return np.concatenate(found)
+
+    def limited(self, tokens: int | None, cache: Cache) -> HeldOut:
+        """The leading part of the set holding at least `tokens` cache positions (all of it for None):
+        leading windows (their chunks recomputed), or for the legacy split leading whole chunks."""
+        if tokens is None or tokens >= self.n_tokens > 0:
+            return self
+        if self.is_legacy:
+            out, n = [], 0
+            for c in self.chunks:
+                if n >= tokens:
+                    break
+                start, stop = cache.layout.chunk_range(c)
+                out.append(c)
+                n += stop - start
+            return HeldOut.legacy(out, n)
+        windows = self.windows[: max(1, -(-tokens // cache.layout.context))]
+        return _with_chunks(HeldOut(self.method, self.seed, windows, len(windows) * cache.layout.context), cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the held-out windows
+
+
+def document_runs(windows: np.ndarray, eos: int, first: int) -> np.ndarray:
+    """[n_windows] run id of each window: consecutive windows share a run when the first text token of
+    both lies in the same document (documents start at an EOS; `first` is the first text column, 1 where
+    a BOS is prepended to every window)."""
+    text = windows[:, first:] == eos
+    starts = text[:-1, 1:].any(1) | text[1:, 0]  # an EOS after w-1's first text token, or at w's
+    return np.concatenate([[0], np.cumsum(starts)])
+
+
+def choose_heldout(cache: Cache, eval_tokens: int, seed: int) -> HeldOut:
+    """A seeded set of whole context windows holding about `eval_tokens` tokens (at most half the cache),
+    grouped into documents where the windows show them; see the module docstring."""
+    layout, ctx = cache.layout, cache.layout.context
+    n_windows = layout.n_sequences
+    target = min(-(-min(eval_tokens, layout.n_tokens // 2) // ctx), n_windows - 1) if eval_tokens > 0 else 0
+    if target <= 0:
+        return HeldOut("windows", seed, [], 0, [])
+    rng = np.random.default_rng([seed, 0x4E1D])
+    blocks, candidates = [], np.zeros(0, np.int64)
+    for b in rng.permutation(layout.n_blocks):
+        start, stop = layout.block_range(int(b))
+        blocks.append(int(b))
+        candidates = np.concatenate([candidates, np.arange(start // ctx, stop // ctx)])
+        if len(candidates) >= target:
+            break
+    candidates.sort()
+
+    tok = cache.meta.get("tokenizer", {})
+    all_windows = cache.windows().numpy()
+    runs = document_runs(all_windows, int(tok.get("eos_token_id", -1)), int(bool(tok.get("prepend_bos"))))
+    # clip runs at block edges: a run is (document run, block), consecutive within the candidates
+    block_of = candidates * ctx // layout.block_tokens
+    keys = np.stack([runs[candidates], block_of], 1)
+    run_of = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
+    groups = [candidates[run_of == g] for g in range(run_of.max() + 1)]
+    chosen, left = [], target
+    if len(groups) > 1:
+        for g in rng.permutation(len(groups)):
+            if len(groups[g]) <= left:
+                chosen.append(groups[g])
+                left -= len(groups[g])
+    if len(groups) > 1 and target - left >= -(-target // 2):
+        method, windows = "documents", np.concatenate(chosen)
+    else:
+        method, windows = "windows", rng.choice(candidates, target, replace=False)
+    return _with_chunks(HeldOut(method, seed, windows.tolist(), len(windows) * ctx), cache)
+
+
+def _with_chunks(held: HeldOut, cache: Cache) -> HeldOut:
+    """`held` with `chunks` = the chunks that hold its windows' tokens. A window's tokens stay in its
+    write block (the format's promise), so only those blocks' `seq` is read; the count of tokens found
+    checks the promise."""
+    layout, ctx = cache.layout, cache.layout.context
+    blocks = sorted({w * ctx // layout.block_tokens for w in held.windows})
+    chunks = [c for b in blocks for c in layout.chunks_of_block(b)]
+    held.chunks = chunks
+    found = held.positions(cache)
+    if len(found) != held.n_tokens:
+        raise CacheError(
+            f"{cache.path}: the tokens of {len(held.windows)} windows are not all in their write blocks "
+            f"({len(found)} of {held.n_tokens}): the cache is corrupt; run `harvest verify`"
+        )
+    held.chunks = np.unique(found // layout.chunk_tokens).tolist()
+    return held
