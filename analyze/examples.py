@@ -238,6 +238,12 @@ class ExampleAccumulator:
             best = cand[first]
             self.overall.add_(lat[best], v[best], where[tok[best]] * L + layer[best])
 
+    def flush_(self) -> "ExampleAccumulator":
+        """Merge every queued entry (before reading the lists)."""
+        self.overall.flush_()
+        self.per_layer.flush_()
+        return self
+
     def merge_(self, other: "ExampleAccumulator") -> "ExampleAccumulator":
         self.overall.merge_from_(other.overall)
         self.per_layer.merge_from_(other.per_layer)
@@ -262,8 +268,7 @@ class ExampleAccumulator:
         return self
 
     def to_tensors(self) -> dict[str, Tensor]:
-        self.overall.flush_()
-        self.per_layer.flush_()
+        self.flush_()
         out = {
             "overall_values": self.overall.values,
             "overall_ids": self.overall.ids,
@@ -305,8 +310,7 @@ class ExampleAccumulator:
 
     def examples(self, latent: int, layer_pos: int | None = None) -> list[dict[str, Any]]:
         """The kept examples of one latent, best first: value, seq, pos, layer position."""
-        self.overall.flush_()
-        self.per_layer.flush_()
+        self.flush_()
         (F, L), C = self.shape, self.context
         if layer_pos is None:
             v, i = self.overall.values[latent], self.overall.ids[latent]
@@ -403,7 +407,10 @@ def run_examples(
             if meta["key"] == key:
                 acc, skip, resumed = ExampleAccumulator.from_tensors(state, C, dev), meta["chunks"], True
                 log(f"resuming: {skip} chunks ({int(acc.tokens):,} tokens) already done on rank {rank}")
-        work.mkdir(parents=True, exist_ok=True)
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ExamplesError(f"cannot write into {out_dir} ({e.strerror or e}): choose a writable --out")
         t0 = last = time.perf_counter()
         done = skip
         seen0 = int(acc.tokens)
@@ -430,7 +437,7 @@ def run_examples(
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         streamed = int(acc.tokens) - seen0
-        acc.all_reduce_()
+        acc.flush_().all_reduce_()
 
     summary: dict[str, Any] = {
         "tokens": int(acc.tokens),

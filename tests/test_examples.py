@@ -287,6 +287,7 @@ def test_cli_writes_the_browser_and_bad_input_is_one_line(tiny_run, tmp_path, ca
         (["examples", "--sae", no_sae], "not a finished training run"),
         (["examples", "--sae", run, "--tokens", "0"], "--tokens"),
         (["examples", "--sae", run, "--top", "0"], "--top"),
+        (["examples", "--sae", run, "--out", "/proc/no-such-dir/latents"], "choose a writable --out"),
     ]:
         code, out, err = run_analyze(argv, capsys)
         lines = [l for l in err.strip().splitlines() if l.strip()]

@@ -175,6 +175,7 @@ def test_export_cli_and_its_one_line_refusals_before_any_work(tiny_run, tmp_path
         (["export", tmp_path / "nothing", "--format", "saelens"], "not a training run"),
         (["export", lens_run, "--format", "saelens"], "tuned-lens space"),
         (["export", run, "--format", "neuronpedia"], "--format 'neuronpedia' is not supported"),
+        (["export", run, "--format", "saelens", "--out", "/proc/no-such-dir/x"], "choose a writable --out"),
         (["export", run, "--format", "delphi", "--out", tmp_path / "taken"], "not an export of ours"),
         (["export", run, "--format", "saelens", "--push-to-hub", "me/x", "--out", tmp_path / "h1"], "HF_HUB_OFFLINE"),
         (["export", run, "--format", "saelens", "--push-to-hub", "not a repo!", "--out", tmp_path / "h0"], "NAME/REPO"),

@@ -431,8 +431,11 @@ def export_run(
     if fmt == "delphi":
         cache.require_complete()
     cache_meta = cache.meta
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ExportError(f"cannot write next to {out} ({e.strerror or e}): choose a writable --out")
     try:
         if fmt == "saelens":
             parts, extra = write_saelens(record, sae, cache, tmp), {}
