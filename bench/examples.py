@@ -40,13 +40,15 @@ from harvest.models import resolve_device  # noqa: E402
 from train.latents import iter_latents  # noqa: E402
 from train.record import load_run  # noqa: E402
 
+CACHE: str | None = None  # --cache: the run's cache elsewhere (e.g. a copy); None = where the run says
+
 
 def time_examples(run: Path, tokens: int, out: Path, device: str, rows: int) -> tuple[float, float, float]:
     """(tokens/s of run_examples's streaming loop, CPU share of the whole call, tokens per CPU-second of the
     whole call: load, stream, write the tensors); browser off."""
     shutil.rmtree(out, ignore_errors=True)
     c0, t = cpu_seconds(), time.perf_counter()
-    res = run_examples(run, tokens=tokens, out_dir=out, device=device, rows=rows, browser=False, progress=False)
+    res = run_examples(run, CACHE, tokens, out_dir=out, device=device, rows=rows, browser=False, progress=False)
     wall, cpu = time.perf_counter() - t, cpu_seconds() - c0
     return res["tokens_per_s"], cpu_share(cpu, wall), res["tokens"] / cpu
 
@@ -57,7 +59,7 @@ def time_bare(run: Path, tokens: int, device: str, rows: int) -> tuple[float, fl
     load, read, keep, encode; the codes are dropped."""
     c0 = cpu_seconds()
     record = load_run(run)
-    sae, cache = record.load_sae(device), open_cache(record.cache.path)
+    sae, cache = record.load_sae(device), open_cache(CACHE or record.cache.path)
     n = 0
     sync(device)
     c1, t = cpu_seconds(), time.perf_counter()
@@ -74,7 +76,9 @@ def peak_rss(what: str, run: Path, tokens: int, out: Path, device: str, rows: in
 import json, sys
 sys.path.insert(0, {str(_BENCH_DIR.parent)!r})
 from pathlib import Path
+import bench.examples as b
 from bench.examples import time_bare, time_examples
+b.CACHE = {CACHE!r}
 run, out = Path({str(run)!r}), Path({str(out)!r})
 if {what!r} == "examples":
     tps = time_examples(run, {tokens}, out, {device!r}, {rows})[0]
@@ -94,13 +98,16 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rows", type=int, default=4096, help="tokens per encoded sub-batch (x layers vectors)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--cache", help="the run's cache, if not where its config.json says")
     p.add_argument("--out", type=Path, default=Path("/tmp/bench-examples"), help="scratch folder (replaced)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory measurement")
     args = p.parse_args()
+    global CACHE
+    CACHE = args.cache
     device = resolve_device(args.device)
     record = load_run(args.sae)
-    cache = open_cache(record.cache.path)
+    cache = open_cache(CACHE or record.cache.path)
     kept = int(cache.read_tokens("keep").sum())
     print(
         f"# analyze examples benchmark: {args.sae} ({record.sae.n_latents:,} latents, k {record.sae.k}, "
@@ -139,7 +146,7 @@ def main() -> None:
         rows.append(("examples / bare (per CPU-second, whole calls)", f"median {ratio(2, statistics.median):.3f}"))
         shutil.rmtree(args.out / "pages", ignore_errors=True)
         t = time.perf_counter()
-        res = run_examples(args.sae, tokens=args.tokens, out_dir=args.out / "pages", device=device, progress=False)
+        res = run_examples(args.sae, CACHE, args.tokens, out_dir=args.out / "pages", device=device, progress=False)
         wall = time.perf_counter() - t
         pages = sum(f.stat().st_size for f in (args.out / "pages" / "browser").rglob("*") if f.is_file())
         rows.append(
