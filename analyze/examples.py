@@ -128,14 +128,14 @@ class TopExamples:
         cur_v, cur_i = self.values[touched], self.ids[touched]
         filled = cur_i >= 0
         rows = torch.arange(len(touched), device=dev).unsqueeze(1).expand_as(cur_i)
-        slot = torch.cat([rows[filled], slot_of[group]])
-        v = torch.cat([cur_v[filled], value])
+        # order by (slot, value desc, id asc): one sort of a packed (slot, value desc) key, which also carries
+        # both (no gathers of them afterwards), then the runs of equal keys (exact float ties in one row: a
+        # few per million entries) reordered by id
+        bits = torch.cat([cur_v[filled], value]).view(torch.int32).to(torch.int64)
+        key = torch.cat([rows[filled], slot_of[group]]) * (SIGN_MASK + 1) + (SIGN_MASK - bits)
         i = torch.cat([cur_i[filled], ident])
-        # order by (slot, value desc, id asc): one sort of a packed (slot, value desc) key, then the runs of
-        # equal keys (exact float ties in one row: a few per million entries) reordered by id
-        key = slot * (SIGN_MASK + 1) + (SIGN_MASK - v.view(torch.int32).to(torch.int64))
-        o = torch.argsort(key)
-        ks = key[o]
+        del bits, rows
+        ks, o = torch.sort(key)
         tie = ks[1:] == ks[:-1]
         if bool(tie.any()):
             member = torch.zeros(len(ks), dtype=torch.bool, device=dev)
@@ -145,13 +145,15 @@ class TopExamples:
             sub = o[at]
             sub = sub[torch.argsort(i[sub])]
             o[at] = sub[torch.argsort(key[sub], stable=True)]
-        slot, v, i = slot[o], v[o], i[o]
+        del key
+        slot = ks >> 31
         counts = torch.bincount(slot, minlength=len(touched))
-        rank = torch.arange(len(slot), device=dev) - (torch.cumsum(counts, 0) - counts)[slot]
-        m = rank < self.top
+        rank = torch.arange(len(ks), device=dev) - (torch.cumsum(counts, 0) - counts)[slot]
+        m = (rank < self.top).nonzero().squeeze(1)
+        at = slot[m] * self.top + rank[m]  # flat position in the rebuilt rows
         new = TopExamples.empty(len(touched), self.top, dev)
-        new.values[slot[m], rank[m]] = v[m]
-        new.ids[slot[m], rank[m]] = i[m]
+        new.values.view(-1)[at] = (SIGN_MASK - (ks[m] & SIGN_MASK)).to(torch.int32).view(torch.float32)
+        new.ids.view(-1)[at] = i[o[m]]
         self.values[touched] = new.values
         self.ids[touched] = new.ids
 
