@@ -67,9 +67,10 @@ class TopExamples:
     empty slots hold (-inf, -1) at the end of a row.
 
     `add_` queues the entries of a batch that can enter their row (value >= the row's T-th) and merges the
-    queue when it holds as many entries as the state (and on `flush_`): the rows a merge touches are
-    re-sorted once per G*T queued entries instead of once per batch (early in a pass nearly every row is
-    touched by every batch). Memory: the state plus at most G*T + one batch of queued entries."""
+    queue when it holds min(G*T, MERGE_ENTRIES) entries (and on `flush_`): the rows a merge touches are
+    re-sorted once per that many queued entries instead of once per batch (early in a pass nearly every
+    row is touched by every batch). Memory: the state plus at most MERGE_ENTRIES + one batch of queued
+    entries (20 bytes each), and a merge's temporaries (~50 bytes per entry, MERGE_ENTRIES at a time)."""
 
     values: Tensor  # [G, T] float32
     ids: Tensor  # [G, T] int64
@@ -95,7 +96,7 @@ class TopExamples:
         if n:
             self.pending.append((group[keep], value[keep].float(), ident[keep]))
             self.pending_n += n
-            if self.pending_n >= self.values.numel():
+            if self.pending_n >= min(self.values.numel(), MERGE_ENTRIES):
                 self.flush_()
 
     def flush_(self) -> "TopExamples":
