@@ -1,4 +1,5 @@
-"""`analyze variance | reconstruction | delta-ce | resid | prompt | report | compare`: parse, call, print.
+"""`analyze variance | reconstruction | delta-ce | resid | prompt | examples | report | compare`: parse, call,
+print.
 
 Each command is one helper (`_variance`, `_reconstruction`, ...) that runs an analysis and prints its
 summary; `report` runs the same helpers into one folder, then renders the HTML from their typed results.
@@ -166,6 +167,30 @@ def prompt(
     from analyze.prompt import run_prompt
 
     run_prompt(sae, text, model=model, out_dir=out or sae, device=device, console=console)
+
+
+@app.command()
+def examples(
+    sae: Path = SAE,
+    cache: Optional[str] = CACHE,
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Kept tokens to stream (default: all)."),
+    top: int = typer.Option(32, "--top", help="Examples kept per latent, and per latent and layer."),
+    context: int = typer.Option(8, "--context", help="Tokens of context shown on each side."),
+    logits: int = typer.Option(10, "--logits", help="Promoted/suppressed next tokens shown per latent (0: none)."),
+    model: Optional[str] = MODEL,
+    browser: bool = typer.Option(True, "--browser/--no-browser", help="Write the static latent browser."),
+    heldout: bool = typer.Option(False, "--heldout", help="Only the run's held-out tokens (never trained on)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <run>/latents)."),
+    device: str = DEVICE,
+) -> None:
+    """Top activating examples of every latent (over all layers and per layer), density, histograms, and a
+    static HTML latent browser; one streaming pass over the cache, resumable."""
+    from analyze.examples import format_examples, run_examples
+
+    shown = dict(top=top, context=context, model=model, logits=logits, browser=browser, heldout=heldout)
+    res = run_examples(sae, cache, tokens, out_dir=out, device=device, log=_log, **shown)
+    if res.get("files"):
+        console.print(format_examples(res), soft_wrap=True, highlight=False)
 
 
 @app.command()

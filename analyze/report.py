@@ -9,6 +9,7 @@ result's headline numbers (the same rows `analyze compare` lists), then its tabl
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import os
 import time
@@ -380,6 +381,9 @@ def find_browser(folder: str | Path, run_dir: str | Path) -> ExamplesSummary | N
     for base in (Path(folder), Path(run_dir)):
         if (base / BROWSER_INDEX).is_file():
             found = ExamplesSummary(sae=str(run_dir), browser=os.path.relpath(base / BROWSER_INDEX, folder))
+            mine = ExamplesSummary.load_if_present(base / BROWSER_INDEX.parent.parent)  # analyze examples' numbers
+            if mine is not None:
+                found = dataclasses.replace(mine, browser=found.browser)
             found.save(folder)
             return found
     return None

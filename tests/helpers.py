@@ -85,6 +85,32 @@ def hf_block_outputs(model_dir: Path, ids: torch.Tensor) -> list[torch.Tensor]:
     return outs + [normed_last]
 
 
+def harvest_and_train(
+    root: Path, model_dir: Path, context: int = 32, windows: int = 64, **train: object
+) -> tuple[Path, Path]:
+    """A tiny cache (sotu through `model_dir`, chunks of 256 tokens) and a short MLSAE run on it: (cache, run)."""
+    from harvest.run import harvest
+    from harvest.spec import CacheSpec
+    from train.config import TrainConfig
+    from train.loop import train as train_runs
+
+    cache, run = root / "cache", root / "run"
+    spec = dict(chunk_tokens=256, shard_tokens=1024, shuffle_tokens=1024, batch_size=8)
+    harvest(
+        CacheSpec(
+            model=str(model_dir), dataset="sotu", out=str(cache), context=context, tokens=context * windows, **spec
+        ),
+        show_progress=False,
+    )
+    cfg = dict(
+        expansion_factor=2, k=4, batch_tokens=256, tokens=256 * 4, eval_tokens=256, round_chunks=4, lr=3e-3, log_every=5
+    )
+    train_runs(
+        [TrainConfig(cache=str(cache), out=str(run), **{**cfg, **train})], show_progress=False, log=lambda s: None
+    )
+    return cache, run
+
+
 def spy_on_trained_batches(monkeypatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(positions, acts) of every minibatch the training loop takes from its stream, filled as it trains."""
     from train.data import MinibatchStream

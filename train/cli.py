@@ -1,4 +1,4 @@
-"""`train run | sweep`: parse, call, print. Every TrainConfig field is a flag of the same name."""
+"""`train run | sweep | export`: parse, call, print. Every TrainConfig field is a flag of the same name."""
 
 from __future__ import annotations
 
@@ -96,6 +96,44 @@ def sweep(
     configs = [base.replace(expansion_factor=x, k=kk, layers=ls) for x, kk, ls in itertools.product(xs, ks, all_layers)]
     configs = [c.replace(out=str((out or Path("runs")) / Path(c.default_out()).name)) for c in configs]
     _print(train(configs, show_progress=not quiet))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run folder of a finished `train run`."),
+    format: str = typer.Option(
+        ..., "--format", help="saelens (one SAELens folder per layer) or delphi (latent cache)."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <run>/<format>)."),
+    push_to_hub: Optional[str] = typer.Option(
+        None, "--push-to-hub", help="Also upload it to this Hub repo (NAME/REPO)."
+    ),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="delphi: kept tokens to stream (default: all)."),
+    splits: int = typer.Option(5, "--splits", help="delphi: latent ranges per module (files; memory per split)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Export a trained SAE for SAELens (SAE.load_from_disk) or delphi (auto-interpretability), and optionally
+    push it to the Hugging Face Hub with a model card."""
+    from train.export import export_run
+
+    res = export_run(
+        run,
+        format,
+        out if out is not None else run / format,
+        push_to_hub=push_to_hub,
+        tokens=tokens,
+        splits=splits,
+        device=device,
+        progress=not quiet,
+        log=console.print,
+    )
+    console.print(
+        f"[bold green]exported[/] {res['format']}: {res['out']} ({len(res['parts'])} folder(s): "
+        f"{', '.join(res['parts'][:3])}{', ...' if len(res['parts']) > 3 else ''}) in {res['seconds']:.1f} s",
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 def main() -> None:

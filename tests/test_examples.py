@@ -1,0 +1,294 @@
+"""Max-activating examples (analyze/examples.py) against a brute-force dense computation, ties included; two
+ranks == one; resume == uninterrupted; the static browser (analyze/browser.py) and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import html.parser
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import harvest_and_train, run_cli
+from safetensors.torch import load_file
+
+from analyze.examples import ExampleAccumulator, TopExamples, run_examples
+
+# ---------------------------------------------------------------------------------------------
+# brute force: a dense h [L, T, F] and plain sorting, straight from the definitions
+
+
+def dense(values: torch.Tensor, indices: torch.Tensor, n_latents: int) -> torch.Tensor:
+    v = torch.where(values > 1e-3, values, 0.0)
+    return torch.zeros(*values.shape[:2], n_latents).scatter_add_(2, indices.long(), v)
+
+
+def brute_tops(h: torch.Tensor, where: list[int], top: int) -> tuple[dict, dict]:
+    """({latent: [(value, where, layer)]} over all layers (a token's max, lowest layer on ties),
+    {(layer, latent): [(value, where)]}), each sorted by value desc, then where, then layer."""
+    L, T, F = h.shape
+    overall, per_layer = {}, {}
+    for j in range(F):
+        rows = []
+        for t in range(T):
+            col = h[:, t, j].tolist()
+            m = max(col)
+            if m > 0:
+                rows.append((-m, where[t], col.index(m)))  # index(): the lowest layer among equal maxima
+        overall[j] = [(-a, w, l) for a, w, l in sorted(rows)[:top]]
+        for l in range(L):
+            rows = sorted((-float(h[l, t, j]), where[t]) for t in range(T) if h[l, t, j] > 0)
+            per_layer[(l, j)] = [(-a, w) for a, w in rows[:top]]
+    return overall, per_layer
+
+
+def stream_tops(acc: ExampleAccumulator) -> tuple[dict, dict]:
+    (F, L), C = acc.shape, acc.context
+    overall = {j: [(e["value"], e["seq"] * C + e["pos"], e["layer_pos"]) for e in acc.examples(j)] for j in range(F)}
+    per_layer = {
+        (l, j): [(e["value"], e["seq"] * C + e["pos"]) for e in acc.examples(j, l)] for l in range(L) for j in range(F)
+    }
+    return overall, per_layer
+
+
+def synthetic(L=3, T=60, k=3, F=7, levels=(0.5, 1.0, 2.0), seed=0):
+    """TopK-shaped codes whose values come from a few levels: many exact ties, also across layers."""
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.rand(L, T, F, generator=g).argsort(-1)[..., :k]
+    values = torch.tensor(levels)[torch.randint(len(levels), (L, T, k), generator=g)]
+    values[torch.rand(L, T, k, generator=g) < 0.15] = 0.0
+    return values, indices
+
+
+def test_streamed_tops_equal_brute_force_with_ties_in_any_batching_and_order():
+    L, T, F, top, C = 3, 60, 7, 5, 10
+    values, indices = synthetic(L, T, F=F)
+    seq, pos = torch.arange(T) // C, torch.arange(T) % C
+    want = brute_tops(dense(values, indices, F), (seq * C + pos).tolist(), top)
+    results = []
+    for batches in ([slice(0, T)], [slice(s, s + 7) for s in range(0, T, 7)]):
+        for perm in (torch.arange(T), torch.randperm(T, generator=torch.Generator().manual_seed(1))):
+            acc = ExampleAccumulator.zeros(F, L, top, C)
+            for b in batches:
+                p = perm[b]
+                acc.update(values[:, p], indices[:, p], seq[p], pos[p])
+            got = stream_tops(acc)
+            assert got == want
+            results.append(acc)
+    h = dense(values, indices, F)
+    for acc in results:
+        assert int(acc.tokens) == T
+        assert torch.equal(acc.fires, (h > 0).sum(1))
+        assert torch.allclose(acc.mass, h.sum(1).T.double())
+        assert int(acc.hist.sum()) == int((h > 0).sum())
+    # the ties really are there: equal values at the cut and across layers of one token
+    assert any(len({v for v, *_ in rows}) < len(rows) for rows in want[0].values())
+
+
+def test_top_examples_merge_keeps_the_total_order_and_ignores_entries_below_the_threshold():
+    t = TopExamples.empty(2, 3)
+    t.merge_(torch.tensor([0, 0, 0, 1]), torch.tensor([1.0, 2.0, 1.0, 5.0]), torch.tensor([7, 3, 4, 9]))
+    assert t.values[0].tolist() == [2.0, 1.0, 1.0] and t.ids[0].tolist() == [3, 4, 7]
+    t.merge_(torch.tensor([0, 0]), torch.tensor([1.0, 0.5]), torch.tensor([5, 1]))  # 1.0 with id 5 beats id 7
+    assert t.ids[0].tolist() == [3, 4, 5] and t.values[1, 1] == -math.inf and t.ids[1].tolist() == [9, -1, -1]
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on a tiny cache + SAE
+
+
+@pytest.fixture(scope="module")
+def tiny_run(neox_dir, tmp_path_factory) -> tuple[Path, Path]:
+    return harvest_and_train(tmp_path_factory.mktemp("examples"), neox_dir)
+
+
+def dense_pass(cache_path: Path, run: Path, rows: int = 4096):
+    """Every kept token, chunk by chunk (the same sub-batches the stream encodes, so the floats match
+    bit for bit), as a dense h [L, T, F] with each token's position id."""
+    from harvest import ChunkReader, open_cache
+    from train import load_sae
+
+    cache, sae = open_cache(cache_path), load_sae(run)
+    layers = json.loads((run / "config.json").read_text())["layers"]
+    hs, where, tok = [], [], []
+    with torch.no_grad():
+        for ch in ChunkReader(cache, layers=layers):
+            x = ch.acts[:, ch.keep].float()
+            for s in range(0, x.shape[1], rows):
+                v, i = sae.encode(x[:, s : s + rows])
+                hs.append(dense(v, i, sae.cfg.n_latents))
+            where += (ch.seq[ch.keep].long() * cache.layout.context + ch.pos[ch.keep].long()).tolist()
+            tok += ch.token_ids[ch.keep].tolist()
+    return torch.cat(hs, 1), where, tok, cache, sae
+
+
+def test_examples_of_a_real_sae_equal_the_dense_computation_and_the_browser_shows_them(tiny_run, tmp_path):
+    cache_path, run = tiny_run
+    out = tmp_path / "latents"
+    res = run_examples(run, tokens=None, top=6, context=3, out_dir=out, device="cpu", progress=False, rows=100)
+    h, where, tok, cache, _sae = dense_pass(cache_path, run, rows=100)
+    _L, T, F = h.shape
+    assert res["tokens"] == T == int(cache.read_tokens("keep").sum())
+
+    t = load_file(str(out / "examples.safetensors"))
+    acc = ExampleAccumulator.from_tensors({k: t[k] for k in ExampleAccumulator.zeros(1, 1, 1, 1).to_tensors()}, 32)
+    assert stream_tops(acc) == brute_tops(h, where, 6)
+    assert torch.allclose(t["density"], (h > 0).sum(1).double() / T)
+    assert torch.allclose(t["p_layer_given_latent"], torch.nan_to_num(h.sum(1).T / h.sum((0, 1)).unsqueeze(1)).double())
+    # the stored token of every example is the cache's token at (seq, pos)
+    windows = cache.windows()
+    tok_at = dict(zip(where, tok))
+    for j in range(F):
+        for e in acc.examples(j):
+            assert int(windows[e["seq"], e["pos"]]) == tok_at[e["seq"] * 32 + e["pos"]]
+
+    # the browser: valid JSON, one page per latent, pages parse, contexts decoded with the cache's tokenizer
+    b = out / "browser"
+    index = json.loads((b / "latents.json").read_text())
+    assert [r["latent"] for r in index["latents"]] == list(range(F))
+    assert all((b / "latent" / f"{j}.html").is_file() for j in range(F))
+    assert "next-token logits" in index["logits"]
+    from transformers import AutoTokenizer
+
+    tk = AutoTokenizer.from_pretrained(cache.meta["model"]["path"])
+    live = next(r for r in index["latents"] if r["max"] is not None)
+    best = acc.examples(live["latent"])[0]
+    page = (b / "latent" / f"{live['latent']}.html").read_text()
+    mark = page.split("<mark", 1)[1].split(">", 1)[1].split("</mark>", 1)[0]
+    import html
+
+    assert html.unescape(mark).replace("↵", "\n") == tk.decode([int(windows[best["seq"], best["pos"]])])
+    assert f"{best['value']:.3f}" in page
+    for name in ["index.html", *(f"latent/{j}.html" for j in range(F))]:
+        parser = LinkCollector()
+        parser.feed((b / name).read_text())
+        for href in parser.links:
+            assert (b / Path(name).parent / href).is_file(), (name, href)
+
+
+def test_heldout_examples_come_only_from_the_runs_heldout_tokens(tiny_run, tmp_path):
+    from harvest import ChunkReader, open_cache
+    from train.record import load_run
+
+    cache_path, run = tiny_run
+    record = load_run(run)
+    res = run_examples(run, top=4, out_dir=tmp_path / "h", device="cpu", progress=False, browser=False, heldout=True)
+    cache = open_cache(cache_path)
+    held = set()
+    for ch in ChunkReader(cache, chunks=record.heldout.chunks):
+        m = ch.keep & record.heldout.mask(ch.seq.long())
+        held |= set(zip(ch.seq[m].tolist(), ch.pos[m].tolist()))
+    assert res["tokens"] == len(held) > 0 and "held out" in res["tokens_used"]
+    t = load_file(str(tmp_path / "h" / "examples.safetensors"))
+    acc = ExampleAccumulator.from_tensors({k: t[k] for k in ExampleAccumulator.zeros(1, 1, 1, 1).to_tensors()}, 32)
+    found = [(e["seq"], e["pos"]) for j in range(acc.shape[0]) for e in acc.examples(j)]
+    assert found and set(found) <= held
+
+
+class LinkCollector(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.links += [v for k, v in attrs if k == "href"]
+
+
+def test_an_interrupted_pass_resumes_to_the_uninterrupted_result(tiny_run, tmp_path, monkeypatch):
+    import train.latents
+
+    _cache_path, run = tiny_run
+    full = run_examples(run, top=4, out_dir=tmp_path / "full", device="cpu", progress=False, browser=False, rows=64)
+    real = train.latents.iter_latents
+
+    def dies_after_three_chunks(*a, **kw):
+        ends = 0
+        for b in real(*a, **kw):
+            yield b
+            ends += b.last_of_chunk
+            if ends == 3:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.latents, "iter_latents", dies_after_three_chunks)
+    with pytest.raises(KeyboardInterrupt):
+        kw = dict(top=4, out_dir=tmp_path / "cut", device="cpu", progress=False, browser=False, rows=64)
+        run_examples(run, checkpoint_seconds=0, **kw)
+    assert (tmp_path / "cut" / ".examples-work" / "rank0.safetensors").is_file()
+    monkeypatch.setattr(train.latents, "iter_latents", real)
+    notes = []
+    again = run_examples(run, log=notes.append, **kw)
+    assert again["resumed"] and "resuming: 3 chunks" in notes[0]
+    a, b = (load_file(str(tmp_path / d / "examples.safetensors")) for d in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert again["tokens"] == full["tokens"] and not (tmp_path / "cut" / ".examples-work").exists()
+
+
+DDP_SCRIPT = """
+import sys
+from analyze.examples import run_examples
+run_examples(sys.argv[1], top=5, out_dir=sys.argv[2], device="cpu", progress=False, browser=False, rows=64)
+"""
+
+
+def test_two_ranks_under_torchrun_give_what_one_gives(tiny_run, tmp_path):
+    _cache_path, run = tiny_run
+    run_examples(run, top=5, out_dir=tmp_path / "one", device="cpu", progress=False, browser=False, rows=64)
+    script = tmp_path / "ddp_examples.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port", str(port)]
+        + [str(script), str(run), str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "examples.json").read_text())
+    one = json.loads((tmp_path / "one" / "examples.json").read_text())
+    assert two["world_size"] == 2 and two["tokens"] == one["tokens"]
+    a, b = (load_file(str(tmp_path / d / "examples.safetensors")) for d in ("one", "two"))
+    for k in a:
+        if k in ("mass", "p_layer_given_latent", "mean_layer", "var_layer"):  # float sums: another order
+            assert torch.allclose(a[k], b[k], rtol=1e-9, equal_nan=True), k
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def run_analyze(argv: list[str], capsys) -> tuple[int, str, str]:
+    return run_cli(argv, capsys, prog="analyze")
+
+
+def test_cli_writes_the_browser_and_bad_input_is_one_line(tiny_run, tmp_path, capsys):
+    _cache_path, run = tiny_run
+    from analyze.report import report_folder
+
+    folder = tmp_path / "analysis"
+    code, out, err = run_analyze(["examples", "--sae", run, "--top", "3", "--out", folder / "latents"], capsys)
+    assert code == 0, err
+    assert "latent browser: file://" in out and (folder / "latents" / "browser" / "index.html").is_file()
+    report = report_folder(folder, sae_dirs=[run]).read_text()  # `analyze report` links the browser
+    assert "href='latents/browser/index.html'" in report and "3 examples each" in report
+    no_sae = tmp_path / "no_sae"
+    no_sae.mkdir()
+    (no_sae / "config.json").write_text((run / "config.json").read_text())
+    for argv, fragment in [
+        (["examples", "--sae", tmp_path], "not a training run"),
+        (["examples", "--sae", no_sae], "not a finished training run"),
+        (["examples", "--sae", run, "--tokens", "0"], "--tokens"),
+        (["examples", "--sae", run, "--top", "0"], "--top"),
+        (["examples", "--sae", run, "--out", "/proc/no-such-dir/latents"], "choose a writable --out"),
+    ]:
+        code, out, err = run_analyze(argv, capsys)
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], err
