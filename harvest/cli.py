@@ -11,16 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .flags import run_app, with_dataclass_flags
+from .flags import cli_app, run_app, with_dataclass_flags
 from .lens_train import LensSpec, LensTrainConfig
 from .spec import CacheSpec
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Harvest per-layer residual streams into a sharded zarr cache.",
-)
+app = cli_app("Harvest per-layer residual streams into a sharded zarr cache.")
 console = Console()
 err_console = Console(stderr=True)
 

@@ -12,15 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from harvest.errors import SpecError
-from harvest.flags import run_app, with_dataclass_flags
+from harvest.flags import cli_app, run_app, with_dataclass_flags
 from train.config import TrainConfig
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Train TopK multi-layer SAEs (and single-layer baselines) from a harvested cache.",
-)
+app = cli_app("Train TopK multi-layer SAEs (and single-layer baselines) from a harvested cache.")
 console = Console()
 SWEPT = ("expansion_factor", "k", "layers")
 

@@ -11,10 +11,11 @@ without its offline mode), is one line before any training.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from harvest.errors import UserError
 from train.record import METRICS, short_error
@@ -115,33 +116,36 @@ class TrackerSink:
         self.run.finish()
 
 
+def _start(package: str, init: Callable[[Any], Any], fix: str) -> Any:
+    """Import the tracker lazily and start its run; one line (LoggerError) if either fails."""
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise LoggerError(f"--log-to {package} needs the {package} package: pip install {package} (or drop --log-to)")
+    try:
+        return init(module)
+    except Exception as e:
+        raise LoggerError(f"{package} could not start ({short_error(e)}): {fix}")
+
+
 class WandbSink(TrackerSink):
     def __init__(self, folder: Path, name: str, project: str, config: dict[str, Any], layers: list[int]):
-        try:
-            import wandb
-        except ImportError:
-            raise LoggerError("--log-to wandb needs the wandb package: pip install wandb (or drop --log-to)")
         self.layers = layers
-        try:  # the same run folder resumes the same wandb run
-            self.run = wandb.init(
+        self.run = _start(  # the same run folder resumes the same wandb run
+            "wandb",
+            lambda wandb: wandb.init(
                 project=project, name=name, id=_run_id(folder), resume="allow", dir=str(folder), config=config
-            )
-        except Exception as e:
-            raise LoggerError(
-                f"wandb could not start ({short_error(e)}): run `wandb login`, or set WANDB_MODE=offline to log "
-                f"into the run folder, or drop --log-to"
-            )
+            ),
+            "run `wandb login`, or set WANDB_MODE=offline to log into the run folder, or drop --log-to",
+        )
 
 
 class TrackioSink(TrackerSink):
     def __init__(self, folder: Path, name: str, project: str, config: dict[str, Any], layers: list[int]):
-        try:
-            import trackio
-        except ImportError:
-            raise LoggerError("--log-to trackio needs the trackio package: pip install trackio (or drop --log-to)")
         self.layers = layers
-        try:
-            self.run = trackio.init(
+        self.run = _start(
+            "trackio",
+            lambda trackio: trackio.init(
                 project=project,
                 name=name,
                 config=config,
@@ -149,9 +153,9 @@ class TrackioSink(TrackerSink):
                 embed=False,
                 auto_log_cpu=False,
                 auto_log_gpu=False,
-            )
-        except Exception as e:
-            raise LoggerError(f"trackio could not start ({short_error(e)}): drop --log-to, or fix its setup")
+            ),
+            "drop --log-to, or fix its setup",
+        )
 
 
 def _run_id(folder: Path) -> str:

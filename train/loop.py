@@ -329,20 +329,10 @@ def _restore(run: Run, ck: Checkpoint, dist: Dist) -> None:
 
 
 def _stream(p: Pass, first: TrainConfig, dist: Dist) -> MinibatchStream:
-    stream = MinibatchStream(
-        p.cache,
-        p.cache.complete_chunks(),
-        p.layers,
-        p.batch_tokens // dist.world_size,
-        first.round_chunks,
-        p.device,
-        seed=first.seed,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        special=p.special,
-        prefetch=first.prefetch,
-        heldout=p.heldout,
-    )
+    per_rank = p.batch_tokens // dist.world_size
+    what = (p.cache, p.cache.complete_chunks(), p.layers, per_rank, first.round_chunks, p.device)
+    how = {"seed": first.seed, "special": p.special, "prefetch": first.prefetch, "heldout": p.heldout}
+    stream = MinibatchStream(*what, rank=dist.rank, world_size=dist.world_size, **how)
     resume = p.runs[0].resume
     if resume is not None:
         stream.state = StreamState(**resume.stream[dist.rank])
