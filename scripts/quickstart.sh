@@ -12,4 +12,4 @@ harvest info caches/gemma-3-270m-sotu
 train sweep --config train_config.yaml --layers all,4,12 --out runs/quickstart
 R=runs/quickstart/gemma-3-270m-sotu
 analyze examples --sae "$R-mlsae-x8-k32"   # top examples of every latent + the latent browser (linked from the report)
-analyze report --sae "$R-mlsae-x8-k32" "$R-layer4-x8-k32" "$R-layer12-x8-k32" --tokens 40960 --delta-ce-tokens 1024
+analyze report --sae "$R-mlsae-x8-k32" "$R-layer4-x8-k32" "$R-layer12-x8-k32" --tokens 40960 --delta-ce-tokens 1024 --reference-formulas
