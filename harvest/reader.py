@@ -127,23 +127,65 @@ class ChunkReader:
         return self.iter_chunks(self.order(epoch))
 
     def iter_chunks(self, order: Sequence[int]) -> Iterator[Chunk]:
-        """The given chunks, in the given order, with `prefetch` reads in flight."""
+        """The given chunks, in the given order, with `prefetch` reads in flight. On an object store the
+        chunks are fetched in groups of `prefetch // 2` (one `get_ranges` per object for all of a group's
+        ranges, coalesced where they touch), so one group downloads while the previous one is consumed."""
         n_bufs = len(self._bufs)
+        group = 1 if self._io is None else max(1, self.prefetch // 2)
         with ThreadPoolExecutor(self.prefetch, thread_name_prefix="chunk-reader") as pool:
-            pending: deque[Future] = deque()
+            pending: deque[tuple[Future, int]] = deque()
+            batch: list[tuple[int, int]] = []  # (chunk, buffer) requested, not yet submitted
             try:
                 for i, c in enumerate(order):
-                    pending.append(pool.submit(self.read_chunk, int(c), i % n_bufs))
-                    if len(pending) > self.prefetch - 1:
-                        yield pending.popleft().result()
+                    batch.append((int(c), i % n_bufs))
+                    if len(batch) == group:
+                        f = pool.submit(self.read_chunks, batch)
+                        pending.extend((f, k) for k in range(len(batch)))
+                        batch = []
+                    # a buffer is written only after its chunk was requested: the ring stays safe as before
+                    if len(pending) + len(batch) > self.prefetch - 1 and pending:
+                        f, k = pending.popleft()
+                        yield f.result()[k]
+                if batch:
+                    f = pool.submit(self.read_chunks, batch)
+                    pending.extend((f, k) for k in range(len(batch)))
                 while pending:
-                    yield pending.popleft().result()
+                    f, k = pending.popleft()
+                    yield f.result()[k]
             finally:  # an error (or an abandoned iterator) must not leave reads writing into handed-out buffers
-                for f in pending:
+                for f, _ in pending:
                     f.cancel()
 
     # -- one chunk -------------------------------------------------------------------------------
     def read_chunk(self, c: int, buf: int = 0) -> Chunk:
+        return self.read_chunks([(c, buf)])[0]
+
+    def read_chunks(self, batch: Sequence[tuple[int, int]]) -> list[Chunk]:
+        """Chunks (chunk number, ring buffer) read and checked: one read per inner chunk on a local disk; on
+        an object store one `get_ranges` per object for all of the batch's ranges (and the shard index the
+        first time), several objects in flight."""
+        chunks, reads = [], []
+        for c, buf in batch:
+            chunk, chunk_reads = self._plan(c, buf)
+            chunks.append(chunk)
+            reads += chunk_reads
+        try:
+            if self._io is None:
+                for key, entry, inner, out in reads:
+                    self._read_inner(key, entry, inner, out)
+            else:
+                by_key: dict[str, tuple[FileEntry, list]] = {}
+                for key, entry, inner, out in reads:
+                    by_key.setdefault(key, (entry, []))[1].append((inner, out))
+                futures = [self._io.submit(self._fetch_object, k, e, parts) for k, (e, parts) in by_key.items()]
+                for f in futures:
+                    f.result()
+        except StoreMissing as e:
+            raise IntegrityError(f"{e}: {self._fix}")
+        return chunks
+
+    def _plan(self, c: int, buf: int) -> tuple[Chunk, list[tuple[str, FileEntry, int, np.ndarray]]]:
+        """Chunk c as views of ring buffer `buf`, and its reads: (key, manifest entry, inner chunk, out)."""
         lay = self.layout
         start, stop = lay.chunk_range(c)
         n = stop - start
@@ -155,54 +197,49 @@ class ChunkReader:
             raise CacheError(f"chunk {c} of {self.cache.location} is not in a complete block: rerun `harvest run`")
         reads = [("acts", (li, shard, 0), out) for out, li in zip(acts, self.layer_idx)]
         reads += [(name, (shard,), out) for name, out in toks.items()]
-        try:
-            if self._io is None:
-                for array, coords, out in reads:
-                    self._read_inner(array, coords, inner, out, manifest.files)
-            else:
-                futures = [self._io.submit(self._read_inner, a, co, inner, out, manifest.files) for a, co, out in reads]
-                for f in futures:
-                    f.result()
-        except StoreMissing as e:
-            raise IntegrityError(f"{e}: {self._fix}")
-        return Chunk(
+        planned = []
+        for array, coords, out in reads:
+            key = self.cache.shard_key(array, coords)
+            entry = manifest.files.get(key)
+            if entry is None or entry.pieces is None:
+                raise CacheError(f"{self.store.describe(key)} is not in its block's manifest: run `harvest verify`")
+            if entry.pieces[inner] is None:
+                raise CacheError(
+                    f"{self.store.describe(key)}: chunk {inner} is absent although its block is in the manifest: "
+                    f"run `harvest verify` and re-harvest"
+                )
+            planned.append((key, entry, inner, out))
+        chunk = Chunk(
             c,
             start,
             from_storage(acts[:, :n], lay.dtype),
             *(torch.from_numpy(toks[name][:n]) for name in ["token_ids", "keep", "seq", "pos"]),
         )
+        return chunk, planned
 
-    def _check_index(self, key: str, entry: FileEntry) -> None:
+    def _index_range(self, entry: FileEntry) -> tuple[int, int]:
+        """Where a shard's index (and its crc32c) lies: the end of the file."""
+        return entry.size - (16 * (self.layout.shard_tokens // self.layout.chunk_tokens) + 4), entry.size
+
+    def _check_index(self, key: str, entry: FileEntry, raw: bytes | memoryview | None = None) -> None:
         """Once per shard: its index must pass its crc32c and point exactly where the manifest says."""
         if key in self._checked_index:
             return
-        n_inner = self.layout.shard_tokens // self.layout.chunk_tokens
-        size = 16 * n_inner + 4
-        raw = bytes(self.store.get_range(key, entry.size - size, entry.size))
-        if len(raw) != size or index_crc(raw[:-4]) != raw[-4:]:
+        lo, hi = self._index_range(entry)
+        raw = bytes(self.store.get_range(key, lo, hi) if raw is None else raw)
+        if len(raw) != hi - lo or index_crc(raw[:-4]) != raw[-4:]:
             raise self.cache.corrupt(key, " shard index")
-        got = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_inner, 2)
+        got = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
         want = [(p[0], p[1]) if p is not None else (ABSENT, ABSENT) for p in entry.pieces or []]
         if got.tolist() != [list(w) for w in want]:
             raise self.cache.corrupt(key, " shard index (an entry was redirected)")
         self._checked_index.add(key)
 
-    def _read_inner(
-        self, array: str, coords: tuple[int, ...], inner: int, out: np.ndarray, files: dict[str, FileEntry]
-    ) -> None:
-        key = self.cache.shard_key(array, coords)
-        entry = files.get(key)
-        if entry is None or entry.pieces is None:
-            raise CacheError(f"{self.store.describe(key)} is not in its block's manifest: run `harvest verify`")
-        piece = entry.pieces[inner]
-        if piece is None:
-            raise CacheError(
-                f"{self.store.describe(key)}: chunk {inner} is absent although its block is in the manifest: "
-                f"run `harvest verify` and re-harvest"
-            )
+    def _read_inner(self, key: str, entry: FileEntry, inner: int, out: np.ndarray) -> None:
+        """One inner chunk from a local disk: straight into `out` (raw) or decompressed into it (blosc)."""
         self._check_index(key, entry)
-        offset, nbytes, want = piece
-        if self._codec[array] == "raw":
+        offset, nbytes, want = entry.pieces[inner]
+        if self._codec[key.split("/", 1)[0]] == "raw":
             view = memoryview(out.reshape(-1).view(np.uint8))
             if nbytes != view.nbytes:
                 raise self.cache.corrupt(key, f" chunk {inner} (size)")
@@ -210,12 +247,38 @@ class ChunkReader:
             if self._check_chunks and chunk_hash(view) != want:
                 raise self.cache.corrupt(key, f" chunk {inner}")
         else:
+            self._decode(key, entry, inner, self.store.get_range(key, offset, offset + nbytes), out)
+
+    def _fetch_object(self, key: str, entry: FileEntry, parts: list[tuple[int, np.ndarray]]) -> None:
+        """Inner chunks of one object from an object store: one `get_ranges` (the client coalesces touching
+        ranges into one request), with the shard index in the same call the first time. Each chunk is
+        checked on the downloaded bytes, then copied once into its buffer."""
+        parts = sorted(parts, key=lambda p: entry.pieces[p[0]][0])
+        ranges = [(entry.pieces[j][0], entry.pieces[j][0] + entry.pieces[j][1]) for j, _ in parts]
+        check_index = key not in self._checked_index
+        if check_index:
+            ranges.append(self._index_range(entry))
+        got = self.store.get_ranges(key, [a for a, _ in ranges], [b for _, b in ranges])
+        if check_index:
+            self._check_index(key, entry, got[-1])
+        for (inner, out), data in zip(parts, got):
+            self._decode(key, entry, inner, data, out)
+
+    def _decode(self, key: str, entry: FileEntry, inner: int, data: bytes | memoryview, out: np.ndarray) -> None:
+        """Stored bytes of an inner chunk -> `out`, checked against the manifest's size and xxh3 first."""
+        _, nbytes, want = entry.pieces[inner]
+        dst = out.reshape(-1).view(np.uint8)
+        raw = self._codec[key.split("/", 1)[0]] == "raw"
+        if len(memoryview(data)) != nbytes or (raw and nbytes != dst.nbytes):
+            raise self.cache.corrupt(key, f" chunk {inner} (size)")
+        if (self._check_chunks or not raw) and chunk_hash(data) != want:
+            raise self.cache.corrupt(key, f" chunk {inner}")
+        if raw:  # numpy copies without holding the GIL (a memoryview assignment holds it)
+            np.copyto(dst, np.frombuffer(data, np.uint8))
+        else:
             from numcodecs import blosc
 
-            data = self.store.get_range(key, offset, offset + nbytes)
-            if chunk_hash(data) != want:
-                raise self.cache.corrupt(key, f" chunk {inner}")
-            blosc.decompress(bytes(data), out.reshape(-1))
+            blosc.decompress(bytes(data), dst)
 
     def close(self) -> None:
         if self._io is not None:
