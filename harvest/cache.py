@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -357,6 +358,9 @@ class Cache:
 
     def __init__(self, location: str | Path | Store, local_cache: str | Path | None = None):
         self._manifests: dict[int, BlockManifest] | None = None
+        self._fetched: dict[int, BlockManifest] = {}  # manifests fetched one at a time (`manifest`)
+        self._fetch_lock = threading.Lock()
+        self._fetching: dict[int, threading.Lock] = {}
         self._entries: dict[str, FileEntry] | None = None
         self._windows_entries: dict[str, FileEntry] | None = None
         self._lens_folder: Path | None = None
@@ -483,6 +487,33 @@ class Cache:
             raise CacheError(f"{where} is corrupt (wrong block range): run `harvest verify {self.location}`")
         return m
 
+    def listed_blocks(self) -> list[int]:
+        """Blocks whose manifest object exists: one listing, nothing fetched. What a reader of a big remote
+        cache starts from; each manifest is then fetched and parsed by `manifest` when first needed."""
+        names = {self.manifest_key(b): b for b in range(self.layout.n_blocks)}
+        return sorted(names[k] for k in self.store.list("manifest") if k in names)
+
+    def manifest(self, b: int) -> BlockManifest:
+        """Block b's manifest, parsed and checked like `manifests` does (the same parser, the metadata hash),
+        fetched on first use and kept."""
+        if self._manifests is not None and b in self._manifests:
+            return self._manifests[b]
+        with self._fetch_lock:
+            m = self._fetched.get(b)
+            block_lock = self._fetching.setdefault(b, threading.Lock())
+        if m is not None:
+            return m
+        with block_lock:  # one GET per manifest, however many threads want it
+            if b not in self._fetched:
+                key = self.manifest_key(b)
+                try:
+                    m = self._parse(key, self.store.get(key))
+                except StoreMissing:
+                    raise CacheError(f"block {b} of {self.location} has no manifest (incomplete): rerun `harvest run`")
+                with self._fetch_lock:
+                    self._fetched[b] = m
+        return self._fetched[b]
+
     def manifest_block(self, key: str) -> int:
         return int(key.rsplit("-", 1)[1].split(".")[0])
 
@@ -496,8 +527,9 @@ class Cache:
     def complete(self) -> bool:
         return len(self.complete_blocks()) == self.layout.n_blocks
 
-    def require_complete(self) -> None:
-        done = len(self.complete_blocks())
+    def require_complete(self, listed: bool = False) -> None:
+        """`listed`: count the manifest objects only (one listing; each is parsed when first read)."""
+        done = len(self.listed_blocks() if listed else self.complete_blocks())
         if done != self.layout.n_blocks:
             raise CacheError(
                 f"cache {self.location} is incomplete ({done}/{self.layout.n_blocks} blocks): "

@@ -22,7 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cache import ABSENT, STORAGE_DTYPES, TOKEN_ARRAYS, Cache, FileEntry, chunk_hash, from_storage, index_crc
+from .cache import (
+    ABSENT,
+    STORAGE_DTYPES,
+    TOKEN_ARRAYS,
+    BlockManifest,
+    Cache,
+    FileEntry,
+    chunk_hash,
+    from_storage,
+    index_crc,
+)
 from .errors import CacheError, IntegrityError
 from .store import StoreMissing
 
@@ -78,20 +88,31 @@ class ChunkReader:
         chunks: Sequence[int] | None = None,
         allow_incomplete: bool = False,
     ):
+        # A remote cache: one listing and the windows manifest (which checks the metadata hash) at open; each
+        # block's manifest is fetched and parsed when its first chunk is read (10,000 blocks = 10,000 GETs).
+        # A local one: every manifest parsed now, as before (cheap on a disk).
+        self._lazy = not cache.store.is_local
         if not allow_incomplete:
-            cache.require_complete()
-        cache.require_checksums()
+            cache.require_complete(listed=self._lazy)
+        if self._lazy:
+            cache.windows_manifest()  # absent in a cache harvested before checksums: that line names the upgrade
+            self._blocks = set(cache.listed_blocks())
+        else:
+            cache.require_checksums()
+            self._blocks = set(cache.manifests())
+        self._checksummed: set[int] = set()
         self.cache, self.layout, self.store = cache, cache.layout, cache.store
         self.layers = list(cache.layers if layers is None else layers)
         self.layer_idx = [self.layout.layer_index(l) for l in self.layers]
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.prefetch, self.hold = max(1, prefetch), max(1, hold)
-        self.chunks = np.asarray(cache.complete_chunks() if chunks is None else chunks, dtype=np.int64)
+        if chunks is None:
+            chunks = [c for b in sorted(self._blocks) for c in self.layout.chunks_of_block(b)]
+        self.chunks = np.asarray(chunks, dtype=np.int64)
         self._codec = {name: _inner_codec(cache.array_meta[name]) for name in ["acts", *TOKEN_ARRAYS]}
         if not all(self._codec.values()):
             raise CacheError(f"{cache.location} uses codecs this reader does not know: re-harvest it")
         self.fast = True
-        self._manifests = cache.manifests()
         self._checked_index: set[str] = set()
         self._fix = f"run `harvest verify {cache.location}` and re-harvest the damaged blocks"
         # one chunk's ranged GETs in flight together on an object store (latency, not bandwidth, is the limit)
@@ -117,6 +138,21 @@ class ChunkReader:
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
         return perm[self.rank :: self.world_size]
 
+    @property
+    def group(self) -> int:
+        """Chunks fetched together: 1 from a local disk; prefetch // 2 from an object store."""
+        return 1 if self.store.is_local else max(1, self.prefetch // 2)
+
+    def byte_ranges(self, chunks: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
+        """{object: [(start, stop), ...]} the stored bytes of these chunks (what a group of them fetches,
+        without the shard indexes)."""
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for c in chunks:
+            for key, entry, inner, _ in self._plan(int(c), 0)[1]:
+                offset, nbytes, _ = entry.pieces[inner]
+                ranges.setdefault(key, []).append((offset, offset + nbytes))
+        return {k: sorted(v) for k, v in ranges.items()}
+
     def __len__(self) -> int:
         return len(self.order(0))
 
@@ -130,8 +166,7 @@ class ChunkReader:
         """The given chunks, in the given order, with `prefetch` reads in flight. On an object store the
         chunks are fetched in groups of `prefetch // 2` (one `get_ranges` per object for all of a group's
         ranges, coalesced where they touch), so one group downloads while the previous one is consumed."""
-        n_bufs = len(self._bufs)
-        group = 1 if self._io is None else max(1, self.prefetch // 2)
+        n_bufs, group = len(self._bufs), self.group
         with ThreadPoolExecutor(self.prefetch, thread_name_prefix="chunk-reader") as pool:
             pending: deque[tuple[Future, int]] = deque()
             batch: list[tuple[int, int]] = []  # (chunk, buffer) requested, not yet submitted
@@ -192,7 +227,7 @@ class ChunkReader:
         acts, toks = self._bufs[buf], self._tok_bufs[buf]
         shard, inner = divmod(start, lay.shard_tokens)
         inner //= lay.chunk_tokens
-        manifest = self._manifests.get(start // lay.block_tokens)
+        manifest = self._manifest(start // lay.block_tokens)
         if manifest is None:
             raise CacheError(f"chunk {c} of {self.cache.location} is not in a complete block: rerun `harvest run`")
         reads = [("acts", (li, shard, 0), out) for out, li in zip(acts, self.layer_idx)]
@@ -216,6 +251,17 @@ class ChunkReader:
             *(torch.from_numpy(toks[name][:n]) for name in ["token_ids", "keep", "seq", "pos"]),
         )
         return chunk, planned
+
+    def _manifest(self, b: int) -> BlockManifest | None:
+        """A complete block's manifest (fetched on first use from a remote cache), None for other blocks."""
+        if b not in self._blocks:
+            return None
+        m = self.cache.manifest(b)
+        if b not in self._checksummed:
+            if not m.checksummed:
+                self.cache.require_checksums()  # one line naming `harvest upgrade`
+            self._checksummed.add(b)
+        return m
 
     def _index_range(self, entry: FileEntry) -> tuple[int, int]:
         """Where a shard's index (and its crc32c) lies: the end of the file."""
