@@ -361,7 +361,6 @@ class Cache:
         self._fetched: dict[int, BlockManifest] = {}  # manifests fetched one at a time (`manifest`)
         self._fetch_lock = threading.Lock()
         self._fetching: dict[int, threading.Lock] = {}
-        self._entries: dict[str, FileEntry] | None = None
         self._windows_entries: dict[str, FileEntry] | None = None
         self._lens_folder: Path | None = None
         store = location if isinstance(location, Store) else open_store(location)
@@ -472,7 +471,6 @@ class Cache:
             raws = self.store.parallel(self.store.get, new)
             parsed = {names[k]: self._parse(k, raw) for k, raw in zip(new, raws)}
             self._manifests = {names[k]: known.get(names[k]) or parsed[names[k]] for k in keys}
-            self._entries = None
         return self._manifests
 
     def _parse(self, key: str, raw: bytes) -> BlockManifest:
@@ -590,9 +588,20 @@ class Cache:
             return None
         if key.startswith("windows/"):
             return self.windows_manifest().get(key)
-        if self._entries is None:
-            self._entries = {k: f for m in self.manifests().values() for k, f in m.files.items()}
-        return self._entries.get(key)
+        array = key.split("/", 1)[0]
+        sep = self.array_meta[array]["chunk_key_encoding"]["configuration"]["separator"]
+        coords = key[len(array) + 1 :].split(sep)[1:]  # "c", then the shard coordinates
+        try:
+            shard = int(coords[1] if array == "acts" else coords[0])
+        except (IndexError, ValueError):
+            return None
+        b = shard * self.layout.shard_tokens // self.layout.block_tokens
+        try:  # only this block's manifest (fetched once): a big remote cache is never read whole for this
+            return self.manifest(b).files.get(key)
+        except CacheError:
+            if self.store.exists(self.manifest_key(b)):
+                raise  # a corrupt manifest: its one line
+            return None  # not in a committed block: read from the source (the reader refuses such chunks)
 
     def read_whole(self, key: str, entry: FileEntry | None) -> bytes:
         """A small file read whole and checked against its manifest entry (xxh3; crc32 in old manifests)."""
