@@ -152,6 +152,11 @@ def chunk_hash(data: Any) -> str:
     return f"{xxhash.xxh3_64_intdigest(data):016x}"
 
 
+def chunk_hasher() -> Any:
+    """A streaming xxh3-64 (`update` piece by piece): its hexdigest() equals chunk_hash of all the pieces."""
+    return xxhash.xxh3_64()
+
+
 def index_crc(index: bytes) -> bytes:
     """The crc32c that zarr's sharding codec appends to a shard index (little-endian u32)."""
     return np.uint32(google_crc32c.value(index)).tobytes()
@@ -525,9 +530,9 @@ class Cache:
     def complete(self) -> bool:
         return len(self.complete_blocks()) == self.layout.n_blocks
 
-    def require_complete(self, listed: bool = False) -> None:
-        """`listed`: count the manifest objects only (one listing; each is parsed when first read)."""
-        done = len(self.listed_blocks() if listed else self.complete_blocks())
+    def require_complete(self, blocks: list[int] | None = None) -> None:
+        """`blocks`: the committed blocks already known (e.g. `listed_blocks`), else `complete_blocks`."""
+        done = len(self.complete_blocks() if blocks is None else blocks)
         if done != self.layout.n_blocks:
             raise CacheError(
                 f"cache {self.location} is incomplete ({done}/{self.layout.n_blocks} blocks): "

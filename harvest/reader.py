@@ -4,10 +4,13 @@ chunk checked against the checksum its block's manifest recorded at harvest time
 zarr-python costs ~0.5 ms per call and fancy indexing is slow (storage.md), so this reader takes each inner
 chunk's (offset, nbytes) from the manifest, checks the shard's own index (and its crc32c) against it once
 per shard, and reads chunks straight into a ring of reusable (optionally pinned) buffers through the
-cache's store: `os.preadv` on a local disk, ranged GETs on an object store. Several chunks are in flight
-on a thread pool; on an object store the ranged GETs of one chunk (one per layer and token array) are in
-flight together as well, so a remote read keeps prefetch x (layers + 4) requests going. Hashing (xxh3)
-and file / network reads release the GIL. `Cache.read` (zarr-python) stays the reference that the tests
+cache's store: `os.preadv` on a local disk (hashed slice by slice while each slice is still in the CPU
+cache), ranged GETs on an object store. Several chunks are in flight on a thread pool; on an object store
+chunks are fetched in groups (prefetch // 2 chunks: one `get_ranges` per object for all of the group's
+ranges, which the client coalesces where they touch, up to MLSAE_READ_REQUESTS objects in flight), checked
+on the downloaded bytes and copied once into the ring. A remote cache's block manifests are fetched when
+their chunks are first read, so opening a reader over 10,000 blocks costs one listing. Hashing (xxh3) and
+file / network reads release the GIL. `Cache.read` (zarr-python) stays the reference that the tests
 compare this against byte for byte.
 """
 
@@ -30,6 +33,7 @@ from .cache import (
     Cache,
     FileEntry,
     chunk_hash,
+    chunk_hasher,
     from_storage,
     index_crc,
 )
@@ -91,15 +95,17 @@ class ChunkReader:
         # A remote cache: one listing and the windows manifest (which checks the metadata hash) at open; each
         # block's manifest is fetched and parsed when its first chunk is read (10,000 blocks = 10,000 GETs).
         # A local one: every manifest parsed now, as before (cheap on a disk).
-        self._lazy = not cache.store.is_local
-        if not allow_incomplete:
-            cache.require_complete(listed=self._lazy)
-        if self._lazy:
-            cache.windows_manifest()  # absent in a cache harvested before checksums: that line names the upgrade
-            self._blocks = set(cache.listed_blocks())
-        else:
+        if cache.store.is_local:
+            if not allow_incomplete:
+                cache.require_complete()
             cache.require_checksums()
             self._blocks = set(cache.manifests())
+        else:
+            listed = cache.listed_blocks()
+            if not allow_incomplete:
+                cache.require_complete(listed)
+            cache.windows_manifest()  # absent in a cache harvested before checksums: that line names the upgrade
+            self._blocks = set(listed)
         self._checksummed: set[int] = set()
         self.cache, self.layout, self.store = cache, cache.layout, cache.store
         self.layers = list(cache.layers if layers is None else layers)
@@ -141,7 +147,7 @@ class ChunkReader:
     @property
     def group(self) -> int:
         """Chunks fetched together: 1 from a local disk; prefetch // 2 from an object store."""
-        return 1 if self.store.is_local else max(1, self.prefetch // 2)
+        return max(1, self.prefetch // 2) if self.store.coalesces else 1
 
     def byte_ranges(self, chunks: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
         """{object: [(start, stop), ...]} the stored bytes of these chunks (what a group of them fetches,
@@ -208,6 +214,9 @@ class ChunkReader:
             if self._io is None:
                 for key, entry, inner, out in reads:
                     self._read_inner(key, entry, inner, out)
+            elif not self.store.coalesces:  # the read-through copy: each read straight into its buffer
+                for f in [self._io.submit(self._read_inner, *r) for r in reads]:
+                    f.result()
             else:
                 by_key: dict[str, tuple[FileEntry, list]] = {}
                 for key, entry, inner, out in reads:
@@ -282,15 +291,17 @@ class ChunkReader:
         self._checked_index.add(key)
 
     def _read_inner(self, key: str, entry: FileEntry, inner: int, out: np.ndarray) -> None:
-        """One inner chunk from a local disk: straight into `out` (raw) or decompressed into it (blosc)."""
+        """One inner chunk (a local disk, the read-through copy): straight into `out` (raw), hashed on the way,
+        or decompressed into it (blosc)."""
         self._check_index(key, entry)
         offset, nbytes, want = entry.pieces[inner]
         if self._codec[key.split("/", 1)[0]] == "raw":
             view = memoryview(out.reshape(-1).view(np.uint8))
             if nbytes != view.nbytes:
                 raise self.cache.corrupt(key, f" chunk {inner} (size)")
-            self.store.read_into(key, offset, view)
-            if self._check_chunks and chunk_hash(view) != want:
+            hasher = chunk_hasher() if self._check_chunks else None
+            self.store.read_into(key, offset, view, hasher)
+            if hasher is not None and hasher.hexdigest() != want:
                 raise self.cache.corrupt(key, f" chunk {inner}")
         else:
             self._decode(key, entry, inner, self.store.get_range(key, offset, offset + nbytes), out)
