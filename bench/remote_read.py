@@ -3,14 +3,17 @@
     python bench/remote_read.py [--layers 18] [--d-model 640] [--tokens 32768] [--chunk-tokens 4096]
                                 [--shard-tokens 16384] [--depths 2,4,8,16] [--blocks 10000] [--repeats 2]
 
-A real S3 protocol server (moto) on a loopback port holds a synthetic bf16 cache; then:
-  1. ChunkReader over the bucket, at several prefetch depths, against the same server's raw
-     `obstore.get_ranges` of the same byte ranges (one call per object with all its ranges, 16 objects in
-     flight: the fastest way the client library offers to fetch exactly those bytes);
+A real S3 protocol server (moto, `python -m moto.server`) in a SEPARATE process on a loopback port holds a
+synthetic bf16 cache (so the server and the reader do not share a GIL); then:
+  1. ChunkReader over the bucket, at several prefetch depths, against two raw-obstore baselines in the same
+     run: (a) the coalesced one: `obstore.get_ranges` of the epoch's byte ranges, one call per object with
+     all its ranges, 16 objects in flight (the fastest way the client library offers to fetch exactly those
+     bytes, in storage order); (b) the reader's own requests: the same groups of chunks in the same order,
+     one `get_ranges` per object per group, at the same concurrency, without checking or copying anything;
   2. the local read-through cache (`open_cache(url, local_cache=DIR)`): its first epoch (downloads) and
      second epoch (local disk) against the plain local reader over a pulled copy;
   3. opening a remote cache and reading its manifests, for a synthetic cache of --blocks blocks.
-The loopback server runs in this process (Python, werkzeug): its own CPU use limits both sides alike.
+The server is Python (werkzeug); its CPU use is printed next to each measurement.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ sys.path.insert(0, str(_BENCH_DIR.parent))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -43,19 +45,38 @@ from harvest.cache import (  # noqa: E402
     meta_hash,
     open_cache,
 )
-from harvest.reader import ChunkReader  # noqa: E402
+from harvest.reader import IO_THREADS, ChunkReader  # noqa: E402
 from harvest.stats import LayerStats  # noqa: E402
 from harvest.store import open_store  # noqa: E402
 
 
-def start_server() -> str:
-    from moto.server import ThreadedMotoServer
+def start_server() -> tuple[str, int]:
+    """moto's S3 server in its own process on a free loopback port: (bucket URL, server pid)."""
+    import atexit
+    import socket
+    import subprocess
+    import urllib.request
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+    def die_with_parent() -> None:  # Linux: the server goes when this process goes, however it ends
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    atexit.register(proc.terminate)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
     os.environ.update(
         AWS_ACCESS_KEY_ID="bench",
         AWS_SECRET_ACCESS_KEY="bench",
@@ -66,7 +87,13 @@ def start_server() -> str:
     import boto3
 
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    return "s3://bench"
+    return "s3://bench", proc.pid
+
+
+def server_cpu(pid: int) -> float:
+    """CPU seconds (user + system) the server process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def write_synthetic(url: str, args: argparse.Namespace) -> Layout:
@@ -104,30 +131,13 @@ def reader_epoch(reader: ChunkReader, epoch: int = 0) -> int:
     return sum(c.acts.numel() * 2 + 13 * c.acts.shape[1] for c in reader.epoch(epoch))
 
 
-def epoch_ranges(reader: ChunkReader) -> dict[str, list[tuple[int, int]]]:
-    """The byte ranges the reader fetches in an epoch (every layer's inner chunk and the token columns), by
-    object, in the reader's order."""
-    cache, lay = reader.cache, reader.layout
-    ranges: dict[str, list[tuple[int, int]]] = {}
-    for c in reader.order(0):
-        start = lay.chunk_range(int(c))[0]
-        shard, inner = divmod(start, lay.shard_tokens)
-        files = cache.manifests()[start // lay.block_tokens].files
-        keys = [cache.shard_key("acts", (li, shard, 0)) for li in reader.layer_idx]
-        keys += [cache.shard_key(n, (shard,)) for n in ("token_ids", "keep", "seq", "pos")]
-        for key in keys:
-            off, nbytes, _ = files[key].pieces[inner // lay.chunk_tokens]
-            ranges.setdefault(key, []).append((off, off + nbytes))
-    return ranges
-
-
 def raw_get_ranges(url: str, reader: ChunkReader) -> int:
-    """The reader's byte ranges grouped by object: one obstore.get_ranges per object (it coalesces nearby
-    ranges into fewer requests), 16 objects in flight: the strongest baseline."""
+    """The epoch's byte ranges grouped by object: one obstore.get_ranges per object (it coalesces touching
+    ranges into one request), 16 objects in flight: the strongest baseline."""
     import obstore
     from obstore.store import from_url
 
-    store, ranges = from_url(url), epoch_ranges(reader)
+    store, ranges = from_url(url), reader.byte_ranges(reader.order(0))
 
     def fetch(item: tuple[str, list[tuple[int, int]]]) -> int:
         key, rs = item
@@ -138,19 +148,26 @@ def raw_get_ranges(url: str, reader: ChunkReader) -> int:
         return sum(pool.map(fetch, ranges.items()))
 
 
-def raw_single_ranges(url: str, reader: ChunkReader, in_flight: int = 32) -> int:
-    """The same ranges as one ranged GET each (the reader's request pattern), `in_flight` at a time."""
+def raw_reader_requests(url: str, reader: ChunkReader) -> int:
+    """The reader's own requests: its groups of chunks in its order, one get_ranges per object per group,
+    the same number of groups and objects in flight, nothing checked or copied."""
     import obstore
     from obstore.store import from_url
 
-    store = from_url(url)
-    reqs = [(k, a, b) for k, rs in epoch_ranges(reader).items() for a, b in rs]
+    store, order, g = from_url(url), reader.order(0), reader.group
+    groups = [reader.byte_ranges(order[i : i + g]) for i in range(0, len(order), g)]
+    io = ThreadPoolExecutor(IO_THREADS)
 
-    def fetch(q: tuple[str, int, int]) -> int:
-        return len(memoryview(obstore.get_range(store, q[0], start=q[1], end=q[2])))
+    def fetch(item: tuple[str, list[tuple[int, int]]]) -> int:
+        key, rs = item
+        got = obstore.get_ranges(store, key, starts=[a for a, _ in rs], ends=[b for _, b in rs])
+        return sum(len(memoryview(x)) for x in got)
 
-    with ThreadPoolExecutor(in_flight) as pool:
-        return sum(pool.map(fetch, reqs))
+    def group(ranges: dict[str, list[tuple[int, int]]]) -> int:
+        return sum(f.result() for f in [io.submit(fetch, item) for item in ranges.items()])
+
+    with io, ThreadPoolExecutor(max(1, -(-reader.prefetch // g))) as pool:
+        return sum(pool.map(group, groups))
 
 
 def timed(fn, repeats: int) -> tuple[list[float], float]:
@@ -164,8 +181,9 @@ def timed(fn, repeats: int) -> tuple[list[float], float]:
     return rates, cpu / wall
 
 
-def manifest_listing(url: str, n_blocks: int) -> tuple[float, float, float]:
-    """Write a synthetic cache's metadata and n_blocks manifests, then time (open, list, open + parse all)."""
+def manifest_listing(url: str, n_blocks: int) -> dict[str, float]:
+    """Write a synthetic cache's metadata and n_blocks manifests, then time opening it: the cache, its listing,
+    a ChunkReader over it, one block's manifest, and fetching and parsing them all."""
     layout = Layout(n_blocks * 131072, 1024, tuple(range(18)), 640, "bfloat16", 4096, 65536, 131072, "none")
     meta = {"fingerprint": "synthetic", "identity": {}, "spec": {}, "model": {}}
     create_cache(url, meta, layout, np.zeros((8, 1024), np.int32))  # windows are not read here
@@ -186,13 +204,20 @@ def manifest_listing(url: str, n_blocks: int) -> tuple[float, float, float]:
     c = open_cache(url)
     t_open = time.perf_counter() - t
     t = time.perf_counter()
-    n_listed = len([k for k in c.store.list("manifest") if k.endswith(".json") and "block-" in k])
+    n_listed = len(c.listed_blocks())
     t_list = time.perf_counter() - t
+    t = time.perf_counter()
+    reader = ChunkReader(open_cache(url), layers=[0], prefetch=1)  # one listing + the windows manifest
+    t_reader = time.perf_counter() - t
+    t = time.perf_counter()
+    reader.cache.manifest(n_blocks // 2)  # what the first read of one of its chunks fetches
+    t_one = time.perf_counter() - t
+    reader.close()
     t = time.perf_counter()
     done = len(open_cache(url).complete_blocks())
     t_all = time.perf_counter() - t
-    assert n_listed == done == n_blocks, (n_listed, done)
-    return t_open, t_list, t_all
+    assert n_listed == done == len(reader.chunks) * layout.chunk_tokens // layout.block_tokens == n_blocks
+    return {"open": t_open, "list": t_list, "reader": t_reader, "one": t_one, "all": t_all}
 
 
 def main() -> None:
@@ -206,12 +231,12 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=10_000)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
-    bucket = start_server()
+    bucket, server_pid = start_server()
     url = f"{bucket}/cache"
     print(
-        f"# remote-read benchmark: loopback S3 (moto), {args.layers} layers x d {args.d_model} x {args.tokens:,} tokens"
-        f" bf16, chunk {args.chunk_tokens}, shard {args.shard_tokens}; {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.2f} (a shared machine: other processes skew timings)",
+        f"# remote-read benchmark: loopback S3 (moto, its own process), {args.layers} layers x d {args.d_model} x "
+        f"{args.tokens:,} tokens bf16, chunk {args.chunk_tokens}, shard {args.shard_tokens}; {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} (a shared machine: other processes skew timings)",
         flush=True,
     )
     t = time.perf_counter()
@@ -220,27 +245,35 @@ def main() -> None:
     rows: list[tuple[str, str]] = []
     cache = open_cache(url)
 
-    print("\n== 1. reader vs raw obstore.get_ranges of the same ranges ==", flush=True)
+    def measure(fn, label: str) -> tuple[float, float]:
+        s0, t0 = server_cpu(server_pid), time.perf_counter()
+        xs, cpu = timed(fn, args.repeats)
+        srv = (server_cpu(server_pid) - s0) / (time.perf_counter() - t0)
+        b, m = best_median(xs)
+        print(f"{label:<38} best {b:6.3f} GB/s  median {m:6.3f}  CPU: reader {cpu:.2f}, server {srv:.2f} cores")
+        return b, m
+
+    print("\n== 1. reader vs raw obstore requests of the same byte ranges ==", flush=True)
     base_reader = ChunkReader(cache, seed=0, prefetch=8)
     raw_get_ranges(url, base_reader)  # warm the server
-    raw, raw_cpu = timed(lambda: raw_get_ranges(url, base_reader), args.repeats)
-    rb, rm = best_median(raw)
-    single, single_cpu = timed(lambda: raw_single_ranges(url, base_reader), args.repeats)
-    qb, qm = best_median(single)
-    print(f"raw get_ranges          best {rb:6.3f} GB/s  median {rm:6.3f}  CPU {raw_cpu:.2f} cores")
-    print(f"raw single-range GETs   best {qb:6.3f} GB/s  median {qm:6.3f}  CPU {single_cpu:.2f} cores (32 in flight)")
-    rows.append(("raw obstore.get_ranges (per object)", f"{rb:.3f} GB/s best, {rm:.3f} median"))
-    rows.append(("raw single-range GETs", f"{qb:.3f} GB/s best, {qm:.3f} median"))
+    rb, rm = measure(lambda: raw_get_ranges(url, base_reader), "raw get_ranges, coalesced")
+    rows.append(("raw obstore.get_ranges, one call per object", f"{rb:.3f} GB/s best, {rm:.3f} median"))
     for depth in [int(d) for d in args.depths.split(",")]:
         reader = ChunkReader(cache, seed=0, prefetch=depth)
-        xs, cpu = timed(lambda reader=reader: reader_epoch(reader), args.repeats)
-        b, m = best_median(xs)
+        reader_epoch(reader)  # the shard indexes are fetched once per reader: not part of the timing
+        qb, qm = measure(
+            lambda reader=reader: raw_reader_requests(url, reader), f"raw, the reader's requests ({depth})"
+        )
+        b, m = measure(
+            lambda reader=reader: reader_epoch(reader), f"reader prefetch {depth} (groups of {reader.group})"
+        )
         print(
-            f"reader prefetch {depth:3d}     best {b:6.3f} GB/s  median {m:6.3f}  CPU {cpu:.2f} cores  "
-            f"/ get_ranges {b / rb:.2f}, / single-range {b / qb:.2f}"
+            f"    reader / coalesced get_ranges {b / rb:.2f} best, {m / rm:.2f} median; / its own requests raw "
+            f"{b / qb:.2f} best, {m / qm:.2f} median",
+            flush=True,
         )
         rows.append((f"reader / get_ranges, prefetch {depth}", f"{b / rb:.2f} best, {m / rm:.2f} median  (>= 0.8)"))
-        rows.append((f"reader / single-range GETs, prefetch {depth}", f"{b / qb:.2f} best, {m / qm:.2f} median"))
+        rows.append((f"reader / its requests raw, prefetch {depth}", f"{b / qb:.2f} best, {m / qm:.2f} median"))
         reader.close()
 
     print("\n== 2. local read-through cache, second epoch vs the local reader ==", flush=True)
@@ -270,14 +303,18 @@ def main() -> None:
         print_summary(rows)
         return
     print(f"\n== 3. open a remote cache of {args.blocks:,} blocks and read its manifests ==", flush=True)
-    t_open, t_list, t_all = manifest_listing(f"{bucket}/many", args.blocks)
-    print(f"open (zarr.json)                 {t_open * 1e3:8.1f} ms")
-    print(f"list manifest/ ({args.blocks:,} objects)       {t_list:8.2f} s")
-    print(f"open + list + fetch and parse all manifests (what train/info do) {t_all:8.2f} s")
+    t = manifest_listing(f"{bucket}/many", args.blocks)
+    print(f"open (zarr.json)                                      {t['open'] * 1e3:8.1f} ms")
+    print(f"list manifest/ ({args.blocks:,} objects)                      {t['list']:8.2f} s")
+    print(f"ChunkReader over it (listing + windows manifest)      {t['reader']:8.2f} s")
+    print(f"one block's manifest, fetched and parsed on first read {t['one'] * 1e3:8.1f} ms")
+    print(f"open + list + fetch and parse all manifests (info, verify, harvest run's resume) {t['all']:8.2f} s")
     rows += [
-        (f"open remote cache ({args.blocks:,} blocks)", f"{t_open * 1e3:.1f} ms"),
-        (f"list {args.blocks:,} manifests", f"{t_list:.2f} s"),
-        (f"list + fetch + parse {args.blocks:,} manifests", f"{t_all:.2f} s"),
+        (f"open remote cache ({args.blocks:,} blocks)", f"{t['open'] * 1e3:.1f} ms"),
+        (f"list {args.blocks:,} manifests", f"{t['list']:.2f} s"),
+        (f"ChunkReader open ({args.blocks:,} blocks)", f"{t['reader']:.2f} s"),
+        ("one manifest on first read", f"{t['one'] * 1e3:.1f} ms"),
+        (f"list + fetch + parse {args.blocks:,} manifests", f"{t['all']:.2f} s"),
     ]
     print_summary(rows)
 

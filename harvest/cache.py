@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -149,6 +150,11 @@ def chunk_hash(data: Any) -> str:
     """xxh3-64 of stored bytes (hex). Chosen over crc32c: it takes any buffer without a copy, runs at ~19 GB/s
     per core here and releases the GIL, so the reader's threads check chunks in parallel."""
     return f"{xxhash.xxh3_64_intdigest(data):016x}"
+
+
+def chunk_hasher() -> Any:
+    """A streaming xxh3-64 (`update` piece by piece): its hexdigest() equals chunk_hash of all the pieces."""
+    return xxhash.xxh3_64()
 
 
 def index_crc(index: bytes) -> bytes:
@@ -357,7 +363,9 @@ class Cache:
 
     def __init__(self, location: str | Path | Store, local_cache: str | Path | None = None):
         self._manifests: dict[int, BlockManifest] | None = None
-        self._entries: dict[str, FileEntry] | None = None
+        self._fetched: dict[int, BlockManifest] = {}  # manifests fetched one at a time (`manifest`)
+        self._fetch_lock = threading.Lock()
+        self._fetching: dict[int, threading.Lock] = {}
         self._windows_entries: dict[str, FileEntry] | None = None
         self._lens_folder: Path | None = None
         store = location if isinstance(location, Store) else open_store(location)
@@ -468,7 +476,6 @@ class Cache:
             raws = self.store.parallel(self.store.get, new)
             parsed = {names[k]: self._parse(k, raw) for k, raw in zip(new, raws)}
             self._manifests = {names[k]: known.get(names[k]) or parsed[names[k]] for k in keys}
-            self._entries = None
         return self._manifests
 
     def _parse(self, key: str, raw: bytes) -> BlockManifest:
@@ -483,6 +490,33 @@ class Cache:
             raise CacheError(f"{where} is corrupt (wrong block range): run `harvest verify {self.location}`")
         return m
 
+    def listed_blocks(self) -> list[int]:
+        """Blocks whose manifest object exists: one listing, nothing fetched. What a reader of a big remote
+        cache starts from; each manifest is then fetched and parsed by `manifest` when first needed."""
+        names = {self.manifest_key(b): b for b in range(self.layout.n_blocks)}
+        return sorted(names[k] for k in self.store.list("manifest") if k in names)
+
+    def manifest(self, b: int) -> BlockManifest:
+        """Block b's manifest, parsed and checked like `manifests` does (the same parser, the metadata hash),
+        fetched on first use and kept."""
+        if self._manifests is not None and b in self._manifests:
+            return self._manifests[b]
+        with self._fetch_lock:
+            m = self._fetched.get(b)
+            block_lock = self._fetching.setdefault(b, threading.Lock())
+        if m is not None:
+            return m
+        with block_lock:  # one GET per manifest, however many threads want it
+            if b not in self._fetched:
+                key = self.manifest_key(b)
+                try:
+                    m = self._parse(key, self.store.get(key))
+                except StoreMissing:
+                    raise CacheError(f"block {b} of {self.location} has no manifest (incomplete): rerun `harvest run`")
+                with self._fetch_lock:
+                    self._fetched[b] = m
+        return self._fetched[b]
+
     def manifest_block(self, key: str) -> int:
         return int(key.rsplit("-", 1)[1].split(".")[0])
 
@@ -496,8 +530,9 @@ class Cache:
     def complete(self) -> bool:
         return len(self.complete_blocks()) == self.layout.n_blocks
 
-    def require_complete(self) -> None:
-        done = len(self.complete_blocks())
+    def require_complete(self, blocks: list[int] | None = None) -> None:
+        """`blocks`: the committed blocks already known (e.g. `listed_blocks`), else `complete_blocks`."""
+        done = len(self.complete_blocks() if blocks is None else blocks)
         if done != self.layout.n_blocks:
             raise CacheError(
                 f"cache {self.location} is incomplete ({done}/{self.layout.n_blocks} blocks): "
@@ -558,9 +593,20 @@ class Cache:
             return None
         if key.startswith("windows/"):
             return self.windows_manifest().get(key)
-        if self._entries is None:
-            self._entries = {k: f for m in self.manifests().values() for k, f in m.files.items()}
-        return self._entries.get(key)
+        array = key.split("/", 1)[0]
+        sep = self.array_meta[array]["chunk_key_encoding"]["configuration"]["separator"]
+        coords = key[len(array) + 1 :].split(sep)[1:]  # "c", then the shard coordinates
+        try:
+            shard = int(coords[1] if array == "acts" else coords[0])
+        except (IndexError, ValueError):
+            return None
+        b = shard * self.layout.shard_tokens // self.layout.block_tokens
+        try:  # only this block's manifest (fetched once): a big remote cache is never read whole for this
+            return self.manifest(b).files.get(key)
+        except CacheError:
+            if self.store.exists(self.manifest_key(b)):
+                raise  # a corrupt manifest: its one line
+            return None  # not in a committed block: read from the source (the reader refuses such chunks)
 
     def read_whole(self, key: str, entry: FileEntry | None) -> bytes:
         """A small file read whole and checked against its manifest entry (xxh3; crc32 in old manifests)."""

@@ -4,10 +4,13 @@ chunk checked against the checksum its block's manifest recorded at harvest time
 zarr-python costs ~0.5 ms per call and fancy indexing is slow (storage.md), so this reader takes each inner
 chunk's (offset, nbytes) from the manifest, checks the shard's own index (and its crc32c) against it once
 per shard, and reads chunks straight into a ring of reusable (optionally pinned) buffers through the
-cache's store: `os.preadv` on a local disk, ranged GETs on an object store. Several chunks are in flight
-on a thread pool; on an object store the ranged GETs of one chunk (one per layer and token array) are in
-flight together as well, so a remote read keeps prefetch x (layers + 4) requests going. Hashing (xxh3)
-and file / network reads release the GIL. `Cache.read` (zarr-python) stays the reference that the tests
+cache's store: `os.preadv` on a local disk (hashed slice by slice while each slice is still in the CPU
+cache), ranged GETs on an object store. Several chunks are in flight on a thread pool; on an object store
+chunks are fetched in groups (prefetch // 2 chunks: one `get_ranges` per object for all of the group's
+ranges, which the client coalesces where they touch, up to MLSAE_READ_REQUESTS objects in flight), checked
+on the downloaded bytes and copied once into the ring. A remote cache's block manifests are fetched when
+their chunks are first read, so opening a reader over 10,000 blocks costs one listing. Hashing (xxh3) and
+file / network reads release the GIL. `Cache.read` (zarr-python) stays the reference that the tests
 compare this against byte for byte.
 """
 
@@ -22,7 +25,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .cache import ABSENT, STORAGE_DTYPES, TOKEN_ARRAYS, Cache, FileEntry, chunk_hash, from_storage, index_crc
+from .cache import (
+    ABSENT,
+    STORAGE_DTYPES,
+    TOKEN_ARRAYS,
+    BlockManifest,
+    Cache,
+    FileEntry,
+    chunk_hash,
+    chunk_hasher,
+    from_storage,
+    index_crc,
+)
 from .errors import CacheError, IntegrityError
 from .store import StoreMissing
 
@@ -78,20 +92,33 @@ class ChunkReader:
         chunks: Sequence[int] | None = None,
         allow_incomplete: bool = False,
     ):
-        if not allow_incomplete:
-            cache.require_complete()
-        cache.require_checksums()
+        # A remote cache: one listing and the windows manifest (which checks the metadata hash) at open; each
+        # block's manifest is fetched and parsed when its first chunk is read (10,000 blocks = 10,000 GETs).
+        # A local one: every manifest parsed now, as before (cheap on a disk).
+        if cache.store.is_local:
+            if not allow_incomplete:
+                cache.require_complete()
+            cache.require_checksums()
+            self._blocks = set(cache.manifests())
+        else:
+            listed = cache.listed_blocks()
+            if not allow_incomplete:
+                cache.require_complete(listed)
+            cache.windows_manifest()  # absent in a cache harvested before checksums: that line names the upgrade
+            self._blocks = set(listed)
+        self._checksummed: set[int] = set()
         self.cache, self.layout, self.store = cache, cache.layout, cache.store
         self.layers = list(cache.layers if layers is None else layers)
         self.layer_idx = [self.layout.layer_index(l) for l in self.layers]
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.prefetch, self.hold = max(1, prefetch), max(1, hold)
-        self.chunks = np.asarray(cache.complete_chunks() if chunks is None else chunks, dtype=np.int64)
+        if chunks is None:
+            chunks = [c for b in sorted(self._blocks) for c in self.layout.chunks_of_block(b)]
+        self.chunks = np.asarray(chunks, dtype=np.int64)
         self._codec = {name: _inner_codec(cache.array_meta[name]) for name in ["acts", *TOKEN_ARRAYS]}
         if not all(self._codec.values()):
             raise CacheError(f"{cache.location} uses codecs this reader does not know: re-harvest it")
         self.fast = True
-        self._manifests = cache.manifests()
         self._checked_index: set[str] = set()
         self._fix = f"run `harvest verify {cache.location}` and re-harvest the damaged blocks"
         # one chunk's ranged GETs in flight together on an object store (latency, not bandwidth, is the limit)
@@ -117,6 +144,21 @@ class ChunkReader:
         perm = np.random.default_rng([self.seed, epoch]).permutation(self.chunks)
         return perm[self.rank :: self.world_size]
 
+    @property
+    def group(self) -> int:
+        """Chunks fetched together: 1 from a local disk; prefetch // 2 from an object store."""
+        return max(1, self.prefetch // 2) if self.store.coalesces else 1
+
+    def byte_ranges(self, chunks: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
+        """{object: [(start, stop), ...]} the stored bytes of these chunks (what a group of them fetches,
+        without the shard indexes)."""
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for c in chunks:
+            for key, entry, inner, _ in self._plan(int(c), 0)[1]:
+                offset, nbytes, _ = entry.pieces[inner]
+                ranges.setdefault(key, []).append((offset, offset + nbytes))
+        return {k: sorted(v) for k, v in ranges.items()}
+
     def __len__(self) -> int:
         return len(self.order(0))
 
@@ -127,95 +169,173 @@ class ChunkReader:
         return self.iter_chunks(self.order(epoch))
 
     def iter_chunks(self, order: Sequence[int]) -> Iterator[Chunk]:
-        """The given chunks, in the given order, with `prefetch` reads in flight."""
-        n_bufs = len(self._bufs)
+        """The given chunks, in the given order, with `prefetch` reads in flight. On an object store the
+        chunks are fetched in groups of `prefetch // 2` (one `get_ranges` per object for all of a group's
+        ranges, coalesced where they touch), so one group downloads while the previous one is consumed."""
+        n_bufs, group = len(self._bufs), self.group
         with ThreadPoolExecutor(self.prefetch, thread_name_prefix="chunk-reader") as pool:
-            pending: deque[Future] = deque()
+            pending: deque[tuple[Future, int]] = deque()
+            batch: list[tuple[int, int]] = []  # (chunk, buffer) requested, not yet submitted
             try:
                 for i, c in enumerate(order):
-                    pending.append(pool.submit(self.read_chunk, int(c), i % n_bufs))
-                    if len(pending) > self.prefetch - 1:
-                        yield pending.popleft().result()
+                    batch.append((int(c), i % n_bufs))
+                    if len(batch) == group:
+                        f = pool.submit(self.read_chunks, batch)
+                        pending.extend((f, k) for k in range(len(batch)))
+                        batch = []
+                    # a buffer is written only after its chunk was requested: the ring stays safe as before
+                    if len(pending) + len(batch) > self.prefetch - 1 and pending:
+                        f, k = pending.popleft()
+                        yield f.result()[k]
+                if batch:
+                    f = pool.submit(self.read_chunks, batch)
+                    pending.extend((f, k) for k in range(len(batch)))
                 while pending:
-                    yield pending.popleft().result()
+                    f, k = pending.popleft()
+                    yield f.result()[k]
             finally:  # an error (or an abandoned iterator) must not leave reads writing into handed-out buffers
-                for f in pending:
+                for f, _ in pending:
                     f.cancel()
 
     # -- one chunk -------------------------------------------------------------------------------
     def read_chunk(self, c: int, buf: int = 0) -> Chunk:
+        return self.read_chunks([(c, buf)])[0]
+
+    def read_chunks(self, batch: Sequence[tuple[int, int]]) -> list[Chunk]:
+        """Chunks (chunk number, ring buffer) read and checked: one read per inner chunk on a local disk; on
+        an object store one `get_ranges` per object for all of the batch's ranges (and the shard index the
+        first time), several objects in flight."""
+        chunks, reads = [], []
+        for c, buf in batch:
+            chunk, chunk_reads = self._plan(c, buf)
+            chunks.append(chunk)
+            reads += chunk_reads
+        try:
+            if self._io is None:
+                for key, entry, inner, out in reads:
+                    self._read_inner(key, entry, inner, out)
+            elif not self.store.coalesces:  # the read-through copy: each read straight into its buffer
+                for f in [self._io.submit(self._read_inner, *r) for r in reads]:
+                    f.result()
+            else:
+                by_key: dict[str, tuple[FileEntry, list]] = {}
+                for key, entry, inner, out in reads:
+                    by_key.setdefault(key, (entry, []))[1].append((inner, out))
+                futures = [self._io.submit(self._fetch_object, k, e, parts) for k, (e, parts) in by_key.items()]
+                for f in futures:
+                    f.result()
+        except StoreMissing as e:
+            raise IntegrityError(f"{e}: {self._fix}")
+        return chunks
+
+    def _plan(self, c: int, buf: int) -> tuple[Chunk, list[tuple[str, FileEntry, int, np.ndarray]]]:
+        """Chunk c as views of ring buffer `buf`, and its reads: (key, manifest entry, inner chunk, out)."""
         lay = self.layout
         start, stop = lay.chunk_range(c)
         n = stop - start
         acts, toks = self._bufs[buf], self._tok_bufs[buf]
         shard, inner = divmod(start, lay.shard_tokens)
         inner //= lay.chunk_tokens
-        manifest = self._manifests.get(start // lay.block_tokens)
+        manifest = self._manifest(start // lay.block_tokens)
         if manifest is None:
             raise CacheError(f"chunk {c} of {self.cache.location} is not in a complete block: rerun `harvest run`")
         reads = [("acts", (li, shard, 0), out) for out, li in zip(acts, self.layer_idx)]
         reads += [(name, (shard,), out) for name, out in toks.items()]
-        try:
-            if self._io is None:
-                for array, coords, out in reads:
-                    self._read_inner(array, coords, inner, out, manifest.files)
-            else:
-                futures = [self._io.submit(self._read_inner, a, co, inner, out, manifest.files) for a, co, out in reads]
-                for f in futures:
-                    f.result()
-        except StoreMissing as e:
-            raise IntegrityError(f"{e}: {self._fix}")
-        return Chunk(
+        planned = []
+        for array, coords, out in reads:
+            key = self.cache.shard_key(array, coords)
+            entry = manifest.files.get(key)
+            if entry is None or entry.pieces is None:
+                raise CacheError(f"{self.store.describe(key)} is not in its block's manifest: run `harvest verify`")
+            if entry.pieces[inner] is None:
+                raise CacheError(
+                    f"{self.store.describe(key)}: chunk {inner} is absent although its block is in the manifest: "
+                    f"run `harvest verify` and re-harvest"
+                )
+            planned.append((key, entry, inner, out))
+        chunk = Chunk(
             c,
             start,
             from_storage(acts[:, :n], lay.dtype),
             *(torch.from_numpy(toks[name][:n]) for name in ["token_ids", "keep", "seq", "pos"]),
         )
+        return chunk, planned
 
-    def _check_index(self, key: str, entry: FileEntry) -> None:
+    def _manifest(self, b: int) -> BlockManifest | None:
+        """A complete block's manifest (fetched on first use from a remote cache), None for other blocks."""
+        if b not in self._blocks:
+            return None
+        m = self.cache.manifest(b)
+        if b not in self._checksummed:
+            if not m.checksummed:
+                self.cache.require_checksums()  # one line naming `harvest upgrade`
+            self._checksummed.add(b)
+        return m
+
+    def _index_range(self, entry: FileEntry) -> tuple[int, int]:
+        """Where a shard's index (and its crc32c) lies: the end of the file."""
+        return entry.size - (16 * (self.layout.shard_tokens // self.layout.chunk_tokens) + 4), entry.size
+
+    def _check_index(self, key: str, entry: FileEntry, raw: bytes | memoryview | None = None) -> None:
         """Once per shard: its index must pass its crc32c and point exactly where the manifest says."""
         if key in self._checked_index:
             return
-        n_inner = self.layout.shard_tokens // self.layout.chunk_tokens
-        size = 16 * n_inner + 4
-        raw = bytes(self.store.get_range(key, entry.size - size, entry.size))
-        if len(raw) != size or index_crc(raw[:-4]) != raw[-4:]:
+        lo, hi = self._index_range(entry)
+        raw = bytes(self.store.get_range(key, lo, hi) if raw is None else raw)
+        if len(raw) != hi - lo or index_crc(raw[:-4]) != raw[-4:]:
             raise self.cache.corrupt(key, " shard index")
-        got = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_inner, 2)
+        got = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
         want = [(p[0], p[1]) if p is not None else (ABSENT, ABSENT) for p in entry.pieces or []]
         if got.tolist() != [list(w) for w in want]:
             raise self.cache.corrupt(key, " shard index (an entry was redirected)")
         self._checked_index.add(key)
 
-    def _read_inner(
-        self, array: str, coords: tuple[int, ...], inner: int, out: np.ndarray, files: dict[str, FileEntry]
-    ) -> None:
-        key = self.cache.shard_key(array, coords)
-        entry = files.get(key)
-        if entry is None or entry.pieces is None:
-            raise CacheError(f"{self.store.describe(key)} is not in its block's manifest: run `harvest verify`")
-        piece = entry.pieces[inner]
-        if piece is None:
-            raise CacheError(
-                f"{self.store.describe(key)}: chunk {inner} is absent although its block is in the manifest: "
-                f"run `harvest verify` and re-harvest"
-            )
+    def _read_inner(self, key: str, entry: FileEntry, inner: int, out: np.ndarray) -> None:
+        """One inner chunk (a local disk, the read-through copy): straight into `out` (raw), hashed on the way,
+        or decompressed into it (blosc)."""
         self._check_index(key, entry)
-        offset, nbytes, want = piece
-        if self._codec[array] == "raw":
+        offset, nbytes, want = entry.pieces[inner]
+        if self._codec[key.split("/", 1)[0]] == "raw":
             view = memoryview(out.reshape(-1).view(np.uint8))
             if nbytes != view.nbytes:
                 raise self.cache.corrupt(key, f" chunk {inner} (size)")
-            self.store.read_into(key, offset, view)
-            if self._check_chunks and chunk_hash(view) != want:
+            hasher = chunk_hasher() if self._check_chunks else None
+            self.store.read_into(key, offset, view, hasher)
+            if hasher is not None and hasher.hexdigest() != want:
                 raise self.cache.corrupt(key, f" chunk {inner}")
+        else:
+            self._decode(key, entry, inner, self.store.get_range(key, offset, offset + nbytes), out)
+
+    def _fetch_object(self, key: str, entry: FileEntry, parts: list[tuple[int, np.ndarray]]) -> None:
+        """Inner chunks of one object from an object store: one `get_ranges` (the client coalesces touching
+        ranges into one request), with the shard index in the same call the first time. Each chunk is
+        checked on the downloaded bytes, then copied once into its buffer."""
+        parts = sorted(parts, key=lambda p: entry.pieces[p[0]][0])
+        ranges = [(entry.pieces[j][0], entry.pieces[j][0] + entry.pieces[j][1]) for j, _ in parts]
+        check_index = key not in self._checked_index
+        if check_index:
+            ranges.append(self._index_range(entry))
+        got = self.store.get_ranges(key, [a for a, _ in ranges], [b for _, b in ranges])
+        if check_index:
+            self._check_index(key, entry, got[-1])
+        for (inner, out), data in zip(parts, got):
+            self._decode(key, entry, inner, data, out)
+
+    def _decode(self, key: str, entry: FileEntry, inner: int, data: bytes | memoryview, out: np.ndarray) -> None:
+        """Stored bytes of an inner chunk -> `out`, checked against the manifest's size and xxh3 first."""
+        _, nbytes, want = entry.pieces[inner]
+        dst = out.reshape(-1).view(np.uint8)
+        raw = self._codec[key.split("/", 1)[0]] == "raw"
+        if len(memoryview(data)) != nbytes or (raw and nbytes != dst.nbytes):
+            raise self.cache.corrupt(key, f" chunk {inner} (size)")
+        if (self._check_chunks or not raw) and chunk_hash(data) != want:
+            raise self.cache.corrupt(key, f" chunk {inner}")
+        if raw:  # numpy copies without holding the GIL (a memoryview assignment holds it)
+            np.copyto(dst, np.frombuffer(data, np.uint8))
         else:
             from numcodecs import blosc
 
-            data = self.store.get_range(key, offset, offset + nbytes)
-            if chunk_hash(data) != want:
-                raise self.cache.corrupt(key, f" chunk {inner}")
-            blosc.decompress(bytes(data), out.reshape(-1))
+            blosc.decompress(bytes(data), dst)
 
     def close(self) -> None:
         if self._io is not None:

@@ -279,6 +279,40 @@ def test_remote_cache_metadata_is_listed_once_not_per_call(s3_small):
         ChunkReader(open_cache(s3_small), layers=[7])
 
 
+def test_a_remote_reader_opens_from_one_listing_and_checks_each_manifest_on_first_read(s3_small, shared_bucket):
+    """Opening a reader over a remote cache fetches no block manifest (one listing; the windows manifest checks
+    the metadata hash); each manifest is fetched once, when its chunks are first read, by the same parser:
+    a corrupt one is refused there with one line, and an edited zarr.json is refused at open."""
+    src = open_store(s3_small)
+    url = f"{shared_bucket}/caches/lazy"
+    dst = open_store(url)
+    for key, data in objects(s3_small).items():
+        dst.put(key, data)
+    cache = open_cache(url)
+    calls = []
+    get = cache.store.get
+    cache.store.get = lambda key: calls.append(key) or get(key)  # count the GETs (the real store answers)
+    reader = ChunkReader(cache, seed=0, prefetch=4)
+    assert not [k for k in calls if k.startswith("manifest/block-")], calls
+    want = [c.acts.clone() for c in ChunkReader(open_cache(s3_small), seed=0)]
+    assert all(torch.equal(a.acts, b) for a, b in zip(reader, want, strict=True))
+    fetched = sorted(k for k in calls if k.startswith("manifest/block-"))
+    assert fetched == [cache.manifest_key(b) for b in range(cache.layout.n_blocks)]  # each once
+    reader.close()
+
+    dst.put("manifest/block-000001.json", b'{"block": 1, "files": ')
+    with pytest.raises(UserError) as e:
+        for _ in ChunkReader(open_cache(url), seed=0):
+            pass
+    assert "block-000001.json is corrupt (invalid JSON)" in str(e.value) and "\n" not in str(e.value)
+
+    doc = json.loads(src.get("zarr.json"))
+    doc["attributes"]["mlsae_cache"]["layout"]["layers"] = [0, 1, 5]
+    dst.put("zarr.json", json.dumps(doc).encode())
+    with pytest.raises(UserError, match="edited by hand"):
+        ChunkReader(open_cache(url))
+
+
 def test_wrong_credentials_and_permission_denied(s3_small, bucket, neox_dir, capsys, monkeypatch):
     """moto checks signatures and IAM policies once auth is switched on: a read-only user can read the
     cache but not write one, and unknown keys are refused: each with one line naming the fix."""
