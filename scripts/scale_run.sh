@@ -4,7 +4,7 @@
 # k = 32) and single-layer SAEs on layers 4, 9 and 14 in ONE pass over the cache with a held-out
 # evaluation every 64 steps, then `analyze report` over every kept token with both variance formulas and
 # `analyze compare` against the quickstart. Every stage resumes where it stopped: rerun after a kill.
-# On a 2-core CPU: ~3.5 h harvest, ~1.5 h training, ~1 h report (see the README's cost table).
+# On a 2-core CPU: ~3.5 h harvest, ~1.5 h training, ~40 min report (see the README's cost table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
