@@ -4,9 +4,9 @@ chunk checked against the checksum its block's manifest recorded at harvest time
 zarr-python costs ~0.5 ms per call and fancy indexing is slow (storage.md), so this reader takes each inner
 chunk's (offset, nbytes) from the manifest, checks the shard's own index (and its crc32c) against it once
 per shard, and reads chunks straight into a ring of reusable (optionally pinned) buffers through the
-cache's store: `os.preadv` on a local disk (hashed slice by slice while each slice is still in the CPU
-cache), ranged GETs on an object store. Several chunks are in flight on a thread pool; on an object store
-chunks are fetched in groups (prefetch // 2 chunks: one `get_ranges` per object for all of the group's
+cache's store: `os.preadv` on a local disk (hashed after the read, or slice by slice with
+MLSAE_HASH_SLICE), ranged GETs on an object store. Several chunks are in flight on a thread pool; on an
+object store chunks are fetched in groups (prefetch // 2 chunks: one `get_ranges` per object for all of the group's
 ranges, which the client coalesces where they touch, up to MLSAE_READ_REQUESTS objects in flight), checked
 on the downloaded bytes and copied once into the ring. A remote cache's block manifests are fetched when
 their chunks are first read, so opening a reader over 10,000 blocks costs one listing. Hashing (xxh3) and
