@@ -38,10 +38,6 @@ from .atomic import atomic_write, fsync_dir
 from .errors import StorageError, StoreError, storage_error
 
 REMOTE_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "azure"}
-# Local reads with a checksum: 0 = read the chunk whole, then hash it (fastest where a core is free: measured
-# 0.91-0.93x of bare preadv vs 0.79-0.83 slice-wise); N bytes = hash each slice right after reading it, while
-# it is in the CPU cache (better only when every core is busy: 13-19% checksum cost vs 30-36% there).
-HASH_SLICE = int(os.environ.get("MLSAE_HASH_SLICE", "0"))
 ENV_HINT = {
     "s3": "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL for MinIO, R2, Ceph)",
     "gs": "GOOGLE_APPLICATION_CREDENTIALS (or GOOGLE_SERVICE_ACCOUNT)",
@@ -170,13 +166,24 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+def hash_slice_from_env() -> int:
+    """Local reads with a checksum: 0 (default) = read the chunk whole, then hash it, the faster way wherever
+    a core is free; N bytes = hash each N-byte slice right after reading it, while it is in the CPU cache,
+    which wins only when every core is busy (README, Performance)."""
+    raw = os.environ.get("MLSAE_HASH_SLICE", "0")
+    n = int(raw) if raw.strip().isdigit() else -1
+    if n < 0:
+        raise StoreError(f"MLSAE_HASH_SLICE={raw!r} is not a byte count: unset it, or set 0 or e.g. 262144")
+    return n
+
+
 class LocalStore(Store):
     is_local = True
-    hash_slice = HASH_SLICE  # bench/harvest.py sets it on one instance to compare both ways
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().absolute()
         self.location = str(self.root)
+        self.hash_slice = hash_slice_from_env()  # bench/harvest.py sets it on one instance to compare both ways
 
     def path(self, key: str) -> Path:
         return self.root / _check_key(key)
@@ -205,7 +212,7 @@ class LocalStore(Store):
     def read_into(self, key: str, offset: int, out: memoryview, hasher: Any = None) -> None:
         # Straight into the caller's buffer (no allocation, no copy); open/close per read costs ~2% of a 4 MB
         # read and keeps no descriptor that another thread could see recycled. With a hasher: whole, or slice by
-        # slice (HASH_SLICE), each slice hashed right after it is read while it is still in the CPU cache.
+        # slice (MLSAE_HASH_SLICE), each slice hashed right after it is read while it is still in the CPU cache.
         fd = self._open(key)
         try:
             if hasher is None:

@@ -111,6 +111,28 @@ def test_flipped_mantissa_bit(cache_copy):
     assert_caught(cache_copy, "acts/c/1/0/0: crc32 mismatch", "inner chunk 0")
 
 
+def test_slice_wise_hashing_reads_the_same_chunks_and_catches_the_same_flip(pristine, cache_copy, monkeypatch):
+    """MLSAE_HASH_SLICE: each slice hashed as it is read must give the recorded one-shot xxh3 (a slice size
+    that does not divide the chunk, so the last slice is short), and still catch a flipped bit."""
+    whole = [c.acts.clone() for c in ChunkReader(open_cache(pristine), seed=1)]
+    monkeypatch.setenv("MLSAE_HASH_SLICE", "1000")
+    sliced = ChunkReader(open_cache(pristine), seed=1)
+    assert sliced.store.hash_slice == 1000
+    assert all(x.equal(c.acts) for x, c in zip(whole, sliced, strict=True))
+    flip(cache_copy / "acts/c/1/0/0", 100, 0x01)
+    with pytest.raises(IntegrityError):
+        for _ in ChunkReader(open_cache(cache_copy), seed=1):
+            pass
+
+
+@pytest.mark.parametrize("value", ["-5", "256k", ""])
+def test_bad_hash_slice_setting_is_one_line(pristine, monkeypatch, value):
+    monkeypatch.setenv("MLSAE_HASH_SLICE", value)
+    with pytest.raises(UserError, match="MLSAE_HASH_SLICE=.* is not a byte count") as e:
+        open_cache(pristine)
+    assert "\n" not in str(e.value)
+
+
 def test_flipped_token_array_byte(cache_copy):
     flip(cache_copy / "keep/c/1", 3)
     assert_caught(cache_copy, "keep/c/1")
