@@ -1,4 +1,4 @@
-"""Delta CE and KL (method.md Sec. 3): splice an SAE's reconstruction into the forward pass at one layer
+"""Delta CE and KL (docs/method.md Sec. 3): splice an SAE's reconstruction into the forward pass at one layer
 and measure how much worse the model predicts the next token than the CLEAN model does.
 
 For each layer l of the SAE, the hook point the cache was harvested at (`blocks.{l}.hook_resid_post` by
@@ -122,7 +122,7 @@ def check_logits(bridge: Any, ids: Tensor, n: int = 16) -> None:
 def sae_reconstructor(sae: Callable, lens: Any = None) -> ReconstructFn:
     """Model-space vectors of layer l -> the SAE's reconstruction in model space. An SAE trained on a cache
     harvested through a tuned lens sees lens.transform(x, l), and its reconstruction goes back with the
-    exact inverse (I + W)^-1 (y - b) (method.md Sec. 5; the reference kept only the inverse's diagonal)."""
+    exact inverse (I + W)^-1 (y - b) (docs/method.md Sec. 5; the reference kept only the inverse's diagonal)."""
 
     def reconstruct(x: Tensor, layer: int) -> Tensor:
         if lens is None:

@@ -1,4 +1,4 @@
-"""Residual-stream geometry (method.md Sec. 4, last bullet; the poster's motivation plots).
+"""Residual-stream geometry (docs/method.md Sec. 4, last bullet; the poster's motivation plots).
 
 - Adjacent-layer cosine similarity: mean over kept tokens of cos(x_{t,l} - mu_l, x_{t,l'} - mu_{l'}) for
   consecutive cached layers l < l', each vector centered by its layer's mean over the cache's kept

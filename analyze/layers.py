@@ -1,6 +1,6 @@
 """Where along the residual stream each latent fires: streaming layer distributions and variance ratios.
 
-Exactly method.md Sec. 4. With h_j(x_{t,l}) the activation of latent j on token t at layer l (0 outside
+Exactly docs/method.md Sec. 4. With h_j(x_{t,l}) the activation of latent j on token t at layer l (0 outside
 the top k, and values <= FIRE_THRESHOLD = 1e-3 count as 0), layers indexed l = 0..L-1 by POSITION in
 the SAE's layer list (the model's layer numbers are recorded beside), and the joint distribution
 P(l, t, j) proportional to h_j(x_{t,l}):
@@ -94,7 +94,7 @@ class Groups(NamedTuple):
 
 
 def active_values(values: Tensor) -> Tensor:
-    """float64 activations with values <= FIRE_THRESHOLD set to 0 (method.md Sec. 4)."""
+    """float64 activations with values <= FIRE_THRESHOLD set to 0 (docs/method.md Sec. 4)."""
     # compared in the values' own dtype, as train.objectives does: a float32 1e-3 is not above 1e-3
     return torch.where(
         values > FIRE_THRESHOLD, values.to(torch.float64), torch.zeros((), dtype=torch.float64, device=values.device)

@@ -9,7 +9,7 @@ in the same types as its VarianceResult (analyze.results: LayerVariances, MultiL
 - multi_layer.aggregated: of the latents active anywhere in the prompt, the fraction active at >= 2
   layers, counting layers over all the prompt's tokens together;
 - variances.ratio_token = E[Var(L|J,T)] / E[Var(L|J)], variances.ratio_latent = E[Var(L|J)] / Var(L).
-A latent is active when its post-ReLU value exceeds FIRE_THRESHOLD (1e-3; method.md Sec. 4). Special
+A latent is active when its post-ReLU value exceeds FIRE_THRESHOLD (1e-3; docs/method.md Sec. 4). Special
 tokens (BOS/EOS) are shown in the table, marked, and left out of every statistic.
 
 The prompt is tokenized as ONE document of the cache (harvest.text.make_windows): EOS, the

@@ -1,5 +1,5 @@
 """Reconstruction quality on held-out tokens: per-layer metrics of each SAE, and the layer x layer FVU
-matrix (method.md Sec. 3): every SAE (the MLSAE, and each single-layer SAE, labelled by the layer it
+matrix (docs/method.md Sec. 3): every SAE (the MLSAE, and each single-layer SAE, labelled by the layer it
 was trained on) evaluated on the vectors of EVERY layer j. The paper's claim to check: the MLSAE is
 about as good as the single-layer SAE on that SAE's own layer (the diagonal), and better than the
 single-layer SAEs of the other layers (off the diagonal).

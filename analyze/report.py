@@ -86,7 +86,7 @@ def cache_info(path: str | Path) -> CacheInfo | None:
 
 
 def run_info(run_dir: str | Path) -> RunInfo:
-    """What the report says about a run (train's RunRecord, INTERFACES §1)."""
+    """What the report says about a run (train's RunRecord, docs/format.md)."""
     r = load_run(run_dir, require_sae=False)
     return RunInfo(
         folder=str(run_dir),

@@ -249,7 +249,7 @@ def _mean(xs: list[float]) -> float:
 
 @dataclass
 class LayerVariances:
-    """The variances of the layer index (method.md Sec. 4) and the two ratios (NaN where undefined)."""
+    """The variances of the layer index (docs/method.md Sec. 4) and the two ratios (NaN where undefined)."""
 
     var_l: float  # Var(L) over all activation mass
     exp_var_l_given_j: float  # E[Var(L|J)]
@@ -340,7 +340,7 @@ class VarianceResult(
 
 @dataclass
 class RunReconstruction:
-    """One SAE of the comparison: train's held-out evaluation (EvalResult, INTERFACES §4) on its own layers,
+    """One SAE of the comparison: train's held-out evaluation (EvalResult, docs/format.md) on its own layers,
     and on every layer of the matrix (its row)."""
 
     label: str  # 'MLSAE' or 'L<l>' (+ the folder name where two runs share a label)

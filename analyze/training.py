@@ -2,7 +2,7 @@
 
 `train` evaluates every run on its held-out windows periodically (`--eval-every`) and writes the
 curve into the run folder as heldout.csv (columns: tokens, fvu_mean, fvu_feature_mean, then the FVU of
-each of the run's layers, INTERFACES §4). This module reads those files into the typed
+each of the run's layers, docs/format.md, the run folder). This module reads those files into the typed
 `TrainingResult` (training.json in the analysis folder, so that `analyze compare` sees them) and draws
 every run's curve in one figure. A run without heldout.csv (trained without --eval-every, or by an
 older version) simply has no curve.

@@ -1,7 +1,7 @@
 """Fast whole-chunk reader: all requested layers of one chunk of tokens, in a seeded random order, every
 chunk checked against the checksum its block's manifest recorded at harvest time.
 
-zarr-python costs ~0.5 ms per call and fancy indexing is slow (storage.md), so this reader takes each inner
+zarr-python costs ~0.5 ms per call and fancy indexing is slow (docs/performance.md), so this reader takes each inner
 chunk's (offset, nbytes) from the manifest, checks the shard's own index (and its crc32c) against it once
 per shard, and reads chunks straight into a ring of reusable (optionally pinned) buffers through the
 cache's store: `os.preadv` on a local disk (hashed after the read, or slice by slice with

@@ -1,4 +1,4 @@
-"""Text datasets (Hub or local files) -> fixed context windows of token ids (method.md Sec. 1).
+"""Text datasets (Hub or local files) -> fixed context windows of token ids (docs/method.md Sec. 1).
 
 Documents are tokenized without special tokens, each preceded by EOS, concatenated, and cut into
 windows; the trailing partial window is dropped. Where the tokenizer adds a BOS by default (Gemma),

@@ -201,7 +201,7 @@ def test_reference_formulas_on_a_worked_example():
         var_l = 7/16 - 49/256 = 63/256
         rel_var_f = (31/128) / (63/256) = 62/63   (~1, as for any data)
         rel_var_t = (3/64) / (31/128) = 6/31
-    Proper (method.md): mass j0 = (1, 3), j1 = (0, 2), M = 6; P(l) = (1/6, 5/6), Var(L) = 5/36;
+    Proper (docs/method.md): mass j0 = (1, 3), j1 = (0, 2), M = 6; P(l) = (1/6, 5/6), Var(L) = 5/36;
         Var(L|j0) = 3/16, Var(L|j1) = 0, E[Var(L|J)] = (4/6)(3/16) = 1/8; ratio_latent = (1/8)/(5/36) = 9/10;
         j0 fires on one token only, so E[Var(L|J,T)] = 1/8 and ratio_token = 1."""
     values = torch.tensor([[[1.0], [0.0]], [[3.0], [2.0]]])  # [L, T, k]

@@ -1,5 +1,5 @@
 """Held-out reconstruction metrics of one SAE, per layer: pooled FVU (both definitions), MSE, L0, dead
-fraction, firing density (method.md Sec. 3).
+fraction, firing density (docs/method.md Sec. 3).
 
 Reads the chunks that hold the held-out windows' tokens (train/split.py) and encodes only those tokens."""
 

@@ -7,7 +7,7 @@ checkpoints that resume exactly, NaN guards, and data-parallel ranks under torch
                then the evaluation and checkpoint cadences
     finish     final held-out evaluation, weights, summary.json, heldout.csv / heldout.png
 
-Per step and per SAE (_step, method.md Sec. 2): forward (TopK, sparse decode, AuxK over dead latents) ->
+Per step and per SAE (_step, docs/method.md Sec. 2): forward (TopK, sparse decode, AuxK over dead latents) ->
 loss = mean over layers of the minibatch FVU + aux_coef * AuxK -> backward -> gradients averaged over
 ranks -> remove the decoder-parallel gradient -> Adam at the step's learning rate (_lr_at) ->
 renormalize decoder rows -> update the global dead-latent counters.

@@ -1,4 +1,4 @@
-"""Training objective and reconstruction metrics (method.md Sec. 2-3), defined once: analyze imports them.
+"""Training objective and reconstruction metrics (docs/method.md Sec. 2-3), defined once: analyze imports them.
 
 Conventions. A batch x is [L, ..., d] (layer first, as the cache stores it; pass `layer_dim` otherwise,
 or `layer_dim=None` for vectors of a single layer). FVU is always computed on the reconstruction in

@@ -1,7 +1,7 @@
 """The TopK (multi-layer) sparse autoencoder: config, encode, sparse decode, forward, save, load.
 
 One SAE, shared weights, applied to every (token, layer) vector independently: the layer is just
-another batch axis, so nothing here knows about layers (method.md Sec. 2). This is the only module
+another batch axis, so nothing here knows about layers (docs/method.md Sec. 2). This is the only module
 that knows the SAE's parameters:
 
     W_enc [n_latents, d]   encoder rows

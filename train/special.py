@@ -1,4 +1,4 @@
-"""Special tokens (BOS/EOS/PAD) in training and analyses: one named mode per choice (method.md Sec. 1).
+"""Special tokens (BOS/EOS/PAD) in training and analyses: one named mode per choice (docs/method.md Sec. 1).
 
     exclude       the SAE never sees them: dropped from training, every metric and every analysis
     reference     their vectors are replaced by ZEROS and kept in the loss and every metric, as the

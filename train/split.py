@@ -1,4 +1,4 @@
-"""The held-out set of a run: which tokens of the cache are never trained on (method.md Sec. 3).
+"""The held-out set of a run: which tokens of the cache are never trained on (docs/method.md Sec. 3).
 
 A held-out set is a set of whole context windows (the values of the cache's `seq` array). The cache
 shuffles tokens within each write block, so a window's tokens are spread over every chunk of its block:
