@@ -15,9 +15,24 @@ import typer
 from rich.console import Console
 
 from harvest.errors import SpecError
-from harvest.flags import cli_app, run_app
+from harvest.flags import cli_app, run_app, version_option
 
-app = cli_app("Layer distributions, variance ratios, reconstruction quality and residual geometry of SAEs.")
+
+def _options(
+    local_cache: Optional[str] = typer.Option(
+        None,
+        "--local-cache",
+        help="Folder for a verified local copy of a cache in a bucket (also $MLSAE_LOCAL_CACHE); before the command.",
+    ),
+    version: bool = version_option(),
+) -> None:
+    if local_cache:
+        os.environ["MLSAE_LOCAL_CACHE"] = local_cache  # read by harvest.open_cache for every cache it opens
+
+
+app = cli_app(
+    "Layer distributions, variance ratios, reconstruction quality and residual geometry of SAEs.", callback=_options
+)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -30,18 +45,6 @@ DEVICE = typer.Option("auto", "--device", help="auto (cuda when present), cpu, c
 REFERENCE = typer.Option(
     False, "--reference-formulas", help="Also the reference code's (improper) variance formulas, from the same pass."
 )
-
-
-@app.callback()
-def _options(
-    local_cache: Optional[str] = typer.Option(
-        None,
-        "--local-cache",
-        help="Folder for a verified local copy of a cache in a bucket (also $MLSAE_LOCAL_CACHE); before the command.",
-    ),
-) -> None:
-    if local_cache:
-        os.environ["MLSAE_LOCAL_CACHE"] = local_cache  # read by harvest.open_cache for every cache it opens
 
 
 def _cache_of(run: Path, cache: Optional[str]) -> str:

@@ -14,14 +14,26 @@ Special tokens (BOS/EOS/PAD) follow the run's mode (train/special.py; `special_t
   - include-real: every position is spliced with the reconstruction of its real vector, every
     prediction counts;
   - reference: as the reference code, the SAE sees ZEROS at special positions, so its (zero)
-    reconstruction is spliced there, and every prediction counts.
+    reconstruction is spliced there, and every prediction counts; the baseline is the model with the
+    same positions zeroed (Baselines, below).
 
-Memory. Gemma's vocabulary is 262,144, so logits are never formed for a whole batch: every run stops at
-the unembedding's input (`unembed.hook_in`, the final normed state, [batch, ctx, d]); the clean and the
-L spliced states of a batch are kept (small), and logits are computed in blocks of at most ~2^24 floats
-of rows x vocab, the clean block once for all layers. This also skips the unembedding inside each
-forward, which for Gemma costs as much as all its blocks. `check_logits` verifies once per run that
-this path reproduces the model's own logits.
+Speed. Gemma's vocabulary is 262,144, so the unembedding costs more than all the blocks together.
+  - The forward passes: one clean pass from the embeddings keeps each spliced layer's input residual
+    (blocks.{l}.hook_resid_pre), and the spliced pass of layer l resumes from it at block l, with
+    blocks 0..l-1 skipped (TransformerLens's start_at_layer still runs them and discards the result);
+    the clean pass runs on the same resumed path (from block 0), so a splice that changes nothing
+    gives exactly the clean final state. Every pass stops at the unembedding's input
+    (`unembed.hook_in`, the final normed state, [batch, ctx, d]): no logits inside a forward.
+  - The logits: only for the counted predictions, never for a whole batch at once: blocks of rows x
+    vocabulary slices of at most ~2^24 floats, each slice of the unembedding read once per block of
+    rows for every state (clean and spliced), with a streaming log-sum-exp, the target's logit and
+    the KL accumulated slice by slice.
+`check_logits` verifies once per run that this path reproduces the model's own logits, and
+`check_resume` that a resumed pass reproduces the full forward (else the full forward is used).
+
+Baselines. `exclude` and `include-real` compare with the clean model. `reference` compares, as the
+reference code does, with the model whose special positions are zeroed at layer l (the same vectors the
+spliced pass puts there, so zeroing itself never counts against the SAE); the clean CE is reported too.
 
 Windows. By default the run's held-out context windows from the cache (same tokenizer, context and BOS
 policy as the activations the SAE was trained on; no token of them was trained on: train/split.py),
@@ -40,10 +52,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from analyze.results import DeltaCeResult, WindowSource
+from analyze.results import DELTA_CE_BASELINES, DeltaCeResult, WindowSource
 from harvest import open_cache
 from harvest.errors import ModelError, UserError
 from harvest.models import ModelSource, load_bridge, load_tokenizer, resolve_device, resolve_model
@@ -56,6 +67,7 @@ from train.split import HeldOut
 FINAL_HOOK = "unembed.hook_in"  # the final normed residual: the unembedding's input
 DELTA_CE_PNG = "delta_ce.png"
 LOGIT_FLOATS = 2**24  # rows x vocab floats per logits block (64 MB in float32)
+ROW_BLOCK = 2048  # rows of final states per logits block (the vocabulary slice is LOGIT_FLOATS / rows)
 
 ReconstructFn = Callable[[Tensor, int], Tensor]  # (vectors [n, d] of layer l, l) -> reconstructions [n, d]
 
@@ -72,8 +84,9 @@ class _Stop(Exception):
 # forward passes
 
 
-def final_states(bridge: Any, ids: Tensor, fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Tensor:
-    """The final normed residual [batch, ctx, d] of a forward pass with `fwd_hooks`; no logits."""
+def final_states(bridge: Any, ids: Tensor, fwd_hooks: Sequence[tuple[str, Callable]] = (), **run_kw: Any) -> Tensor:
+    """The final normed residual [batch, ctx, d] of a forward pass with `fwd_hooks`; no logits. `run_kw`
+    goes to run_with_hooks (start_at_layer: `ids` is then the residual entering that block)."""
     out: list[Tensor] = []
 
     def grab(x: Tensor, hook: Any) -> Tensor:
@@ -82,7 +95,7 @@ def final_states(bridge: Any, ids: Tensor, fwd_hooks: Sequence[tuple[str, Callab
 
     try:
         with torch.inference_mode():
-            bridge.run_with_hooks(ids, fwd_hooks=[*fwd_hooks, (FINAL_HOOK, grab)], return_type=None)
+            bridge.run_with_hooks(ids, fwd_hooks=[*fwd_hooks, (FINAL_HOOK, grab)], return_type=None, **run_kw)
     except _Stop:
         pass
     if not out:
@@ -93,9 +106,120 @@ def final_states(bridge: Any, ids: Tensor, fwd_hooks: Sequence[tuple[str, Callab
     return out[0]
 
 
+def _block_input(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_pre"
+
+
+class Resumer:
+    """Forward passes that start at block l from the residual entering it, with blocks 0..l-1 skipped (a
+    block's forward is swapped for the identity while the pass runs; TransformerLens's start_at_layer
+    alone still runs them). `clean` is the pass from block 0 that records each requested block input."""
+
+    def __init__(self, bridge: Any):
+        self.bridge = bridge
+        self.tuple_out: bool | None = None  # whether a block returns (hidden, ...) in this transformers version
+
+    def embeddings(self, ids: Tensor) -> Tensor:
+        """The residual entering block 0 (token and position embeddings, scaled as the model does)."""
+        out: list[Tensor] = []
+
+        def grab(x: Tensor, hook: Any) -> Tensor:
+            out.append(x.detach().clone())
+            raise _Stop
+
+        try:
+            with torch.inference_mode():
+                self.bridge.run_with_hooks(ids, fwd_hooks=[(_block_input(0), grab)], return_type=None)
+        except _Stop:
+            pass
+        return out[0]
+
+    def clean(self, ids: Tensor, layers: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]:
+        """(final state, {l: residual entering block l}) of the clean model, on the resumed path."""
+        inputs: dict[int, Tensor] = {}
+
+        def keep_input(layer: int) -> Callable:
+            def hook_fn(x: Tensor, hook: Any) -> None:
+                inputs[layer] = x.detach().clone()
+
+            return hook_fn
+
+        kinds: list[bool] = []
+        handle = self.bridge.blocks[0].register_forward_hook(lambda m, i, o: kinds.append(isinstance(o, tuple)))
+        try:
+            final = self.run(self.embeddings(ids), 0, [(_block_input(l), keep_input(l)) for l in sorted(set(layers))])
+        finally:
+            handle.remove()
+        self.tuple_out = bool(kinds and kinds[0])
+        return final, inputs
+
+    def run(self, resid: Tensor, start: int, fwd_hooks: Sequence[tuple[str, Callable]] = ()) -> Tensor:
+        """The final state of the pass that enters block `start` with `resid` [batch, ctx, d]."""
+        skipped = list(self.bridge.blocks)[:start]
+        tuple_out = self.tuple_out
+
+        def identity(*args: Any, **kwargs: Any) -> Any:
+            h = args[0] if args else kwargs["hidden_states"]
+            return (h,) if tuple_out else h
+
+        for block in skipped:  # an instance attribute shadows the method for this pass (set in __dict__: the
+            block.__dict__["forward"] = identity  # bridge components route setattr to the wrapped module)
+        try:
+            return final_states(self.bridge, resid, fwd_hooks, start_at_layer=start)
+        finally:
+            for block in skipped:
+                block.__dict__.pop("forward", None)
+
+
+def check_resume(bridge: Any, ids: Tensor, layer: int, hook: str = "resid_post", n: int = 16) -> bool:
+    """Whether the resumed passes (clean, and one splice at `layer`) reproduce the full forward on a short
+    prefix; the caller falls back to full passes where they do not (an architecture whose blocks are not
+    plain residual-in, residual-out)."""
+    ids = ids[:1, :n]
+    bump = lambda x, hook: x * 1.5
+    try:
+        resumer = Resumer(bridge)
+        clean, inputs = resumer.clean(ids, [layer])
+        spliced = resumer.run(inputs[layer], layer, [(f"blocks.{layer}.hook_{hook}", bump)])
+    except (NotImplementedError, ValueError, TypeError, KeyError, IndexError, RuntimeError):
+        return False
+    want_clean = final_states(bridge, ids)
+    want_spliced = final_states(bridge, ids, [(f"blocks.{layer}.hook_{hook}", bump)])
+    return all(
+        got.shape == want.shape and bool(torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item()))
+        for got, want in ((clean, want_clean), (spliced, want_spliced))
+    )
+
+
+class Unembedding:
+    """The unembedding as a matrix [vocab, d] (+ bias), applied to a slice of the vocabulary at a time,
+    then the final soft-cap where the Hugging Face model applies one after it (Gemma 2)."""
+
+    def __init__(self, bridge: Any):
+        module = getattr(getattr(bridge, "unembed", None), "original_component", None)
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.ndim != 2:
+            raise DeltaCeError("the model's unembedding is not a linear layer: delta CE does not support it")
+        self.weight = weight.detach()
+        bias = getattr(module, "bias", None)
+        self.bias = None if bias is None else bias.detach()
+        cfg = getattr(getattr(bridge, "original_model", None), "config", None)
+        self.cap = getattr(cfg, "final_logit_softcapping", None)
+        self.vocab = int(self.weight.shape[0])
+
+    def __call__(self, h: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        """Logits of the vocabulary slice [start, stop) for final states h [n, d], in float32."""
+        w = self.weight[start:stop]
+        logits = (h.to(w.dtype) @ w.T).float()
+        if self.bias is not None:
+            logits += self.bias[start:stop].float()
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+
 def logits_of(bridge: Any, h: Tensor) -> Tensor:
-    """Logits of final normed states h [..., d]: the unembedding, then the final soft-cap where the
-    Hugging Face model applies one after it (Gemma 2)."""
+    """Logits of final normed states h [..., d] through the model's own unembedding module (and soft-cap)."""
     with torch.inference_mode():
         logits = bridge.unembed(h)
         cap = getattr(getattr(bridge, "original_model", None), "config", None)
@@ -106,17 +230,69 @@ def logits_of(bridge: Any, h: Tensor) -> Tensor:
 
 
 def check_logits(bridge: Any, ids: Tensor, n: int = 16) -> None:
-    """The chunked path (final state -> unembedding) reproduces the model's own logits on a short prefix."""
+    """The sliced path (final state -> unembedding slices) reproduces the model's own logits on a short prefix."""
     ids = ids[:1, :n]
     with torch.inference_mode():
         want = bridge(ids, return_type="logits").float()
-    got = logits_of(bridge, final_states(bridge, ids)).float()
+        h = final_states(bridge, ids)
+        unembed = Unembedding(bridge)
+        half = unembed.vocab // 2
+        got = torch.cat([unembed(h[0], 0, half), unembed(h[0], half)], dim=-1)[None]
     err = (want - got).abs().max().item()
     if got.shape != want.shape or not err <= 1e-3 * want.abs().max().item() + 1e-5:
         raise DeltaCeError(
             f"logits from the unembedding differ from the model's own (max |diff| {err:.3g}): this "
             f"architecture post-processes its logits in a way delta CE does not reproduce"
         )
+
+
+def next_token_sums(
+    unembed: Unembedding,
+    states: Sequence[Tensor],
+    targets: Tensor,
+    kl_pairs: Sequence[tuple[int, int]],
+    rows: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(per state: sum over rows of the CE of `targets` [n]; per pair (p, q): sum of KL(p || q)), float64,
+    for final states [n, d] each. The logits are formed in blocks of `rows` x a vocabulary slice (at most
+    ~LOGIT_FLOATS floats per state) with a streaming log-sum-exp:
+        lse = m + log sum exp(z - m),   KL(p || q) = sum_v exp(z_p - lse_p) (z_p - z_q) - lse_p + lse_q."""
+    n, dev = targets.shape[0], targets.device
+    rows = max(1, min(rows or ROW_BLOCK, n or 1))
+    width = max(1, LOGIT_FLOATS // rows)
+    ce = torch.zeros(len(states), dtype=torch.float64, device=dev)
+    kl = torch.zeros(len(kl_pairs), dtype=torch.float64, device=dev)
+    with torch.inference_mode():
+        for r in range(0, n, rows):
+            t = targets[r : r + rows]
+            hs = [h[r : r + rows] for h in states]
+            m = [torch.full((len(t),), -math.inf, dtype=torch.float64, device=dev) for _ in hs]
+            total = [torch.zeros(len(t), dtype=torch.float64, device=dev) for _ in hs]
+            picked = [torch.zeros(len(t), dtype=torch.float64, device=dev) for _ in hs]
+            cross = [torch.zeros(len(t), dtype=torch.float64, device=dev) for _ in kl_pairs]
+            for v in range(0, unembed.vocab, width):
+                z = [unembed(h, v, v + width) for h in hs]
+                top = [torch.maximum(mi, zi.max(-1).values.double()) for mi, zi in zip(m, z)]
+                e = []
+                for i, zi in enumerate(z):
+                    scale = torch.exp(m[i] - top[i])  # rescale what was summed under the old maximum
+                    ei = torch.exp(zi - top[i].float()[:, None])
+                    total[i] = total[i] * scale + ei.sum(-1, dtype=torch.float64)
+                    inside = (t >= v) & (t < v + zi.shape[1])
+                    picked[i] += torch.where(
+                        inside, zi.gather(1, (t - v).clamp(0, zi.shape[1] - 1)[:, None])[:, 0].double(), 0.0
+                    )
+                    e.append((ei, scale))
+                for j, (p, q) in enumerate(kl_pairs):
+                    ep, scale = e[p]
+                    cross[j] = cross[j] * scale + (ep * (z[p] - z[q])).sum(-1, dtype=torch.float64)
+                m = top
+            lse = [mi + torch.log(si) for mi, si in zip(m, total)]
+            for i in range(len(hs)):
+                ce[i] += (lse[i] - picked[i]).sum()
+            for j, (p, q) in enumerate(kl_pairs):
+                kl[j] += (cross[j] / total[p] - lse[p] + lse[q]).sum()
+    return ce, kl
 
 
 def sae_reconstructor(sae: Callable, lens: Any = None) -> ReconstructFn:
@@ -132,11 +308,17 @@ def sae_reconstructor(sae: Callable, lens: Any = None) -> ReconstructFn:
     return reconstruct
 
 
-def _splice(layer: int, reconstruct_fn: ReconstructFn, keep: Tensor, zeroed: ZeroedSplice | None = None) -> Callable:
+def _splice(
+    layer: int, reconstruct_fn: ReconstructFn | None, keep: Tensor, zeroed: ZeroedSplice | None = None
+) -> Callable:
+    """The hook that replaces the kept positions by their reconstruction (none when reconstruct_fn is None:
+    the zeroed-only baseline of reference mode) and writes zeroed.value(l) at zeroed.mask."""
+
     def hook_fn(x: Tensor, hook: Any) -> Tensor:
         out = x.clone()  # a returned tensor replaces the activation (TransformerLens hooks)
-        fed = keep if zeroed is None else keep & ~zeroed.mask
-        out[fed] = reconstruct_fn(x[fed], layer).to(x.dtype)
+        if reconstruct_fn is not None:
+            fed = keep if zeroed is None else keep & ~zeroed.mask
+            out[fed] = reconstruct_fn(x[fed], layer).to(x.dtype)
         if zeroed is not None:
             out[zeroed.mask] = zeroed.value(layer).to(x.dtype)
         return out
@@ -148,7 +330,8 @@ def _splice(layer: int, reconstruct_fn: ReconstructFn, keep: Tensor, zeroed: Zer
 class ZeroedSplice:
     """Special-token mode `reference` (train/special.py): the SAE sees ZEROS at `mask` [batch, ctx]; its
     output there, mapped to model space, is `value(layer)` [d] (no SAE call needed: a zero vector
-    standardizes to zero and reconstructs to exactly zero)."""
+    standardizes to zero and reconstructs to exactly zero). The baseline of that mode writes the same
+    value at `mask` and leaves every other position clean."""
 
     mask: Tensor
     value: Callable[[int], Tensor]
@@ -160,36 +343,43 @@ class ZeroedSplice:
 
 @dataclass
 class DeltaCeSums:
-    """Sums over counted predictions, mergeable across batches (float64)."""
+    """Sums over counted predictions, mergeable across batches (float64). `ce_base`: per layer, the CE sum
+    of the baseline the layer is compared with, where that is not the clean model (reference mode)."""
 
     layers: list[int]
     n: int  # predictions counted
     ce_clean: float  # sum of the clean model's CE
     ce: list[float]  # per layer: sum of the spliced model's CE
-    kl: list[float]  # per layer: sum of KL(p_clean || p_spliced)
+    kl: list[float]  # per layer: sum of KL(p_baseline || p_spliced)
+    ce_base: list[float] | None = None  # per layer: sum of the baseline's CE (None: the clean model)
 
     @classmethod
-    def zeros(cls, layers: Sequence[int]) -> "DeltaCeSums":
-        return cls(list(layers), 0, 0.0, [0.0] * len(layers), [0.0] * len(layers))
+    def zeros(cls, layers: Sequence[int], zeroed_baseline: bool = False) -> "DeltaCeSums":
+        base = [0.0] * len(layers) if zeroed_baseline else None
+        return cls(list(layers), 0, 0.0, [0.0] * len(layers), [0.0] * len(layers), base)
 
     def __add__(self, o: "DeltaCeSums") -> "DeltaCeSums":
-        assert self.layers == o.layers
+        assert self.layers == o.layers and (self.ce_base is None) == (o.ce_base is None)
+        add = lambda a, b: [x + y for x, y in zip(a, b)]
         return DeltaCeSums(
             self.layers,
             self.n + o.n,
             self.ce_clean + o.ce_clean,
-            [a + b for a, b in zip(self.ce, o.ce)],
-            [a + b for a, b in zip(self.kl, o.kl)],
+            add(self.ce, o.ce),
+            add(self.kl, o.kl),
+            None if self.ce_base is None else add(self.ce_base, o.ce_base or []),
         )
 
     def means(self) -> dict[str, Any]:
         n = self.n or float("nan")
         clean = self.ce_clean / n
+        base = [clean] * len(self.layers) if self.ce_base is None else [c / n for c in self.ce_base]
         return {
             "tokens": self.n,
             "clean_ce": clean,
+            "baseline_ce": base,
             "ce": [c / n for c in self.ce],
-            "delta_ce": [c / n - clean for c in self.ce],
+            "delta_ce": [c / n - b for c, b in zip(self.ce, base)],
             "kl": [k / n for k in self.kl],
         }
 
@@ -203,38 +393,37 @@ def spliced_metrics(
     hook: str = "resid_post",
     rows: int | None = None,
     zeroed: ZeroedSplice | None = None,
+    resume: bool = True,
 ) -> DeltaCeSums:
     """CE of the clean model and, per layer, of the model with blocks.{l}.hook_{hook} replaced by
-    reconstruct_fn at the kept positions; KL(clean || spliced). ids, keep_mask: [batch, ctx]. A prediction
-    t -> t+1 counts when keep_mask holds at both t and t+1 (module docstring)."""
+    reconstruct_fn at the kept positions; KL(baseline || spliced). ids, keep_mask: [batch, ctx]. A
+    prediction t -> t+1 counts when keep_mask holds at both t and t+1 (module docstring). With `zeroed`
+    (reference mode) each layer's baseline is the model with zeroed.value(l) at zeroed.mask, else the clean
+    model. `resume`: each spliced pass starts at its block from the clean pass's residual (the module
+    docstring's Speed); False runs every pass from the token ids (the plain path the fast one must equal)."""
     layers = [layers] if isinstance(layers, int) else list(layers)
     keep = keep_mask.to(device=ids.device, dtype=torch.bool)
     counted = keep[:, :-1] & keep[:, 1:]
-    targets = ids[:, 1:][counted].unsqueeze(1)
-    clean = final_states(bridge, ids)[:, :-1][counted]
-    spliced = [
-        final_states(bridge, ids, [(f"blocks.{l}.hook_{hook}", _splice(l, reconstruct_fn, keep, zeroed))])[:, :-1][
-            counted
-        ]
-        for l in layers
-    ]
-    n = targets.shape[0]
-    rows = rows or max(1, LOGIT_FLOATS // int(bridge.cfg.d_vocab))
-    ce_clean = torch.zeros((), dtype=torch.float64, device=ids.device)
-    ce = torch.zeros(len(layers), dtype=torch.float64, device=ids.device)
-    kl = torch.zeros(len(layers), dtype=torch.float64, device=ids.device)
-    with torch.inference_mode():
-        for s in range(0, n, rows):
-            t = targets[s : s + rows]
-            lp_clean = logits_of(bridge, clean[s : s + rows]).float().log_softmax(-1)
-            ce_clean -= lp_clean.gather(1, t).sum(dtype=torch.float64)
-            for i, h in enumerate(spliced):
-                lp = logits_of(bridge, h[s : s + rows]).float().log_softmax(-1)
-                ce[i] -= lp.gather(1, t).sum(dtype=torch.float64)
-                # sum_v p_clean (log p_clean - log p_spliced); exactly 0 where the two agree
-                kl[i] += F.kl_div(lp, lp_clean, reduction="none", log_target=True).sum(dtype=torch.float64)
-                del lp
-    return DeltaCeSums(layers, n, ce_clean.item(), ce.tolist(), kl.tolist())
+    targets = ids[:, 1:][counted]
+    if resume:
+        resumer = Resumer(bridge)
+        clean, inputs = resumer.clean(ids, layers)
+        run = lambda l, hooks: resumer.run(inputs[l], l, hooks)
+    else:
+        clean = final_states(bridge, ids)
+        run = lambda l, hooks: final_states(bridge, ids, hooks)
+    point = lambda l: f"blocks.{l}.hook_{hook}"
+    pick = lambda h: h[:, :-1][counted]
+    states = [pick(clean)] + [pick(run(l, [(point(l), _splice(l, reconstruct_fn, keep, zeroed))])) for l in layers]
+    if zeroed is not None:
+        states += [pick(run(l, [(point(l), _splice(l, None, keep, zeroed))])) for l in layers]
+    base = (lambda i: 1 + len(layers) + i) if zeroed is not None else (lambda i: 0)
+    kl_pairs = [(base(i), 1 + i) for i in range(len(layers))]
+    ce, kl = next_token_sums(Unembedding(bridge), states, targets, kl_pairs, rows)
+    ce_base = None if zeroed is None else ce[1 + len(layers) :].tolist()
+    return DeltaCeSums(
+        layers, int(targets.shape[0]), ce[0].item(), ce[1 : 1 + len(layers)].tolist(), kl.tolist(), ce_base
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +555,7 @@ def run_delta_ce(
         )
     ids_all = torch.from_numpy(windows.astype(np.int64))
     check_logits(bridge, ids_all[:1].to(device))
+    resume = check_resume(bridge, ids_all[:1].to(device), layers[len(layers) // 2], spec["hook"])
 
     lens = cache.lens()
     lens = None if lens is None else lens.to(device)
@@ -373,7 +563,7 @@ def run_delta_ce(
     zero = torch.zeros(sae.cfg.d_model, device=device)
     zero_value = (lambda l: zero) if lens is None else (lambda l: lens.inverse(zero, l))
     batch = batch_size or int(spec.get("batch_size", 4))
-    sums = DeltaCeSums.zeros(layers)
+    sums = DeltaCeSums.zeros(layers, zeroed_baseline=mode == "reference")
     from harvest.progress import progress_bar
 
     with progress_bar("delta CE", len(ids_all), "windows", enabled=show_progress) as bar:
@@ -383,7 +573,9 @@ def run_delta_ce(
             zeroed = None
             if mode == "reference":
                 zeroed = ZeroedSplice(torch.from_numpy(is_special[s : s + batch]).to(device), zero_value)
-            sums = sums + spliced_metrics(bridge, ids, layers, reconstruct, keep, hook=spec["hook"], zeroed=zeroed)
+            sums = sums + spliced_metrics(
+                bridge, ids, layers, reconstruct, keep, hook=spec["hook"], zeroed=zeroed, resume=resume
+            )
             bar.advance(len(ids))
 
     means = sums.means()
@@ -405,12 +597,15 @@ def run_delta_ce(
         context=ctx,
         positions=int(ids_all.numel()),
         special_tokens=mode,
+        baseline="zeroed-special" if mode == "reference" else "clean",
+        baseline_ce=means["baseline_ce"] if mode == "reference" else None,
         window_source=info,
         seconds=time.time() - t0,
         definitions={
             "delta_ce": "mean next-token CE with layer l's hook replaced by the SAE reconstruction, minus the "
-            "clean model's mean CE, over the same predictions",
-            "kl": "mean over predictions of KL(p_clean || p_spliced)",
+            "baseline's mean CE over the same predictions; baseline: the clean model, or in special-token mode "
+            "reference the model with the special positions zeroed at layer l (as the reference code)",
+            "kl": "mean over predictions of KL(p_baseline || p_spliced)",
             "tokens": "predictions counted: t -> t+1 with both tokens non-special (special_tokens exclude) or "
             "all; only kept positions are spliced",
         },
@@ -431,11 +626,13 @@ def run_delta_ce(
 def format_delta_ce(result: DeltaCeResult) -> str:
     lines = [
         f"delta CE on {result.tokens:,} predictions ({result.windows} windows of {result.context}); "
-        f"clean CE {result.clean_ce:.4f} nats",
-        f"{'layer':>5}  {'delta CE':>9}  {'KL':>9}",
+        f"clean CE {result.clean_ce:.4f} nats; baseline: {DELTA_CE_BASELINES[result.baseline]}",
+        f"{'layer':>5}  {'delta CE':>9}  {'KL':>9}" + ("  baseline CE" if result.baseline_ce else ""),
     ]
-    for l, d, k in zip(result.layers, result.delta_ce, result.kl):
-        lines.append(f"{l:>5}  {d:>9.4f}  {k:>9.4f}")
+    for i, (l, d, k) in enumerate(zip(result.layers, result.delta_ce, result.kl)):
+        lines.append(
+            f"{l:>5}  {d:>9.4f}  {k:>9.4f}" + (f"  {result.baseline_ce[i]:>11.4f}" if result.baseline_ce else "")
+        )
     lines.append(f"{'mean':>5}  {result.delta_ce_mean:>9.4f}  {result.kl_mean:>9.4f}")
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from analyze.claims import Claim, claims
 from analyze.results import (
+    DELTA_CE_BASELINES,
     RESULT_TYPES,
     Analyses,
     CacheInfo,
@@ -330,8 +331,12 @@ def _delta_ce_html(d: DeltaCeResult) -> str:
     )
     return (
         f"<p>{_n(d.tokens)} predictions over {where}; clean CE {_n(d.clean_ce)} nats; special tokens: "
-        f"{_e(d.special_tokens)}; hook {_e(d.hook)}.</p>"
-        + _per_layer(d.layers, {"delta CE (nats)": d.delta_ce, "KL (nats)": d.kl, "CE spliced": d.ce})
+        f"{_e(d.special_tokens)}; hook {_e(d.hook)}; delta CE and KL against {_e(DELTA_CE_BASELINES.get(d.baseline, d.baseline))}.</p>"
+        + _per_layer(
+            d.layers,
+            {"delta CE (nats)": d.delta_ce, "KL (nats)": d.kl, "CE spliced": d.ce}
+            | ({"CE baseline": d.baseline_ce} if d.baseline_ce else {}),
+        )
     )
 
 

@@ -485,6 +485,12 @@ class WindowSource:
     fully_held_out_windows: int | None
 
 
+DELTA_CE_BASELINES = {  # what delta CE and KL compare with (DeltaCeResult.baseline)
+    "clean": "the clean model",
+    "zeroed-special": "the model with the special positions zeroed at that layer (reference)",
+}
+
+
 @dataclass
 class DeltaCeResult(
     Result, kind="delta_ce", command="analyze delta-ce", title="Downstream loss: delta CE and KL per layer"
@@ -508,6 +514,10 @@ class DeltaCeResult(
     special_tokens: str
     window_source: WindowSource
     seconds: float
+    # what delta CE and KL compare with: "clean" (the clean model) or "zeroed-special" (special-token mode
+    # reference: the model with the special positions zeroed at the spliced layer, as the reference code)
+    baseline: str = "clean"
+    baseline_ce: list[float] | None = None  # per layer, where the baseline is not the clean model
 
     def headlines(self) -> list[Headline]:
         return [

@@ -19,6 +19,45 @@ from .errors import Interrupted, SpecError, UserError, storage_error
 T = TypeVar("T", bound="FlagConfig")
 
 
+def default_note(value: Any) -> str:
+    """' [default: VALUE]' for a help text, escaped: typer renders help as rich markup, where a bare
+    [default: ...] is a style tag and silently disappears."""
+    from rich.markup import escape
+
+    shown = '""' if value == "" else value
+    return " " + escape(f"[default: {shown}]")
+
+
+def package_version() -> str:
+    """The installed mlsae-cache version; from pyproject.toml when the code runs from a checkout that is
+    not installed (PYTHONPATH)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("mlsae-cache")
+    except metadata.PackageNotFoundError:
+        import tomllib
+
+        pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+        try:
+            return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mlsae-cache {package_version()}")
+        raise typer.Exit()
+
+
+def version_option() -> Any:
+    """`--version` for an app's callback: prints the package version and exits, before any command."""
+    return typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the mlsae-cache version and exit."
+    )
+
+
 def flag_field(default: Any, help: str) -> Any:
     """A config dataclass field: its default, and the help text of its flag and YAML comment."""
     return dataclasses.field(default=default, metadata={"help": help})
@@ -127,7 +166,7 @@ def with_dataclass_flags(
                         default=typer.Option(
                             None,
                             *names,
-                            help=f"{f.metadata['help']} [default: {f.default}]",
+                            help=f.metadata["help"] + default_note(f.default),
                             show_default=False,
                             metavar=metavar,
                         ),
@@ -177,10 +216,17 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted
 
 
-def cli_app(help: str) -> typer.Typer:
+def cli_app(help: str, callback: Callable | None = None) -> typer.Typer:
     """A typer app as every CLI of the project builds it (no shell completion, no rich tracebacks: user
-    errors are one line, see run_app)."""
-    return typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=help)
+    errors are one line, see run_app), with --version. `callback`: the app's own top-level options; it
+    must take `version: bool = version_option()` too."""
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help=help)
+
+    def options(version: bool = version_option()) -> None:
+        pass
+
+    app.callback()(callback or options)
+    return app
 
 
 def run_app(app: typer.Typer, on_interrupt: str) -> None:

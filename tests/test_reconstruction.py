@@ -115,7 +115,8 @@ def test_delta_ce_is_exactly_zero_for_the_true_activation_and_positive_for_noise
     assert both.means() == a.means()
 
     # reference mode: zeros spliced at the special positions (the SAE's output for a zero input), the
-    # identity elsewhere, every prediction counted: the same as running the model on those zeros directly
+    # identity elsewhere, every prediction counted: the same as running the model on those zeros directly;
+    # and that zeroed model is the baseline (as in the reference code), so zeroing alone costs nothing
     everywhere = torch.ones_like(keep)
     zeroed = ZeroedSplice(~keep, lambda layer: torch.zeros(bridge.cfg.d_model))
     ref = spliced_metrics(bridge, ids, [1], identity, everywhere, zeroed=zeroed)
@@ -123,8 +124,95 @@ def test_delta_ce_is_exactly_zero_for_the_true_activation_and_positive_for_noise
     with torch.inference_mode():
         lp = bridge.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_post", zero_hook)]).log_softmax(-1)
     want = -lp[:, :-1].gather(2, ids[:, 1:, None]).mean().item()
-    assert ref.n == ids.shape[0] * (ids.shape[1] - 1) and ref.means()["ce"][0] == pytest.approx(want, rel=1e-5)
-    assert ref.means()["delta_ce"][0] > 0
+    m = ref.means()
+    assert ref.n == ids.shape[0] * (ids.shape[1] - 1) and m["ce"][0] == pytest.approx(want, rel=1e-5)
+    assert m["baseline_ce"][0] == m["ce"][0] and m["delta_ce"] == [0.0] and m["kl"] == [0.0]
+    assert m["baseline_ce"][0] > m["clean_ce"] + 1e-3  # zeroing alone does cost: against the clean model it would count
+
+
+def _full_vocab_metrics(bridge, ids, keep, layers, hook_fns, baseline_hooks=None):
+    """The plain computation the fast path must equal: every pass from the token ids, the model's own
+    logits over the whole vocabulary, log_softmax, F.kl_div."""
+    import torch.nn.functional as F
+
+    counted = keep[:, :-1] & keep[:, 1:]
+    t = ids[:, 1:][counted][:, None]
+
+    def log_probs(hooks):
+        with torch.inference_mode():
+            return bridge.run_with_hooks(ids, fwd_hooks=hooks).float().log_softmax(-1)[:, :-1][counted]
+
+    clean = log_probs([])
+    out = {"clean_ce": -clean.gather(1, t).mean().item(), "ce": [], "kl": [], "baseline_ce": []}
+    for i, l in enumerate(layers):
+        lp = log_probs([(f"blocks.{l}.hook_resid_post", hook_fns[i])])
+        base = clean if baseline_hooks is None else log_probs([(f"blocks.{l}.hook_resid_post", baseline_hooks[i])])
+        out["ce"].append(-lp.gather(1, t).mean().item())
+        out["baseline_ce"].append(-base.gather(1, t).mean().item())
+        out["kl"].append(F.kl_div(lp, base, reduction="none", log_target=True).sum(-1).mean().item())
+    return out
+
+
+def test_resumed_sliced_delta_ce_equals_full_forward_full_vocabulary(lm):
+    """The fast path (spliced passes resumed at their block from the clean pass's residual, blocks below
+    skipped; logits in vocabulary slices with a streaming log-sum-exp) gives the numbers of the plain one
+    (every pass from the token ids, whole-vocabulary log_softmax), in both baselines."""
+    bridge, ids, keep = lm
+    layers = [0, 1, 2]
+    noise = {
+        l: 0.3 * torch.randn(ids.shape + (bridge.cfg.d_model,), generator=torch.Generator().manual_seed(l))
+        for l in layers
+    }
+    noisy = lambda x, layer: x + noise[layer][keep] * x.std()
+    with_noise = [lambda x, hook, l=l: x + noise[l] * x[keep].std() * keep[..., None] for l in layers]
+    want = _full_vocab_metrics(bridge, ids, keep, layers, with_noise)
+    for resume in (True, False):
+        for rows in (None, 5):  # 5 rows: slices of LOGIT_FLOATS / 5 columns, several per vocabulary
+            got = spliced_metrics(bridge, ids, layers, noisy, keep, rows=rows, resume=resume).means()
+            assert got["clean_ce"] == pytest.approx(want["clean_ce"], rel=1e-5)
+            assert got["ce"] == pytest.approx(want["ce"], rel=1e-5)
+            assert got["kl"] == pytest.approx(want["kl"], rel=1e-4, abs=1e-6)
+            assert min(got["kl"]) > 1e-3  # a real difference was measured
+
+    # reference mode: zeros at the special positions, noise elsewhere; baseline = zeros only
+    special = ~keep
+    zeroed = ZeroedSplice(special, lambda layer: torch.zeros(bridge.cfg.d_model))
+    everywhere = torch.ones_like(keep)
+    noisy_ref = lambda x, layer: x + noise[layer][keep] * x.std()
+    spliced_ref = [
+        lambda x, hook, l=l: (x + noise[l] * x[keep].std() * keep[..., None]).masked_fill(special[..., None], 0.0)
+        for l in layers
+    ]
+    zero_only = [lambda x, hook: x.masked_fill(special[..., None], 0.0) for _ in layers]
+    want = _full_vocab_metrics(bridge, ids, everywhere, layers, spliced_ref, zero_only)
+    got = spliced_metrics(bridge, ids, layers, noisy_ref, everywhere, zeroed=zeroed).means()
+    assert got["ce"] == pytest.approx(want["ce"], rel=1e-5)
+    assert got["baseline_ce"] == pytest.approx(want["baseline_ce"], rel=1e-5)
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-4, abs=1e-6)
+    delta = [c - b for c, b in zip(want["ce"], want["baseline_ce"])]
+    assert got["delta_ce"] == pytest.approx(delta, rel=1e-4, abs=1e-6)
+
+
+def test_resumed_passes_skip_the_blocks_below(lm):
+    """A spliced pass at layer l runs blocks l.. only: blocks below it are not called at all."""
+    from analyze.delta_ce import Resumer
+
+    bridge, ids, _ = lm
+    calls = []
+    handles = [
+        b.original_component.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+        for i, b in enumerate(bridge.blocks)
+    ]
+    try:
+        resumer = Resumer(bridge)
+        _, inputs = resumer.clean(ids, [2])
+        assert calls == [0, 1, 2]
+        calls.clear()
+        resumer.run(inputs[2], 2)
+        assert calls == [2]
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def test_delta_ce_through_a_lens_is_zero_for_the_true_activation_only_with_the_exact_inverse(lm):

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harvest.errors import SpecError
-from harvest.flags import cli_app, run_app, with_dataclass_flags
+from harvest.flags import cli_app, default_note, run_app, with_dataclass_flags
 from train.config import TrainConfig
 
 app = cli_app("Train TopK multi-layer SAEs (and single-layer baselines) from a harvested cache.")
@@ -66,11 +66,13 @@ def run(
 @with_dataclass_flags(TrainConfig, exclude=SWEPT + ("out",))
 def sweep(
     expansion_factor: Optional[str] = typer.Option(
-        None, "--expansion-factor", help="Comma list, e.g. 16,32,64 [default: the config's, 64]."
+        None, "--expansion-factor", help="Comma list, e.g. 16,32,64." + default_note("the config's, 64")
     ),
-    k: Optional[str] = typer.Option(None, "-k", "--k", help="Comma list, e.g. 16,32,64 [default: the config's, 32]."),
+    k: Optional[str] = typer.Option(
+        None, "-k", "--k", help="Comma list, e.g. 16,32,64." + default_note("the config's, 32")
+    ),
     layers: Optional[str] = typer.Option(
-        None, "--layers", help="Comma list of 'all' and/or layer numbers, e.g. all,0,3 [default: all]."
+        None, "--layers", help="Comma list of 'all' and/or layer numbers, e.g. all,0,3." + default_note("all")
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Parent folder of the run folders (default runs/)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig fields."),
