@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Optional, TypeVar
 import typer
 import yaml
 
-from .errors import Interrupted, SpecError, UserError, storage_error
+from .errors import Interrupted, SpecError, UserError, one_line, storage_error
 
 T = TypeVar("T", bound="FlagConfig")
 
@@ -202,9 +202,9 @@ def run_app(app: typer.Typer, on_interrupt: str) -> None:
     try:
         app()
     except UserError as e:
-        leave(f"[red]error:[/] {escape(str(e))}", 2)
+        leave(f"[red]error:[/] {escape(one_line(str(e)))}", 2)
     except OSError as e:  # a file-system failure nothing more specific caught (full disk, read-only, ...)
-        leave(f"[red]error:[/] {escape(str(storage_error(e)))}", 2)
+        leave(f"[red]error:[/] {escape(one_line(str(storage_error(e))))}", 2)
     except Interrupted:
         leave(escape(on_interrupt), 130)
     finally:

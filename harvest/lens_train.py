@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from .atomic import atomic_torch_save, atomic_write_json
+from .atomic import atomic_savefig, atomic_torch_save, atomic_write_json
 from .errors import storage_error
 from .flags import FlagConfig, flag_field
 from .lens import FinalNorm, Lens, LensError, Unembed, final_norm_and_unembed
@@ -471,5 +471,5 @@ def plot_kl(report: LensReport, path: Path) -> None:
     ax.set_title(f"held-out KL, {report.heldout_tokens:,} tokens; trained on {report.train_tokens:,}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
