@@ -235,7 +235,7 @@ def load_bridge(source: ModelSource, tokenizer: Any, device: str, dtype: torch.d
         hf = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).eval()
     except Exception as e:
         if "Weights only load failed" in str(e):  # a pickle that holds more than tensors: never unpickled
-            why = "a pickled weights file holds Python objects beyond tensors, refused because loading it could run code"
+            why = "a pickled weights file holds objects beyond tensors, refused since loading it could run code"
         else:
             why = f"{type(e).__name__}: {one_line(str(e), 200)}"
         raise ModelError(
