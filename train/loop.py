@@ -326,6 +326,14 @@ def _restore(run: Run, ck: Checkpoint, dist: Dist) -> None:
             f"restart the run from scratch"
         )
     run.fvu_initial = ck.fvu_initial
+    if ck.run is not None and ck.run != run.record.binding():
+        mine = run.record.binding()
+        diff = sorted(k for k in set(mine) | set(ck.run) if mine.get(k) != ck.run.get(k))
+        raise TrainingError(
+            f"{run.out / CHECKPOINT} was written by a run whose {', '.join(diff)} differ from this one's (its "
+            f"config.json was edited, or the checkpoint belongs to another run): restore config.json, or delete "
+            f"{CHECKPOINT} to restart the run from scratch"
+        )
 
 
 def _stream(p: Pass, first: TrainConfig, dist: Dist) -> MinibatchStream:
@@ -487,7 +495,13 @@ def _checkpoint(runs: list[Run], step: int, stream: MinibatchStream, dist: Dist)
             if run.lock is not None:
                 run.lock.check()  # another process took the folder over (this one was suspended): stop writing
             ck = Checkpoint(
-                step, run.sae.state_dict(), run.opt.state_dict(), run.dead.state_dict(), states, run.fvu_initial
+                step,
+                run.sae.state_dict(),
+                run.opt.state_dict(),
+                run.dead.state_dict(),
+                states,
+                run.fvu_initial,
+                run.record.binding(),
             )
             ck.save(run.out)
 
@@ -505,7 +519,7 @@ def _finish(p: Pass, dist: Dist, clock: Throughput) -> list[dict]:
     tokens = p.steps * p.batch_tokens
     for run in p.runs if dist.rank == 0 else []:
         final = _evaluate(run, p, dist, p.steps)
-        run.sae.save(run.out)
+        run.record.save_with_weights(run.sae)  # bound both ways: an edit of either is refused on load
         summary = {
             "out": str(run.out),
             "layers": run.layers,
