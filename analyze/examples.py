@@ -38,8 +38,8 @@ from analyze.layers import LayerDistribution, _distributed
 from analyze.results import ExamplesSummary, to_jsonable
 from harvest import open_cache
 from harvest.atomic import atomic_write, atomic_write_json
-from harvest.memory import require
 from harvest.errors import CacheError, SpecError
+from harvest.memory import require
 from train.objectives import FIRE_THRESHOLD
 from train.record import RunError, RunRecord, load_run
 from train.special import SpecialTokens
