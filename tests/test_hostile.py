@@ -845,9 +845,10 @@ def test_resume_refuses_a_checkpoint_of_an_edited_record(train_cache, tmp_path, 
     args = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**TRAIN, tokens=512 * 2)]
     assert run_cli(args, capsys, prog="train")[0] == 0
     (out / "summary.json").unlink()
-    _edit_json(out / "config.json", lambda d: d["heldout"]["windows"].pop())
-    # the flags agree with the edited record (same hyperparameters); the checkpoint does not
-    one_line_error(run_cli(args, capsys, prog="train"), "checkpoint.pt", "heldout")
+    _edit_json(out / "config.json", lambda d: (d["sae"].update(k=3), d["train"].update(k=3)))
+    # the flags agree with the edited record (same hyperparameters); the checkpoint, trained with k=4, does not
+    args = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**{**TRAIN, "k": 3}, tokens=512 * 2)]
+    one_line_error(run_cli(args, capsys, prog="train"), "checkpoint.pt", "sae, train differ")
 
 
 def test_pickled_model_weights_are_one_line_without_escape_codes(neox_dir, text_dir, tmp_path, capsys):
