@@ -56,6 +56,7 @@ from torch import Tensor
 
 from analyze.results import DELTA_CE_BASELINES, DeltaCeResult, WindowSource
 from harvest import open_cache
+from harvest.atomic import atomic_savefig
 from harvest.errors import ModelError, UserError
 from harvest.models import ModelSource, load_bridge, load_tokenizer, resolve_device, resolve_model
 from harvest.run import TORCH_DTYPES
@@ -657,5 +658,5 @@ def plot_delta_ce(result: DeltaCeResult, path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)

@@ -39,6 +39,7 @@ from analyze.results import ExamplesSummary, to_jsonable
 from harvest import open_cache
 from harvest.atomic import atomic_write, atomic_write_json
 from harvest.errors import CacheError, SpecError
+from harvest.memory import require
 from train.objectives import FIRE_THRESHOLD
 from train.record import RunError, RunRecord, load_run
 from train.special import SpecialTokens
@@ -397,6 +398,10 @@ def run_examples(
         raise CacheError(f"the SAE has d_model {sae.cfg.d_model}, {cache.path} holds {cache.layout.d_model}")
     special = SpecialTokens.of(record.special_tokens, cache)  # the tokens (and vectors) the run trained on
     F, L, C = sae.cfg.n_latents, len(layers), cache.layout.context
+    # the top lists (a float32 value and an int64 id per entry, over all layers and per layer), about 3x over
+    # while a batch's candidates are merged in and when they are written
+    what = f"keeping the top {top:,} examples of {F:,} latents (over all layers and at each of {L})"
+    require(3 * (1 + L) * F * top * 12, dev, what, "--top")
 
     with _distributed() as (rank, world):
         budget = None if tokens is None else tokens // world + (rank < tokens % world)

@@ -9,6 +9,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from harvest.atomic import atomic_savefig
+
 
 def _pyplot():
     import matplotlib
@@ -35,7 +37,7 @@ def layer_heatmap(p: Tensor, mean: Tensor, layers: Sequence[int], path: str | Pa
     ax.set_ylabel("layer")
     ax.set_xlabel(f"latent ({img.shape[1]:,} with activation mass), sorted by E[L | J]")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    atomic_savefig(fig, path, dpi=150)
     plt.close(fig)
 
 
@@ -54,5 +56,5 @@ def mean_layer_histogram(mean: Tensor, layers: Sequence[int], path: str | Path) 
     ax.set_ylabel("latents")
     ax.set_title(f"{len(m):,} latents with activation mass")
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    atomic_savefig(fig, path, dpi=150)
     plt.close(fig)

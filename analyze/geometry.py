@@ -20,6 +20,7 @@ import torch
 
 from analyze.results import MmcsResult, ResidResult
 from harvest import ChunkReader, UserError, open_cache
+from harvest.atomic import atomic_savefig
 from harvest.models import resolve_device
 
 COSINE_PNG = "resid_cosine.png"
@@ -238,7 +239,7 @@ def _figures(r: ResidResult, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / COSINE_PNG, dpi=120)
+        atomic_savefig(fig, out / COSINE_PNG, dpi=120)
         plt.close(fig)
         names.append(COSINE_PNG)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -251,7 +252,7 @@ def _figures(r: ResidResult, out: Path) -> list[str]:
     ax.set_title(f"Residual norm by layer: {title}", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(out / NORM_PNG, dpi=120)
+    atomic_savefig(fig, out / NORM_PNG, dpi=120)
     plt.close(fig)
     names.append(NORM_PNG)
     return names

@@ -28,6 +28,7 @@ import torch
 from analyze.layers import DEFINITIONS
 from analyze.results import PromptLatents, PromptResult, PromptToken, TopLatent
 from harvest import UserError, open_cache
+from harvest.atomic import atomic_savefig
 from harvest.errors import CacheError, ModelError
 
 PROMPT_PNG = "prompt.png"
@@ -329,6 +330,6 @@ def _figure(acc: Any, r: PromptResult, out: Path) -> str:
     )
     bx.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / PROMPT_PNG, dpi=120)
+    atomic_savefig(fig, out / PROMPT_PNG, dpi=120)
     plt.close(fig)
     return PROMPT_PNG

@@ -25,6 +25,7 @@ from analyze.results import (
     RunReconstruction,
 )
 from harvest import open_cache
+from harvest.atomic import atomic_open, atomic_savefig
 from harvest.models import resolve_device
 from train.evaluate import evaluate
 from train.record import RunError, RunRecord, load_run
@@ -186,7 +187,7 @@ def compare(runs: list[RunReconstruction], columns: list[int], key: str = "fvu")
 
 
 def write_matrix_csv(path: Path, rows: list[str], columns: list[int], matrix: list[list[float]]) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["sae", *[f"layer {l}" for l in columns]])
         for label, values in zip(rows, matrix):
@@ -289,5 +290,5 @@ def plot_reconstruction(result: ReconstructionResult, path: Path) -> None:
     ax2.set_title("diagonal vs off-diagonal")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)

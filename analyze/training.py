@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from analyze.results import HeldOutCurve, ResultError, TrainingResult
+from harvest.atomic import atomic_savefig
 
 HELDOUT_CSV = "heldout.csv"
 HELDOUT_PNG = "heldout_fvu.png"
@@ -88,5 +89,5 @@ def plot_curves(result: TrainingResult, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)

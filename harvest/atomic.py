@@ -2,17 +2,25 @@
 
 The temporary file is created with O_EXCL under a random name INSIDE the destination folder (never a
 predictable name, never outside it), fsynced, renamed over the destination, and the folder fsynced; on
-any failure it is removed. Every local write of a run folder, a lens, or a cache's metadata goes here.
+any failure it is removed. Every local write of a run folder, a lens, or a cache's metadata goes here:
+files (`atomic_write*`, `atomic_open`), figures (`atomic_savefig`), copies (`atomic_copy`), and the one
+file that grows while a command runs (`open_log`, metrics.jsonl), which is opened without following links
+and only if it is a regular file of ours. A link planted at an output path is replaced by the rename (the
+link itself, never its target) and never written through.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from .errors import StorageError
 
 
 def _fsync(path: str | Path, flags: int) -> None:
@@ -31,20 +39,27 @@ def fsync_file(path: str | Path) -> None:
     _fsync(path, os.O_NOFOLLOW)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """Call `write(tmp)` on a fresh empty temporary file next to `path`, then fsync and rename it over `path`."""
-    path = Path(path)
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A fresh empty temporary file next to `path` (O_EXCL, random name); after the block, fsynced and
+    renamed over `path`; removed if the block raised."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
-        write(tmp)
+        yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Call `write(tmp)` on a fresh empty temporary file next to `path`, then fsync and rename it over `path`."""
+    with _replacing(Path(path)) as tmp:
+        write(tmp)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -57,6 +72,49 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent))
+
+
+@contextmanager
+def atomic_open(path: str | Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """`with atomic_open(path, "w", newline="") as f:` writes `f` to a temporary file that replaces `path`
+    once the block finished without an exception (nothing is left otherwise)."""
+    with _replacing(Path(path)) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+
+
+def atomic_savefig(fig: Any, path: str | Path, **kwargs: Any) -> None:
+    """matplotlib's fig.savefig, atomically (the format from `path`'s suffix, as savefig would pick it)."""
+    path = Path(path)
+    fmt = kwargs.pop("format", None) or path.suffix.lstrip(".") or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """A copy of the regular file `src` at `dst`, atomically (a link at `dst` is replaced, not followed)."""
+    import shutil
+
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def open_log(path: str | Path, fresh: bool) -> IO[str]:
+    """A text file to append lines to for the whole command (metrics.jsonl). `fresh`: a new empty file
+    replaces whatever is at `path` (a planted link included, never its target). Otherwise the existing
+    file is opened for appending without following a link (O_NOFOLLOW) and only if it is a regular file
+    owned by this user; anything else is a StorageError naming it and how to fix it."""
+    path = Path(path)
+    if fresh:
+        atomic_write_bytes(path, b"")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        if os.path.islink(path):
+            raise StorageError(f"{path} is a symbolic link this run did not make: remove the link, then rerun")
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+        os.close(fd)
+        raise StorageError(f"{path} is not a regular file of this user: remove it, then rerun")
+    return os.fdopen(fd, "a")
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:

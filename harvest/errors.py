@@ -46,6 +46,25 @@ class Interrupted(BaseException):
     must not swallow this. A BaseException, so `except Exception` clean-up code lets it through."""
 
 
+def one_line(text: str, limit: int | None = None) -> str:
+    """`text` fit for a one-line message: terminal escape codes and other control characters removed, line
+    breaks and runs of blanks turned into one space (a library's error may carry colour codes)."""
+    import re
+
+    text = re.sub(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])", "", text)
+    text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", "", text)
+    text = " ".join(text.split())
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
+
+
+def human_bytes(n: float) -> str:
+    """A byte count for a message, in the unit that keeps it readable: 512 B, 12.3 kB, 4.56 GB."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
 def storage_error(e: OSError, where: object = None) -> StorageError:
     """THE one line for a failed file-system operation, by its cause (full disk, permissions, a missing or
     wrong kind of path); `where` names the file when the OSError does not. Used by the stores' writes and,
@@ -60,7 +79,9 @@ def storage_error(e: OSError, where: object = None) -> StorageError:
         )
     if where is None:  # some libraries put the path in the message only
         return StorageError(f"{e}: check the path and the disk")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+    if e.errno == errno.ELOOP:
+        return StorageError(f"{where} is a symbolic link this command did not make: remove the link, then rerun")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
         return StorageError(f"cannot write {where} ({e.strerror}): choose a writable --out")
     if isinstance(e, FileNotFoundError):
         return StorageError(f"{where} not found ({e.strerror}): check the path")

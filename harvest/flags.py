@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import signal
 import sys
 import types
@@ -14,9 +15,10 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Optional, TypeVar
 import typer
 import yaml
 
-from .errors import Interrupted, SpecError, UserError, storage_error
+from .errors import Interrupted, SpecError, UserError, one_line, storage_error
 
 T = TypeVar("T", bound="FlagConfig")
+SEED_MAX = 2**63 - 1  # every seed (harvest, lens, train, held-out split) fits torch's and numpy's generators
 
 
 def default_note(value: Any) -> str:
@@ -94,8 +96,12 @@ def check_value(name: str, value: Any, hint: Any) -> Any:
             raise SpecError(f"{name} = {value!r} is not supported: use one of {', '.join(map(str, allowed))}")
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # nan / inf only ever end in a NaN loss or a useless run
+            raise SpecError(f"{name} = {value!r} must be a finite number")
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        if hint is int and (name == "seed" or name.endswith("_seed")) and not 0 <= value <= SEED_MAX:
+            raise SpecError(f"{name} = {value} is out of range: use an integer from 0 to 2^63-1")
         return value
     if typing.get_origin(hint) is list and isinstance(value, (list, tuple)):
         (item,) = typing.get_args(hint)
@@ -248,9 +254,9 @@ def run_app(app: typer.Typer, on_interrupt: str) -> None:
     try:
         app()
     except UserError as e:
-        leave(f"[red]error:[/] {escape(str(e))}", 2)
+        leave(f"[red]error:[/] {escape(one_line(str(e)))}", 2)
     except OSError as e:  # a file-system failure nothing more specific caught (full disk, read-only, ...)
-        leave(f"[red]error:[/] {escape(str(storage_error(e)))}", 2)
+        leave(f"[red]error:[/] {escape(one_line(str(storage_error(e))))}", 2)
     except Interrupted:
         leave(escape(on_interrupt), 130)
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_torch_save, atomic_write_json
+from .atomic import atomic_copy, atomic_torch_save, atomic_write_json
 from .errors import UserError
 
 HUB_REPO = "AlignmentResearch/tuned-lens"  # a Hugging Face *space*; lenses live under lens/<model id>/
@@ -337,7 +336,7 @@ class LensSource:
     def copy_to(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for f in (CONFIG_FILE, PARAMS_FILE):
-            shutil.copyfile(self.folder / f, folder / f)
+            atomic_copy(self.folder / f, folder / f)
 
 
 def resolve_lens(value: str, model_hub_id: str | None) -> LensSource | None:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from .atomic import atomic_torch_save, atomic_write_json
+from .atomic import atomic_savefig, atomic_torch_save, atomic_write_json
 from .errors import storage_error
 from .flags import FlagConfig, flag_field
 from .lens import FinalNorm, Lens, LensError, Unembed, final_norm_and_unembed
@@ -138,6 +138,11 @@ class LensTrainConfig(FlagConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise LensError(f"{name} = {v!r} must be a positive integer")
+        if not (self.lr_scale > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0 and self.clip > 0):
+            raise LensError(
+                f"lr_scale = {self.lr_scale}, momentum = {self.momentum}, weight_decay = {self.weight_decay}, "
+                f"clip = {self.clip}: need lr_scale > 0, 0 <= momentum < 1, weight_decay >= 0 and clip > 0"
+            )
         if not isinstance(self.heldout, int) or self.heldout < 1:
             raise LensError(f"heldout = {self.heldout!r}: hold out at least 1 window for the KL report")
         return self
@@ -471,5 +476,5 @@ def plot_kl(report: LensReport, path: Path) -> None:
     ax.set_title(f"held-out KL, {report.heldout_tokens:,} tokens; trained on {report.train_tokens:,}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)

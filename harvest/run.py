@@ -31,7 +31,7 @@ from .cache import (
     to_storage,
 )
 from .env import Dist, library_versions
-from .errors import CacheError, NonFiniteError, SpecError, StorageError
+from .errors import CacheError, NonFiniteError, SpecError, StorageError, human_bytes
 from .lens import LensSource, resolve_lens
 from .lock import Lock
 from .models import (
@@ -243,8 +243,8 @@ def _check_disk_space(out: Store, layout: Layout, remaining_tokens: int) -> None
     free = out.free_space()  # None on an object store
     if free is not None and need > free:
         raise StorageError(
-            f"not enough disk space at {out.location}: the cache needs ~{need / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB are free; free space, lower --tokens, or choose another --out"
+            f"not enough disk space at {out.location}: the cache needs ~{human_bytes(need)}, "
+            f"{human_bytes(free)} are free; free space, lower --tokens, or choose another --out"
         )
 
 

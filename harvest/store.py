@@ -36,6 +36,7 @@ import numpy as np
 
 from .atomic import atomic_write, fsync_dir
 from .errors import StorageError, StoreError, storage_error
+from .settings import env_int, env_number
 
 REMOTE_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "azure"}
 ENV_HINT = {
@@ -344,9 +345,9 @@ def write_error(e: OSError, where: str) -> StorageError:
 
 def _retry_config() -> dict[str, Any]:
     # Bounded: an unreachable endpoint fails after ~MLSAE_STORE_RETRY_SECONDS instead of object_store's 3 min.
-    seconds = float(os.environ.get("MLSAE_STORE_RETRY_SECONDS", "60"))
+    seconds = env_number("MLSAE_STORE_RETRY_SECONDS", 60, 0.1, 86400, unit=" seconds")
     return {
-        "max_retries": int(os.environ.get("MLSAE_STORE_RETRIES", "8")),
+        "max_retries": env_int("MLSAE_STORE_RETRIES", 8, 0, 100),
         "retry_timeout": timedelta(seconds=seconds),
         "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=8), "base": 2},
     }
@@ -368,10 +369,11 @@ class ObjectStore(Store):
         from obstore.store import from_url
 
         self._ob = obstore
+        retry = _retry_config()  # a bad MLSAE_STORE_* value is its own line, not "check the URL"
         try:
             # (client_options timeouts are left at object_store's defaults: setting any of them made every
             # request fail with "builder error" in obstore 0.12.1)
-            self._store = from_url(self.location, retry_config=_retry_config())  # type: ignore[arg-type]
+            self._store = from_url(self.location, retry_config=retry)  # type: ignore[arg-type]
         except Exception as e:  # obstore raises its own config errors for bad URLs and settings
             raise StoreError(f"cannot use {url!r} ({_first_line(e)}): check the URL and the {self._env()} settings")
 
@@ -410,6 +412,12 @@ class ObjectStore(Store):
             if not self._has_credentials():
                 return StoreError(f"{where}: access denied and no credentials are set: set {self._env()}")
             return StoreError(f"permission denied to {verb} {where}: grant {verb} access or choose another location")
+        if "BadScheme" in text or ("builder error" in text and "http://" in text):
+            allow = {"s3": "AWS_ALLOW_HTTP", "az": "AZURE_ALLOW_HTTP"}.get(self.scheme, "the allow_http setting")
+            return StoreError(
+                f"{where}: the endpoint is plain http and {allow} is not set: set {allow}=true for a trusted "
+                f"local endpoint, or use an https endpoint"
+            )
         if "error sending request" in text or "Connect" in text or "dns error" in text or "timed out" in text:
             return StoreError(
                 f"cannot reach the object store for {self.location} ({_first_line(e)}): check the network and "
@@ -540,9 +548,9 @@ class ReadThroughStore(Store):
         tag = hashlib.sha256(remote.location.encode()).hexdigest()[:16]
         self.local = LocalStore(Path(folder).expanduser() / f"{location_name(remote.location)}-{tag}")
         if max_bytes is None:
-            env = os.environ.get("MLSAE_LOCAL_CACHE_GB")
+            env = env_number("MLSAE_LOCAL_CACHE_GB", -1, 1e-6, 1e9, unit=" GB")  # -1: unset
             free = self.local.free_space() or 0
-            max_bytes = int(float(env) * 1e9) if env else int(0.8 * (free + sum(self.local.list().values())))
+            max_bytes = int(env * 1e9) if env > 0 else int(0.8 * (free + sum(self.local.list().values())))
         self.max_bytes = max_bytes
         self._mutex = threading.Lock()
         self._fetching: dict[str, threading.Lock] = {}

@@ -301,8 +301,9 @@ def test_report_of_a_legacy_run_leaves_out_delta_ce_in_one_line_and_no_stale_res
     legacy = tmp_path / "legacy"
     shutil.copytree(gsae, legacy, ignore=shutil.ignore_patterns("analysis"))
     record = load_run(legacy)
+    sae = record.load_sae()
     record.heldout = HeldOut.legacy([7], 128)  # one shuffled chunk: no window lies wholly in it
-    record.save()
+    record.save_with_weights(sae)  # as training would have written it
     out = tmp_path / "report"
     out.mkdir()
     (out / "delta_ce.json").write_text("{}")  # stale, and even of an older format

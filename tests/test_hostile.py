@@ -579,3 +579,309 @@ def test_ctrl_c_during_an_analysis_prints_the_line(trained_run, tmp_path):
     done = _interrupt_when(cmd, lambda seen: "variance" in seen)
     assert_interrupted(done, "interrupted: rerun the same command to start the analysis again")
     assert not (tmp_path / "rep" / "report.html").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# round 2 (issue 18): outputs, settings, locks, numeric flags, sizes, run folders bound to their weights
+
+
+def _assert_clean(err: str) -> None:
+    assert "Traceback" not in err and "panicked" not in err and "\x1b" not in err, err[-2000:]
+
+
+def _victim(tmp_path: Path, name: str = "victim") -> Path:
+    victim = tmp_path / name
+    victim.write_text("precious")
+    return victim
+
+
+def test_train_run_never_appends_to_a_planted_metrics_link(train_cache, tmp_path, capsys):
+    """Fresh: a folder holding only the planted link is not a run (refused); resumed: the link is refused
+    in one line, its target untouched either way."""
+    victim = _victim(tmp_path)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to(victim)
+    args = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**TRAIN, tokens=512 * 2)]
+    one_line_error(run_cli(args, capsys, prog="train"), str(out))
+    (out / "metrics.jsonl").unlink()
+    assert run_cli(args, capsys, prog="train")[0] == 0
+    (out / "summary.json").unlink()  # unfinished: the next command resumes and appends to metrics.jsonl
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").symlink_to(victim)
+    one_line_error(run_cli(args, capsys, prog="train"), "metrics.jsonl", "symbolic link", "remove the link")
+    assert victim.read_text() == "precious"
+
+
+def test_analysis_outputs_replace_planted_links_and_never_write_through_them(trained_run, tmp_path, capsys):
+    """CSVs, the PNG and the JSON of `analyze reconstruction`: each planted link is replaced by the real
+    file (the rename replaces the link itself), every target stays as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ["fvu_matrix.csv", "fvu_feature_matrix.csv", "reconstruction.png", "reconstruction.json"]
+    victims = {n: _victim(tmp_path, f"victim-{n}") for n in names}
+    for n in names:
+        (out / n).symlink_to(victims[n])
+    code, _, err = run_cli(["reconstruction", "--sae", trained_run, "--out", out, "--tokens", "256"], capsys, "analyze")
+    assert code == 0, err
+    _assert_clean(err)
+    for n in names:
+        assert not (out / n).is_symlink() and (out / n).stat().st_size > 0, n
+        assert victims[n].read_text() == "precious", n
+    assert (out / "reconstruction.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_open_log_refuses_links_and_files_of_other_kinds(tmp_path):
+    from harvest.atomic import open_log
+    from harvest.errors import StorageError
+
+    victim = _victim(tmp_path)
+    (tmp_path / "link").symlink_to(victim)
+    with pytest.raises(StorageError, match="symbolic link"):
+        open_log(tmp_path / "link", fresh=False)
+    (tmp_path / "fifo").mkdir()
+    with pytest.raises((StorageError, OSError)):
+        open_log(tmp_path / "fifo", fresh=False)
+    with open_log(tmp_path / "link", fresh=True) as f:  # a fresh log replaces the link, never its target
+        f.write("x\n")
+    assert victim.read_text() == "precious" and (tmp_path / "link").read_text() == "x\n"
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "0", "-5", "inf", "1e9"])
+def test_bad_lock_lease_setting_is_one_line_naming_it(value, train_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLSAE_LOCK_LEASE_SECONDS", value)
+    args = ["run", "--quiet", "--cache", train_cache, "--out", tmp_path / "r", *flags(**TRAIN, tokens=512)]
+    line = one_line_error(run_cli(args, capsys, prog="train"), "MLSAE_LOCK_LEASE_SECONDS", "from 1 to 604800")
+    assert repr(value) in line and not (tmp_path / "r" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["MLSAE_LOCK_LEASE_SECONDS", "MLSAE_READ_REQUESTS", "MLSAE_STORE_RETRIES", "MLSAE_LOCAL_CACHE_GB"]
+)
+def test_bad_settings_never_crash_at_import(name):
+    code = "import harvest, harvest.lock, harvest.reader, harvest.store, train.loop, analyze.cli; print('ok')"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**env(), name: "abc"}, capture_output=True, text=True,
+        cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "name, value, fragment",
+    [
+        ("MLSAE_READ_REQUESTS", "0", "from 1 to 1024"),
+        ("MLSAE_STORE_RETRIES", "abc", "from 0 to 100"),
+        ("MLSAE_STORE_RETRY_SECONDS", "nan", "from 0.1 to 86400"),
+        ("MLSAE_LOCAL_CACHE_GB", "-1", "GB"),
+    ],
+)
+def test_bad_store_settings_name_the_variable_not_the_url(name, value, fragment, monkeypatch):
+    from harvest.reader import read_requests
+    from harvest.settings import SettingError
+    from harvest.store import ObjectStore, ReadThroughStore, open_store
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingError) as e:
+        if name == "MLSAE_READ_REQUESTS":
+            read_requests()
+        elif name == "MLSAE_LOCAL_CACHE_GB":
+            ReadThroughStore(open_store("/tmp"), "/tmp/nowhere", lambda k: None)
+        else:
+            ObjectStore("s3://some-bucket/x")
+    msg = str(e.value)
+    assert msg.startswith(f"{name}={value!r}") and fragment in msg and "URL" not in msg and "\n" not in msg
+
+
+LOCK_DAMAGE = {
+    "pid a string": ({"pid": "abc"}, "'pid' is \"abc\""),
+    "lease_until null": ({"lease_until": None}, "'lease_until' is null"),
+    "no pid": ({"pid": None, "_drop": "pid"}, "no 'pid' field"),
+    "host a number": ({"host": 7}, "'host' is 7"),
+    "negative pid": ({"pid": -4}, "out of range"),
+    "not json": (b"{nope", "not JSON"),
+    "a list": (b"[1, 2]", "a JSON list"),
+}
+
+
+@pytest.mark.parametrize("kind", list(LOCK_DAMAGE))
+def test_malformed_lock_objects_are_one_line_saying_how_to_remove_them(kind, train_cache, tmp_path, capsys):
+    from harvest.cache import LOCK_KEY
+
+    out = tmp_path / "r"
+    out.mkdir()
+    edit, fragment = LOCK_DAMAGE[kind]
+    if isinstance(edit, bytes):
+        raw = edit
+    else:
+        body = {"what": "train run", "pid": 1, "host": "elsewhere", "since": "then", "lease_until": time.time() + 60}
+        body.update({k: v for k, v in edit.items() if k != "_drop"})
+        body.pop(edit.get("_drop", "-"), None)
+        raw = json.dumps(body).encode()
+    (out / LOCK_KEY).write_bytes(raw)
+    args = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**TRAIN, tokens=512)]
+    line = one_line_error(run_cli(args, capsys, prog="train"), "is not a lock this program wrote", fragment)
+    assert f"delete {out / LOCK_KEY}" in line
+    assert (out / LOCK_KEY).read_bytes() == raw and not (out / "config.json").exists()
+
+
+def test_malformed_lock_object_in_a_bucket_is_one_line(bucket):
+    from harvest.cache import LOCK_KEY
+    from harvest.lock import Lock, LockInvalid
+    from harvest.store import open_store
+
+    open_store(bucket + "/place").put(LOCK_KEY, json.dumps({"pid": "abc", "host": "h", "lease_until": None}).encode())
+    with pytest.raises(LockInvalid) as e:
+        Lock(bucket + "/place", "harvest run").acquire()
+    assert f"delete {bucket}/place/{LOCK_KEY}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_foreign_lock_with_a_far_future_lease_tells_the_truth(train_cache, tmp_path, capsys):
+    from harvest.cache import LOCK_KEY
+
+    out = tmp_path / "r"
+    out.mkdir()
+    until = time.time() + 10 * 365 * 86400
+    body = {"what": "train run", "pid": 4242, "host": "elsewhere", "since": "then", "command": "train run --x"}
+    (out / LOCK_KEY).write_text(json.dumps({**body, "lease_until": until}))
+    args = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**TRAIN, tokens=512)]
+    line = one_line_error(run_cli(args, capsys, prog="train"), "pid 4242 on elsewhere", "train run --x")
+    assert time.strftime("%Y-%m-%d", time.localtime(until)) in line and "within" not in line
+    assert f"delete {out / LOCK_KEY}" in line and "deliberately" in line
+    (out / LOCK_KEY).unlink()  # the documented way to break it
+    assert run_cli(args, capsys, prog="train")[0] == 0
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--lr", "inf"], "lr = inf must be a finite number"),
+        (["--aux-coef", "nan"], "aux_coef = nan must be a finite number"),
+        (["--lr", "0"], "lr = 0.0 must be a positive number"),
+        (["--aux-coef", "-1"], "aux_coef = -1.0 must be >= 0"),
+        (["--seed", str(2**63)], "seed = 9223372036854775808 is out of range"),
+        (["--heldout-seed", "-1"], "heldout_seed = -1 is out of range"),
+    ],
+)
+def test_numeric_train_flags_out_of_range_are_one_line(extra, fragment, train_cache, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**TRAIN, tokens=512), *extra]
+    one_line_error(run_cli(args, capsys, prog="train"), fragment)
+    assert not out.exists()
+
+
+def test_harvest_seed_range_matches_trains(neox_dir, text_dir, tmp_path, capsys):
+    out = tmp_path / "c"
+    one_line_error(run_cli(run_args(neox_dir, text_dir, out, "--seed", str(2**63)), capsys), "0 to 2^63-1")
+    assert not out.exists()
+
+
+def test_an_sae_larger_than_memory_is_refused_before_allocating(train_cache, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**{**TRAIN, "expansion_factor": 10**9})]
+    line = one_line_error(run_cli(args, capsys, prog="train"), "needs ~", "are available", "lower --expansion-factor")
+    assert "TB" in line or "PB" in line or "GB" in line
+    assert not out.exists()
+
+
+def test_examples_top_larger_than_memory_is_refused_before_allocating(trained_run, tmp_path, capsys):
+    args = ["examples", "--sae", trained_run, "--top", str(10**12), "--out", tmp_path / "x", "--no-browser"]
+    one_line_error(run_cli(args, capsys, "analyze"), "needs ~", "lower --top")
+    assert not (tmp_path / "x" / "examples.json").exists()
+
+
+def _edit_json(path: Path, edit) -> None:
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d, indent=1))
+
+
+RUN_EDITS = {
+    "bit flip in the weights": lambda r: _flip(r / "sae.safetensors", (r / "sae.safetensors").stat().st_size - 5),
+    "k in both JSON files": lambda r: (
+        _edit_json(r / "config.json", lambda d: (d["sae"].update(k=3), d["train"].update(k=3))),
+        _edit_json(r / "sae_config.json", lambda d: d.update(k=3)),
+    ),
+    "layers": lambda r: _edit_json(r / "config.json", lambda d: d.update(layers=d["layers"][:-1])),
+    "held-out windows": lambda r: _edit_json(r / "config.json", lambda d: d["heldout"]["windows"].pop()),
+    "weights swapped with another run's": lambda r: (r / "sae.safetensors").write_bytes(
+        (r.parent / "other" / "sae.safetensors").read_bytes()
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(RUN_EDITS))
+def test_run_folder_bound_to_its_weights(kind, trained_run, train_cache, tmp_path, capsys):
+    import shutil
+
+    from train.config import TrainConfig
+    from train.loop import train
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    if "another run" in kind:
+        other = dict(TRAIN, seed=1)
+        train([TrainConfig(cache=str(train_cache), out=str(tmp_path / "other"), tokens=512 * 4, **other)], False)
+        capsys.readouterr()
+    RUN_EDITS[kind](run)
+    line = one_line_error(run_cli(["variance", "--sae", run, "--tokens", "256"], capsys, "analyze"), str(run))
+    assert "restore" in line and "retrain" in line, line
+    one_line_error(run_cli(["export", run, "--format", "saelens", "--out", tmp_path / "e"], capsys, "train"))
+    assert not (tmp_path / "e").exists()
+
+
+def test_run_folders_of_the_previous_format_still_load_with_a_warning(trained_run, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    _edit_json(run / "config.json", lambda d: (d.update(format_version=2), d.pop("weights_sha256")))
+    code, _, err = run_cli(["variance", "--sae", run, "--tokens", "256"], capsys, "analyze")
+    assert code == 0, err
+    warnings = [l for l in err.splitlines() if l.startswith("warning:")]
+    assert warnings and "format 2" in warnings[0] and "not checked" in warnings[0]
+
+
+def test_resume_refuses_a_checkpoint_of_an_edited_record(train_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**TRAIN, tokens=512 * 2)]
+    assert run_cli(args, capsys, prog="train")[0] == 0
+    (out / "summary.json").unlink()
+    _edit_json(out / "config.json", lambda d: (d["sae"].update(k=3), d["train"].update(k=3)))
+    # the flags agree with the edited record (same hyperparameters); the checkpoint, trained with k=4, does not
+    args = ["run", "--quiet", "--cache", train_cache, "--out", out, *flags(**{**TRAIN, "k": 3}, tokens=512 * 2)]
+    one_line_error(run_cli(args, capsys, prog="train"), "checkpoint.pt", "sae, train differ")
+
+
+def test_pickled_model_weights_are_one_line_without_escape_codes(neox_dir, text_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    model = copy_model(neox_dir, tmp_path / "model")
+    tensors = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    torch.save({**tensors, "x": Planted(tmp_path / "pwned")}, model / "pytorch_model.bin")
+    code, out, err = run_cli(run_args(model, text_dir, tmp_path / "c"), capsys)
+    line = one_line_error((code, out, err), "cannot load the weights", "could run code", "model.safetensors")
+    _assert_clean(err)
+    assert "TransformerLens" not in line and not (tmp_path / "pwned").exists()
+
+
+def test_escape_codes_never_reach_the_terminal():
+    from harvest.errors import one_line
+
+    assert one_line("\x1b[1m\x1b[31mbad\x1b[0m thing\nmore\x07") == "bad thing more"
+
+
+def test_plain_http_endpoint_without_allow_http_says_so(bucket, monkeypatch):
+    from harvest.errors import StoreError
+    from harvest.store import open_store
+
+    monkeypatch.delenv("AWS_ALLOW_HTTP")
+    with pytest.raises(StoreError) as e:
+        open_store(bucket + "/x").get("zarr.json")
+    msg = str(e.value)
+    assert "AWS_ALLOW_HTTP=true" in msg and "rerun" not in msg and "\n" not in msg
+
+
+def test_byte_counts_are_shown_in_readable_units():
+    from harvest.errors import human_bytes
+
+    assert [human_bytes(n) for n in (10, 12_300, 4.56e9, 3e13)] == ["10 B", "12.3 kB", "4.56 GB", "30 TB"]

@@ -66,7 +66,7 @@ def test_a_new_record_round_trips_and_masks_by_window(tmp_path):
     rec = _record(tmp_path)
     path = rec.save()
     d = json.loads(path.read_text())
-    assert d["format_version"] == 2 and "eval_chunks" not in d and d["heldout"]["windows"] == [1, 3, 9]
+    assert d["format_version"] == 3 and "eval_chunks" not in d and d["heldout"]["windows"] == [1, 3, 9]
     back = read_record(tmp_path)
     assert back.label() == "L1" and not back.finished and not back.has_sae
     assert back.to_json() == rec.to_json()

@@ -28,6 +28,7 @@ class Checkpoint:
     dead: dict[str, Tensor]  # DeadLatents.state_dict()
     stream: list[dict[str, Any]]  # every rank's StreamState (train/data.py), in rank order
     fvu_initial: dict[str, Any] | None  # the held-out metrics before training (EvalResult.to_dict())
+    run: dict[str, Any] | None = None  # RunRecord.binding() of the run that wrote it (None: older checkpoints)
 
     def save(self, folder: Path) -> None:
         state = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -49,9 +50,11 @@ class Checkpoint:
             return None
         try:
             state = torch.load(path, map_location=device, weights_only=True)
-            ck = cls(**{f.name: state[f.name] for f in fields(cls)})
+            ck = cls(**{f.name: state[f.name] if f.name != "run" else state.get("run") for f in fields(cls)})
             if not isinstance(ck.step, int) or not isinstance(ck.stream, list):
                 raise TypeError("step or stream of the wrong type")
+            if ck.run is not None and not isinstance(ck.run, dict):
+                raise TypeError("run of the wrong type")
         except Exception as e:  # a pickle with code in it, a truncated file, another program's file
             raise RunError(
                 f"{path} is not a checkpoint of `train run` ({short_error(e)}): delete it to restart this run "

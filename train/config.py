@@ -91,7 +91,9 @@ class TrainConfig(FlagConfig):
         if self.tokens < 0 or self.eval_tokens < 0 or self.warmup_steps < 0 or self.eval_every < 0:
             raise SpecError("tokens, eval_tokens, eval_every and warmup_steps must be >= 0")
         if not self.lr > 0:
-            raise SpecError(f"lr = {self.lr} must be positive")
+            raise SpecError(f"lr = {self.lr} must be a positive number (e.g. 1e-4)")
+        if not self.aux_coef >= 0:
+            raise SpecError(f"aux_coef = {self.aux_coef} must be >= 0 (0 turns AuxK off; default 1/32)")
         if self.layers != "all":
             try:
                 int(self.layers)

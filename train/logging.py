@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from harvest.atomic import open_log
 from harvest.errors import UserError
 from train.record import METRICS, short_error
 
@@ -84,7 +85,7 @@ class JsonlSink:
 
     def __init__(self, folder: Path, fresh: bool):
         self.path = folder / METRICS
-        self.file = open(self.path, "w" if fresh else "a")  # noqa: SIM115 (open for the whole run)
+        self.file = open_log(self.path, fresh)
 
     def _write(self, obj: dict[str, Any]) -> None:
         self.file.write(json.dumps(obj) + "\n")

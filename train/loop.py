@@ -30,6 +30,7 @@ from harvest.cache import LOCK_KEY
 from harvest.env import Dist, library_versions
 from harvest.errors import SpecError, UserError
 from harvest.lock import Lock, exclusive
+from harvest.memory import require
 from harvest.models import resolve_device
 from harvest.progress import progress_bar
 from train.checkpoint import Checkpoint
@@ -179,6 +180,7 @@ def _train(
 def _setup(configs: list[TrainConfig], dist: Dist, locks: ExitStack, log: Callable[[str], None]) -> Pass:
     """The pass and its runs: folders locked and checked, records written, resume states loaded."""
     p = _plan(configs, dist, log)
+    _check_memory(configs, p, dist)
     for cfg in configs:
         run = _open_run(cfg, cfg.layer_list(p.cache.layers), p, dist, locks, log)
         if run is None:
@@ -200,6 +202,32 @@ def _setup(configs: list[TrainConfig], dist: Dist, locks: ExitStack, log: Callab
             + (f"; resuming at step {p.start_step}" if p.start_step else "")
         )
     return p
+
+
+def training_bytes(configs: list[TrainConfig], p: Pass, world_size: int = 1) -> int:
+    """What a pass allocates on its device, estimated from the shapes before anything is allocated: per SAE
+    its weights, their gradients and Adam's two moments (float32), the pre-activation chunk, and one batch's
+    activations and TopK results; shared, the shuffle buffer of two rounds of chunks and the batch."""
+    layout, d = p.cache.layout, p.cache.layout.d_model
+    per_rank = p.batch_tokens // world_size
+    need = 0
+    for cfg in configs:
+        n_latents, layers = cfg.expansion_factor * d, len(cfg.layer_list(p.cache.layers))
+        need += 16 * (2 * n_latents * d + d) + 8 * n_latents  # weights, gradients, Adam moments; dead counters
+        need += min(n_latents * per_rank * layers, 2**25) * 4  # the encoder's pre-activation chunk
+        need += per_rank * layers * (4 * d * 4 + cfg.k * 12 * 3)  # x, x~, x_hat, their gradients; TopK
+    itemsize = p.cache.dtype.itemsize
+    need += 2 * configs[0].round_chunks * layout.chunk_tokens * len(p.layers) * d * itemsize  # this + next round
+    need += per_rank * len(p.layers) * d * 4  # the batch in float32
+    return need
+
+
+def _check_memory(configs: list[TrainConfig], p: Pass, dist: Dist) -> None:
+    need = training_bytes(configs, p, dist.world_size)
+    latents = max(c.expansion_factor for c in configs) * p.cache.layout.d_model
+    what = f"training {len(configs)} SAE(s) of up to {latents:,} latents"
+    lower = "--expansion-factor, --batch-tokens or --round-chunks"
+    require(need, p.device, what, lower + (" (or train fewer SAEs at once)" if len(configs) > 1 else ""))
 
 
 def _plan(configs: list[TrainConfig], dist: Dist, log: Callable[[str], None]) -> Pass:
@@ -326,6 +354,14 @@ def _restore(run: Run, ck: Checkpoint, dist: Dist) -> None:
             f"restart the run from scratch"
         )
     run.fvu_initial = ck.fvu_initial
+    if ck.run is not None and ck.run != run.record.binding():
+        mine = run.record.binding()
+        diff = sorted(k for k in set(mine) | set(ck.run) if mine.get(k) != ck.run.get(k))
+        raise TrainingError(
+            f"{run.out / CHECKPOINT} was written by a run whose {', '.join(diff)} differ from this one's (its "
+            f"config.json was edited, or the checkpoint belongs to another run): restore config.json, or delete "
+            f"{CHECKPOINT} to restart the run from scratch"
+        )
 
 
 def _stream(p: Pass, first: TrainConfig, dist: Dist) -> MinibatchStream:
@@ -487,7 +523,13 @@ def _checkpoint(runs: list[Run], step: int, stream: MinibatchStream, dist: Dist)
             if run.lock is not None:
                 run.lock.check()  # another process took the folder over (this one was suspended): stop writing
             ck = Checkpoint(
-                step, run.sae.state_dict(), run.opt.state_dict(), run.dead.state_dict(), states, run.fvu_initial
+                step,
+                run.sae.state_dict(),
+                run.opt.state_dict(),
+                run.dead.state_dict(),
+                states,
+                run.fvu_initial,
+                run.record.binding(),
             )
             ck.save(run.out)
 
@@ -505,7 +547,7 @@ def _finish(p: Pass, dist: Dist, clock: Throughput) -> list[dict]:
     tokens = p.steps * p.batch_tokens
     for run in p.runs if dist.rank == 0 else []:
         final = _evaluate(run, p, dist, p.steps)
-        run.sae.save(run.out)
+        run.record.save_with_weights(run.sae)  # bound both ways: an edit of either is refused on load
         summary = {
             "out": str(run.out),
             "layers": run.layers,

@@ -10,11 +10,18 @@ A run folder holds
 `load_run` is THE loader: every reader goes through it, and every problem with a folder is one
 `RunError` line. Folders written before this record had a version (format 1: `eval_chunks`, no
 `heldout`, `include_special`) still load; their held-out set is the legacy chunk split.
+
+From format 3 on, a run folder is bound to its weights both ways: config.json holds the sha256 of
+sae.safetensors (a changed or swapped file is refused), and the weights carry in their safetensors metadata
+what the record said when they were written (`binding`: the SAE config, layers, held-out set, special-token
+mode, cache fingerprint, steps, hyperparameters), so an edit of the JSON files, however consistent, is
+refused too. Folders of formats 1 and 2 predate this: they load with a warning line.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,11 +29,11 @@ from typing import Any
 from harvest.atomic import atomic_write_json
 from harvest.errors import UserError
 from train.config import TrainConfig, upgrade
-from train.sae import CONFIG_FILE, WEIGHTS_FILE, SaeConfig, TopKSae
+from train.sae import CONFIG_FILE, RUN_KEY, WEIGHTS_FILE, SaeConfig, TopKSae, weights_metadata
 from train.split import HeldOut
 
 RUN_FORMAT = "mlsae-run"
-RUN_FORMAT_VERSION = 2  # 1: the unversioned config.json of the first releases
+RUN_FORMAT_VERSION = 3  # 1: the unversioned config.json of the first releases; 2: before weights were bound
 CONFIG = "config.json"
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
@@ -78,6 +85,8 @@ class RunRecord:
     lr_effective: float
     world_size: int
     versions: dict[str, str]
+    weights_sha256: str | None = None  # of sae.safetensors, once training wrote it (format 3 on)
+    format_version: int = RUN_FORMAT_VERSION  # of the config.json it was read from
 
     # -- what a reader asks ----------------------------------------------------------------------
     @property
@@ -104,11 +113,19 @@ class RunRecord:
                 f"{self.dir} holds no trained SAE ({WEIGHTS_FILE} + {CONFIG_FILE}): let `train run` finish "
                 f"(rerun it to resume), or pass a finished run folder"
             )
+        bound = self._check_weights()
         try:
             sae = TopKSae.load(self.dir, device)
         except Exception as e:  # any parse failure of a file we did not just write is the user's to fix
             raise RunError(
                 f"{self.dir}: {WEIGHTS_FILE} or {CONFIG_FILE} is unreadable ({short_error(e)}): restore them or retrain"
+            )
+        if bound is not None and bound != self.binding():
+            mine = self.binding()
+            diff = sorted(k for k in set(mine) | set(bound) if mine.get(k) != bound.get(k))
+            raise RunError(
+                f"{self.dir / CONFIG}'s {', '.join(diff)} differ from what {WEIGHTS_FILE} was trained with "
+                f"(the record was edited or belongs to another run): restore config.json, or retrain"
             )
         if sae.cfg != self.sae:
             raise RunError(
@@ -116,6 +133,67 @@ class RunRecord:
                 f"the folder mixes two runs; retrain into a fresh --out"
             )
         return sae
+
+    def binding(self) -> dict[str, Any]:
+        """What the weights are bound to (stored in their metadata, compared on every load): everything of
+        the record that changes what the weights mean, but not where the cache lives now (it may move)."""
+        train = {k: v for k, v in self.train.hyperparameters().items() if k != "cache"}
+        return json.loads(
+            json.dumps(
+                {
+                    "sae": asdict(self.sae),
+                    "layers": list(self.layers),
+                    "heldout": self.heldout.to_dict(),
+                    "special_tokens": self.special_tokens,
+                    "cache_fingerprint": self.cache.fingerprint,
+                    "steps": self.steps,
+                    "lr_effective": self.lr_effective,
+                    "train": train,
+                },
+                sort_keys=True,
+            )
+        )
+
+    def save_with_weights(self, sae: TopKSae) -> None:
+        """Write the SAE (carrying `binding()`), then config.json with the weights' sha256: the two files
+        bound to each other. (Killed in between, the record lacks the hash: the run resumes and rewrites both.)"""
+        from harvest.models import file_sha256
+
+        sae.save(self.dir, run=self.binding())
+        self.weights_sha256 = file_sha256(self.dir / WEIGHTS_FILE)
+        self.save()
+
+    def _check_weights(self) -> dict[str, Any] | None:
+        """The binding stored in the weights (None for folders of formats 1-2, with a warning line), after
+        checking the weights' sha256 against the record's."""
+        weights = self.dir / WEIGHTS_FILE
+        if self.format_version < 3:
+            print(
+                f"warning: {self.dir} is a run folder of format {self.format_version}, written before weights "
+                f"were bound to their record: {WEIGHTS_FILE} is not checked against {CONFIG} (retrain to bind them)",
+                file=sys.stderr,
+            )
+            return None
+        if self.weights_sha256 is None:
+            raise RunError(
+                f"{self.dir / CONFIG} records no sha256 of {WEIGHTS_FILE} (training stopped while writing it): "
+                f"rerun the same `train run` to finish it"
+            )
+        from harvest.models import file_sha256
+
+        if file_sha256(weights) != self.weights_sha256:
+            raise RunError(
+                f"{weights} is not the file this run wrote (its sha256 differs from the one in {CONFIG}): restore "
+                f"it, or retrain"
+            )
+        try:
+            raw = weights_metadata(self.dir).get(RUN_KEY)
+            bound = json.loads(raw) if raw is not None else None
+        except Exception as e:
+            raise RunError(f"{weights} is unreadable ({short_error(e)}): restore it, or retrain")
+        if not isinstance(bound, dict):
+            raise RunError(f"{weights} does not say which run wrote it (no {RUN_KEY} metadata): restore it, or retrain")
+        return bound
 
     def summary(self) -> dict[str, Any] | None:
         """summary.json (written when training finished), or None before that."""
@@ -139,6 +217,7 @@ class RunRecord:
             "lr_effective": self.lr_effective,
             "world_size": self.world_size,
             "versions": dict(self.versions),
+            "weights_sha256": self.weights_sha256,
         }
 
     def save(self, folder: str | Path | None = None) -> Path:
@@ -151,6 +230,8 @@ class RunRecord:
     def from_json(cls, d: dict[str, Any], folder: str | Path) -> RunRecord:
         """A record from config.json's content (either format); ValueError/KeyError/TypeError if malformed."""
         version = d.get("format_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"format version {version!r} is not a positive integer")
         if version > RUN_FORMAT_VERSION:
             raise ValueError(f"format version {version} is newer than this code's {RUN_FORMAT_VERSION}")
         known = {f.name for f in fields(TrainConfig)}
@@ -174,7 +255,15 @@ class RunRecord:
             lr_effective=float(d["lr_effective"]),
             world_size=int(d.get("world_size", 1)),
             versions=dict(d.get("versions", {})),
+            weights_sha256=_sha256_field(d.get("weights_sha256")) if version >= 3 else None,
+            format_version=version,
         )
+
+
+def _sha256_field(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
+        return value
+    raise ValueError(f"weights_sha256 {str(value)[:80]!r} is not a sha256 hex digest")
 
 
 def short_error(e: BaseException) -> str:

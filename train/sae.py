@@ -32,9 +32,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from harvest.atomic import atomic_write, atomic_write_text
+
 STD_EPS = 1e-5  # x~ = (x - mean) / (std + STD_EPS), as the reference
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "sae_config.json"
+WEIGHTS_FORMAT = "mlsae-sae"  # safetensors metadata: "format", and the two keys below
+SAE_CONFIG_KEY = "sae_config"  # the SaeConfig the weights were trained with (JSON)
+RUN_KEY = "mlsae_run"  # what of the run record they were trained under (RunRecord.binding(), JSON)
 
 # torch warns once per process that CSR support is "beta"; we use two long-stable CSR ops only.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
@@ -400,21 +405,38 @@ class TopKSae(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
 
-    def save(self, folder: str | Path) -> None:
-        """Writes folder/sae.safetensors (W_enc, W_dec, b_pre) and folder/sae_config.json."""
+    def save(self, folder: str | Path, run: dict | None = None) -> None:
+        """Writes folder/sae.safetensors (W_enc, W_dec, b_pre) and folder/sae_config.json, atomically. The
+        weights carry their config in the safetensors metadata, and `run` (what the run record binds them
+        to: train/record.py) when given, so an edit of the JSON files beside them is noticed on load."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({n: p.detach().contiguous().cpu() for n, p in self.named_parameters()}, str(folder / WEIGHTS_FILE))
-        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters()}
+        metadata = {"format": WEIGHTS_FORMAT, SAE_CONFIG_KEY: json.dumps(asdict(self.cfg), sort_keys=True)}
+        if run is not None:
+            metadata[RUN_KEY] = json.dumps(run, sort_keys=True)
+        atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        atomic_write_text(folder / CONFIG_FILE, json.dumps(asdict(self.cfg), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> "TopKSae":
         folder = Path(folder)
         cfg = SaeConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
         tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+        trained = weights_metadata(folder).get(SAE_CONFIG_KEY)
+        if trained is not None and SaeConfig.from_dict(json.loads(trained)) != cfg:
+            raise ValueError(f"{CONFIG_FILE} says {cfg}, the weights were trained as {json.loads(trained)}")
         sae = cls(cfg, device="meta")
         sae.load_state_dict(tensors, assign=True)
         return sae
+
+
+def weights_metadata(folder: str | Path) -> dict[str, str]:
+    """The safetensors metadata of folder/sae.safetensors (empty for weights written before it was kept)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / WEIGHTS_FILE), "pt") as f:
+        return dict(f.metadata() or {})
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> TopKSae:
