@@ -200,6 +200,37 @@ def encode_shard(rows: np.ndarray, shard_rows: int, chunk_rows: int, compression
     return b"".join([*parts, raw_index, index_crc(raw_index)]), pieces
 
 
+def index_nbytes(n_inner: int) -> int:
+    """Size of a shard's index ((offset, nbytes) u64 pairs per inner chunk, then its crc32c)."""
+    return 16 * n_inner + 4
+
+
+def index_problem(raw: bytes, pieces: list) -> str | None:
+    """What is wrong with a shard's index bytes against the manifest's pieces, None if nothing: it must pass its
+    crc32c and point exactly where the manifest says."""
+    if len(raw) != index_nbytes(len(pieces)) or index_crc(raw[:-4]) != raw[-4:]:
+        return "fails its crc32c (torn or corrupt)"
+    got = np.frombuffer(raw[:-4], "<u8").reshape(len(pieces), 2).tolist()
+    if got != [[p[0], p[1]] if p is not None else [ABSENT, ABSENT] for p in pieces]:
+        return "has an entry redirected (does not match the manifest)"
+    return None
+
+
+def range_ok(entry: "FileEntry", start: int, data: Any, digest: str | None = None) -> bool | None:
+    """Whether bytes read at `start` of a stored file are what its manifest recorded: an inner chunk (xxh3;
+    `digest`: the caller hashed them already), a shard's index (crc32c and entries) or the whole file (crc32).
+    None for any other range: the manifest has nothing to check it against."""
+    n = memoryview(data).nbytes
+    for p in entry.pieces or []:
+        if p is not None and p[0] == start and p[1] == n:
+            return (digest or chunk_hash(data)) == p[2]
+    if start == 0 and n == entry.size:
+        return zlib.crc32(data) == entry.crc32
+    if entry.pieces and start + n == entry.size and n == index_nbytes(len(entry.pieces)):
+        return index_problem(bytes(data), entry.pieces) is None
+    return None
+
+
 def whole_file(data: bytes) -> dict[str, Any]:
     """Manifest entry of a file that is read whole (stats, windows chunks): one piece."""
     return {"size": len(data), "crc32": zlib.crc32(data), "pieces": [[0, len(data), chunk_hash(data)]]}
@@ -234,11 +265,27 @@ class BlockManifest:
         return json.dumps({**d, "meta_sha256": self.meta_sha256, "files": files}, indent=1).encode()
 
 
+def file_entry(v: dict[str, Any]) -> FileEntry:
+    """One manifest entry, checked: every piece [offset, nbytes, xxh3] lies inside the file's recorded size, so
+    no reader ever asks for a byte range beyond an object's end (ValueError otherwise)."""
+    entry = FileEntry(int(v["size"]), int(v["crc32"]), v.get("pieces"))
+    if entry.size < 0 or not (entry.pieces is None or isinstance(entry.pieces, list)):
+        raise ValueError("a file entry has a negative size or malformed pieces")
+    for p in entry.pieces or []:
+        if p is None:
+            continue
+        if not (isinstance(p, list) and len(p) == 3 and all(type(x) is int for x in p[:2]) and isinstance(p[2], str)):
+            raise ValueError(f"a piece {p!r} is not [offset, nbytes, xxh3]")
+        if p[0] < 0 or p[1] < 0 or p[0] + p[1] > entry.size:
+            raise ValueError(f"a piece [{p[0]}, {p[1]}] lies beyond the file's recorded size {entry.size}")
+    return entry
+
+
 def parse_manifest(raw: bytes, where: str, fix: str) -> BlockManifest:
     """A manifest's bytes -> BlockManifest; anything malformed is corrupt (one line with `fix`)."""
     try:
         d = json.loads(raw)
-        files = {k: FileEntry(int(v["size"]), int(v["crc32"]), v.get("pieces")) for k, v in d["files"].items()}
+        files = {k: file_entry(v) for k, v in d["files"].items()}
         return BlockManifest(int(d["block"]), int(d["start"]), int(d["stop"]), files, d.get("meta_sha256"))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         kind = "invalid JSON" if isinstance(e, json.JSONDecodeError) else f"malformed ({type(e).__name__}: {e})"
@@ -371,7 +418,7 @@ class Cache:
         store = location if isinstance(location, Store) else open_store(location)
         local_cache = local_cache or os.environ.get("MLSAE_LOCAL_CACHE") or None
         if local_cache is not None and not store.is_local:
-            store = ReadThroughStore(store, local_cache, expected=self._expected_piece)
+            store = ReadThroughStore(store, local_cache, expected=self._expected_piece, check=range_ok)
         self.store = store
         self.location = store.location
         where = self.location
@@ -643,7 +690,7 @@ class Cache:
                     f"{self.store.describe('zarr.json')} differs from the metadata the cache was created with "
                     f"(edited by hand?): restore the original zarr.json or re-harvest"
                 )
-            return {k: FileEntry(int(v["size"]), int(v["crc32"]), v["pieces"]) for k, v in d["files"].items()}
+            return {k: file_entry(v) for k, v in d["files"].items()}
         except StoreMissing:
             self.require_checksums()
             raise
@@ -793,15 +840,10 @@ def _check_file(cache: Cache, key: str, entry: FileEntry, size: int | None) -> l
         problems.insert(0, f"{key}: crc32 mismatch (corrupt)")
     is_shard = key.split("/", 1)[0] in ("acts", *TOKEN_ARRAYS)
     if entry.pieces is not None and is_shard:
-        n_inner = len(entry.pieces)
-        raw = tail[-(16 * n_inner + 4) :] if len(tail) >= 16 * n_inner + 4 else b""
-        if len(raw) != 16 * n_inner + 4 or index_crc(raw[:-4]) != raw[-4:]:
-            problems.append(f"{key}: shard index fails its crc32c (torn or corrupt)")
-        else:
-            got = np.frombuffer(raw[:-4], "<u8").reshape(n_inner, 2).tolist()
-            want_index = [[p[0], p[1]] if p is not None else [ABSENT, ABSENT] for p in entry.pieces]
-            if got != want_index:
-                problems.append(f"{key}: shard index entry redirected (does not match the manifest)")
+        n = index_nbytes(len(entry.pieces))
+        problem = index_problem(tail[-n:] if len(tail) >= n else b"", entry.pieces)
+        if problem is not None:
+            problems.append(f"{key}: shard index {problem}")
     return problems
 
 
