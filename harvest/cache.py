@@ -735,9 +735,10 @@ class Cache:
             if any(p is None for p in pieces):
                 raise self.corrupt(key, " (a chunk is absent)")
             try:
-                got = self.store.get_ranges(key, [p[0] for p in pieces], [p[0] + p[1] for p in pieces])
-            except StoreMissing:
-                raise IntegrityError(f"{self.store.describe(key)} is missing: run `harvest verify {self.location}`")
+                starts, stops = [p[0] for p in pieces], [p[0] + p[1] for p in pieces]
+                got = self.store.get_ranges(key, starts, stops, size=entry.size)
+            except StoreMissing as e:
+                raise IntegrityError(f"{e}: run `harvest verify {self.location}`")
             for j, p, data in zip(inner, pieces, got):
                 if chunk_hash(data) != p[2]:
                     raise self.corrupt(key, f" chunk {j}")

@@ -317,7 +317,7 @@ class ChunkReader:
         check_index = key not in self._checked_index
         if check_index:
             ranges.append(self._index_range(entry))
-        got = self.store.get_ranges(key, [a for a, _ in ranges], [b for _, b in ranges])
+        got = self.store.get_ranges(key, [a for a, _ in ranges], [b for _, b in ranges], size=entry.size)
         if check_index:
             self._check_index(key, entry, got[-1])
         for (inner, out), data in zip(parts, got):

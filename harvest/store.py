@@ -70,7 +70,11 @@ class Store(ABC):
     def get_range(self, key: str, start: int, stop: int) -> memoryview:
         """Bytes [start, stop) of an object."""
 
-    def get_ranges(self, key: str, starts: Sequence[int], stops: Sequence[int]) -> list[memoryview]:
+    def get_ranges(
+        self, key: str, starts: Sequence[int], stops: Sequence[int], size: int | None = None
+    ) -> list[memoryview]:
+        """Several ranges of one object; `size`: the size its manifest records (an object store refuses an
+        object of another size before sending the request)."""
         return [self.get_range(key, a, b) for a, b in zip(starts, stops)]
 
     def read_into(self, key: str, offset: int, out: memoryview, hasher: Any = None) -> None:
@@ -446,10 +450,14 @@ class ObjectStore(Store):
                 raise StoreMissing(f"{self.describe(key)} is missing")
         return size
 
-    def _check_ranges(self, key: str, starts: Sequence[int], stops: Sequence[int]) -> None:
+    def _check_ranges(self, key: str, starts: Sequence[int], stops: Sequence[int], recorded: int | None) -> None:
         if not starts:
             return
         size = self._known_size(key)
+        if recorded is not None and size != recorded:
+            raise StoreMissing(
+                f"{self.describe(key)} is {size:,} bytes, its manifest records {recorded:,} (truncated or replaced)"
+            )
         if any(not 0 <= a <= b for a, b in zip(starts, stops)) or max(stops) > size:
             raise StoreMissing(
                 f"{self.describe(key)} is {size:,} bytes, shorter than a read of bytes up to {max(stops):,} "
@@ -468,8 +476,10 @@ class ObjectStore(Store):
             )
         return got
 
-    def get_ranges(self, key: str, starts: Sequence[int], stops: Sequence[int]) -> list[memoryview]:
-        self._check_ranges(key, starts, stops)
+    def get_ranges(
+        self, key: str, starts: Sequence[int], stops: Sequence[int], size: int | None = None
+    ) -> list[memoryview]:
+        self._check_ranges(key, starts, stops, size)
         got = [memoryview(b) for b in self._call(key, self._ob.get_ranges, key, starts=list(starts), ends=list(stops))]
         if [g.nbytes for g in got] != [b - a for a, b in zip(starts, stops)]:
             raise StoreMissing(f"{self.describe(key)}: a ranged read came back short (truncated or replaced)")
