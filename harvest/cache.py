@@ -200,6 +200,37 @@ def encode_shard(rows: np.ndarray, shard_rows: int, chunk_rows: int, compression
     return b"".join([*parts, raw_index, index_crc(raw_index)]), pieces
 
 
+def index_nbytes(n_inner: int) -> int:
+    """Size of a shard's index ((offset, nbytes) u64 pairs per inner chunk, then its crc32c)."""
+    return 16 * n_inner + 4
+
+
+def index_problem(raw: bytes, pieces: list) -> str | None:
+    """What is wrong with a shard's index bytes against the manifest's pieces, None if nothing: it must pass its
+    crc32c and point exactly where the manifest says."""
+    if len(raw) != index_nbytes(len(pieces)) or index_crc(raw[:-4]) != raw[-4:]:
+        return "fails its crc32c (torn or corrupt)"
+    got = np.frombuffer(raw[:-4], "<u8").reshape(len(pieces), 2).tolist()
+    if got != [[p[0], p[1]] if p is not None else [ABSENT, ABSENT] for p in pieces]:
+        return "has an entry redirected (does not match the manifest)"
+    return None
+
+
+def range_ok(entry: "FileEntry", start: int, data: Any, digest: str | None = None) -> bool | None:
+    """Whether bytes read at `start` of a stored file are what its manifest recorded: an inner chunk (xxh3;
+    `digest`: the caller hashed them already), a shard's index (crc32c and entries) or the whole file (crc32).
+    None for any other range: the manifest has nothing to check it against."""
+    n = memoryview(data).nbytes
+    for p in entry.pieces or []:
+        if p is not None and p[0] == start and p[1] == n:
+            return (digest or chunk_hash(data)) == p[2]
+    if start == 0 and n == entry.size:
+        return zlib.crc32(data) == entry.crc32
+    if entry.pieces and start + n == entry.size and n == index_nbytes(len(entry.pieces)):
+        return index_problem(bytes(data), entry.pieces) is None
+    return None
+
+
 def whole_file(data: bytes) -> dict[str, Any]:
     """Manifest entry of a file that is read whole (stats, windows chunks): one piece."""
     return {"size": len(data), "crc32": zlib.crc32(data), "pieces": [[0, len(data), chunk_hash(data)]]}
@@ -234,11 +265,27 @@ class BlockManifest:
         return json.dumps({**d, "meta_sha256": self.meta_sha256, "files": files}, indent=1).encode()
 
 
+def file_entry(v: dict[str, Any]) -> FileEntry:
+    """One manifest entry, checked: every piece [offset, nbytes, xxh3] lies inside the file's recorded size, so
+    no reader ever asks for a byte range beyond an object's end (ValueError otherwise)."""
+    entry = FileEntry(int(v["size"]), int(v["crc32"]), v.get("pieces"))
+    if entry.size < 0 or not (entry.pieces is None or isinstance(entry.pieces, list)):
+        raise ValueError("a file entry has a negative size or malformed pieces")
+    for p in entry.pieces or []:
+        if p is None:
+            continue
+        if not (isinstance(p, list) and len(p) == 3 and all(type(x) is int for x in p[:2]) and isinstance(p[2], str)):
+            raise ValueError(f"a piece {p!r} is not [offset, nbytes, xxh3]")
+        if p[0] < 0 or p[1] < 0 or p[0] + p[1] > entry.size:
+            raise ValueError(f"a piece [{p[0]}, {p[1]}] lies beyond the file's recorded size {entry.size}")
+    return entry
+
+
 def parse_manifest(raw: bytes, where: str, fix: str) -> BlockManifest:
     """A manifest's bytes -> BlockManifest; anything malformed is corrupt (one line with `fix`)."""
     try:
         d = json.loads(raw)
-        files = {k: FileEntry(int(v["size"]), int(v["crc32"]), v.get("pieces")) for k, v in d["files"].items()}
+        files = {k: file_entry(v) for k, v in d["files"].items()}
         return BlockManifest(int(d["block"]), int(d["start"]), int(d["stop"]), files, d.get("meta_sha256"))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         kind = "invalid JSON" if isinstance(e, json.JSONDecodeError) else f"malformed ({type(e).__name__}: {e})"
@@ -371,7 +418,7 @@ class Cache:
         store = location if isinstance(location, Store) else open_store(location)
         local_cache = local_cache or os.environ.get("MLSAE_LOCAL_CACHE") or None
         if local_cache is not None and not store.is_local:
-            store = ReadThroughStore(store, local_cache, expected=self._expected_piece)
+            store = ReadThroughStore(store, local_cache, expected=self._expected_piece, check=range_ok)
         self.store = store
         self.location = store.location
         where = self.location
@@ -643,7 +690,7 @@ class Cache:
                     f"{self.store.describe('zarr.json')} differs from the metadata the cache was created with "
                     f"(edited by hand?): restore the original zarr.json or re-harvest"
                 )
-            return {k: FileEntry(int(v["size"]), int(v["crc32"]), v["pieces"]) for k, v in d["files"].items()}
+            return {k: file_entry(v) for k, v in d["files"].items()}
         except StoreMissing:
             self.require_checksums()
             raise
@@ -688,9 +735,10 @@ class Cache:
             if any(p is None for p in pieces):
                 raise self.corrupt(key, " (a chunk is absent)")
             try:
-                got = self.store.get_ranges(key, [p[0] for p in pieces], [p[0] + p[1] for p in pieces])
-            except StoreMissing:
-                raise IntegrityError(f"{self.store.describe(key)} is missing: run `harvest verify {self.location}`")
+                starts, stops = [p[0] for p in pieces], [p[0] + p[1] for p in pieces]
+                got = self.store.get_ranges(key, starts, stops, size=entry.size)
+            except StoreMissing as e:
+                raise IntegrityError(f"{e}: run `harvest verify {self.location}`")
             for j, p, data in zip(inner, pieces, got):
                 if chunk_hash(data) != p[2]:
                     raise self.corrupt(key, f" chunk {j}")
@@ -769,7 +817,7 @@ def save_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 # verify and upgrade: everything a reader trusts
 
 
-def _check_file(cache: Cache, key: str, entry: FileEntry, size: int | None) -> list[str]:
+def _check_file(store: Store, key: str, entry: FileEntry, size: int | None) -> list[str]:
     """Size, whole-file crc32, and (new manifests) every inner chunk's xxh3 and the shard index (its crc32c,
     and entries pointing where the manifest says), in ONE pass over the file: the chunks one ranged read
     each, then the rest (the index) in pieces of at most 16 MB."""
@@ -782,26 +830,21 @@ def _check_file(cache: Cache, key: str, entry: FileEntry, size: int | None) -> l
     for off, nbytes, j, want in pieces:
         if off != pos:  # the writer leaves no gaps: a manifest that says otherwise is not ours
             return [f"{key}: manifest pieces do not tile the file (corrupt manifest)"]
-        data = cache.store.get_range(key, off, off + nbytes)
+        data = store.get_range(key, off, off + nbytes)
         crc, pos = zlib.crc32(data, crc), off + nbytes
         if chunk_hash(data) != want:
             problems.append(f"{key}: inner chunk {j} fails its xxh3 checksum (corrupt)")
     for lo in range(pos, size, 1 << 24):
-        data = cache.store.get_range(key, lo, min(lo + (1 << 24), size))
+        data = store.get_range(key, lo, min(lo + (1 << 24), size))
         crc, tail = zlib.crc32(data, crc), bytes(data)
     if crc != entry.crc32:
         problems.insert(0, f"{key}: crc32 mismatch (corrupt)")
     is_shard = key.split("/", 1)[0] in ("acts", *TOKEN_ARRAYS)
     if entry.pieces is not None and is_shard:
-        n_inner = len(entry.pieces)
-        raw = tail[-(16 * n_inner + 4) :] if len(tail) >= 16 * n_inner + 4 else b""
-        if len(raw) != 16 * n_inner + 4 or index_crc(raw[:-4]) != raw[-4:]:
-            problems.append(f"{key}: shard index fails its crc32c (torn or corrupt)")
-        else:
-            got = np.frombuffer(raw[:-4], "<u8").reshape(n_inner, 2).tolist()
-            want_index = [[p[0], p[1]] if p is not None else [ABSENT, ABSENT] for p in entry.pieces]
-            if got != want_index:
-                problems.append(f"{key}: shard index entry redirected (does not match the manifest)")
+        n = index_nbytes(len(entry.pieces))
+        problem = index_problem(tail[-n:] if len(tail) >= n else b"", entry.pieces)
+        if problem is not None:
+            problems.append(f"{key}: shard index {problem}")
     return problems
 
 
@@ -842,7 +885,7 @@ def verify_cache(cache: Cache, progress: Any = None) -> list[str]:
         problems.append(f"{WINDOWS_MANIFEST} is missing: run `harvest upgrade {cache.location}` (older harvest)")
 
     def check(item: tuple[str, FileEntry]) -> list[str]:
-        found = _check_file(cache, item[0], item[1], listing.get(item[0]))
+        found = _check_file(cache.store, item[0], item[1], listing.get(item[0]))
         if progress is not None:
             progress(item[1].size)
         return found
@@ -858,42 +901,224 @@ def verify_cache(cache: Cache, progress: Any = None) -> list[str]:
 
 
 def upgrade_cache(cache: Cache, log: Any = print) -> int:
-    """Give a cache harvested before chunk checksums existed its checksums: check every file of every
-    complete block against the crc32 its manifest recorded, then rewrite the manifest with per-chunk xxh3
-    and the metadata hash; check the windows against the (crc32-verified) token arrays and record their
-    checksums. Returns the number of manifests upgraded. Safe to rerun; never touches data files."""
+    """Give a cache harvested before chunk checksums existed its checksums, after checking everything it is
+    about to bless: the metadata against itself and the array documents (`metadata_problem`); every file of
+    every complete block against the crc32 its manifest recorded AND against the layout (`_upgrade_block`:
+    its files, inner chunks, token positions, statistics); the windows against the token arrays. Only then
+    are the manifests rewritten with per-chunk xxh3 and the metadata hash, and the windows' checksums
+    recorded: a cache that fails any check is one line and nothing is written. Returns the number of
+    manifests upgraded. Safe to rerun; never touches data files."""
     lay = cache.layout
+    problem = metadata_problem(cache)
+    if problem is not None:
+        raise IntegrityError(
+            f"{cache.store.describe('zarr.json')} does not match the cache ({problem}): restore the original "
+            f"zarr.json or re-harvest; nothing was upgraded"
+        )
     todo = {b: m for b, m in cache.manifests(refresh="all").items() if not m.checksummed}
+    new_manifests, tokens = {}, {}
     for n_done, (b, m) in enumerate(sorted(todo.items())):
-        files = {}
-        for key, entry in m.files.items():
-            data = cache.store.get(key)
-            if len(data) != entry.size or zlib.crc32(data) != entry.crc32:
-                raise IntegrityError(
-                    f"{cache.store.describe(key)} does not match its manifest's size/crc32: the cache is damaged; "
-                    f"delete {cache.manifest_key(b)} and rerun `harvest run` to rewrite block {b}, then upgrade"
-                )
-            files[key] = FileEntry(entry.size, entry.crc32, _pieces_of(key, data, lay))
-        cache.store.put(cache.manifest_key(b), BlockManifest(b, m.start, m.stop, files, cache.meta_sha256).to_json())
+        new_manifests[b], tokens[b] = _upgrade_block(cache, b, m)
         if n_done % 50 == 0:
-            log(f"upgraded {n_done + 1}/{len(todo)} manifests")
+            log(f"checked {n_done + 1}/{len(todo)} blocks")
+    windows_entries = None
     if not cache.store.exists(WINDOWS_MANIFEST):
-        windows = np.asarray(cache.group["windows"][...])
-        for b in cache.complete_blocks():  # token columns are crc32-checked above: the windows must agree
-            s, e = lay.block_range(b)
-            col = {n: np.asarray(cache.group[n][s:e]) for n in ("token_ids", "seq", "pos")}
+        rows = windows_chunk_rows(lay, lay.n_sequences)
+        keys = [f"windows/c/{i}/0" for i in range(-(-lay.n_sequences // rows))]
+        raws = {}
+        for k in keys:
+            try:
+                raws[k] = cache.store.get(k)
+            except StoreMissing:
+                raise IntegrityError(f"{cache.store.describe(k)} is missing: re-harvest the cache")
+            if len(raws[k]) != rows * lay.context * 4:
+                raise _upgrade_refused(cache, f"{k} holds {len(raws[k]):,} bytes, not {rows} windows of {lay.context}")
+        windows = np.concatenate([np.frombuffer(raws[k], "<i4").reshape(rows, lay.context) for k in keys])
+        blocks = set(cache.complete_blocks())
+        for b in blocks:  # token columns are checked above (or in an earlier run): the windows must agree
+            col = tokens.get(b) or {n: np.asarray(cache.group[n][slice(*lay.block_range(b))]) for n in TOKEN_ARRAYS}
             if not np.array_equal(windows[col["seq"], col["pos"]], col["token_ids"]):
                 raise IntegrityError(
                     f"{cache.store.describe('windows')} disagrees with the token ids of block {b} (corrupt windows): "
                     f"re-harvest the cache"
                 )
-        rows = windows_chunk_rows(lay, lay.n_sequences)
-        keys = [f"windows/c/{i}/0" for i in range(-(-lay.n_sequences // rows))]
-        files = {k: whole_file(cache.store.get(k)) for k in keys}
-        cache.store.put(WINDOWS_MANIFEST, json.dumps({"meta_sha256": cache.meta_sha256, "files": files}).encode())
+        windows_entries = {k: whole_file(raws[k]) for k in keys}
+    for b, m in sorted(new_manifests.items()):  # everything checked: bless it
+        cache.store.put(cache.manifest_key(b), m.to_json())
+    if windows_entries is not None:
+        doc = {"meta_sha256": cache.meta_sha256, "files": windows_entries}
+        cache.store.put(WINDOWS_MANIFEST, json.dumps(doc).encode())
     cache.manifests(refresh="all")
     cache._windows_entries = None
     return len(todo)
+
+
+def _upgrade_refused(cache: Cache, problem: str) -> IntegrityError:
+    return IntegrityError(
+        f"{cache.location} does not match its metadata ({problem}): restore the original zarr.json and manifests, "
+        f"or re-harvest; nothing was upgraded"
+    )
+
+
+def metadata_problem(cache: Cache) -> str | None:
+    """What in a cache's metadata disagrees with itself, None if nothing: the layout's numbers, the array
+    documents (shapes, dtypes, chunking, codecs: what zarr reads the data with), the recorded spec, model,
+    hooks and fingerprint. What `harvest upgrade` checks before it blesses an older cache."""
+    lay, meta = cache.layout, cache.meta
+    try:
+        ints = [lay.n_tokens, lay.context, lay.d_model, lay.chunk_tokens, lay.shard_tokens, lay.block_tokens]
+        if any(type(x) is not int or x <= 0 for x in ints) or not lay.layers:
+            return "the layout's sizes must be positive integers"
+        if lay.dtype not in STORAGE_DTYPES or lay.compression not in ("none", "blosc"):
+            return f"unknown dtype {lay.dtype!r} or compression {lay.compression!r}"
+        if lay.shard_tokens % lay.chunk_tokens or lay.block_tokens % lay.shard_tokens or lay.n_tokens % lay.context:
+            return "chunks, shards, blocks and windows do not nest"
+        if list(lay.layers) != sorted(set(lay.layers)) or any(type(x) is not int or x < 0 for x in lay.layers):
+            return f"layers {list(lay.layers)} are not increasing block numbers"
+        want = _zarr_documents({}, lay, lay.n_sequences)
+        for name in ["acts", "windows", *TOKEN_ARRAYS]:
+            doc, have = json.loads(want[f"{name}/zarr.json"]), cache.array_meta[name]
+            for field in ("shape", "data_type", "chunk_grid", "codecs"):
+                if have.get(field) != doc[field]:
+                    return (
+                        f"{name}/zarr.json's {field} is not what the layout gives ({have.get(field)} != {doc[field]})"
+                    )
+        spec = meta.get("spec") or {}
+        same = {k: getattr(lay, k) for k in ("context", "dtype", "chunk_tokens", "shard_tokens", "compression")}
+        same["shuffle_tokens"] = lay.block_tokens
+        for k, v in same.items():
+            if k in spec and spec[k] != v:
+                return f"spec {k} = {spec[k]!r} but the layout says {v!r}"
+        if (
+            "tokens" in spec
+            and "context" in spec
+            and -(-spec["tokens"] // spec["context"]) * spec["context"] != lay.n_tokens
+        ):
+            return f"spec tokens = {spec['tokens']} but the layout holds {lay.n_tokens} tokens"
+        model = meta.get("model") or {}
+        if "d_model" in model and model["d_model"] != lay.d_model:
+            return f"the model's d_model {model['d_model']} != the layout's {lay.d_model}"
+        if "n_layers" in model and max(lay.layers) >= model["n_layers"]:
+            return f"layers {list(lay.layers)} do not exist in a model of {model['n_layers']} blocks"
+        if (
+            "hooks" in meta
+            and "hook" in spec
+            and meta["hooks"] != [f"blocks.{l}.hook_{spec['hook']}" for l in lay.layers]
+        ):
+            return f"hooks {meta['hooks']} do not name the layers {list(lay.layers)}"
+        identity = meta.get("identity")
+        if isinstance(identity, dict) and "layers" in identity and identity["layers"] != list(lay.layers):
+            return f"the identity's layers {identity['layers']} != the layout's {list(lay.layers)}"
+        if isinstance(identity, dict) and "fingerprint" in meta:
+            from .spec import fingerprint
+
+            if fingerprint(identity) != meta["fingerprint"]:
+                return "the fingerprint is not the hash of the recorded identity"
+        if meta.get("storage_dtype", str(STORAGE_DTYPES[lay.dtype][0])) != str(STORAGE_DTYPES[lay.dtype][0]):
+            return f"storage_dtype {meta['storage_dtype']!r} is not {lay.dtype}'s"
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return f"malformed metadata ({type(e).__name__}: {e})"
+    return None
+
+
+def _upgrade_block(cache: Cache, b: int, m: BlockManifest) -> tuple[BlockManifest, dict[str, np.ndarray]]:
+    """Block b's files checked against the crc32 its old manifest recorded and against the layout (the files a
+    block must hold, every inner chunk's decoded size, chunks present exactly where the block has tokens, the
+    token positions: exactly the block's windows, each position once; the statistics' shapes): its new
+    manifest and token columns. Nothing is written."""
+    lay = cache.layout
+    start, stop = lay.block_range(b)
+    expected = {*cache.block_keys(b), cache.stats_key(b)}
+    if set(m.files) != expected:
+        odd = sorted(set(m.files) ^ expected)[0]
+        raise _upgrade_refused(cache, f"block {b}'s manifest {'lists' if odd in m.files else 'lacks'} {odd}")
+    shard_of = {}
+    for shard in lay.shards_of_block(b):
+        names = [cache.shard_key("acts", (li, shard, 0)) for li in range(len(lay.layers))]
+        shard_of.update({k: shard for k in names + [cache.shard_key(n, (shard,)) for n in TOKEN_ARRAYS]})
+    files, parts = {}, {n: [] for n in TOKEN_ARRAYS}
+    for key, entry in sorted(m.files.items()):
+        try:
+            data = cache.store.get(key)
+        except StoreMissing:
+            raise IntegrityError(f"{cache.store.describe(key)} is missing: re-harvest block {b}")
+        if len(data) != entry.size or zlib.crc32(data) != entry.crc32:
+            raise IntegrityError(
+                f"{cache.store.describe(key)} does not match its manifest's size/crc32: the cache is damaged; "
+                f"delete {cache.manifest_key(b)} and rerun `harvest run` to rewrite block {b}, then upgrade"
+            )
+        pieces = _pieces_of(key, data, lay)
+        files[key] = FileEntry(entry.size, entry.crc32, pieces)
+        array = key.split("/", 1)[0]
+        if key == cache.stats_key(b):
+            problem = _stats_problem(data, lay, stop - start)
+        else:
+            problem = _shard_problem(data, pieces, array, shard_of[key], lay)
+        if problem is not None:
+            raise _upgrade_refused(cache, f"{key}: {problem}")
+        if array in TOKEN_ARRAYS:
+            rows = min(lay.shard_tokens, lay.n_tokens - shard_of[key] * lay.shard_tokens)
+            col = [np.frombuffer(data[p[0] : p[0] + p[1]], TOKEN_ARRAYS[array]) for p in pieces if p is not None]
+            parts[array].append((shard_of[key], np.concatenate(col)[:rows]))
+    tokens = {n: np.concatenate([c for _, c in sorted(v, key=lambda x: x[0])]) for n, v in parts.items()}
+    seq, pos = tokens["seq"].astype(np.int64), tokens["pos"].astype(np.int64)
+    if not (len(seq) == stop - start and np.array_equal(np.sort(seq * lay.context + pos), np.arange(start, stop))):
+        raise _upgrade_refused(cache, f"block {b}'s token positions (seq, pos) are not its {stop - start} positions")
+    if ((pos < 0) | (pos >= lay.context)).any():
+        raise _upgrade_refused(cache, f"block {b} holds positions outside windows of {lay.context}")
+    return BlockManifest(b, m.start, m.stop, files, cache.meta_sha256), tokens
+
+
+def _shard_problem(data: bytes, pieces: list, array: str, shard: int, lay: Layout) -> str | None:
+    """A shard file against the layout: chunks present exactly where the array has rows, tiling the file, each
+    decoding to one chunk of the array's rows."""
+    row_bytes = (
+        lay.d_model * STORAGE_DTYPES[lay.dtype][0].itemsize
+        if array == "acts"
+        else np.dtype(TOKEN_ARRAYS[array]).itemsize
+    )
+    compressed = array == "acts" and lay.compression != "none"
+    pos = 0
+    for j, p in enumerate(pieces):
+        present = shard * lay.shard_tokens + j * lay.chunk_tokens < lay.n_tokens
+        if (p is not None) != present:
+            where = "where the layout has tokens" if present else "past the layout's last token"
+            return f"inner chunk {j} is {'absent' if present else 'present'} {where}"
+        if p is None:
+            continue
+        if p[0] != pos:
+            return "its inner chunks do not tile the file"
+        pos += p[1]
+        if compressed:
+            from numcodecs.blosc import cbuffer_sizes
+
+            try:
+                n = cbuffer_sizes(data[p[0] : p[0] + p[1]])[0]
+            except Exception:
+                return f"inner chunk {j} is not a blosc buffer"
+        else:
+            n = p[1]
+        if n != lay.chunk_tokens * row_bytes:
+            return f"inner chunk {j} holds {n:,} bytes, the layout gives {lay.chunk_tokens * row_bytes:,}"
+    if pos + index_nbytes(len(pieces)) != len(data):
+        return "its inner chunks do not tile the file"
+    return None
+
+
+def _stats_problem(data: bytes, lay: Layout, n_tokens: int) -> str | None:
+    """A block's statistics against the layout: one row per layer, d_model features, at most its tokens counted."""
+    try:
+        t = load_bytes(data)
+    except Exception as e:  # safetensors raises its own errors for malformed files
+        return f"unreadable statistics ({type(e).__name__})"
+    L, d = len(lay.layers), lay.d_model
+    want = {"count": (L,), "mean": (L, d), "m2": (L, d), "norm_sum": (L,)}
+    for name, shape in want.items():
+        if name not in t or tuple(t[name].shape) != shape:
+            return f"statistics {name} are not of shape {list(shape)} ({len(lay.layers)} layers x d {d})"
+    if bool((t["count"] > n_tokens).any()) or bool((t["count"] < 0).any()):
+        return f"statistics count more than the block's {n_tokens} tokens"
+    return None
 
 
 def _pieces_of(key: str, data: bytes, lay: Layout) -> list:
@@ -914,12 +1139,22 @@ def _pieces_of(key: str, data: bytes, lay: Layout) -> list:
 # push / pull: copy a cache between locations
 
 
-def copy_cache(src: Cache, dst: Store, progress: Any = None, log: Any = print) -> tuple[int, int]:
+@dataclass
+class CopyResult:
+    copied: int  # blocks copied
+    skipped: int  # blocks already at the destination (checked)
+    repaired: list[str]  # files that were there but damaged or missing, copied again
+
+
+def copy_cache(src: Cache, dst: Store, progress: Any = None, log: Any = print) -> CopyResult:
     """Copy a complete or partial cache to `dst` (a disk or a bucket), in the order a harvest writes: array
     metadata, windows, lens, the root zarr.json (create-if-absent), then block by block, each block's
     files before its manifest. Every file is checked against the manifest's size and crc32 on the way.
-    Blocks whose manifest exists at `dst` are skipped, so an interrupted copy resumes. Returns (blocks
-    copied, blocks skipped). The caller holds `dst`'s lock."""
+    Blocks whose manifest exists at `dst` are not copied again, so an interrupted copy resumes, but what is
+    there is checked first: on a disk every file against the manifest (size, crc32, every chunk's xxh3, the
+    shard index), in a bucket each object's size from one listing (objects appear whole or not at all), and
+    the manifest itself; a damaged or missing file is copied again (named through `log`). The caller
+    holds `dst`'s lock."""
     src.require_checksums()
     state = location_state(dst)
     if state == "foreign":
@@ -934,31 +1169,71 @@ def copy_cache(src: Cache, dst: Store, progress: Any = None, log: Any = print) -
     else:
         for top in CACHE_NAMES - {LOCK_KEY}:
             dst.delete_prefix(top)
-        meta_keys = [k for k in src.store.list() if k.endswith("zarr.json") and k != "zarr.json"]
-        meta_keys += [WINDOWS_MANIFEST, *src.windows_manifest()]
-        meta_keys += [f"{LENS_DIR}/{n}" for n in ("config.json", "params.pt")] if src.lens_record else []
-        windows = src.windows_manifest()
-        for key in meta_keys:
-            data = src.read_whole(key, windows[key]) if key in windows else src.store.get(key)
+    repaired: list[str] = []
+
+    def put_again(key: str, data: bytes, problem: str) -> None:
+        log(f"{dst.describe(key)} {problem}: copied again from {src.store.describe(key)}")
+        dst.put(key, data)
+        repaired.append(key)
+
+    meta_keys = [k for k in src.store.list() if k.endswith("zarr.json") and k != "zarr.json"]
+    meta_keys += [WINDOWS_MANIFEST, *src.windows_manifest()]
+    meta_keys += [f"{LENS_DIR}/{n}" for n in ("config.json", "params.pt")] if src.lens_record else []
+    windows = src.windows_manifest()
+    for key in meta_keys:  # small files: compared byte for byte with the source's when already there
+        data = src.read_whole(key, windows[key]) if key in windows else src.store.get(key)
+        if state != "cache":
             dst.put(key, data)
+        elif not dst.exists(key):
+            put_again(key, data, "is missing")
+        elif dst.get(key) != data:
+            put_again(key, data, "differs from the source (damaged)")
+    if state != "cache":
         dst.create("zarr.json", src.store.get("zarr.json"))
-    done_there = {k for k in dst.list("manifest") if k.endswith(".json")}
+    listing = dst.list()
     copied = skipped = 0
+
+    def copy(item: tuple[str, FileEntry], problem: str | None = None) -> None:
+        key, entry = item
+        data = src.store.get(key)
+        if len(data) != entry.size or zlib.crc32(data) != entry.crc32:
+            raise src.corrupt(key)
+        if problem is None:
+            dst.put(key, data)
+        else:
+            put_again(key, data, problem)
+
+    def check_and_repair(item: tuple[str, FileEntry]) -> None:
+        key, entry = item
+        size = listing.get(key)
+        if dst.is_local:
+            problems = _check_file(dst, key, entry, size)
+        else:
+            problems = [] if size == entry.size else [f"{key}: size {size} != {entry.size} (truncated or missing)"]
+        if problems:
+            copy(item, f"is damaged ({problems[0].split(': ', 1)[-1]})")
+        if progress is not None:
+            progress(entry.size)
+
     for b, m in sorted(src.manifests(refresh=True).items()):
-        if src.manifest_key(b) in done_there:
+        manifest_key = src.manifest_key(b)
+        if manifest_key in listing:
+            dst.parallel(check_and_repair, list(m.files.items()), workers=8)
+            try:
+                same = parse_manifest(dst.get(manifest_key), dst.describe(manifest_key), "") == m
+            except (CacheError, StoreMissing):
+                same = False
+            if not same:
+                put_again(manifest_key, src.store.get(manifest_key), "differs from the source (damaged)")
             skipped += 1
             continue
 
-        def copy(item: tuple[str, FileEntry]) -> None:
-            key, entry = item
-            data = src.store.get(key)
-            if len(data) != entry.size or zlib.crc32(data) != entry.crc32:
-                raise src.corrupt(key)
-            dst.put(key, data)
+        def copy_new(item: tuple[str, FileEntry]) -> None:
+            copy(item)
             if progress is not None:
-                progress(entry.size)
+                progress(item[1].size)
 
-        dst.parallel(copy, list(m.files.items()), workers=8)
-        dst.create(src.manifest_key(b), src.store.get(src.manifest_key(b)))  # the block's commit point
+        dst.parallel(copy_new, list(m.files.items()), workers=8)
+        dst.create(manifest_key, src.store.get(manifest_key))  # the block's commit point
         copied += 1
-    return copied, skipped
+    return CopyResult(copied, skipped, repaired)

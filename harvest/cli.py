@@ -152,11 +152,13 @@ def _copy(src_location: str, dst_location: str, what: str) -> None:
     total = sum(f.size for m in src.manifests().values() for f in m.files.values())
     lock = Lock(open_store(dst_location), what)
     with lock, progress_bar(what.split()[-1], total, bytes_=True, console=err_console) as bar:
-        copied, skipped = copy_cache(src, lock.store, progress=bar.advance)
+        result = copy_cache(src, lock.store, progress=bar.advance, log=_log)
     done = len(src.complete_blocks())
     state = "complete" if done == src.layout.n_blocks else f"{done}/{src.layout.n_blocks} blocks (partial cache)"
+    fixed = f", {len(result.repaired)} damaged files copied again" if result.repaired else ""
     console.print(
-        f"[green]ok[/] {src_location} -> {dst_location}: {copied} blocks copied, {skipped} already there; {state}"
+        f"[green]ok[/] {src_location} -> {dst_location}: {result.copied} blocks copied, {result.skipped} already "
+        f"there (checked){fixed}; {state}"
     )
 
 

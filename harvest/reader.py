@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from .cache import (
-    ABSENT,
     STORAGE_DTYPES,
     TOKEN_ARRAYS,
     BlockManifest,
@@ -34,7 +33,8 @@ from .cache import (
     chunk_hash,
     chunk_hasher,
     from_storage,
-    index_crc,
+    index_nbytes,
+    index_problem,
 )
 from .errors import CacheError, IntegrityError
 from .settings import env_int
@@ -252,6 +252,8 @@ class ChunkReader:
             entry = manifest.files.get(key)
             if entry is None or entry.pieces is None:
                 raise CacheError(f"{self.store.describe(key)} is not in its block's manifest: run `harvest verify`")
+            if len(entry.pieces) != lay.shard_tokens // lay.chunk_tokens:
+                raise CacheError(f"{self.store.describe(key)}: its manifest entry does not fit the layout: {self._fix}")
             if entry.pieces[inner] is None:
                 raise CacheError(
                     f"{self.store.describe(key)}: chunk {inner} is absent although its block is in the manifest: "
@@ -279,7 +281,10 @@ class ChunkReader:
 
     def _index_range(self, entry: FileEntry) -> tuple[int, int]:
         """Where a shard's index (and its crc32c) lies: the end of the file."""
-        return entry.size - (16 * (self.layout.shard_tokens // self.layout.chunk_tokens) + 4), entry.size
+        n_inner = self.layout.shard_tokens // self.layout.chunk_tokens
+        if entry.pieces is None or len(entry.pieces) != n_inner or entry.size < index_nbytes(n_inner):
+            raise CacheError(f"a manifest entry does not fit this cache's layout (corrupt manifest): {self._fix}")
+        return entry.size - index_nbytes(n_inner), entry.size
 
     def _check_index(self, key: str, entry: FileEntry, raw: bytes | memoryview | None = None) -> None:
         """Once per shard: its index must pass its crc32c and point exactly where the manifest says."""
@@ -287,12 +292,9 @@ class ChunkReader:
             return
         lo, hi = self._index_range(entry)
         raw = bytes(self.store.get_range(key, lo, hi) if raw is None else raw)
-        if len(raw) != hi - lo or index_crc(raw[:-4]) != raw[-4:]:
-            raise self.cache.corrupt(key, " shard index")
-        got = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
-        want = [(p[0], p[1]) if p is not None else (ABSENT, ABSENT) for p in entry.pieces or []]
-        if got.tolist() != [list(w) for w in want]:
-            raise self.cache.corrupt(key, " shard index (an entry was redirected)")
+        problem = index_problem(raw, entry.pieces or [])
+        if problem is not None:
+            raise self.cache.corrupt(key, f" shard index ({problem})")
         self._checked_index.add(key)
 
     def _read_inner(self, key: str, entry: FileEntry, inner: int, out: np.ndarray) -> None:
@@ -320,7 +322,7 @@ class ChunkReader:
         check_index = key not in self._checked_index
         if check_index:
             ranges.append(self._index_range(entry))
-        got = self.store.get_ranges(key, [a for a, _ in ranges], [b for _, b in ranges])
+        got = self.store.get_ranges(key, [a for a, _ in ranges], [b for _, b in ranges], size=entry.size)
         if check_index:
             self._check_index(key, entry, got[-1])
         for (inner, out), data in zip(parts, got):

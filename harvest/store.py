@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .atomic import atomic_write, fsync_dir
-from .errors import StorageError, StoreError, storage_error
+from .errors import IntegrityError, StorageError, StoreError, storage_error
 from .settings import env_int, env_number
 
 REMOTE_SCHEMES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "azure"}
@@ -71,7 +71,11 @@ class Store(ABC):
     def get_range(self, key: str, start: int, stop: int) -> memoryview:
         """Bytes [start, stop) of an object."""
 
-    def get_ranges(self, key: str, starts: Sequence[int], stops: Sequence[int]) -> list[memoryview]:
+    def get_ranges(
+        self, key: str, starts: Sequence[int], stops: Sequence[int], size: int | None = None
+    ) -> list[memoryview]:
+        """Several ranges of one object; `size`: the size its manifest records (an object store refuses an
+        object of another size before sending the request)."""
         return [self.get_range(key, a, b) for a, b in zip(starts, stops)]
 
     def read_into(self, key: str, offset: int, out: memoryview, hasher: Any = None) -> None:
@@ -365,6 +369,9 @@ class ObjectStore(Store):
             raise StoreError(f"malformed URL {url!r}: expected {scheme}://BUCKET/PREFIX")
         self.scheme = scheme
         self.location = url.rstrip("/")
+        # Object sizes seen (HEAD, listing, PUT): a ranged read past an object's end is refused before it is
+        # sent (obstore's get_ranges panics in Rust when a coalesced range comes back short).
+        self._sizes: dict[str, int] = {}
         import obstore
         from obstore.store import from_url
 
@@ -400,6 +407,8 @@ class ObjectStore(Store):
 
         where = self.describe(key)
         text = str(e)
+        if " 416 " in text or "InvalidRange" in text:
+            return StoreMissing(f"{where} is shorter than a range read from it (truncated or replaced)")
         if isinstance(e, FileNotFoundError | ox.NotFoundError):
             if "NoSuchBucket" in text:
                 bucket = urlparse(self.location).netloc
@@ -432,22 +441,66 @@ class ObjectStore(Store):
             raise
         except Exception as e:
             raise self._error(e, key, writing) from None
+        except BaseException as e:  # a panic inside the Rust client (pyo3's PanicException is no Exception)
+            if type(e).__name__ != "PanicException":
+                raise
+            raise StoreError(
+                f"{self.describe(key)}: the object-store client failed ({_first_line(e)}): the object may have "
+                f"changed while it was read; run `harvest verify {self.location}`"
+            ) from None
+
+    def _known_size(self, key: str) -> int:
+        """The object's size: seen before, else one HEAD (once per object)."""
+        size = self._sizes.get(key)
+        if size is None:
+            size = self.size(key)
+            if size is None:
+                raise StoreMissing(f"{self.describe(key)} is missing")
+        return size
+
+    def _check_ranges(self, key: str, starts: Sequence[int], stops: Sequence[int], recorded: int | None) -> None:
+        if not starts:
+            return
+        size = self._known_size(key)
+        if recorded is not None and size != recorded:
+            raise StoreMissing(
+                f"{self.describe(key)} is {size:,} bytes, its manifest records {recorded:,} (truncated or replaced)"
+            )
+        if any(not 0 <= a <= b for a, b in zip(starts, stops)) or max(stops) > size:
+            raise StoreMissing(
+                f"{self.describe(key)} is {size:,} bytes, shorter than a read of bytes up to {max(stops):,} "
+                f"(truncated or replaced)"
+            )
 
     def get(self, key: str) -> bytes:
         return bytes(self._call(key, self._ob.get, key).bytes())
 
     def get_range(self, key: str, start: int, stop: int) -> memoryview:
-        return memoryview(self._call(key, self._ob.get_range, key, start=start, end=stop))
+        # one range: the server answers a short object with fewer bytes (no panic), refused here
+        got = memoryview(self._call(key, self._ob.get_range, key, start=start, end=stop))
+        if got.nbytes != stop - start:
+            raise StoreMissing(
+                f"{self.describe(key)}: {got.nbytes:,} bytes came back for a range of {stop - start:,} (truncated)"
+            )
+        return got
 
-    def get_ranges(self, key: str, starts: Sequence[int], stops: Sequence[int]) -> list[memoryview]:
-        got = self._call(key, self._ob.get_ranges, key, starts=list(starts), ends=list(stops))
-        return [memoryview(b) for b in got]
+    def get_ranges(
+        self, key: str, starts: Sequence[int], stops: Sequence[int], size: int | None = None
+    ) -> list[memoryview]:
+        self._check_ranges(key, starts, stops, size)
+        got = [memoryview(b) for b in self._call(key, self._ob.get_ranges, key, starts=list(starts), ends=list(stops))]
+        if [g.nbytes for g in got] != [b - a for a, b in zip(starts, stops)]:
+            raise StoreMissing(f"{self.describe(key)}: a ranged read came back short (truncated or replaced)")
+        return got
 
     def size(self, key: str) -> int | None:
         try:
-            return int(self._call(key, self._ob.head, key)["size"])
+            size = int(self._call(key, self._ob.head, key)["size"])
         except StoreMissing:
+            self._sizes.pop(key, None)
             return None
+        self._sizes[key] = size
+        return size
 
     def list(self, prefix: str = "") -> dict[str, int]:
         out: dict[str, int] = {}
@@ -457,12 +510,14 @@ class ObjectStore(Store):
                     out[meta["path"]] = int(meta["size"])
         except Exception as e:
             raise self._error(e, prefix) from None
+        self._sizes.update(out)
         return out
 
     def put(self, key: str, data: bytes | memoryview) -> None:
         # obstore switches to a multipart upload above its chunk size (5 MB): large shards go up in parts,
         # and the object appears only when the upload completes.
         self._call(key, self._ob.put, key, data, writing=True)
+        self._sizes[key] = memoryview(data).nbytes
 
     def create(self, key: str, data: bytes) -> Any:
         from obstore import exceptions as ox
@@ -492,6 +547,7 @@ class ObjectStore(Store):
             raise self._error(e, key, writing=True) from None
 
     def delete(self, key: str) -> None:
+        self._sizes.pop(key, None)
         try:
             self._call(key, self._ob.delete, key, writing=True)
         except StoreMissing:
@@ -499,6 +555,8 @@ class ObjectStore(Store):
 
     def delete_prefix(self, prefix: str) -> None:
         keys = list(self.list(prefix))
+        for key in keys:
+            self._sizes.pop(key, None)
         for i in range(0, len(keys), 1000):
             self._call(prefix, self._ob.delete, keys[i : i + 1000], writing=True)
 
@@ -506,6 +564,13 @@ class ObjectStore(Store):
         from zarr.storage import ObjectStore as ZarrObjectStore
 
         return ZarrObjectStore(self._store, read_only=True)
+
+
+def _note(message: str) -> None:
+    """A note on stderr (the read-through copy's repairs), one line."""
+    import sys
+
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def _first_line(e: BaseException) -> str:
@@ -536,14 +601,29 @@ class ReadThroughStore(Store):
     """A remote store whose data objects are fetched WHOLE on first use into a local folder (checked against
     the size and crc32 that `expected(key)` returns from the manifests), then read from local disk with
     `os.preadv`: the second epoch of a training run reads at local speed. Bounded: the least recently used
-    copies are deleted beyond `max_bytes`. Objects without a manifest entry (metadata) pass through."""
+    copies are deleted beyond `max_bytes`. Objects without a manifest entry (metadata) pass through.
+
+    A copy is never trusted for its size alone: every read from it is checked against the manifest by
+    `check(entry, start, data, digest)` (an inner chunk's xxh3, a shard index's crc32c, a whole file's crc32;
+    None for a range the manifest says nothing about, which is then read from the source). A copy that fails
+    is dropped and fetched again, once per object and process, with a note through `log`; failing again
+    after a fresh download is one line naming the copy (the local disk is suspect)."""
 
     is_local = False  # still a remote cache: several reads in flight per chunk
 
-    def __init__(self, remote: Store, folder: str | Path, expected: Any, max_bytes: int | None = None):
+    def __init__(
+        self,
+        remote: Store,
+        folder: str | Path,
+        expected: Any,
+        check: Any,
+        max_bytes: int | None = None,
+        log: Any = None,
+    ):
         import hashlib
 
-        self.remote, self.expected = remote, expected
+        self.remote, self.expected, self.check = remote, expected, check
+        self.log = log or _note
         self.location = remote.location
         tag = hashlib.sha256(remote.location.encode()).hexdigest()[:16]
         self.local = LocalStore(Path(folder).expanduser() / f"{location_name(remote.location)}-{tag}")
@@ -554,66 +634,119 @@ class ReadThroughStore(Store):
         self.max_bytes = max_bytes
         self._mutex = threading.Lock()
         self._fetching: dict[str, threading.Lock] = {}
+        self._refetched: set[str] = set()  # copies dropped and fetched again in this process
         self._sizes: OrderedDict[str, int] = OrderedDict(sorted(self.local.list().items()))  # LRU order
         self._used = sum(self._sizes.values())
 
-    def _local(self, key: str) -> bool:
-        """True once `key` is a verified local copy (fetched now if needed); False for pass-through keys."""
+    def _fetch_lock(self, key: str) -> threading.Lock:
+        with self._mutex:
+            return self._fetching.setdefault(key, threading.Lock())
+
+    def _download(self, key: str, entry: Any) -> bytes:
+        """The source object, whole, checked against its manifest entry's size and crc32."""
+        data = self.remote.get(key)
+        if len(data) != entry.size or zlib.crc32(data) != entry.crc32:
+            raise IntegrityError(
+                f"{self.remote.describe(key)} does not match its manifest (size/crc32): "
+                f"run `harvest verify {self.remote.location}`"
+            )
+        return data
+
+    def _local(self, key: str) -> Any:
+        """`key`'s manifest entry once it has a local copy (fetched now if needed); None for pass-through keys
+        and objects that do not fit."""
         entry = self.expected(key)
         if entry is None:
-            return False
+            return None
         with self._mutex:
             if self._sizes.get(key) == entry.size:
                 self._sizes.move_to_end(key)
-                return True
-            fetch_lock = self._fetching.setdefault(key, threading.Lock())
-        with fetch_lock:  # one download per object, however many readers want it
+                return entry
+        with self._fetch_lock(key):  # one download per object, however many readers want it
             with self._mutex:
                 if self._sizes.get(key) == entry.size:
-                    return True
-            data = self.remote.get(key)
-            if len(data) != entry.size or zlib.crc32(data) != entry.crc32:
-                raise StoreError(
-                    f"{self.remote.describe(key)} does not match its manifest (size/crc32): "
-                    f"run `harvest verify {self.remote.location}`"
-                )
+                    return entry
+            data = self._download(key, entry)
             if entry.size > self.max_bytes:
-                return False
+                return None
             with self._mutex:  # make room for it (least recently used first), counting copies being written
                 while self._sizes and self._used + entry.size > self.max_bytes:
                     old, size = self._sizes.popitem(last=False)
                     self._used -= size
                     self.local.delete(old)
                 if self._used + entry.size > self.max_bytes:
-                    return False  # the rest of the room is taken by copies being written: read it remotely
+                    return None  # the rest of the room is taken by copies being written: read it remotely
                 self._used += entry.size
             self.local.put(key, data)
             with self._mutex:
                 self._sizes[key] = entry.size
-        return True
+        return entry
 
-    def _read(self, key: str, local: Any, remote: Any) -> Any:
-        if self._local(key):
+    def _checked(self, key: str, entry: Any, start: int, read: Any) -> tuple[bool, Any]:
+        """read() -> (data, digest or None) from the local copy, checked against the manifest: (True, data);
+        (False, None) for a range the manifest has nothing to check against. A copy that fails is dropped
+        and fetched again (once), then read again."""
+        data, digest = read()
+        ok = self.check(entry, start, data, digest)
+        if ok is None or ok:
+            return ok is not None, data
+        with self._fetch_lock(key):
+            data, digest = read()  # another thread may have fetched it again meanwhile
+            if self.check(entry, start, data, digest):
+                return True, data
+            copy = self.local.describe(key)
+            again = key in self._refetched
+            if not again:
+                self._refetched.add(key)
+                self.log(f"the local copy {copy} fails its checksum: dropped, fetching it again from the source")
+                self.local.delete(key)
+                self.local.put(key, self._download(key, entry))
+                with self._mutex:  # evicted meanwhile: the fresh copy counts again
+                    if key not in self._sizes:
+                        self._sizes[key] = entry.size
+                        self._used += entry.size
+                data, digest = read()
+                if self.check(entry, start, data, digest):
+                    return True, data
+            raise IntegrityError(
+                f"the local copy {copy} fails its checksum {'again ' if again else ''}after a fresh download: "
+                f"the disk under {self.local.root.parent} may be failing; delete that folder or read without "
+                f"--local-cache"
+            )
+
+    def _read(self, key: str, start: int, local: Any, remote: Any) -> Any:
+        """local() -> (data, digest) from the copy, checked; remote() for pass-through keys, copies evicted
+        meanwhile, and ranges the manifest has nothing to check against."""
+        entry = self._local(key)
+        if entry is not None:
             try:
-                return local()
+                checked, data = self._checked(key, entry, start, local)
             except StoreMissing:  # evicted between the check and the read by another thread
-                pass
+                checked = False
+            if checked:
+                return data
         return remote()
 
     def get(self, key: str) -> bytes:
-        return self._read(key, lambda: self.local.get(key), lambda: self.remote.get(key))
+        return self._read(key, 0, lambda: (self.local.get(key), None), lambda: self.remote.get(key))
 
     def get_range(self, key: str, start: int, stop: int) -> memoryview:
-        return self._read(
-            key, lambda: self.local.get_range(key, start, stop), lambda: self.remote.get_range(key, start, stop)
-        )
+        local = lambda: (self.local.get_range(key, start, stop), None)
+        return self._read(key, start, local, lambda: self.remote.get_range(key, start, stop))
 
     def read_into(self, key: str, offset: int, out: memoryview, hasher: Any = None) -> None:
-        self._read(
-            key,
-            lambda: self.local.read_into(key, offset, out, hasher),
-            lambda: self.remote.read_into(key, offset, out, hasher),
-        )
+        def local() -> tuple[memoryview, str | None]:
+            if hasher is not None:
+                hasher.reset()  # a retry hashes the fresh copy's bytes
+            self.local.read_into(key, offset, out, hasher)
+            return out, None if hasher is None else hasher.hexdigest()
+
+        def remote() -> None:
+            if hasher is not None:
+                hasher.reset()
+            self.remote.read_into(key, offset, out, hasher)
+
+        self._read(key, offset, local, remote)
 
     def size(self, key: str) -> int | None:
         return self.remote.size(key)
