@@ -36,8 +36,10 @@ app = cli_app(
 console = Console()
 err_console = Console(stderr=True)
 
-SAE = typer.Option(..., "--sae", help="Run folder of a trained SAE (train run --out).")
-SAES = typer.Option(..., "--sae", help="Run folders (repeat --sae, or list them after it); the first leads.")
+SAE = typer.Option(..., "--run", "--sae", help="Run folder of a trained SAE (train run --out); --sae is an alias.")
+SAES = typer.Option(
+    ..., "--run", "--sae", help="Run folders (repeat --run, or list them after it); the first leads. Alias: --sae."
+)
 MORE_RUNS = typer.Argument(None, help="More run folders (single-layer baselines).")
 CACHE = typer.Option(None, "--cache", help="Cache folder or URL (default: the (first) run's).")
 MODEL = typer.Option(None, "--model", help="Model (default: the cache's).")
@@ -145,7 +147,7 @@ def delta_ce(
 @app.command()
 def resid(
     cache: str = typer.Option(..., "--cache", help="Cache folder or URL."),
-    sae: Optional[Path] = typer.Option(None, "--sae", help="Also the MMCS of this SAE's decoder (mmcs.json)."),
+    sae: Optional[Path] = typer.Option(None, "--run", "--sae", help="Also the MMCS of this run's decoder (mmcs.json)."),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Kept tokens to stream (default: all)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the cache folder)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),

@@ -38,7 +38,9 @@ def _human(n: float) -> str:
 @app.command()
 @with_dataclass_flags(CacheSpec)
 def run(
-    spec: Optional[Path] = typer.Option(None, "--spec", help="YAML spec file (cache_spec.yaml); flags override it."),
+    spec: Optional[Path] = typer.Option(
+        None, "--config", "--spec", help="YAML spec file (cache_spec.yaml); flags override it. Alias: --spec."
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
     **overrides: Any,
 ) -> None:

@@ -50,7 +50,7 @@ class ModelText(FlagConfig):
 @dataclass
 class CacheSpec(ModelText):
     _what = "spec"
-    _yaml_flag = "--spec"
+    _yaml_flag = "--config"
 
     context: int = _f(1024, "Tokens per context window (the reference uses 2048).")
     tokens: int = _f(40_960, "Token budget: rounded UP to whole context windows.")

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # everything here is local; unset it to use Hub names
-harvest run --spec cache_spec.yaml
+harvest run --config cache_spec.yaml
 harvest info caches/gemma-3-270m-sotu
 train sweep --config train_config.yaml --layers all,4,12 --out runs/quickstart
 R=runs/quickstart/gemma-3-270m-sotu

@@ -12,7 +12,7 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 TOKENS=${MLSAE_SCALE_TOKENS:-1048576}
 C=${MLSAE_SCALE_CACHE:-caches/gemma-3-270m-sotu-1m}
-harvest run --spec cache_spec.yaml --tokens "$TOKENS" --out "$C"
+harvest run --config cache_spec.yaml --tokens "$TOKENS" --out "$C"
 harvest info "$C"
 # 1,048,576 training tokens = 512 steps of 2,048 (1.07 epochs of the training split); 63 whole windows
 # (64,512 tokens, grouped by document) are held out and evaluated every 64 steps (heldout.csv / .png).
