@@ -239,7 +239,7 @@ def test_context_longer_than_the_models_positions(neox_dir, text_dir, tmp_path, 
     [
         ("tokens: many\n", ["tokens = 'many'", "int"]),
         ("context: [16, 32]\n", ["context", "int"]),
-        ("seed: -1\n", ["seed = -1", "non-negative"]),
+        ("seed: -1\n", ["seed = -1", "out of range", "0 to 2^63-1"]),
         ("dataset: 5\n", ["dataset = 5", "str"]),
         ("special_tokens: all\n", ["special_tokens = 'all'", "reference"]),
         ("allow_nonfinite: maybe\n", ["allow_nonfinite = 'maybe'", "bool"]),

@@ -341,7 +341,8 @@ def test_checkpoints_hold_plain_data_and_a_planted_pickle_never_runs(tcache, tmp
     out = tmp_path / "run"
     _interrupted_run(tcache, out, capsys)
     ck = torch.load(out / "checkpoint.pt", weights_only=True)  # tensors and plain containers only
-    assert ck["step"] == 4 and set(ck) == {"step", "sae", "opt", "dead", "stream", "fvu_initial"}
+    assert ck["step"] == 4 and set(ck) == {"step", "sae", "opt", "dead", "stream", "fvu_initial", "run"}
+    assert ck["run"] == load_run(out, require_sae=False).binding()  # bound to the record it was trained under
     marker = tmp_path / "pwned"
     torch.save({"step": 2, "sae": _Evil(marker)}, out / "checkpoint.pt")
     _one_line_error(_run_cli(_cli(tcache, out, tokens=512 * 4, checkpoint_every=2), capsys), "checkpoint.pt", "delete")

@@ -217,7 +217,8 @@ def training_bytes(configs: list[TrainConfig], p: Pass, world_size: int = 1) -> 
         need += min(n_latents * per_rank * layers, 2**25) * 4  # the encoder's pre-activation chunk
         need += per_rank * layers * (4 * d * 4 + cfg.k * 12 * 3)  # x, x~, x_hat, their gradients; TopK
     itemsize = p.cache.dtype.itemsize
-    need += 2 * configs[0].round_chunks * layout.chunk_tokens * len(p.layers) * d * itemsize  # this + next round
+    round_chunks = min(configs[0].round_chunks, layout.n_chunks)  # as the stream caps it
+    need += 2 * round_chunks * layout.chunk_tokens * len(p.layers) * d * itemsize  # this round and the next
     need += per_rank * len(p.layers) * d * 4  # the batch in float32
     return need
 

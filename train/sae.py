@@ -440,7 +440,12 @@ def weights_metadata(folder: str | Path) -> dict[str, str]:
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> TopKSae:
-    """The public loader: a run folder (or any folder holding sae.safetensors + sae_config.json)."""
+    """The public loader: a run folder, checked against its record (train/record.py), or any other folder
+    holding sae.safetensors + sae_config.json."""
+    from train.record import CONFIG, load_run
+
+    if (Path(path) / CONFIG).is_file():
+        return load_run(path).load_sae(str(device))
     return TopKSae.load(path, device)
 
 
