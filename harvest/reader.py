@@ -38,14 +38,28 @@ from .cache import (
 )
 from .errors import CacheError, IntegrityError
 from .settings import env_int
-from .store import StoreMissing
+from .store import Store, StoreMissing
 
 IO_THREADS = 32  # ranged GETs in flight per remote reader: MLSAE_READ_REQUESTS's default
+LOCAL_PREFETCH = 8  # chunks in flight from a local disk (or a read-through copy)
+REMOTE_PREFETCH = 16  # from an object store: groups of 8 chunks, one request per object covering them all
+REMOTE_RING_BYTES = 4 << 30  # ... unless that many chunks' buffers would take more memory than this
 
 
 def read_requests() -> int:
     """MLSAE_READ_REQUESTS, validated when a remote reader starts (never at import)."""
     return env_int("MLSAE_READ_REQUESTS", IO_THREADS, 1, 1024)
+
+
+def default_prefetch(store: Store, chunk_bytes: int) -> int:
+    """Chunks in flight when the caller does not choose: the local-disk value for a disk; on an object store,
+    where every request waits for its first byte (10-50 ms on a real bucket) and a request per object costs
+    the same for one chunk as for several, twice as many, in groups of half of them (one `get_ranges` per
+    object and group), as far as REMOTE_RING_BYTES of buffers allows (never fewer than on a disk).
+    docs/object_storage.md has the measurements behind these numbers."""
+    if not store.coalesces:
+        return LOCAL_PREFETCH
+    return max(LOCAL_PREFETCH, min(REMOTE_PREFETCH, REMOTE_RING_BYTES // max(1, chunk_bytes) - 1))
 
 
 @dataclass
@@ -89,7 +103,7 @@ class ChunkReader:
         cache: Cache,
         layers: Sequence[int] | None = None,
         seed: int = 0,
-        prefetch: int = 8,
+        prefetch: int | None = None,
         hold: int = 1,
         rank: int = 0,
         world_size: int = 1,
@@ -116,6 +130,9 @@ class ChunkReader:
         self.layers = list(cache.layers if layers is None else layers)
         self.layer_idx = [self.layout.layer_index(l) for l in self.layers]
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        if not prefetch:  # None or 0: chosen for the store
+            row_bytes = self.layout.d_model * STORAGE_DTYPES[self.layout.dtype][0].itemsize
+            prefetch = default_prefetch(self.store, len(self.layers) * self.layout.chunk_tokens * row_bytes)
         self.prefetch, self.hold = max(1, prefetch), max(1, hold)
         if chunks is None:
             chunks = [c for b in sorted(self._blocks) for c in self.layout.chunks_of_block(b)]

@@ -355,3 +355,27 @@ def test_a_ranged_read_past_the_end_is_refused_by_the_store(remote):
     got = store.get_ranges("seq/c/0", [0, size - 4], [8, size])
     assert [len(g) for g in got] == [8, 4]
     assert np.frombuffer(bytes(got[1]), np.uint8).size == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. requests in flight chosen for the store
+
+
+def test_requests_in_flight_are_chosen_for_the_store(pristine, remote, tmp_path, monkeypatch):
+    from harvest.reader import REMOTE_PREFETCH, default_prefetch
+    from train.config import TrainConfig
+
+    monkeypatch.setenv("MLSAE_LOCAL_CACHE_GB", "10")
+    bucket_reader, disk_reader = ChunkReader(open_cache(remote)), ChunkReader(open_cache(pristine))
+    copy_reader = ChunkReader(open_cache(remote, local_cache=tmp_path / "lc"))
+    assert (bucket_reader.prefetch, bucket_reader.group) == (REMOTE_PREFETCH, REMOTE_PREFETCH // 2) == (16, 8)
+    assert disk_reader.prefetch == copy_reader.prefetch == 8 and disk_reader.group == 1
+    assert ChunkReader(open_cache(remote), prefetch=3).prefetch == 3  # a number given is used as is
+    assert default_prefetch(bucket_reader.store, 1 << 30) == 8  # 16 chunks of 1 GiB: fewer, never below 8
+    want = [c.acts.clone() for c in disk_reader]
+    assert all(torch.equal(a.acts, b) for a, b in zip(bucket_reader, want, strict=True))  # same chunks, same order
+    for r in (bucket_reader, disk_reader, copy_reader):
+        r.close()
+    assert TrainConfig().prefetch == 0 and TrainConfig(prefetch=0).validate().prefetch == 0
+    with pytest.raises(UserError, match="prefetch = -1"):
+        TrainConfig(prefetch=-1).validate()

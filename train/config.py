@@ -62,7 +62,7 @@ class TrainConfig(FlagConfig):
         "none", "Also log to an experiment tracker (SAELens key names); metrics.jsonl is always written."
     )
     log_project: str = _f("mlsae-cache", "Project name for --log-to.")
-    prefetch: int = _f(8, "Chunk reads in flight.")
+    prefetch: int = _f(0, "Chunk reads in flight; 0 = chosen for the cache's store (8 from a disk, 16 from a bucket).")
     local_cache: str = _f(
         "", "Folder for a verified local copy of a remote cache (later epochs read from local disk); '' = none."
     )
@@ -82,12 +82,13 @@ class TrainConfig(FlagConfig):
             "round_chunks",
             "checkpoint_every",
             "log_every",
-            "prefetch",
             "dead_tokens",
         ]:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise SpecError(f"{name} = {v!r} must be a positive integer")
+        if not isinstance(self.prefetch, int) or isinstance(self.prefetch, bool) or self.prefetch < 0:
+            raise SpecError(f"prefetch = {self.prefetch!r} must be 0 (chosen for the store) or a positive integer")
         if self.tokens < 0 or self.eval_tokens < 0 or self.warmup_steps < 0 or self.eval_every < 0:
             raise SpecError("tokens, eval_tokens, eval_every and warmup_steps must be >= 0")
         if not self.lr > 0:

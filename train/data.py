@@ -74,7 +74,7 @@ class MinibatchStream:
         rank: int = 0,
         world_size: int = 1,
         special: SpecialTokens = KEEP_MASK,
-        prefetch: int = 8,
+        prefetch: int | None = None,
         heldout: HeldOut | None = None,
     ):
         self.cache, self.layout = cache, cache.layout

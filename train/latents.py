@@ -61,7 +61,7 @@ def iter_latents(
     rank: int = 0,
     world_size: int = 1,
     skip: int = 0,
-    prefetch: int = 8,
+    prefetch: int | None = None,
 ) -> Iterator[LatentBatch]:
     """TopK codes of up to `tokens` tokens (default: all) of this rank's chunks, chunk by chunk.
 
