@@ -80,7 +80,9 @@ def test_no_held_out_window_shares_a_token_with_training(docs_cache, tmp_path, m
     assert len(positions) == summary["steps"] * 128
     assert not np.isin(seq[positions], record.heldout.windows).any()
     assert len(set(positions.tolist())) == len(positions)  # one epoch: no token twice
-    allowed = np.flatnonzero(keep & ~np.isin(seq, record.heldout.windows))
+    not_trained = record.heldout.windows + record.heldout.excluded_windows
+    assert not np.isin(seq[positions], not_trained).any()
+    allowed = np.flatnonzero(keep & ~np.isin(seq, not_trained))
     assert set(positions.tolist()) <= set(allowed.tolist()) and len(allowed) - len(positions) < 128
     # the evaluation encodes exactly the kept tokens of the held-out windows
     held_kept = int((keep & np.isin(seq, record.heldout.windows)).sum())
@@ -89,9 +91,58 @@ def test_no_held_out_window_shares_a_token_with_training(docs_cache, tmp_path, m
     assert again.fvu == pytest.approx(summary["held_out"]["fvu"], rel=1e-6)
 
 
+def _documents_by_hand(windows: np.ndarray, eos: int, first: int) -> list[set[int]]:
+    """Independent of train.split: walk the windows' text token by token, starting a new document at each
+    EOS (as the harvest joined them); the set of documents each window holds a token of."""
+    doc, out = 0, []
+    for window in windows.tolist():
+        docs = set()
+        for token in window[first:]:
+            if token == eos:
+                doc += 1
+            docs.add(doc)
+        out.append(docs)
+    return out
+
+
+def test_no_held_out_document_has_a_token_in_a_window_training_may_use(docs_cache, tmp_path, monkeypatch):
+    """The held-out set is document-disjoint: the documents (rebuilt here by hand from the raw `windows`
+    array) of held-out windows appear in no window whose tokens training reads; guards are exactly the
+    windows that would break this, their cost is in the summary, and training never touches them."""
+    trained = spy_on_trained_batches(monkeypatch)
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        cache=str(docs_cache), out=str(out), expansion_factor=2, k=4, batch_tokens=128, eval_tokens=512, round_chunks=4
+    )
+    [summary] = train([cfg], show_progress=False)
+    held = load_run(out).heldout
+    cache = open_cache(docs_cache)
+    tok = cache.meta["tokenizer"]
+    docs = _documents_by_hand(cache.windows().numpy(), tok["eos_token_id"], int(tok["prepend_bos"]))
+    held_docs = set().union(*(docs[w] for w in held.windows))
+    seq = cache.read_tokens("seq").numpy()
+    trained_windows = set(seq[torch.cat([p for p, _ in trained]).numpy()].tolist())
+    usable = set(range(len(docs))) - set(held.windows) - set(held.excluded_windows)
+    assert held.guards == "documents" and held.excluded_windows
+    assert all(not (docs[w] & held_docs) for w in usable)  # no held-out document in any trainable window
+    assert trained_windows <= usable and len(trained_windows) > len(usable) // 2
+    # the guards are the minimal set: each one shares a document with the held-out text
+    assert all(docs[w] & held_docs for w in held.excluded_windows)
+    split = summary["heldout_split"]
+    keep = cache.read_tokens("keep").numpy()
+    assert split["guard_windows"] == len(held.excluded_windows)
+    assert split["guard_tokens"] == int((keep & np.isin(seq, held.excluded_windows)).sum()) > 0
+    assert "document-disjoint" in held.describe()
+
+
 def test_a_held_out_set_round_trips_through_its_dict():
-    held = HeldOut("documents", 3, [9, 2, 5], 48, [1, 0])
-    assert held.windows == [2, 5, 9] and held.chunks == [0, 1]
+    held = HeldOut("documents", 3, [9, 2, 5], 48, [1, 0], [10, 1], "documents")
+    assert held.windows == [2, 5, 9] and held.chunks == [0, 1] and held.excluded_windows == [1, 10]
     assert HeldOut.from_dict(held.to_dict()) == held
+    # a record written before guards: no excluded windows, and it says it is not document-disjoint
+    old = {k: v for k, v in held.to_dict().items() if k not in ("excluded_windows", "guards")}
+    assert (
+        HeldOut.from_dict(old).excluded_windows == [] and "NOT document-disjoint" in HeldOut.from_dict(old).describe()
+    )
     with pytest.raises(ValueError, match="method"):
         HeldOut.from_dict({**held.to_dict(), "method": "random"})

@@ -34,7 +34,7 @@ from harvest.models import resolve_device
 from harvest.progress import progress_bar
 from train.checkpoint import Checkpoint
 from train.config import TrainConfig
-from train.data import MinibatchStream, StreamState, count_training_tokens
+from train.data import MinibatchStream, StreamState, count_guard_tokens, count_training_tokens
 from train.evaluate import evaluate, read_metrics, write_heldout_curve
 from train.logging import RunLogger, StepMetrics, open_logger
 from train.objectives import FIRE_THRESHOLD, DeadLatents, training_loss
@@ -96,6 +96,8 @@ class Pass:
     layers: list[int]  # the union of the runs' layers: the minibatch's layer axis
     steps: int
     batch_tokens: int
+    train_tokens: int = 0  # the training split: tokens one epoch trains on
+    guard_tokens: int = 0  # tokens of the guard windows (sharing a document with held-out text): not trained on
     runs: list[Run] = field(default_factory=list)
     start_step: int = 0
 
@@ -212,6 +214,14 @@ def _plan(configs: list[TrainConfig], dist: Dist, log: Callable[[str], None]) ->
     heldout = choose_heldout(cache, first.eval_tokens, first.heldout_seed)
     special = SpecialTokens.of(first.special_tokens, cache)
     train_tokens = count_training_tokens(cache, special, heldout)
+    guard_tokens = count_guard_tokens(cache, special, heldout)
+    if heldout.windows:
+        log(
+            f"held-out set document-disjoint: {len(heldout.excluded_windows)} guard windows cost {guard_tokens:,} "
+            f"training tokens ({guard_tokens / max(1, train_tokens + guard_tokens):.1%} of the training split)"
+            if heldout.guards == "documents"
+            else f"held-out set NOT document-disjoint ({heldout.guards})"
+        )
     tokens = first.tokens or train_tokens
     if tokens > train_tokens:
         log(f"{tokens:,} training tokens from a training split of {train_tokens:,}: {tokens / train_tokens:.2f} epochs")
@@ -222,7 +232,8 @@ def _plan(configs: list[TrainConfig], dist: Dist, log: Callable[[str], None]) ->
         )
     layers = sorted({l for c in configs for l in c.layer_list(cache.layers)})
     steps = max(1, tokens // first.batch_tokens)
-    return Pass(cache, resolve_device(first.device), heldout, special, layers, steps, first.batch_tokens)
+    device = resolve_device(first.device)
+    return Pass(cache, device, heldout, special, layers, steps, first.batch_tokens, train_tokens, guard_tokens)
 
 
 def _start_writing(runs: list[Run]) -> None:
@@ -301,8 +312,11 @@ def _check_out(out: Path, record: RunRecord) -> str:
     diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
     if old.cache.fingerprint != record.cache.fingerprint:
         diffs.insert(0, "cache fingerprint differs")
-    elif old.heldout.windows != record.heldout.windows and not old.finished:
-        diffs.insert(0, f"held-out windows differ ({old.heldout.describe()})")
+    elif not old.finished and (old.heldout.windows, old.heldout.excluded_windows) != (
+        record.heldout.windows,
+        record.heldout.excluded_windows,
+    ):
+        diffs.insert(0, f"held-out windows or their guards differ ({old.heldout.describe()})")
     if diffs:
         raise SpecError(
             f"{out} holds a run with other settings ({'; '.join(diffs[:4])}): resume with the same "
@@ -515,6 +529,13 @@ def _finish(p: Pass, dist: Dist, clock: Throughput) -> list[dict]:
             "tokens_per_s": clock.rate(tokens),
             "held_out_initial": run.fvu_initial,
             "held_out": final,
+            "heldout_split": {
+                "windows": len(p.heldout.windows),
+                "guard_windows": len(p.heldout.excluded_windows),
+                "guards": p.heldout.guards,
+                "guard_tokens": p.guard_tokens,  # training tokens the guards cost
+                "training_split_tokens": p.train_tokens,
+            },
         }
         assert run.logger is not None
         run.logger.close()
