@@ -291,6 +291,8 @@ class ReferenceFormulas:
     tokens: int
     source: str
     label: str = REFERENCE_LABEL
+    # the tokens its batches held, in words ("" in results written before this was recorded: shuffled batches)
+    tokens_seen: str = ""
 
 
 @dataclass
