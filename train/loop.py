@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -153,6 +153,8 @@ def _train(
     clock = Throughput(p.start_step * p.batch_tokens)
     batches = iter(stream)
     bar_args = {"enabled": show_progress, "completed": p.start_step, "fields": {"loss": ".4f"}, "rate_unit": "tok/s"}
+    # steps after which every SAE is evaluated and saved under snapshots/ (the last step: the run itself)
+    snapshots = {t // p.batch_tokens for t in configs[0].snapshot_list() if 0 < t // p.batch_tokens < p.steps}
     with progress_bar("train", p.steps, "steps", **bar_args) as bar:
         for step in range(p.start_step, p.steps):
             x_all = next(batches).acts.float()
@@ -166,7 +168,9 @@ def _train(
             done = step + 1
             if step == p.start_step and p.steps - p.start_step > 1:
                 clock.restart(done * p.batch_tokens)
-            if configs[0].eval_every and done % configs[0].eval_every == 0 and done < p.steps:
+            if done in snapshots:
+                _snapshot_all(p, dist, done, clock)
+            elif configs[0].eval_every and done % configs[0].eval_every == 0 and done < p.steps:
                 _evaluate_all(p, dist, done, clock)
             if done % configs[0].checkpoint_every == 0 or done == p.steps:
                 _checkpoint(p.runs, done, stream, dist)
@@ -484,6 +488,27 @@ def _evaluate_all(p: Pass, dist: Dist, step: int, clock: Throughput) -> None:
     t = time.time()
     for run in p.runs:
         _evaluate(run, p, dist, step)
+    clock.paused_s += time.time() - t
+
+
+SNAPSHOTS = "snapshots"
+
+
+def _snapshot_all(p: Pass, dist: Dist, step: int, clock: Throughput) -> None:
+    """Evaluate every SAE after `step` steps and save it as a loadable run folder
+    <out>/snapshots/tokens-<n> (config.json with this step count, weights, summary.json)."""
+    t = time.time()
+    for run in p.runs:
+        result = _evaluate(run, p, dist, step)
+        if dist.rank != 0:
+            continue
+        folder = run.out / SNAPSHOTS / f"tokens-{step * p.batch_tokens:09d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        run.sae.save(folder)
+        replace(run.record, dir=folder, steps=step).save()
+        summary = {"out": str(folder), "snapshot_of": str(run.out), "layers": run.layers, "steps": step}
+        summary |= {"tokens": step * p.batch_tokens, "held_out_initial": run.fvu_initial, "held_out": result}
+        atomic_write_json(folder / SUMMARY, summary)
     clock.paused_s += time.time() - t
 
 
