@@ -276,13 +276,13 @@ def _reconstruction_html(r: ReconstructionResult) -> str:
                 "FVU per feature": h.fvu_feature,
                 "MSE": h.mse,
                 "L0": h.l0,
-                "dead fraction": h.dead_fraction_per_layer,
+                "never fires at this layer on held-out tokens": h.silent_on_heldout,
                 "firing density": h.firing_density,
             },
         )
         out += (
-            f"<p>mean over layers: FVU {_n(h.fvu_mean)}, per feature {_n(h.fvu_feature_mean)}; dead at every "
-            f"layer {_n(h.dead_fraction)}</p>"
+            f"<p>mean over layers: FVU {_n(h.fvu_mean)}, per feature {_n(h.fvu_feature_mean)}; never fires at any layer on held-out tokens "
+            f"layer {_n(h.silent_on_heldout_all_layers)}</p>"
         )
     if len(r.runs) > 1:
         out += "<h3>Layer x layer FVU (row: SAE, column: evaluated layer)</h3>" + _table(

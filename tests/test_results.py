@@ -73,11 +73,11 @@ def example_results(scale: float = 1.0) -> list:
         fvu_feature=[0.0991 * s, 1.0713 * s, 0.7514 * s],
         mse=[12.34, 23.45, 34.56],
         l0=[31.17, 30.93, 29.88],
-        dead_fraction_per_layer=[0.0123, 0.0234, 0.0345],
+        silent_on_heldout=[0.0123, 0.0234, 0.0345],
         firing_density=[0.00611, 0.00604, 0.00583],
         fvu_mean=0.05487 * s,
         fvu_feature_mean=0.6406 * s,
-        dead_fraction=0.00456,
+        silent_on_heldout_all_layers=0.00456,
     )
     single = dataclasses.replace(
         held,
@@ -86,11 +86,11 @@ def example_results(scale: float = 1.0) -> list:
         fvu_feature=[0.8123],
         mse=[9.87],
         l0=[31.5],
-        dead_fraction_per_layer=[0.0567],
+        silent_on_heldout=[0.0567],
         firing_density=[0.00622],
         fvu_mean=0.0388,
         fvu_feature_mean=0.8123,
-        dead_fraction=0.0567,
+        silent_on_heldout_all_layers=0.0567,
     )
     single_row = dataclasses.replace(
         held, fvu=[0.5123, 0.0388, 0.6234], fvu_feature=[1.1, 0.8123, 1.3], mse=[1.0, 9.87, 3.0], fvu_mean=0.3915
@@ -265,6 +265,24 @@ def test_every_result_type_round_trips_through_its_file(tmp_path):
     assert [type(r) for r in a.present()] == list(RESULT_TYPES)
 
 
+def test_reconstruction_results_and_summaries_written_with_the_old_dead_names_still_load(tmp_path):
+    """The per-layer "dead" fraction of a held-out evaluation is now `silent_on_heldout` (never fires at that
+    layer on held-out tokens; not the training dead counter); files with the old names still load."""
+    rec = next(r for r in example_results() if isinstance(r, ReconstructionResult))
+    rec.save(tmp_path)
+    text = (tmp_path / rec.FILE).read_text()
+    old = text.replace('"silent_on_heldout_all_layers"', '"dead_fraction"').replace(
+        '"silent_on_heldout"', '"dead_fraction_per_layer"'
+    )
+    assert old != text and "silent" not in old
+    (tmp_path / rec.FILE).write_text(old)
+    assert ReconstructionResult.load(tmp_path) == rec
+    h = rec.runs[0].held_out.to_dict()
+    legacy = {{"silent_on_heldout": "dead_fraction_per_layer"}.get(k, k): v for k, v in h.items()}
+    legacy["dead_fraction"] = legacy.pop("silent_on_heldout_all_layers")
+    assert EvalResult.from_dict(legacy) == rec.runs[0].held_out
+
+
 def test_nan_is_written_as_null_and_read_back_as_nan(tmp_path):
     v = example_results()[1]
     v.variances.ratio_token = math.nan
@@ -378,7 +396,9 @@ def test_compare_puts_headlines_and_claims_side_by_side(tmp_path, capsys):
     assert rows[("cache", "tuned lens")] == ["none", "none"]
     assert rows[("variance", "E[Var(L|J,T)] / E[Var(L|J)]")] == pytest.approx([0.76395, 0.076395])
     assert rows[("variance", "E[Var(L|J,T)] / E[Var(L|J)], reference formula (not a variance)")] == [0.012503] * 2
-    assert rows[("reconstruction", "MLSAE: dead fraction, mean over layers")] == pytest.approx([0.0234] * 2)
+    assert rows[
+        ("reconstruction", "MLSAE: never fires at a layer on held-out tokens, mean over layers")
+    ] == pytest.approx([0.0234] * 2)
     assert rows[("prompt", "E[Var(L|J,T)] / E[Var(L|J)] (this prompt)")] == [0.91614, None]
     claim = {r.label: r.values for r in res.claims}
     cell = claim["The layer index varies >10x less within a token: E[Var(L|J,T)]/E[Var(L|J)] (over the cache's tokens)"]

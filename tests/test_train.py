@@ -112,13 +112,13 @@ def test_per_layer_dead_fraction_l0_and_firing_density_equal_a_brute_force_count
         active = values > FIRE_THRESHOLD
         fired = set(indices[active].tolist())
         fired_any |= fired
-        assert res.dead_fraction_per_layer[i] == pytest.approx(1 - len(fired) / n_latents, abs=1e-12)
+        assert res.silent_on_heldout[i] == pytest.approx(1 - len(fired) / n_latents, abs=1e-12)
         assert res.l0[i] == pytest.approx(active.sum(1).double().mean().item(), rel=1e-9)
         per_latent = torch.bincount(indices[active], minlength=n_latents).double() / len(pos)
         assert res.firing_density[i] == pytest.approx(per_latent.mean().item(), rel=1e-9)
-    assert res.dead_fraction == pytest.approx(1 - len(fired_any) / n_latents, abs=1e-12)
-    assert min(res.dead_fraction_per_layer) > 0 and res.dead_fraction < min(res.dead_fraction_per_layer)
-    assert res.dead_fraction_per_layer[0] != res.dead_fraction_per_layer[1]
+    assert res.silent_on_heldout_all_layers == pytest.approx(1 - len(fired_any) / n_latents, abs=1e-12)
+    assert min(res.silent_on_heldout) > 0 and res.silent_on_heldout_all_layers < min(res.silent_on_heldout)
+    assert res.silent_on_heldout[0] != res.silent_on_heldout[1]
 
 
 def test_periodic_held_out_evaluation_writes_the_curve(tcache, tmp_path):
@@ -139,7 +139,7 @@ def test_periodic_held_out_evaluation_writes_the_curve(tcache, tmp_path):
     assert evals[0]["held_out"] == s["held_out_initial"] and evals[-1]["held_out"] == s["held_out"]
     assert evals[1]["held_out"]["fvu_mean"] < evals[0]["held_out"]["fvu_mean"]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["held_out"]["dead_fraction_per_layer"]) == 3 and summary["held_out"]["firing_density"][0] > 0
+    assert len(summary["held_out"]["silent_on_heldout"]) == 3 and summary["held_out"]["firing_density"][0] > 0
     with open(out / "heldout.csv") as f:
         table = list(csv.reader(f))
     assert table[0] == ["tokens", "fvu_mean", "fvu_feature_mean", "fvu_layer_0", "fvu_layer_1", "fvu_layer_2"]
