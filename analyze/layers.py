@@ -714,4 +714,5 @@ def format_variance(res: VarianceResult) -> str:
     ]
     if ref is not None:
         lines.append(f"  reference code's formulas (not proper variances): {ref.rel_var_f:.4f}, {ref.rel_var_t:.4f}")
+        lines.append(f"    on {ref.tokens:,} tokens in {ref.batches} batches: {ref.tokens_seen}")
     return "\n".join(lines)

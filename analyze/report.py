@@ -243,7 +243,11 @@ def _variance_html(v: VarianceResult) -> str:
     rows = [[_e(name), _n(p)] + ([_n(r)] if ref is not None else []) for name, p, r in pairs]
     out = "<h3>The variance of the layer index</h3>" + _table(head, rows, [1, 2])
     if ref is not None:
-        out += f"<p class=muted>{_e(ref.label)}; source: {_e(ref.source)}</p>"
+        seen = (
+            ref.tokens_seen
+            or "shuffled batches of cache tokens (a result from before the reference column used whole windows)"
+        )
+        out += f"<p class=muted>{_e(ref.label)}; its batches: {_e(seen)}; source: {_e(ref.source)}</p>"
     else:
         out += "<p class=muted>run with --reference-formulas to see the reference code's formulas beside these</p>"
     ml = v.multi_layer

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from analyze.claims import claims
+from analyze.claims import Claim, claims
 from analyze.compare import CompareError, compare_folders, format_compare
 from analyze.report import report_folder
 from analyze.results import (
     RESULT_TYPES,
+    Analyses,
     CacheInfo,
     Comparison,
     DeltaCeResult,
@@ -361,23 +362,76 @@ def test_claims_come_from_the_typed_results(tmp_path):
     rows = {c.claim: c for c in claims(load_analyses(tmp_path))}
     token = rows["The layer index varies >10x less within a token: E[Var(L|J,T)]/E[Var(L|J)] (over the cache's tokens)"]
     assert token.ours.startswith("0.764") and token.reference.startswith("0.0125")
-    assert token.verdict.startswith("partly") and "reproduces the claim where the proper variance does not" in (
-        token.would_change
-    )
+    assert token.verdict.startswith("not supported (0.764 > 0.1; below 1 is automatic")
+    assert "reproduces the claim where the proper variance does not" in token.would_change
     prompt = rows["The layer index varies >10x less within a token: E[Var(L|J,T)]/E[Var(L|J)] (one prompt)"]
     assert prompt.ours.startswith("0.9161") and prompt.reference == ""
     diag = rows["MLSAE ~ single-layer SAE on that SAE's own layer (diagonal)"]
     assert "1.216" in diag.ours and diag.verdict.startswith("supported")
-    assert rows["MLSAE better than single-layer SAEs on the other layers (off-diagonal)"].verdict == "supported"
-    fvu = rows["A multi-layer SAE reconstructs well (held-out FVU, mean over layers)"]
-    assert fvu.verdict.startswith("in range") and "has flattened (0.4% drop" in fvu.would_change
-    assert rows["Splicing in reconstructions costs little loss (mean delta CE over layers)"].verdict.startswith(
-        "outside range"
+    assert (
+        rows["MLSAE better than single-layer SAEs on the other layers (off-diagonal)"].verdict
+        == "supported (2/2 layers)"
     )
-    assert rows["Residual norm grows with depth"].verdict == "supported"
+    fvu = rows["A multi-layer SAE reconstructs well (held-out FVU, mean over layers)"]
+    assert fvu.verdict.startswith("partly: <= 0.106 on the poster's definition only; per feature 0.6406")
+    assert "has flattened (0.4% drop" in fvu.would_change
+    assert "gemma-3-270m, R=8, k=32, 98,304 training tokens" in fvu.ours and "R=64, k=32, 1B" in fvu.poster
+    assert rows["Splicing in reconstructions costs little loss (mean delta CE over layers)"].verdict.startswith(
+        "not supported"
+    )
+    assert rows["Residual norm grows with depth"].verdict.startswith("supported")
     assert rows["Adjacent layers' residuals are similar (cosine of layer-mean-centered vectors)"].verdict.startswith(
         "supported"
     )
+    assert all(c.would_change for c in rows.values())
+
+
+def _claims_of(ratio=0.76, fvu=(0.05, 0.64), delta_ce=4.37, curve=(0.0551, 0.05487)) -> dict[str, Claim]:
+    """The claims of the example results with constructed numbers (curve: the last two held-out FVUs,
+    None for no curve)."""
+    folder = Analyses(Path("."))
+    for r in example_results():
+        setattr(folder, r.KIND, r)
+    folder.variance.variances = dataclasses.replace(folder.variance.variances, ratio_token=ratio)
+    folder.prompt = None
+    h = folder.reconstruction.runs[0].held_out
+    folder.reconstruction.runs[0].held_out = dataclasses.replace(h, fvu_mean=fvu[0], fvu_feature_mean=fvu[1])
+    folder.delta_ce.delta_ce_mean = delta_ce
+    if curve is None:
+        folder.training = None
+    else:
+        folder.training.curves[0].fvu_mean[-2:] = list(curve)
+    return {c.claim.split(" (")[0].split(":")[0]: c for c in claims(folder)}
+
+
+def test_each_verdict_band_is_hit_by_constructed_numbers():
+    token = "The layer index varies >10x less within a token"
+    fvu = "A multi-layer SAE reconstructs well"
+    dce = "Splicing in reconstructions costs little loss"
+    # the per-token variance ratio: supported only at <= 0.1; below 1 is automatic, not support
+    assert _claims_of(ratio=0.1)[token].verdict.startswith("supported (0.1 <= 0.1)")
+    assert _claims_of(ratio=0.05)[token].verdict_class() == "ok"
+    mid = _claims_of(ratio=0.5)[token]
+    assert mid.verdict.startswith("not supported (0.5 > 0.1; below 1 is automatic") and mid.verdict_class() == "no"
+    assert _claims_of(ratio=1.2)[token].verdict == "not supported (1.2)"
+    # FVU on the poster's definition against its worst (0.106), the per-feature FVU beside it
+    assert _claims_of(fvu=(0.2, 0.3))[fvu].verdict.startswith("not supported (0.2 > 0.106")
+    assert _claims_of(fvu=(0.05, 0.08))[fvu].verdict.startswith("supported (<= 0.106 on the poster's definition and")
+    assert _claims_of(fvu=(0.05, 0.5))[fvu].verdict.startswith("partly: <= 0.106 on the poster's definition only")
+    assert _claims_of(delta_ce=0.3)[dce].verdict.startswith("supported (<= 0.565")
+    assert _claims_of(delta_ce=0.7)[dce].verdict.startswith("not supported (> 0.565")
+    # not converged: every claim about the SAE is inconclusive, with what the numbers say now; the
+    # residual-geometry claims (the model's) are not
+    falling = _claims_of(ratio=0.05, curve=(0.07, 0.055))
+    assert falling[token].verdict.startswith("inconclusive (still training; the numbers now: supported (0.05")
+    assert falling[token].verdict_class() == "meh"
+    assert "training until the held-out FVU flattens (< 2% drop" in falling[fvu].would_change
+    assert "21.4% drop" in falling[fvu].would_change
+    assert all(falling[k].verdict.startswith("inconclusive (still training") for k in (fvu, dce, token))
+    assert falling["Residual norm grows with depth"].verdict.startswith("supported")
+    unknown = _claims_of(curve=None)
+    assert unknown[fvu].verdict.startswith("inconclusive (convergence unknown; the numbers now: partly")
+    assert "no held-out curve" in unknown[fvu].would_change
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +456,7 @@ def test_compare_puts_headlines_and_claims_side_by_side(tmp_path, capsys):
     assert rows[("prompt", "E[Var(L|J,T)] / E[Var(L|J)] (this prompt)")] == [0.91614, None]
     claim = {r.label: r.values for r in res.claims}
     cell = claim["The layer index varies >10x less within a token: E[Var(L|J,T)]/E[Var(L|J)] (over the cache's tokens)"]
-    assert cell[0].startswith("0.764") and "[partly" in cell[0] and "[supported" in cell[1]
+    assert cell[0].startswith("0.764") and "[not supported" in cell[0] and "[supported" in cell[1]
     for bad in ([a, empty], [a, tmp_path / "missing"]):
         with pytest.raises(CompareError):
             compare_folders(bad)
