@@ -12,44 +12,40 @@ from train.config import TrainConfig
 from train.evaluate import evaluate
 from train.loop import train
 from train.record import load_run
-from train.split import HeldOut, choose_heldout, document_runs
+from train.split import HeldOut, cheapest_span, choose_heldout, document_ids, guard_windows
 
 
-def _doc_of_first_token(windows: np.ndarray, eos: int, first: int) -> np.ndarray:
-    """Brute force: the document (count of EOS so far in the token stream) of each window's first text token."""
-    stream = windows[:, first:].reshape(-1)
-    docs = np.cumsum(stream == eos)
-    return docs[:: windows.shape[1] - first]
-
-
-def test_document_runs_group_windows_by_the_document_of_their_first_token():
+def test_the_cheapest_span_is_found_by_brute_force():
+    """cheapest_span against every span tried by hand: its guards (windows outside it sharing a document
+    with it, counted token by token) are at most two, or the fewest any span has."""
     rng = np.random.default_rng(0)
-    for first in (0, 1):
-        w = rng.integers(1, 6, size=(40, 9))
-        w[rng.random(w.shape) < 0.04] = 0  # EOS = 0, now and then, anywhere (also at a window's first text token)
-        if first:
-            w[:, 0] = 0  # a prepended BOS equal to EOS is not a document start
-        runs = document_runs(w, eos=0, first=first)
-        want = _doc_of_first_token(w, 0, first)
-        assert (np.diff(runs) > 0).tolist() == (np.diff(want) > 0).tolist()
-        assert runs[0] == 0 and len(runs) == len(w)
+    for trial in range(20):
+        w = rng.integers(1, 6, size=(30, 7))
+        w[rng.random(w.shape) < (0.02 if trial % 2 else 0.2)] = 0  # EOS = 0: long documents, then short ones
+        docs = document_ids(w, eos=0, first=0)
+        lo, hi = docs[:, 0], docs[:, -1]
+
+        n, costs = 6, {}
+        for s in range(5, 25 - n + 1):
+            held = set(docs[s : s + n].reshape(-1).tolist())
+            outside = [v for v in range(len(w)) if not s <= v < s + n]
+            costs[s] = sum(bool(held & set(docs[v].tolist())) for v in outside)
+        span = cheapest_span(lo, hi, 5, 25, n, np.random.default_rng(trial))
+        assert span.tolist() == list(range(span[0], span[0] + n)) and span[0] >= 5 and span[-1] < 25
+        assert costs[int(span[0])] <= max(2, min(costs.values()))
+        assert len(guard_windows(w, span, 0, 0)) == costs[int(span[0])]
 
 
-def test_held_out_windows_are_whole_documents_seeded_and_read_from_few_blocks(docs_cache):
+def test_held_out_windows_are_a_cheap_span_seeded_and_read_from_few_blocks(docs_cache):
     cache = open_cache(docs_cache)
     ctx, layout = cache.layout.context, cache.layout
     held = choose_heldout(cache, 512, seed=0)
     assert held == choose_heldout(cache, 512, seed=0) and held != choose_heldout(cache, 512, seed=1)
-    assert held.method == "documents" and 16 <= len(held.windows) <= 32 and held.n_tokens == len(held.windows) * ctx
-    # whole runs of one document's windows (clipped at block edges), nothing cut in the middle
-    tok = cache.meta["tokenizer"]
-    runs = document_runs(cache.windows().numpy(), tok["eos_token_id"], int(tok["prepend_bos"]))
-    block = np.arange(layout.n_sequences) * ctx // layout.block_tokens
-    chosen = set(held.windows)
-    for key in {(runs[w], block[w]) for w in held.windows}:
-        members = [w for w in range(layout.n_sequences) if (runs[w], block[w]) == key]
-        assert set(members) <= chosen, key
+    assert held.method == "span" and len(held.windows) == 32 and held.n_tokens == len(held.windows) * ctx
+    assert held.windows == list(range(held.windows[0], held.windows[0] + 32))  # consecutive
+    assert held.guards == "documents" and 1 <= len(held.excluded_windows) <= 2  # its two ends at most
     # all in one write block, whose chunks are all an evaluation reads; every held-out token found there
+    block = np.arange(layout.n_sequences) * ctx // layout.block_tokens
     assert len({block[w] for w in held.windows}) == 1
     seq = cache.read_tokens("seq").numpy()
     holding = np.flatnonzero(np.isin(seq, held.windows))
@@ -58,9 +54,10 @@ def test_held_out_windows_are_whole_documents_seeded_and_read_from_few_blocks(do
     # at most half the cache, and nothing when asked for nothing
     assert len(choose_heldout(cache, 10**9, seed=0).windows) <= layout.n_sequences // 2
     assert choose_heldout(cache, 0, seed=0).windows == []
-    # a leading part: fewer windows, their chunks only
+    # a leading part: fewer windows, their chunks only, the same guards (training saw none of them)
     part = held.limited(40, cache)
     assert part.windows == held.windows[:3] and part.n_tokens == 48 and set(part.chunks) <= set(held.chunks)
+    assert part.excluded_windows == held.excluded_windows
 
 
 def test_no_held_out_window_shares_a_token_with_training(docs_cache, tmp_path, monkeypatch):
@@ -73,7 +70,7 @@ def test_no_held_out_window_shares_a_token_with_training(docs_cache, tmp_path, m
     )
     [summary] = train([cfg], show_progress=False)
     record = load_run(out)
-    assert record.heldout.windows and record.heldout.method == "documents"
+    assert record.heldout.windows and record.heldout.method == "span"
     cache = open_cache(docs_cache)
     seq, keep = cache.read_tokens("seq").numpy(), cache.read_tokens("keep").numpy()
     positions = torch.cat([p for p, _ in trained]).numpy()

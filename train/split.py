@@ -9,11 +9,11 @@ How the windows are chosen (`choose_heldout`), seeded:
   1. Blocks: the fewest write blocks that hold the requested number of windows, in a seeded order. A
      window's tokens never leave its block, so an evaluation reads those blocks only (about eval_tokens
      rounded up to one block), never the whole cache: periodic evaluation stays cheap at any cache size.
-  2. Documents: where the windows show document boundaries (the EOS that precedes every document), the
-     windows are grouped into runs that start in the same document, and whole runs are taken in a seeded
-     order while they fit the budget ("documents": held-out text shares a document with training text at
-     most at the run's two ends). When that fills less than half the budget (documents much longer than
-     the budget), seeded single windows are taken instead ("windows").
+  2. Span: where the windows show document boundaries (the EOS that precedes every document), the
+     held-out windows of a block are one run of consecutive windows, placed (seeded among the cheapest)
+     where the fewest other windows share a document with it: usually the two windows at its ends,
+     which hold the end of the previous document and the start of the next. Without documents (no EOS
+     id, or one document), seeded single windows ("windows").
   3. Guards: every other window that holds a token of a document with a token in a held-out window is
      excluded from training (`excluded_windows`), so held-out text and training text never share a
      document: the held-out set is document-disjoint. Documents are rebuilt from the cache's `windows`
@@ -21,7 +21,8 @@ How the windows are chosen (`choose_heldout`), seeded:
      prepended BOS column is not text). Guard windows are neither trained on nor evaluated; their cost is
      `guard_tokens`, logged by `train` and written to summary.json.
 
-Runs trained before this existed held out the cache's last chunks ("legacy-chunks"): every token of those
+Runs trained before spans held out runs of one document's windows ("documents"), or single windows;
+runs trained before held-out windows held out the cache's last chunks ("legacy-chunks"): every token of those
 chunks, whatever its window. Such records still load; their held-out set is described by its chunks.
 Runs trained before guards have no `excluded_windows` (loaded as []): their held-out windows share
 documents with training windows at the runs' ends, and `describe` says so.
@@ -39,13 +40,15 @@ from torch import Tensor
 from harvest import Cache
 from harvest.errors import CacheError
 
-HeldOutMethod = Literal["windows", "documents", "legacy-chunks"]
-METHODS: tuple[str, ...] = ("windows", "documents", "legacy-chunks")
+HeldOutMethod = Literal["span", "windows", "documents", "legacy-chunks"]
+METHODS: tuple[str, ...] = ("span", "windows", "documents", "legacy-chunks")
 
 
 @dataclass
 class HeldOut:
-    method: HeldOutMethod  # "documents": whole windows chosen as runs of one document's windows
+    # "span": consecutive windows, cheapest to guard; "documents" (runs before guards): runs of one
+    # document's windows; "windows": seeded single windows
+    method: HeldOutMethod
     seed: int
     windows: list[int]  # held-out context windows (values of the cache's `seq`), sorted; [] for legacy-chunks
     n_tokens: int  # cache positions held out (special tokens included)
@@ -92,7 +95,10 @@ class HeldOut:
     def describe(self) -> str:
         if self.is_legacy:
             return f"the cache's last {len(self.chunks)} chunks (legacy split: their windows were partly trained on)"
-        what = "whole windows grouped by document" if self.method == "documents" else "whole windows"
+        what = {
+            "span": "consecutive whole windows (a span of documents)",
+            "documents": "whole windows grouped by document",
+        }.get(self.method, "whole windows")
         text = f"{len(self.windows)} {what} ({self.n_tokens:,} tokens, seed {self.seed})"
         if not self.windows:
             return text
@@ -158,15 +164,6 @@ class HeldOut:
 # choosing the held-out windows
 
 
-def document_runs(windows: np.ndarray, eos: int, first: int) -> np.ndarray:
-    """[n_windows] run id of each window: consecutive windows share a run when the first text token of
-    both lies in the same document (documents start at an EOS; `first` is the first text column, 1 where
-    a BOS is prepended to every window)."""
-    text = windows[:, first:] == eos
-    starts = text[:-1, 1:].any(1) | text[1:, 0]  # an EOS after w-1's first text token, or at w's
-    return np.concatenate([[0], np.cumsum(starts)])
-
-
 def document_ids(windows: np.ndarray, eos: int, first: int) -> np.ndarray:
     """[n_windows, context - first] the document of every text token of the windows (`first`: the first
     text column, 1 where a BOS is prepended to every window): the windows' text in order, a new document
@@ -184,9 +181,27 @@ def guard_windows(windows: np.ndarray, held: np.ndarray, eos: int, first: int) -
     return np.flatnonzero(touching)
 
 
+def cheapest_span(
+    lo: np.ndarray, hi: np.ndarray, start: int, stop: int, n: int, rng: np.random.Generator
+) -> np.ndarray:
+    """n consecutive windows in [start, stop) whose guards cost few windows: a seeded choice among the
+    spans costing at most two (its two end windows) or, where none does, the fewest. `lo`, `hi` [n_windows]: the first and last document of each window's text (both
+    nondecreasing). A span's guards are the windows before it that reach its first document and the
+    windows after it that reach back into its last one."""
+    s = np.arange(start, stop - n + 1)
+    e = s + n - 1
+    left = s - np.searchsorted(hi, lo[s], side="left")  # windows before s whose text reaches document lo[s]
+    right = np.searchsorted(lo, hi[e], side="right") - 1 - e  # windows after e starting in document <= hi[e]
+    cost = left + right
+    best = s[cost <= max(2, cost.min())]
+    begin = int(rng.choice(best))
+    return np.arange(begin, begin + n)
+
+
 def choose_heldout(cache: Cache, eval_tokens: int, seed: int) -> HeldOut:
-    """A seeded set of whole context windows holding about `eval_tokens` tokens (at most half the cache),
-    grouped into documents where the windows show them; see the module docstring."""
+    """A seeded set of whole context windows holding about `eval_tokens` tokens (at most half the cache):
+    where the windows show documents, a contiguous span per block placed where its guards cost least;
+    see the module docstring."""
     layout, ctx = cache.layout, cache.layout.context
     n_windows = layout.n_sequences
     target = min(-(-min(eval_tokens, layout.n_tokens // 2) // ctx), n_windows - 1) if eval_tokens > 0 else 0
@@ -205,20 +220,15 @@ def choose_heldout(cache: Cache, eval_tokens: int, seed: int) -> HeldOut:
     tok = cache.meta.get("tokenizer", {})
     all_windows = cache.windows().numpy()
     eos, first = int(tok.get("eos_token_id", -1)), int(bool(tok.get("prepend_bos")))
-    runs = document_runs(all_windows, eos, first)
-    # clip runs at block edges: a run is (document run, block), consecutive within the candidates
-    block_of = candidates * ctx // layout.block_tokens
-    keys = np.stack([runs[candidates], block_of], 1)
-    run_of = np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
-    groups = [candidates[run_of == g] for g in range(run_of.max() + 1)]
-    chosen, left = [], target
-    if len(groups) > 1:
-        for g in rng.permutation(len(groups)):
-            if len(groups[g]) <= left:
-                chosen.append(groups[g])
-                left -= len(groups[g])
-    if len(groups) > 1 and target - left >= -(-target // 2):
-        method, windows = "documents", np.concatenate(chosen)
+    docs = document_ids(all_windows, eos, first)
+    if eos >= 0 and docs[-1, -1] > docs[0, 0]:  # documents show: one cheap span per block
+        method, windows, left = "span", [], target
+        for b in blocks:
+            start, stop = layout.block_range(b)
+            n = min(left, stop // ctx - start // ctx)
+            windows.append(cheapest_span(docs[:, 0], docs[:, -1], start // ctx, stop // ctx, n, rng))
+            left -= n
+        windows = np.concatenate(windows)
     else:
         method, windows = "windows", rng.choice(candidates, target, replace=False)
     guards, how = guard_windows(all_windows, windows, eos, first), "documents"
