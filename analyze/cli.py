@@ -116,6 +116,24 @@ def variance(
 
 
 @app.command()
+def convergence(
+    sae: Path = SAE,
+    tokens: int = typer.Option(10_000_000, "--tokens", help="Kept tokens for each point's variance ratios."),
+    seeds: Optional[list[Path]] = typer.Option(
+        None, "--seeds", help="Runs trained like one point of --sae with other seeds: error bars there (repeat)."
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <sae>/analysis/convergence)."),
+    device: str = DEVICE,
+) -> None:
+    """Held-out FVU and both variance ratios (proper, reference formula) at each snapshot of a run
+    (train --snapshot-tokens) and at its end: convergence.json / .csv / .png; --seeds adds the seed spread."""
+    from analyze.convergence import format_convergence, run_convergence
+
+    res = run_convergence(sae, tokens, out or sae / "analysis" / "convergence", seeds or [], device, log=_log)
+    _show(format_convergence(res))
+
+
+@app.command()
 def reconstruction(
     sae: list[Path] = SAES,
     runs: Optional[list[Path]] = MORE_RUNS,

@@ -22,7 +22,12 @@ of short rows) instead of building a dense [T, n_latents] matrix; all bookkeepin
 vectorized index_adds over the T*L*k top-k entries, so the SAE encoder stays the cost.
 
 `--reference-formulas`: `reference_variance_terms` reimplements the paper's code (tim-lawson/mlsae,
-mlsae/analysis/variances.py, class Metric), whose "variances" are not proper variances; see there.
+mlsae/analysis/variances.py, class Metric), whose "variances" are not proper variances; see there. Its
+per-batch averages depend on what a batch holds, so it is fed the tokens as the reference sees them:
+whole context windows in text order (`WindowOrder`; the chunks are read block by block, as a window's
+tokens never leave its write block), consecutive windows filling each batch of 2,048 tokens (the
+reference's one sequence of 2,048), zeros at BOS/EOS/PAD in `reference` mode. In `exclude` mode the
+special positions are missing from those windows (the reference has zeros there): the result says so.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
@@ -421,12 +427,69 @@ class ReferenceVariances:
             self.sums, self.batches = t[:-1], int(t[-1].item())
         return self
 
-    def compute(self) -> ReferenceFormulas:
+    def compute(self, tokens_seen: str = "") -> ReferenceFormulas:
         n = self.batches
         means = {k: (self.sums[i].item() / n if n else math.nan) for i, k in enumerate(REFERENCE_KEYS)}
         return ReferenceFormulas(
-            **means, batches=n, batch_tokens=self.batch_tokens, tokens=n * self.batch_tokens, source=REFERENCE_SOURCE
+            **means,
+            batches=n,
+            batch_tokens=self.batch_tokens,
+            tokens=n * self.batch_tokens,
+            source=REFERENCE_SOURCE,
+            tokens_seen=tokens_seen,
         )
+
+
+class WindowOrder:
+    """Encoded tokens arrive in the cache's shuffled order; this hands them on as whole context windows in
+    text order (positions sorted, windows by number) the moment a window's every used token has arrived.
+    `expected[w]`: the tokens of window w the stream uses. Holds at most the windows of the blocks being
+    read (the caller reads block by block)."""
+
+    def __init__(self, expected: Tensor):
+        self.expected = expected
+        self._parts: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}  # window -> [(pos, values, indices)]
+        self._got: dict[int, int] = {}
+
+    def add(self, seq: Tensor, pos: Tensor, values: Tensor, indices: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """seq, pos [T]; values, indices [L, T, k] -> the windows completed by these tokens, in window order."""
+        order = torch.argsort(seq, stable=True)
+        seq, pos = seq[order].tolist(), pos[order]
+        values, indices = values[:, order.to(values.device)], indices[:, order.to(indices.device)]
+        done, i = [], 0
+        while i < len(seq):
+            w, j = seq[i], i
+            while j < len(seq) and seq[j] == w:
+                j += 1
+            self._parts.setdefault(w, []).append((pos[i:j], values[:, i:j], indices[:, i:j]))
+            self._got[w] = self._got.get(w, 0) + j - i
+            if self._got[w] >= int(self.expected[w]):
+                done.append(w)
+            i = j
+        out = []
+        for w in sorted(done):
+            parts = self._parts.pop(w)
+            del self._got[w]
+            p = torch.cat([q for q, _, _ in parts])
+            v, x = torch.cat([v for _, v, _ in parts], dim=1), torch.cat([x for _, _, x in parts], dim=1)
+            o = torch.argsort(p).to(v.device)
+            out.append((v[:, o], x[:, o]))
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Windows started but not complete (left out of the reference's batches when the budget ends)."""
+        return len(self._parts)
+
+
+def block_grouped(order: Sequence[int], layout: Any) -> list[int]:
+    """`order` (a seeded chunk order) regrouped block by block: blocks in the order they first appear,
+    chunks within a block in their order, so every window is complete after its block's last chunk."""
+    first: dict[int, int] = {}
+    block = [layout.chunk_range(int(c))[0] // layout.block_tokens for c in order]
+    for i, b in enumerate(block):
+        first.setdefault(b, i)
+    return [int(c) for _, _, c in sorted((first[b], i, c) for i, (b, c) in enumerate(zip(block, order)))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +571,18 @@ def run_variance(
         ref = ReferenceVariances(sae.cfg.n_latents, len(layers), reference_batch_tokens) if reference_formulas else None
         t0 = time.perf_counter()
         special = SpecialTokens.of(record.special_tokens, cache)
-        _stream(sae, reader, budget, rows, dev, acc, ref, progress and rank == 0, special)
+        order, windows = reader.order(0), None
+        if ref is not None:  # the reference's formulas on whole windows in text order: read block by block
+            everyone = np.random.default_rng([seed, 0]).permutation(reader.chunks)  # reader.order(0) of one rank
+            order = block_grouped(everyone, cache.layout)
+            if world > 1:  # whole blocks per rank, so that every window completes on one rank
+                blocks = list(dict.fromkeys(cache.layout.chunk_range(c)[0] // cache.layout.block_tokens for c in order))
+                mine = set(blocks[rank::world])
+                order = [c for c in order if cache.layout.chunk_range(c)[0] // cache.layout.block_tokens in mine]
+            usable = special.usable(cache.read_tokens("keep"), cache.read_tokens("token_ids"))
+            seq = cache.read_tokens("seq").to(torch.int64)[usable]
+            windows = WindowOrder(torch.bincount(seq, minlength=cache.layout.n_sequences))
+        _stream(sae, reader, order, budget, rows, dev, acc, ref, windows, progress and rank == 0, special)
         seconds = time.perf_counter() - t0
         acc.all_reduce_()
         if ref is not None:
@@ -522,7 +596,9 @@ def run_variance(
         k=sae.cfg.k,
         variances=acc.variances(),
         multi_layer=acc.multi_layer(),
-        reference=ref.compute() if ref is not None else None,
+        reference=ref.compute(_tokens_seen(special.mode, ref.batch_tokens, cache.layout.context))
+        if ref is not None
+        else None,
         special_tokens=special.mode,
         sae=str(sae_dir.resolve()),
         cache=cache.location,
@@ -542,34 +618,53 @@ def run_variance(
     return result
 
 
+def _tokens_seen(mode: str, batch_tokens: int, context: int) -> str:
+    """What the reference formulas' batches held, in words (ReferenceFormulas.tokens_seen)."""
+    special = {
+        "reference": "BOS/EOS/PAD as zero vectors, as the reference",
+        "exclude": "special positions left out (the reference has zero vectors there)",
+        "include-real": "special positions with their real vectors (the reference has zero vectors there)",
+    }[mode]
+    return (
+        f"whole context windows of {context} in text order, {batch_tokens:,} consecutive tokens per batch "
+        f"(the reference: one sequence of 2,048); {special}"
+    )
+
+
 def _stream(
     sae: Any,
     reader: ChunkReader,
+    order: Sequence[int],
     budget: int,
     rows: int,
     dev: str,
     acc: LayerDistribution,
     ref: ReferenceVariances | None,
+    windows: WindowOrder | None,
     progress: bool,
     special: SpecialTokens,
 ) -> None:
-    """Encode up to `budget` tokens of the reader's chunks (those the run's special-token mode uses) and
-    feed the accumulators."""
+    """Encode up to `budget` tokens of the chunks `order` (those the run's special-token mode uses) and
+    feed the accumulators; the reference's through `windows` (whole windows in text order)."""
     from harvest.progress import progress_bar
 
-    upper = min(budget, len(reader) * reader.layout.chunk_tokens)  # kept tokens are unknown until read
+    upper = min(budget, len(order) * reader.layout.chunk_tokens)  # kept tokens are unknown until read
     done = 0
     with progress_bar("variance", upper, "tokens", enabled=progress, rate_unit="tok/s") as bar:
-        for chunk in reader.epoch(0):
+        for chunk in reader.iter_chunks(order):
             kept = special.usable(chunk.keep, chunk.token_ids).nonzero().squeeze(1)[: budget - done]
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
             x_all = chunk.acts[:, kept] if dev == "cpu" else chunk.acts.to(dev, non_blocking=True)[:, kept.to(dev)]
-            x_all = special.vectors(x_all, chunk.token_ids[kept])  # zeros at special tokens in `reference` mode
+            x_all = special.vectors(x_all, chunk.token_ids[kept])  # zeros at BOS/EOS/PAD in `reference` mode
+            encoded = []
             for s in range(0, x_all.shape[1], rows):
                 values, indices = sae.encode(x_all[:, s : s + rows].float())
                 acc.update(values, indices)
-                if ref is not None:
-                    ref.update(values, indices)
+                encoded.append((values, indices))
+            if ref is not None and windows is not None and encoded:
+                v, i = torch.cat([v for v, _ in encoded], dim=1), torch.cat([i for _, i in encoded], dim=1)
+                for wv, wi in windows.add(chunk.seq[kept].to(torch.int64), chunk.pos[kept], v, i):
+                    ref.update(wv, wi)
             done += len(kept)
             bar.advance(len(kept))
             if done >= budget:
@@ -619,4 +714,5 @@ def format_variance(res: VarianceResult) -> str:
     ]
     if ref is not None:
         lines.append(f"  reference code's formulas (not proper variances): {ref.rel_var_f:.4f}, {ref.rel_var_t:.4f}")
+        lines.append(f"    on {ref.tokens:,} tokens in {ref.batches} batches: {ref.tokens_seen}")
     return "\n".join(lines)

@@ -131,7 +131,9 @@ def run_reconstruction(
             "layer, pooled over the held-out tokens (reference definition)",
             "fvu_feature": "same numerator / sum of squared deviations from each feature's mean (Gao et al.)",
             "l0": "mean number of latents above 1e-3 per vector of the layer",
-            "dead_fraction": "latents that never exceed 1e-3 at that layer over the held-out tokens",
+            "silent_on_heldout": "latents that never exceed 1e-3 at that layer over the held-out tokens (not the "
+            "training dead counter)",
+            "silent_on_heldout_all_layers": "latents that never exceed 1e-3 at any layer over the held-out tokens",
             "firing_density": "mean over latents of the fraction of held-out tokens on which it fires at that layer",
             "matrix": "row = SAE (MLSAE, or single-layer SAE L<i> trained on layer i), column j = the layer "
             "whose vectors it reconstructs",
@@ -205,14 +207,14 @@ def format_reconstruction(result: ReconstructionResult) -> str:
     for r in result.runs:
         h = r.held_out
         lines.append(
-            f"{r.label}: FVU mean {h.fvu_mean:.4f} (per-feature {h.fvu_feature_mean:.4f}); dead at every "
-            f"layer {h.dead_fraction:.3f}"
+            f"{r.label}: FVU mean {h.fvu_mean:.4f} (per-feature {h.fvu_feature_mean:.4f}); silent at every "
+            f"layer {h.silent_on_heldout_all_layers:.3f}"
         )
-        lines.append(f"{'layer':>7}  {'FVU':>8}  {'FVU feat':>8}  {'L0':>7}  {'dead':>6}  {'density':>8}")
+        lines.append(f"{'layer':>7}  {'FVU':>8}  {'FVU feat':>8}  {'L0':>7}  {'silent':>6}  {'density':>8}")
         for i, l in enumerate(h.layers):
             lines.append(
                 f"{l:>7}  {h.fvu[i]:>8.4f}  {h.fvu_feature[i]:>8.4f}  {h.l0[i]:>7.2f}  "
-                f"{h.dead_fraction_per_layer[i]:>6.3f}  {h.firing_density[i]:>8.2e}"
+                f"{h.silent_on_heldout[i]:>6.3f}  {h.firing_density[i]:>8.2e}"
             )
     c = result.comparison_fvu
     lines.append(f"{'layer':>5}  {'MLSAE':>8}  {'diagonal':>8}  {'best other':>10}  (trained on)")

@@ -244,7 +244,11 @@ def _variance_html(v: VarianceResult) -> str:
     rows = [[_e(name), _n(p)] + ([_n(r)] if ref is not None else []) for name, p, r in pairs]
     out = "<h3>The variance of the layer index</h3>" + _table(head, rows, [1, 2])
     if ref is not None:
-        out += f"<p class=muted>{_e(ref.label)}; source: {_e(ref.source)}</p>"
+        seen = (
+            ref.tokens_seen
+            or "shuffled batches of cache tokens (a result from before the reference column used whole windows)"
+        )
+        out += f"<p class=muted>{_e(ref.label)}; its batches: {_e(seen)}; source: {_e(ref.source)}</p>"
     else:
         out += "<p class=muted>run with --reference-formulas to see the reference code's formulas beside these</p>"
     ml = v.multi_layer
@@ -277,13 +281,13 @@ def _reconstruction_html(r: ReconstructionResult) -> str:
                 "FVU per feature": h.fvu_feature,
                 "MSE": h.mse,
                 "L0": h.l0,
-                "dead fraction": h.dead_fraction_per_layer,
+                "never fires at this layer on held-out tokens": h.silent_on_heldout,
                 "firing density": h.firing_density,
             },
         )
         out += (
-            f"<p>mean over layers: FVU {_n(h.fvu_mean)}, per feature {_n(h.fvu_feature_mean)}; dead at every "
-            f"layer {_n(h.dead_fraction)}</p>"
+            f"<p>mean over layers: FVU {_n(h.fvu_mean)}, per feature {_n(h.fvu_feature_mean)}; never fires at any layer on held-out tokens "
+            f"layer {_n(h.silent_on_heldout_all_layers)}</p>"
         )
     if len(r.runs) > 1:
         out += "<h3>Layer x layer FVU (row: SAE, column: evaluated layer)</h3>" + _table(

@@ -109,6 +109,8 @@ def from_jsonable(hint: Any, x: Any, where: str = "") -> Any:
 def _dataclass_from(cls: type, x: Any, where: str) -> Any:
     if not isinstance(x, dict):
         raise _Mismatch(f"{where or 'value'} should be a mapping, got {type(x).__name__}")
+    renamed = getattr(cls, "RENAMED", {})  # a class's {old field name: today's}, for files written before
+    x = {renamed.get(k, k): v for k, v in x.items()}
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     names = {f.name for f in fields}
@@ -291,6 +293,8 @@ class ReferenceFormulas:
     tokens: int
     source: str
     label: str = REFERENCE_LABEL
+    # the tokens its batches held, in words ("" in results written before this was recorded: shuffled batches)
+    tokens_seen: str = ""
 
 
 @dataclass
@@ -421,8 +425,11 @@ class ReconstructionResult(
                 Headline(f"{r.label}: held-out FVU, mean over layers", h.fvu_mean),
                 Headline(f"{r.label}: held-out per-feature FVU, mean over layers", h.fvu_feature_mean),
                 Headline(f"{r.label}: L0, mean over layers", _mean(h.l0)),
-                Headline(f"{r.label}: dead fraction, mean over layers", _mean(h.dead_fraction_per_layer)),
-                Headline(f"{r.label}: dead at every layer", h.dead_fraction),
+                Headline(
+                    f"{r.label}: never fires at a layer on held-out tokens, mean over layers",
+                    _mean(h.silent_on_heldout),
+                ),
+                Headline(f"{r.label}: never fires at any layer on held-out tokens", h.silent_on_heldout_all_layers),
                 Headline(f"{r.label}: firing density, mean over layers", _mean(h.firing_density)),
             ]
         return rows

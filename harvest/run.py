@@ -47,7 +47,7 @@ from .progress import progress_bar
 from .spec import CacheSpec, fingerprint
 from .stats import LayerStats
 from .store import Store, open_store
-from .text import DatasetSource, Documents, adds_bos, read_windows, resolve_dataset
+from .text import DatasetSource, Documents, adds_bos, read_windows, resolve_dataset, special_token_ids
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -398,7 +398,8 @@ class BlockComputer:
         self.windows = writer.windows().numpy()
         lens = writer.lens()  # the cache's own copy: a resume uses the lens the cache was begun with
         self.lens = None if lens is None else lens.to(plan.device)
-        self.special_ids = np.array(sorted(set(plan.tokenizer.all_special_ids)), dtype=np.int64)
+        # exclude: every special id (keep=False); reference: the reference's BOS/EOS/PAD (zeroed, kept)
+        self.special_ids = np.array(special_token_ids(plan.tokenizer, spec.special_tokens), dtype=np.int64)
 
     def __call__(self, b: int, advance: Callable[[int], None]) -> Block:
         spec, layout = self.spec, self.layout

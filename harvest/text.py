@@ -203,6 +203,20 @@ def read_windows(
             log(warning)
 
 
+def special_token_ids(tokenizer: Any, mode: str) -> list[int]:
+    """The token ids a special-token mode treats as special (sorted). `reference` zeroes exactly what the
+    reference code zeroes: BOS, EOS and PAD; `exclude` and `include-real` name every special id of the
+    tokenizer (unk, mask, ... too). `tokenizer`: a tokenizer, or a cache's tokenizer record (a dict)."""
+    if mode == "reference":
+        get = tokenizer.get if isinstance(tokenizer, dict) else lambda k: getattr(tokenizer, k, None)
+        return sorted(
+            {int(i) for i in (get("bos_token_id"), get("eos_token_id"), get("pad_token_id")) if i is not None}
+        )
+    if isinstance(tokenizer, dict):
+        return sorted({int(i) for i in tokenizer.get("special_ids", [])})
+    return sorted({int(i) for i in tokenizer.all_special_ids})
+
+
 def adds_bos(tokenizer: Any) -> bool:
     """Whether the tokenizer prepends BOS by default (Gemma, Llama) or not (Pythia, GPT-2)."""
     if tokenizer.bos_token_id is None:

@@ -259,3 +259,33 @@ def test_chunks_equal_to_the_fill_value_are_still_written_and_read(neox_dir, tex
     assert verify_cache(cache) == []
     for chunk in ChunkReader(cache):
         assert (chunk.seq == chunk.index).all()
+
+
+def test_reference_mode_zeroes_only_bos_eos_pad_as_the_reference_other_special_ids_keep_real_vectors(
+    neox_dir, tmp_path
+):
+    """Text holding other special tokens of the tokenizer (<unk>, and <bos>, which is not this tokenizer's
+    BOS: NeoX's BOS is its EOS): `reference` zeroes only BOS/EOS/PAD and keeps every other vector real,
+    `exclude` marks every special id keep=False."""
+    from tiny import documents, write_text_folder
+
+    docs = [d.replace("board", "<unk> board").replace("Rivers", "<bos> Rivers") for d in documents(24)]
+    text = write_text_folder(tmp_path / "docs", docs)
+    ref, exc = tmp_path / "ref", tmp_path / "exc"
+    harvest(small_spec(neox_dir, text, ref, special_tokens="reference"), show_progress=False)
+    harvest(small_spec(neox_dir, text, exc), show_progress=False)
+    r, x = open_cache(ref), open_cache(exc)
+    tok = r.meta["tokenizer"]
+    ids = r.read_tokens("token_ids").numpy()
+    reference_ids = [tok["bos_token_id"], tok["eos_token_id"], tok["pad_token_id"]]
+    zeroed, special = np.isin(ids, reference_ids), np.isin(ids, tok["special_ids"])
+    others = special & ~zeroed  # <unk>, <bos>
+    assert zeroed.sum() > 0 and others.sum() >= 2 and r.read_tokens("keep").all()
+    assert torch.equal(x.read_tokens("keep"), torch.from_numpy(~special))  # exclude: every special id
+    for layer in r.layers:
+        v, real = r.read(layer), x.read(layer)
+        assert (v[torch.from_numpy(zeroed)] == 0).all()
+        assert (v[torch.from_numpy(others)].abs().sum(1) > 0).all()
+        assert torch.equal(
+            v[torch.from_numpy(~zeroed)].view(torch.int16), real[torch.from_numpy(~zeroed)].view(torch.int16)
+        )

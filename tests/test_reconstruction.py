@@ -262,8 +262,8 @@ def test_layer_matrix_diagonal_and_mlsae_row_match_held_out_evaluation(runs, rca
         assert res.fvu_matrix[row][layer] == pytest.approx(own["fvu"][0], rel=1e-5)
         assert res.fvu_feature_matrix[row][layer] == pytest.approx(own["fvu_feature"][0], rel=1e-5)
         assert res.runs[row].held_out.fvu == pytest.approx(own["fvu"], rel=1e-6)
-        assert res.runs[row].held_out.dead_fraction == pytest.approx(own["dead_fraction"])
-        assert res.runs[row].held_out.dead_fraction_per_layer == pytest.approx(own["dead_fraction_per_layer"])
+        assert res.runs[row].held_out.silent_on_heldout_all_layers == pytest.approx(own["silent_on_heldout_all_layers"])
+        assert res.runs[row].held_out.silent_on_heldout == pytest.approx(own["silent_on_heldout"])
 
     per = {p.layer: p for p in res.comparison_fvu.per_layer}
     m = res.fvu_matrix

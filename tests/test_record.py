@@ -81,6 +81,23 @@ def test_a_new_record_round_trips_and_masks_by_window(tmp_path):
     assert read_record(tmp_path / "nothing") is None
 
 
+def test_guard_windows_are_listed_next_to_the_held_out_windows_and_old_records_load_without_them(tmp_path):
+    rec = _record(tmp_path, heldout=HeldOut("documents", 7, [3, 1, 9], 96, [0, 2], [4, 0, 8], "documents"))
+    d = json.loads(rec.save().read_text())
+    assert d["heldout"]["windows"] == [1, 3, 9] and d["heldout"]["excluded_windows"] == [0, 4, 8]
+    back = read_record(tmp_path).heldout
+    seq = torch.tensor([0, 1, 2, 3, 4, 8, 9, 10])
+    assert back.mask(seq).tolist() == [False, True, False, True, False, False, True, False]  # evaluated
+    assert back.training_mask(seq).tolist() == [True, True, False, True, True, True, True, False]  # not trained
+    # a format-2 record written before guards existed
+    for key in ("excluded_windows", "guards"):
+        del d["heldout"][key]
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    old = read_record(tmp_path).heldout
+    assert old.excluded_windows == [] and old.guards == "" and old.training_mask(seq).tolist() == old.mask(seq).tolist()
+    assert "NOT document-disjoint" in old.describe()
+
+
 def _one_line(exc: pytest.ExceptionInfo, *fragments: str) -> None:
     msg = str(exc.value)
     assert "\n" not in msg and isinstance(exc.value, RunError)

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from analyze.claims import claims
+from analyze.claims import Claim, claims
 from analyze.compare import CompareError, compare_folders, format_compare
 from analyze.report import report_folder
 from analyze.results import (
     RESULT_TYPES,
+    Analyses,
     CacheInfo,
     Comparison,
     DeltaCeResult,
@@ -73,11 +74,11 @@ def example_results(scale: float = 1.0) -> list:
         fvu_feature=[0.0991 * s, 1.0713 * s, 0.7514 * s],
         mse=[12.34, 23.45, 34.56],
         l0=[31.17, 30.93, 29.88],
-        dead_fraction_per_layer=[0.0123, 0.0234, 0.0345],
+        silent_on_heldout=[0.0123, 0.0234, 0.0345],
         firing_density=[0.00611, 0.00604, 0.00583],
         fvu_mean=0.05487 * s,
         fvu_feature_mean=0.6406 * s,
-        dead_fraction=0.00456,
+        silent_on_heldout_all_layers=0.00456,
     )
     single = dataclasses.replace(
         held,
@@ -86,11 +87,11 @@ def example_results(scale: float = 1.0) -> list:
         fvu_feature=[0.8123],
         mse=[9.87],
         l0=[31.5],
-        dead_fraction_per_layer=[0.0567],
+        silent_on_heldout=[0.0567],
         firing_density=[0.00622],
         fvu_mean=0.0388,
         fvu_feature_mean=0.8123,
-        dead_fraction=0.0567,
+        silent_on_heldout_all_layers=0.0567,
     )
     single_row = dataclasses.replace(
         held, fvu=[0.5123, 0.0388, 0.6234], fvu_feature=[1.1, 0.8123, 1.3], mse=[1.0, 9.87, 3.0], fvu_mean=0.3915
@@ -265,6 +266,24 @@ def test_every_result_type_round_trips_through_its_file(tmp_path):
     assert [type(r) for r in a.present()] == list(RESULT_TYPES)
 
 
+def test_reconstruction_results_and_summaries_written_with_the_old_dead_names_still_load(tmp_path):
+    """The per-layer "dead" fraction of a held-out evaluation is now `silent_on_heldout` (never fires at that
+    layer on held-out tokens; not the training dead counter); files with the old names still load."""
+    rec = next(r for r in example_results() if isinstance(r, ReconstructionResult))
+    rec.save(tmp_path)
+    text = (tmp_path / rec.FILE).read_text()
+    old = text.replace('"silent_on_heldout_all_layers"', '"dead_fraction"').replace(
+        '"silent_on_heldout"', '"dead_fraction_per_layer"'
+    )
+    assert old != text and "silent" not in old
+    (tmp_path / rec.FILE).write_text(old)
+    assert ReconstructionResult.load(tmp_path) == rec
+    h = rec.runs[0].held_out.to_dict()
+    legacy = {{"silent_on_heldout": "dead_fraction_per_layer"}.get(k, k): v for k, v in h.items()}
+    legacy["dead_fraction"] = legacy.pop("silent_on_heldout_all_layers")
+    assert EvalResult.from_dict(legacy) == rec.runs[0].held_out
+
+
 def test_nan_is_written_as_null_and_read_back_as_nan(tmp_path):
     v = example_results()[1]
     v.variances.ratio_token = math.nan
@@ -343,23 +362,76 @@ def test_claims_come_from_the_typed_results(tmp_path):
     rows = {c.claim: c for c in claims(load_analyses(tmp_path))}
     token = rows["The layer index varies >10x less within a token: E[Var(L|J,T)]/E[Var(L|J)] (over the cache's tokens)"]
     assert token.ours.startswith("0.764") and token.reference.startswith("0.0125")
-    assert token.verdict.startswith("partly") and "reproduces the claim where the proper variance does not" in (
-        token.would_change
-    )
+    assert token.verdict.startswith("not supported (0.764 > 0.1; below 1 is automatic")
+    assert "reproduces the claim where the proper variance does not" in token.would_change
     prompt = rows["The layer index varies >10x less within a token: E[Var(L|J,T)]/E[Var(L|J)] (one prompt)"]
     assert prompt.ours.startswith("0.9161") and prompt.reference == ""
     diag = rows["MLSAE ~ single-layer SAE on that SAE's own layer (diagonal)"]
     assert "1.216" in diag.ours and diag.verdict.startswith("supported")
-    assert rows["MLSAE better than single-layer SAEs on the other layers (off-diagonal)"].verdict == "supported"
-    fvu = rows["A multi-layer SAE reconstructs well (held-out FVU, mean over layers)"]
-    assert fvu.verdict.startswith("in range") and "has flattened (0.4% drop" in fvu.would_change
-    assert rows["Splicing in reconstructions costs little loss (mean delta CE over layers)"].verdict.startswith(
-        "outside range"
+    assert (
+        rows["MLSAE better than single-layer SAEs on the other layers (off-diagonal)"].verdict
+        == "supported (2/2 layers)"
     )
-    assert rows["Residual norm grows with depth"].verdict == "supported"
+    fvu = rows["A multi-layer SAE reconstructs well (held-out FVU, mean over layers)"]
+    assert fvu.verdict.startswith("partly: <= 0.106 on the poster's definition only; per feature 0.6406")
+    assert "has flattened (0.4% drop" in fvu.would_change
+    assert "gemma-3-270m, R=8, k=32, 98,304 training tokens" in fvu.ours and "R=64, k=32, 1B" in fvu.poster
+    assert rows["Splicing in reconstructions costs little loss (mean delta CE over layers)"].verdict.startswith(
+        "not supported"
+    )
+    assert rows["Residual norm grows with depth"].verdict.startswith("supported")
     assert rows["Adjacent layers' residuals are similar (cosine of layer-mean-centered vectors)"].verdict.startswith(
         "supported"
     )
+    assert all(c.would_change for c in rows.values())
+
+
+def _claims_of(ratio=0.76, fvu=(0.05, 0.64), delta_ce=4.37, curve=(0.0551, 0.05487)) -> dict[str, Claim]:
+    """The claims of the example results with constructed numbers (curve: the last two held-out FVUs,
+    None for no curve)."""
+    folder = Analyses(Path("."))
+    for r in example_results():
+        setattr(folder, r.KIND, r)
+    folder.variance.variances = dataclasses.replace(folder.variance.variances, ratio_token=ratio)
+    folder.prompt = None
+    h = folder.reconstruction.runs[0].held_out
+    folder.reconstruction.runs[0].held_out = dataclasses.replace(h, fvu_mean=fvu[0], fvu_feature_mean=fvu[1])
+    folder.delta_ce.delta_ce_mean = delta_ce
+    if curve is None:
+        folder.training = None
+    else:
+        folder.training.curves[0].fvu_mean[-2:] = list(curve)
+    return {c.claim.split(" (")[0].split(":")[0]: c for c in claims(folder)}
+
+
+def test_each_verdict_band_is_hit_by_constructed_numbers():
+    token = "The layer index varies >10x less within a token"
+    fvu = "A multi-layer SAE reconstructs well"
+    dce = "Splicing in reconstructions costs little loss"
+    # the per-token variance ratio: supported only at <= 0.1; below 1 is automatic, not support
+    assert _claims_of(ratio=0.1)[token].verdict.startswith("supported (0.1 <= 0.1)")
+    assert _claims_of(ratio=0.05)[token].verdict_class() == "ok"
+    mid = _claims_of(ratio=0.5)[token]
+    assert mid.verdict.startswith("not supported (0.5 > 0.1; below 1 is automatic") and mid.verdict_class() == "no"
+    assert _claims_of(ratio=1.2)[token].verdict == "not supported (1.2)"
+    # FVU on the poster's definition against its worst (0.106), the per-feature FVU beside it
+    assert _claims_of(fvu=(0.2, 0.3))[fvu].verdict.startswith("not supported (0.2 > 0.106")
+    assert _claims_of(fvu=(0.05, 0.08))[fvu].verdict.startswith("supported (<= 0.106 on the poster's definition and")
+    assert _claims_of(fvu=(0.05, 0.5))[fvu].verdict.startswith("partly: <= 0.106 on the poster's definition only")
+    assert _claims_of(delta_ce=0.3)[dce].verdict.startswith("supported (<= 0.565")
+    assert _claims_of(delta_ce=0.7)[dce].verdict.startswith("not supported (> 0.565")
+    # not converged: every claim about the SAE is inconclusive, with what the numbers say now; the
+    # residual-geometry claims (the model's) are not
+    falling = _claims_of(ratio=0.05, curve=(0.07, 0.055))
+    assert falling[token].verdict.startswith("inconclusive (still training; the numbers now: supported (0.05")
+    assert falling[token].verdict_class() == "meh"
+    assert "training until the held-out FVU flattens (< 2% drop" in falling[fvu].would_change
+    assert "21.4% drop" in falling[fvu].would_change
+    assert all(falling[k].verdict.startswith("inconclusive (still training") for k in (fvu, dce, token))
+    assert falling["Residual norm grows with depth"].verdict.startswith("supported")
+    unknown = _claims_of(curve=None)
+    assert unknown[fvu].verdict.startswith("inconclusive (convergence unknown; the numbers now: partly")
+    assert "no held-out curve" in unknown[fvu].would_change
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,11 +450,13 @@ def test_compare_puts_headlines_and_claims_side_by_side(tmp_path, capsys):
     assert rows[("cache", "tuned lens")] == ["none", "none"]
     assert rows[("variance", "E[Var(L|J,T)] / E[Var(L|J)]")] == pytest.approx([0.76395, 0.076395])
     assert rows[("variance", "E[Var(L|J,T)] / E[Var(L|J)], reference formula (not a variance)")] == [0.012503] * 2
-    assert rows[("reconstruction", "MLSAE: dead fraction, mean over layers")] == pytest.approx([0.0234] * 2)
+    assert rows[
+        ("reconstruction", "MLSAE: never fires at a layer on held-out tokens, mean over layers")
+    ] == pytest.approx([0.0234] * 2)
     assert rows[("prompt", "E[Var(L|J,T)] / E[Var(L|J)] (this prompt)")] == [0.91614, None]
     claim = {r.label: r.values for r in res.claims}
     cell = claim["The layer index varies >10x less within a token: E[Var(L|J,T)]/E[Var(L|J)] (over the cache's tokens)"]
-    assert cell[0].startswith("0.764") and "[partly" in cell[0] and "[supported" in cell[1]
+    assert cell[0].startswith("0.764") and "[not supported" in cell[0] and "[supported" in cell[1]
     for bad in ([a, empty], [a, tmp_path / "missing"]):
         with pytest.raises(CompareError):
             compare_folders(bad)

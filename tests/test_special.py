@@ -31,22 +31,29 @@ def _train_spying(cache: Path, out: Path, monkeypatch, **kw) -> tuple[dict, list
 def test_modes_resolve_against_what_the_cache_stores():
     def cache(harvested: str) -> SimpleNamespace:
         return SimpleNamespace(
-            path="c", meta={"spec": {"special_tokens": harvested}, "tokenizer": {"special_ids": [0, 2]}}
+            path="c",
+            meta={
+                "spec": {"special_tokens": harvested},
+                "tokenizer": {"special_ids": [0, 2], "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None},
+            },
         )
 
     assert SpecialTokens.of("cache", cache("exclude")).mode == "exclude"
     assert SpecialTokens.of("cache", cache("include")).mode == "include-real"  # caches before `reference`
     assert SpecialTokens.of("cache", cache("reference")).mode == "reference"
-    assert SpecialTokens.of("reference", cache("include-real")) == SpecialTokens("reference", (0, 2))
+    assert SpecialTokens.of("reference", cache("include-real")) == SpecialTokens("reference", (0, 2), (0,))
     with pytest.raises(SpecError, match="stores zeros"):
         SpecialTokens.of("include-real", cache("reference"))
-    sp = SpecialTokens("reference", (0, 2))
-    keep = torch.tensor([True, False, True, False])
+    # 0 = EOS, 2 = unk: reference mode keeps both, zeroes EOS only (the reference zeroes BOS/EOS/PAD)
+    sp = SpecialTokens.of("reference", cache("exclude"))
+    assert sp.zeroed == (0,) and sp.ids == (0, 2)
+    keep = torch.tensor([True, False, False, False])
     ids = torch.tensor([5, 0, 2, 7])
     assert sp.usable(keep, ids).tolist() == [True, True, True, False]
-    assert SpecialTokens("exclude", (0, 2)).usable(keep, ids).tolist() == [True, False, False, False]
+    assert SpecialTokens.of("exclude", cache("exclude")).usable(keep, ids).tolist() == [True, False, False, False]
     x = torch.ones(2, 4, 3)
-    assert sp.vectors(x, ids)[:, :, 0].tolist() == [[1, 0, 0, 1]] * 2
+    assert sp.vectors(x, ids)[:, :, 0].tolist() == [[1, 0, 1, 1]] * 2
+    assert SpecialTokens.of("include-real", cache("exclude")).vectors(torch.ones(2, 4, 3), ids).all()
 
 
 def test_reference_mode_trains_on_zeros_at_special_positions_and_keeps_them_in_every_metric(
@@ -60,6 +67,7 @@ def test_reference_mode_trains_on_zeros_at_special_positions_and_keeps_them_in_e
     record = load_run(tmp_path / "ref")
     assert record.special_tokens == "reference"
     held = np.isin(seq, record.heldout.windows)
+    guard = np.isin(seq, record.heldout.excluded_windows)
     positions = torch.cat([p for p, _ in seen]).numpy()
     acts = torch.cat([a for _, a in seen], dim=1)
     special_rows = is_special[positions]
@@ -67,8 +75,8 @@ def test_reference_mode_trains_on_zeros_at_special_positions_and_keeps_them_in_e
     assert (acts[:, torch.from_numpy(special_rows)] == 0).all()  # ... as zero vectors
     for i in np.flatnonzero(~special_rows)[:5]:  # the others are the cache's vectors
         assert torch.equal(acts[1, i], cache.read(1, int(positions[i]), int(positions[i]) + 1)[0])
-    # one epoch: every non-held-out token, special or not
-    assert len(np.flatnonzero(~held)) - len(positions) < 128 and not held[positions].any()
+    # one epoch: every token neither held out nor a guard, special or not
+    assert len(np.flatnonzero(~held & ~guard)) - len(positions) < 128 and not (held | guard)[positions].any()
     # the held-out metrics count the special tokens too (zeros): every held-out position
     assert summary["held_out"]["tokens"] == int(held.sum()) > int((held & keep).sum())
 

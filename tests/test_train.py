@@ -54,7 +54,7 @@ def test_stream_covers_every_kept_training_token_once_per_epoch_with_diverse_bat
     held = choose_heldout(cache, 2048, seed=0)
     assert len(held.windows) == 2048 // 32 and held.n_tokens == 2048
     keep, seq_all = cache.read_tokens("keep").numpy(), cache.read_tokens("seq").numpy()
-    is_held = np.isin(seq_all, held.windows)
+    is_held = np.isin(seq_all, held.windows + held.excluded_windows)  # held out, or a guard
     expected = sorted(np.flatnonzero(keep & ~is_held).tolist())
     chunks = cache.complete_chunks()
     stream = MinibatchStream(cache, chunks, [0, 2], 500, round_chunks=5, device="cpu", seed=1, heldout=held)
@@ -112,29 +112,38 @@ def test_per_layer_dead_fraction_l0_and_firing_density_equal_a_brute_force_count
         active = values > FIRE_THRESHOLD
         fired = set(indices[active].tolist())
         fired_any |= fired
-        assert res.dead_fraction_per_layer[i] == pytest.approx(1 - len(fired) / n_latents, abs=1e-12)
+        assert res.silent_on_heldout[i] == pytest.approx(1 - len(fired) / n_latents, abs=1e-12)
         assert res.l0[i] == pytest.approx(active.sum(1).double().mean().item(), rel=1e-9)
         per_latent = torch.bincount(indices[active], minlength=n_latents).double() / len(pos)
         assert res.firing_density[i] == pytest.approx(per_latent.mean().item(), rel=1e-9)
-    assert res.dead_fraction == pytest.approx(1 - len(fired_any) / n_latents, abs=1e-12)
-    assert min(res.dead_fraction_per_layer) > 0 and res.dead_fraction < min(res.dead_fraction_per_layer)
-    assert res.dead_fraction_per_layer[0] != res.dead_fraction_per_layer[1]
+    assert res.silent_on_heldout_all_layers == pytest.approx(1 - len(fired_any) / n_latents, abs=1e-12)
+    assert min(res.silent_on_heldout) > 0 and res.silent_on_heldout_all_layers < min(res.silent_on_heldout)
+    assert res.silent_on_heldout[0] != res.silent_on_heldout[1]
 
 
 def test_periodic_held_out_evaluation_writes_the_curve(tcache, tmp_path):
     out = tmp_path / "curve"
-    [s] = train([cfg(tcache, out, tokens=512 * 12, eval_every=5)], show_progress=False)
+    [s] = train(
+        [cfg(tcache, out, tokens=512 * 12, eval_every=5, snapshot_tokens="1536,5120,1600")], show_progress=False
+    )
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [l for l in lines if "held_out" in l]
-    assert [l["tokens"] for l in evals] == [0, 5 * 512, 10 * 512, 12 * 512]
+    assert [l["tokens"] for l in evals] == [0, 3 * 512, 5 * 512, 10 * 512, 12 * 512]
+    # snapshots (1600 tokens rounds down to step 3 as 1536 does): loadable run folders of the SAE at that step
+    assert sorted(p.name for p in (out / "snapshots").iterdir()) == ["tokens-000001536", "tokens-000005120"]
+    snap = load_run(out / "snapshots" / "tokens-000001536")
+    assert snap.steps == 3 and snap.heldout == load_run(out).heldout
+    assert snap.summary()["held_out"] == evals[1]["held_out"]
+    again = evaluate(snap.load_sae(), open_cache(tcache), snap.heldout, snap.layers, "cpu")
+    assert again.fvu_mean == pytest.approx(evals[1]["held_out"]["fvu_mean"], rel=1e-6) != s["held_out"]["fvu_mean"]
     assert evals[0]["held_out"] == s["held_out_initial"] and evals[-1]["held_out"] == s["held_out"]
     assert evals[1]["held_out"]["fvu_mean"] < evals[0]["held_out"]["fvu_mean"]
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["held_out"]["dead_fraction_per_layer"]) == 3 and summary["held_out"]["firing_density"][0] > 0
+    assert len(summary["held_out"]["silent_on_heldout"]) == 3 and summary["held_out"]["firing_density"][0] > 0
     with open(out / "heldout.csv") as f:
         table = list(csv.reader(f))
     assert table[0] == ["tokens", "fvu_mean", "fvu_feature_mean", "fvu_layer_0", "fvu_layer_1", "fvu_layer_2"]
-    assert [int(r[0]) for r in table[1:]] == [0, 2560, 5120, 6144]
+    assert [int(r[0]) for r in table[1:]] == [0, 1536, 2560, 5120, 6144]
     assert float(table[-1][1]) == pytest.approx(s["held_out"]["fvu_mean"], rel=1e-5)
     assert (out / "heldout.png").stat().st_size > 1000
 

@@ -33,9 +33,9 @@ def _print(summaries: list[dict]) -> None:
             f"[bold green]done[/] {s['out']}: {s['steps']:,} steps, {s['tokens']:,} tokens, "
             f"{s['tokens_per_s']:,.0f} tok/s; held-out FVU {final['fvu_mean']:.4f} "
             f"(per-feature {final['fvu_feature_mean']:.4f}), initially {initial.get('fvu_mean', float('nan')):.4f}; "
-            f"dead {final['dead_fraction']:.1%}"
+            f"silent on held-out tokens at every layer {final['silent_on_heldout_all_layers']:.1%}"
         )
-        table = Table("layer", "FVU", "FVU per-feature", "MSE", "L0", "dead")
+        table = Table("layer", "FVU", "FVU per-feature", "MSE", "L0", "silent on held-out")
         for i, l in enumerate(final["layers"]):
             table.add_row(
                 str(l),
@@ -43,7 +43,7 @@ def _print(summaries: list[dict]) -> None:
                 f"{final['fvu_feature'][i]:.4f}",
                 f"{final['mse'][i]:.4g}",
                 f"{final['l0'][i]:.1f}",
-                f"{final['dead_fraction_per_layer'][i]:.1%}",
+                f"{final['silent_on_heldout'][i]:.1%}",
             )
         console.print(table)
 

@@ -12,7 +12,9 @@ from harvest.flags import FlagConfig, flag_field, read_yaml_mapping
 from train.special import SpecialTokensMode
 
 # Fields that may change when a run is resumed (they do not change the result).
-RUNTIME_FIELDS = frozenset({"out", "device", "checkpoint_every", "log_every", "eval_every", "prefetch", "local_cache"})
+RUNTIME_FIELDS = frozenset(
+    {"out", "device", "checkpoint_every", "log_every", "eval_every", "prefetch", "local_cache", "snapshot_tokens"}
+)
 
 
 _f = flag_field
@@ -58,6 +60,11 @@ class TrainConfig(FlagConfig):
         "Steps between held-out evaluations (0 = before and after training only): lines of metrics.jsonl, and "
         "heldout.csv / heldout.png at the end. Each encodes the held-out tokens once.",
     )
+    snapshot_tokens: str = _f(
+        "",
+        "Comma list of training-token counts (e.g. 262144,524288) at which each SAE is evaluated on the held-out "
+        "set and saved as a loadable run folder <out>/snapshots/tokens-<n> (for analyses along training).",
+    )
     log_to: Literal["none", "wandb", "trackio"] = _f(
         "none", "Also log to an experiment tracker (SAELens key names); metrics.jsonl is always written."
     )
@@ -95,12 +102,25 @@ class TrainConfig(FlagConfig):
             raise SpecError(f"lr = {self.lr} must be a positive number (e.g. 1e-4)")
         if not self.aux_coef >= 0:
             raise SpecError(f"aux_coef = {self.aux_coef} must be >= 0 (0 turns AuxK off; default 1/32)")
+        self.snapshot_list()
         if self.layers != "all":
             try:
                 int(self.layers)
             except ValueError:
                 raise SpecError(f"layers = {self.layers!r}: use 'all' (multi-layer SAE) or one layer number")
         return self
+
+    def snapshot_list(self) -> list[int]:
+        """The training-token counts of `snapshot_tokens`, sorted."""
+        try:
+            points = sorted({int(t) for t in str(self.snapshot_tokens).replace(" ", "").split(",") if t})
+        except ValueError:
+            points = [0]
+        if any(t <= 0 for t in points):
+            raise SpecError(
+                f"snapshot_tokens = {self.snapshot_tokens!r}: give positive token counts, e.g. 262144,524288"
+            )
+        return points
 
     def layer_list(self, cached: tuple[int, ...]) -> list[int]:
         if self.layers == "all":

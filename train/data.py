@@ -46,19 +46,32 @@ class Batch:
 
 
 def training_rows(chunk: Chunk, special: SpecialTokens, heldout: HeldOut | None) -> torch.Tensor:
-    """Rows of a chunk to train on: the tokens the special-token mode uses, minus held-out windows' tokens."""
+    """Rows of a chunk to train on: the tokens the special-token mode uses, minus the tokens of held-out
+    windows and of their guards (windows sharing a document with them)."""
     use = special.usable(chunk.keep, chunk.token_ids)
     if heldout is not None and heldout.windows:
-        use &= ~heldout.mask(chunk.seq)
+        use &= ~heldout.training_mask(chunk.seq)
     return use.nonzero().squeeze(1)
 
 
 def count_training_tokens(cache: Cache, special: SpecialTokens, heldout: HeldOut | None) -> int:
     """The tokens one epoch trains on (training_rows over the whole cache), from the token arrays alone."""
+    return int(_trainable(cache, special, heldout).sum())
+
+
+def count_guard_tokens(cache: Cache, special: SpecialTokens, heldout: HeldOut) -> int:
+    """The tokens the held-out set's guard windows take from training (ones training would otherwise use)."""
+    if not heldout.excluded_windows:
+        return 0
+    unguarded = HeldOut(heldout.method, heldout.seed, heldout.windows, heldout.n_tokens)
+    return int(_trainable(cache, special, unguarded).sum()) - count_training_tokens(cache, special, heldout)
+
+
+def _trainable(cache: Cache, special: SpecialTokens, heldout: HeldOut | None) -> torch.Tensor:
     use = special.usable(cache.read_tokens("keep"), cache.read_tokens("token_ids"))
     if heldout is not None and heldout.windows:
-        use &= ~heldout.mask(cache.read_tokens("seq"))
-    return int(use.sum())
+        use &= ~heldout.training_mask(cache.read_tokens("seq"))
+    return use
 
 
 class MinibatchStream:

@@ -9,7 +9,7 @@ import csv
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -21,10 +21,15 @@ from train.sae import TopKSae
 from train.special import SpecialTokens
 from train.split import HeldOut
 
+# old field name -> today's: "dead" read as the training dead counter, which these are not
+RENAMED = {"dead_fraction_per_layer": "silent_on_heldout", "dead_fraction": "silent_on_heldout_all_layers"}
+
 
 @dataclass
 class EvalResult:
     """Held-out metrics of one SAE; lists are per layer, in the order of `layers`."""
+
+    RENAMED: ClassVar[dict[str, str]] = RENAMED
 
     tokens: int  # tokens evaluated (each gives one vector per layer)
     layers: list[int]
@@ -32,20 +37,23 @@ class EvalResult:
     fvu_feature: list[float]  # per-feature definition (Gao et al.): SSE / squared deviations from feature means
     mse: list[float]  # mean squared error per scalar
     l0: list[float]  # mean number of latents firing (> FIRE_THRESHOLD) per vector
-    dead_fraction_per_layer: list[float]  # latents that never fire at that layer over the evaluated tokens
+    # latents that never fire at that layer on the evaluated (held-out) tokens; not the training dead counter
+    silent_on_heldout: list[float]
     firing_density: list[float]  # mean over latents of the fraction of tokens it fires on (= l0 / n_latents)
     fvu_mean: float  # the headline: unweighted mean over layers
     fvu_feature_mean: float
-    dead_fraction: float  # latents that fire at no layer over the evaluated tokens
+    silent_on_heldout_all_layers: float  # latents that fire at no layer on the evaluated tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EvalResult:
-        """From summary.json; older summaries lack the per-layer dead fraction and firing density (NaN)."""
+        """From summary.json; older summaries lack the per-layer silent fraction and firing density (NaN),
+        or call them by their old names (RENAMED)."""
+        d = {RENAMED.get(k, k): v for k, v in d.items()}
         n = len(d["layers"])
-        defaults = {"dead_fraction_per_layer": [float("nan")] * n, "firing_density": [float("nan")] * n}
+        defaults = {"silent_on_heldout": [float("nan")] * n, "firing_density": [float("nan")] * n}
         return cls(**{f.name: d.get(f.name, defaults.get(f.name)) for f in fields(cls)})
 
 
@@ -91,11 +99,11 @@ def evaluate(
         fvu_feature=res.fvu_feature,
         mse=res.mse,
         l0=l0_mean,
-        dead_fraction_per_layer=(1.0 - fired.float().mean(1)).tolist(),
+        silent_on_heldout=(1.0 - fired.float().mean(1)).tolist(),
         firing_density=[v / n_latents for v in l0_mean],
         fvu_mean=res.fvu_mean,
         fvu_feature_mean=res.fvu_feature_mean,
-        dead_fraction=1.0 - fired.any(0).float().mean().item(),
+        silent_on_heldout_all_layers=1.0 - fired.any(0).float().mean().item(),
     )
 
 

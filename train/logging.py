@@ -68,7 +68,7 @@ def heldout_keys(held_out: dict[str, Any]) -> dict[str, float]:
         "heldout/fvu_mean": held_out["fvu_mean"],
         "heldout/fvu_feature_mean": held_out["fvu_feature_mean"],
         "heldout/explained_variance": 1.0 - held_out["fvu_mean"],
-        "heldout/dead_fraction": held_out["dead_fraction"],
+        "heldout/silent_fraction": held_out["silent_on_heldout_all_layers"],
     }
     keys.update({f"heldout/fvu_layer_{l}": v for l, v in zip(held_out["layers"], held_out["fvu"])})
     return keys

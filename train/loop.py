@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +35,7 @@ from harvest.models import resolve_device
 from harvest.progress import progress_bar
 from train.checkpoint import Checkpoint
 from train.config import TrainConfig
-from train.data import MinibatchStream, StreamState, count_training_tokens
+from train.data import MinibatchStream, StreamState, count_guard_tokens, count_training_tokens
 from train.evaluate import evaluate, read_metrics, write_heldout_curve
 from train.logging import RunLogger, StepMetrics, open_logger
 from train.objectives import FIRE_THRESHOLD, DeadLatents, training_loss
@@ -97,6 +97,8 @@ class Pass:
     layers: list[int]  # the union of the runs' layers: the minibatch's layer axis
     steps: int
     batch_tokens: int
+    train_tokens: int = 0  # the training split: tokens one epoch trains on
+    guard_tokens: int = 0  # tokens of the guard windows (sharing a document with held-out text): not trained on
     runs: list[Run] = field(default_factory=list)
     start_step: int = 0
 
@@ -152,6 +154,8 @@ def _train(
     clock = Throughput(p.start_step * p.batch_tokens)
     batches = iter(stream)
     bar_args = {"enabled": show_progress, "completed": p.start_step, "fields": {"loss": ".4f"}, "rate_unit": "tok/s"}
+    # steps after which every SAE is evaluated and saved under snapshots/ (the last step: the run itself)
+    snapshots = {t // p.batch_tokens for t in configs[0].snapshot_list() if 0 < t // p.batch_tokens < p.steps}
     with progress_bar("train", p.steps, "steps", **bar_args) as bar:
         for step in range(p.start_step, p.steps):
             x_all = next(batches).acts.float()
@@ -165,7 +169,9 @@ def _train(
             done = step + 1
             if step == p.start_step and p.steps - p.start_step > 1:
                 clock.restart(done * p.batch_tokens)
-            if configs[0].eval_every and done % configs[0].eval_every == 0 and done < p.steps:
+            if done in snapshots:
+                _snapshot_all(p, dist, done, clock)
+            elif configs[0].eval_every and done % configs[0].eval_every == 0 and done < p.steps:
                 _evaluate_all(p, dist, done, clock)
             if done % configs[0].checkpoint_every == 0 or done == p.steps:
                 _checkpoint(p.runs, done, stream, dist)
@@ -241,6 +247,14 @@ def _plan(configs: list[TrainConfig], dist: Dist, log: Callable[[str], None]) ->
     heldout = choose_heldout(cache, first.eval_tokens, first.heldout_seed)
     special = SpecialTokens.of(first.special_tokens, cache)
     train_tokens = count_training_tokens(cache, special, heldout)
+    guard_tokens = count_guard_tokens(cache, special, heldout)
+    if heldout.windows:
+        log(
+            f"held-out set document-disjoint: {len(heldout.excluded_windows)} guard windows cost {guard_tokens:,} "
+            f"training tokens ({guard_tokens / max(1, train_tokens + guard_tokens):.1%} of the training split)"
+            if heldout.guards == "documents"
+            else f"held-out set NOT document-disjoint ({heldout.guards})"
+        )
     tokens = first.tokens or train_tokens
     if tokens > train_tokens:
         log(f"{tokens:,} training tokens from a training split of {train_tokens:,}: {tokens / train_tokens:.2f} epochs")
@@ -251,7 +265,8 @@ def _plan(configs: list[TrainConfig], dist: Dist, log: Callable[[str], None]) ->
         )
     layers = sorted({l for c in configs for l in c.layer_list(cache.layers)})
     steps = max(1, tokens // first.batch_tokens)
-    return Pass(cache, resolve_device(first.device), heldout, special, layers, steps, first.batch_tokens)
+    device = resolve_device(first.device)
+    return Pass(cache, device, heldout, special, layers, steps, first.batch_tokens, train_tokens, guard_tokens)
 
 
 def _start_writing(runs: list[Run]) -> None:
@@ -330,8 +345,11 @@ def _check_out(out: Path, record: RunRecord) -> str:
     diffs = [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
     if old.cache.fingerprint != record.cache.fingerprint:
         diffs.insert(0, "cache fingerprint differs")
-    elif old.heldout.windows != record.heldout.windows and not old.finished:
-        diffs.insert(0, f"held-out windows differ ({old.heldout.describe()})")
+    elif not old.finished and (old.heldout.windows, old.heldout.excluded_windows) != (
+        record.heldout.windows,
+        record.heldout.excluded_windows,
+    ):
+        diffs.insert(0, f"held-out windows or their guards differ ({old.heldout.describe()})")
     if diffs:
         raise SpecError(
             f"{out} holds a run with other settings ({'; '.join(diffs[:4])}): resume with the same "
@@ -510,6 +528,27 @@ def _evaluate_all(p: Pass, dist: Dist, step: int, clock: Throughput) -> None:
     clock.paused_s += time.time() - t
 
 
+SNAPSHOTS = "snapshots"
+
+
+def _snapshot_all(p: Pass, dist: Dist, step: int, clock: Throughput) -> None:
+    """Evaluate every SAE after `step` steps and save it as a loadable run folder
+    <out>/snapshots/tokens-<n> (config.json with this step count, weights, summary.json)."""
+    t = time.time()
+    for run in p.runs:
+        result = _evaluate(run, p, dist, step)
+        if dist.rank != 0:
+            continue
+        folder = run.out / SNAPSHOTS / f"tokens-{step * p.batch_tokens:09d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        run.sae.save(folder)
+        replace(run.record, dir=folder, steps=step).save()
+        summary = {"out": str(folder), "snapshot_of": str(run.out), "layers": run.layers, "steps": step}
+        summary |= {"tokens": step * p.batch_tokens, "held_out_initial": run.fvu_initial, "held_out": result}
+        atomic_write_json(folder / SUMMARY, summary)
+    clock.paused_s += time.time() - t
+
+
 def _checkpoint(runs: list[Run], step: int, stream: MinibatchStream, dist: Dist) -> None:
     """All ranks' stream states go into every run's checkpoint, written by rank 0, atomically."""
     states: list[Any] = [stream.state.to_dict()]
@@ -558,6 +597,13 @@ def _finish(p: Pass, dist: Dist, clock: Throughput) -> list[dict]:
             "tokens_per_s": clock.rate(tokens),
             "held_out_initial": run.fvu_initial,
             "held_out": final,
+            "heldout_split": {
+                "windows": len(p.heldout.windows),
+                "guard_windows": len(p.heldout.excluded_windows),
+                "guards": p.heldout.guards,
+                "guard_tokens": p.guard_tokens,  # training tokens the guards cost
+                "training_split_tokens": p.train_tokens,
+            },
         }
         assert run.logger is not None
         run.logger.close()
