@@ -31,15 +31,29 @@ def fsync_file(path: str | Path) -> None:
     _fsync(path, os.O_NOFOLLOW)
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` less the process's umask: what open() or mkdir() would give (0o644 / 0o755 under umask 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """Call `write(tmp)` on a fresh empty temporary file next to `path`, then fsync and rename it over `path`."""
+    """Call `write(tmp)` on a fresh empty temporary file next to `path`, then fsync and rename it over `path`.
+    The file gets the permissions an ordinary open() would give it (mkstemp makes it private: 0600), so
+    that what we write can be shared as the umask allows."""
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         write(tmp)
-        fsync_file(tmp)
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)  # after write(): some writers replace the file
+        try:
+            os.fchmod(fd, umask_mode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -77,7 +91,5 @@ def fresh_folder(parent: str | Path, prefix: str) -> Path:
     symlink or folder cannot stand in for it), with the permissions an ordinary mkdir would give it (mkdtemp
     makes it private), so it can be renamed into place as a cache or model folder."""
     folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    os.chmod(folder, umask_mode(0o777))
     return folder
