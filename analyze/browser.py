@@ -263,7 +263,7 @@ def _static_context(ids: list[int], text: dict[int, str]) -> str:
 
 def _static_latent(data: BrowserData, j: int, rec: dict, ctx: list, text: dict[int, str]) -> str:
     """Latent j's rows in a shard page's no-script table: its numbers, then its top examples."""
-    head = f"<tr id='s{j}'><th colspan=3><a href='#{j}'>Latent {j}</a> "
+    head = f"<tr id='{j}'><th colspan=3><a href='#{j}'>Latent {j}</a> "  # index links land here without JS
     if rec["x"] is None:
         return head + "never fired on the tokens streamed (dead there)</th></tr>"
     dens = sum(x or 0 for x in rec["d"]) / len(rec["d"])

@@ -79,7 +79,8 @@ MLSAE.onload('index',function(D){
    +'<td class=n>'+num(r[1])+'</td><td class=n>'+num(r[2])+'</td><td class=n>'+sci(r[3])+'</td><td class=n>'
    +num(r[4])+'</td><td class=spark>'+esc(r[5])+'</td><td>'+r[6].map(chip).join('')+'</td></tr>'}).join('');
   document.getElementById('more').style.display=hit.length>shown?'':'none'}
- box.oninput=function(){q=box.value;shown=200;draw()};
+ box.oninput=function(){q=box.value;shown=200;try{history.replaceState(null,'',q?'#q='+encodeURIComponent(q):'#')}catch(e){}draw()};
+ var h=/^#q=(.*)$/.exec(location.hash);if(h){try{q=decodeURIComponent(h[1])}catch(e){q=h[1]}box.value=q}
  document.getElementById('more').onclick=function(){shown+=1000;draw()};
  app.querySelectorAll('th').forEach(function(th){th.onclick=function(){var i=+th.dataset.i;
   if(i>=5)return;desc=sortk===i?!desc:i>0;sortk=i;draw()}});
@@ -154,7 +155,7 @@ function render(){
  o+='<h2>Top activations at each layer</h2><p class=muted>the '+S.layer_rows+' best at each layer (all '+S.top+' per layer are in examples.safetensors)</p>';
  L.l.forEach(function(r){var li=r[0];o+='<details'+(li===Math.round(mean)?' open':'')+'><summary>layer '+layers[li]+': P = '+num(L.p[li],3)
   +', density '+sci(dens[li])+', max '+num(L.c[r[1][0]][3],4)+'</summary>'+exTable(L,r[1],L.x,false)+'</details>'});
- app.innerHTML=o;bind();document.title='latent '+j;document.body.dataset.ready=String(j);
+ app.innerHTML=o;bind();document.title='latent '+j;document.body.dataset.ready=String(j);window.scrollTo(0,0);
  document.body.dataset.ms=Math.round(performance.now())}
 function bind(){var s=document.getElementById('wsel');if(s)s.onchange=function(){width=+s.value;render()}}
 var need=2;function go(){if(--need)return;var st=document.getElementById('static');if(st)st.style.display='none';render();

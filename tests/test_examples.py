@@ -468,6 +468,9 @@ def test_the_browser_renders_in_chromium_from_disk_and_from_a_static_web_server(
         for base in (b.as_uri(), f"http://127.0.0.1:{server.server_address[1]}"):
             dom = dump_dom(f"{base}/index.html")
             assert 'data-ready="1"' in dom and f'href="latents/{shard_of(j)}.html#{j}"' in dom, base
+            dom = dump_dom(f"{base}/index.html#q=%23{j}")  # a search by number, kept in the address
+            first = dom.split("<tbody>", 1)[1].split("</tr>", 1)[0]
+            assert f'href="latents/{shard_of(j)}.html#{j}"' in first, base
             dom = dump_dom(f"{base}/latents/{shard_of(j)}.html#{j}")
             assert f'data-ready="{j}"' in dom and f"Latent {j}" in dom, base
             assert "Examples by activation quantile" in dom and "<svg" in dom
