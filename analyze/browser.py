@@ -410,6 +410,7 @@ def write_browser(out_dir: str | Path, data: BrowserData, progress: bool = False
                     "quantiles": data.summary.get("quantiles", 5),
                     "top": data.summary["top"],
                     "layer_rows": LAYER_ROWS,
+                    "layer_min_p": LAYER_MIN_P,
                     "logits_note": data.logits_note,
                     "latents": records,
                 }

@@ -152,7 +152,7 @@ function render(){
  o+='<h2>Examples by activation quantile</h2><p class=muted>firing (token, layer) vectors drawn at random within each group of activation bins (about 1/'+S.quantiles+' of them each), strongest first</p>';
  L.q.forEach(function(g){o+='<h3>activation '+num(g[0],3)+' \u2013 '+(g[1]===null?'\u221e':num(g[1],3))+' \u00b7 '+(100*g[2]).toFixed(1)+'\u2013'+(100*g[3]).toFixed(1)
   +'% from the top \u00b7 '+g[4].toLocaleString()+' vectors</h3>'+exTable(L,g[5],L.x,true)});
- o+='<h2>Top activations at each layer</h2><p class=muted>the '+S.layer_rows+' best at each layer (all '+S.top+' per layer are in examples.safetensors)</p>';
+ o+='<h2>Top activations at each layer</h2><p class=muted>the '+S.layer_rows+' best at each layer holding at least '+(100*S.layer_min_p)+'% of P(L|J) (all '+S.top+' per layer, at every layer, are in examples.safetensors)</p>';
  L.l.forEach(function(r){var li=r[0];o+='<details'+(li===Math.round(mean)?' open':'')+'><summary>layer '+layers[li]+': P = '+num(L.p[li],3)
   +', density '+sci(dens[li])+', max '+num(L.c[r[1][0]][3],4)+'</summary>'+exTable(L,r[1],L.x,false)+'</details>'});
  app.innerHTML=o;bind();document.title='latent '+j;document.body.dataset.ready=String(j);window.scrollTo(0,0);
