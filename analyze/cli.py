@@ -198,7 +198,10 @@ def examples(
     cache: Optional[str] = CACHE,
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Kept tokens to stream (default: all)."),
     top: int = typer.Option(32, "--top", help="Examples kept per latent, and per latent and layer."),
-    context: int = typer.Option(8, "--context", help="Tokens of context shown on each side."),
+    samples: int = typer.Option(3, "--samples", help="Random examples kept per latent and activation bin."),
+    context: int = typer.Option(
+        12, "--context", help="Tokens of context stored on each side (the browser can show fewer)."
+    ),
     logits: int = typer.Option(10, "--logits", help="Promoted/suppressed next tokens shown per latent (0: none)."),
     model: Optional[str] = MODEL,
     browser: bool = typer.Option(True, "--browser/--no-browser", help="Write the static latent browser."),
@@ -210,7 +213,9 @@ def examples(
     static HTML latent browser; one streaming pass over the cache, resumable."""
     from analyze.examples import format_examples, run_examples
 
-    shown = dict(top=top, context=context, model=model, logits=logits, browser=browser, heldout=heldout)
+    shown = dict(
+        top=top, samples=samples, context=context, model=model, logits=logits, browser=browser, heldout=heldout
+    )
     res = run_examples(sae, cache, tokens, out_dir=out, device=device, log=_log, **shown)
     if res.get("files"):
         console.print(format_examples(res), soft_wrap=True, highlight=False)

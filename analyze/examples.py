@@ -7,14 +7,22 @@ Bounded memory, whatever --tokens is. The state is a few fixed-size tensors (F l
     overall    values [F, T] float32 + ids [F, T] int64     one entry per TOKEN: its maximum over layers
                                                            (id = (seq * context + pos) * L + layer of the max)
     per_layer  values [L*F, T] float32 + ids [L*F, T]      the paper's view (id = seq * context + pos)
+    samples    keys [F*B, S] float32 + ids [F*B, S]        per (latent, histogram bin), S firing (token, layer)
+                                                           vectors drawn at random: the S largest hash keys
     fires [L, F] int64, mass [F, L] float64, hist [F, B] int64, tokens
 
-i.e. (L + 1) * F * T * 12 bytes + F * (16 L + 8 B) bytes: 37 MB for the quickstart MLSAE (F = 5,120, L = 18,
-T = 32), 280 MB at R = 64. A batch is merged by keeping only entries at least as large as the current T-th
-value of their row (one gather and compare over the batch), then sorting the few survivors together with
-the rows they touch. Ties are broken by (value desc, id asc), i.e. (value desc, seq, pos, layer): a total
-order, so the result is the same for any chunk order, any batch size, and any number of ranks (ranks
-merge their states at the end with the same function: two ranks give exactly what one gives).
+i.e. ((L + 1) T + B S) * F * 12 bytes + F * (16 L + 8 B) bytes: 49 MB for the quickstart MLSAE (F = 5,120, L =
+18, T = 32, B = 49, S = 3), about 400 MB at R = 64. A batch is merged by keeping only entries at least as
+large as the current T-th value of their row (one gather and compare over the batch), then sorting the few
+survivors together with the rows they touch. Ties are broken by (value desc, id asc), i.e. (value desc, seq,
+pos, layer): a total order, so the result is the same for any chunk order, any batch size, and any number of
+ranks (ranks merge their states at the end with the same function: two ranks give exactly what one gives).
+
+The quantile samples are a bottom-k sketch: each firing (token, layer) vector gets a key that is a fixed hash
+of (latent, id), and each (latent, bin) keeps the S largest keys, so the sample is uniform within the bin and,
+like the tops, the same for any chunk order, batch size and number of ranks. The k largest keys of a union of
+bins are among the per-bin k largest: `quantile_samples` draws each activation-quantile group (a run of
+bins holding ~1/Q of the firing vectors) from the union of its bins.
 
 A latent "fires" on a (token, layer) vector when its TopK value exceeds FIRE_THRESHOLD (1e-3), as in
 training and the layer analyses; only firing values enter the examples, the mass and the histogram.
@@ -51,11 +59,22 @@ HIST_DECADES = (-3, 3)  # histogram: log-spaced bins from 1e-3 to 1e3, 8 per dec
 HIST_PER_DECADE = 8
 MERGE_ENTRIES = 1 << 21  # entries (queued + kept) merged at once: bounds the merge's temporary memory
 SIGN_MASK = 0x7FFFFFFF  # float32 bits of non-negative values sort like the values; SIGN_MASK - bits reverses them
+SAMPLES = 3  # random firing vectors kept per (latent, histogram bin)
+QUANTILES = 5  # activation-quantile groups the samples are shown in
 
 
 def hist_edges() -> Tensor:
     lo, hi = HIST_DECADES
     return torch.logspace(lo, hi, (hi - lo) * HIST_PER_DECADE + 1, dtype=torch.float32)
+
+
+def sample_key(latent: Tensor, ident: Tensor) -> Tensor:
+    """A fixed pseudo-random key in (0, 1] of each (latent, id) pair (a 64-bit multiply-xorshift mix; int64
+    products wrap): the quantile samples keep the largest keys, so they do not depend on the reading order."""
+    x = latent.long() * 0x9E3779B1 + ident.long() * 0x632BE5AB + 0x165667B1
+    for mult, shift in ((0x3F58476D1CE4E5B9, 31), (0x14D049BB133111EB, 29), (0x2545F4914F6CDD1D, 32)):
+        x = (x ^ (x >> shift)) * mult
+    return (((x >> 20) & 0xFFFFFF) + 1).float() / 2**24  # 24 bits: exact in float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +195,7 @@ class ExampleAccumulator:
 
     overall: TopExamples  # [F, T]: tokens by their maximum over layers
     per_layer: TopExamples  # [L*F, T]: group = layer position * F + latent
+    samples: TopExamples  # [F*B, S]: group = latent * B + histogram bin; values are sample_key()s
     fires: Tensor  # [L, F] int64: (token, layer) vectors on which the latent fires
     mass: Tensor  # [F, L] float64: sum of firing values
     hist: Tensor  # [F, B] int64: firing values per log-spaced bin (hist_edges; last bin: >= 1e3)
@@ -184,12 +204,19 @@ class ExampleAccumulator:
 
     @classmethod
     def zeros(
-        cls, n_latents: int, n_layers: int, top: int, context: int, device: str | torch.device = "cpu"
+        cls,
+        n_latents: int,
+        n_layers: int,
+        top: int,
+        context: int,
+        device: str | torch.device = "cpu",
+        samples: int = SAMPLES,
     ) -> "ExampleAccumulator":
         n_bins = len(hist_edges())  # len(edges) - 1 bins, plus the overflow bin
         return cls(
             TopExamples.empty(n_latents, top, device),
             TopExamples.empty(n_layers * n_latents, top, device),
+            TopExamples.empty(n_latents * n_bins, samples, device),
             torch.zeros(n_layers, n_latents, dtype=torch.int64, device=device),
             torch.zeros(n_latents, n_layers, dtype=torch.float64, device=device),
             torch.zeros(n_latents, n_bins, dtype=torch.int64, device=device),
@@ -221,6 +248,8 @@ class ExampleAccumulator:
         self.hist.view(-1).add_(torch.bincount(lat * n_bins + bins, minlength=F * n_bins))
         where = seq.to(dev).long() * self.context + pos.to(dev).long()  # [n] position id of each token
         self.per_layer.add_(layer * F + lat, v, where[tok])
+        vector = where[tok] * L + layer  # id of each firing (token, layer) vector
+        self.samples.add_(lat * n_bins + bins, sample_key(lat, vector), vector)
         # overall: one entry per (latent, token), its maximum over layers (lowest layer on ties). Entries
         # below the row's threshold cannot become a maximum that enters it: filter first, then pick maxima
         # (stable sorts keep the layer-major order among equal values).
@@ -246,11 +275,13 @@ class ExampleAccumulator:
         """Merge every queued entry (before reading the lists)."""
         self.overall.flush_()
         self.per_layer.flush_()
+        self.samples.flush_()
         return self
 
     def merge_(self, other: "ExampleAccumulator") -> "ExampleAccumulator":
         self.overall.merge_from_(other.overall)
         self.per_layer.merge_from_(other.per_layer)
+        self.samples.merge_from_(other.samples)
         for name in ("fires", "mass", "hist", "tokens"):
             getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
         return self
@@ -278,6 +309,8 @@ class ExampleAccumulator:
             "overall_ids": self.overall.ids,
             "layer_values": self.per_layer.values,
             "layer_ids": self.per_layer.ids,
+            "sample_keys": self.samples.values,
+            "sample_ids": self.samples.ids,
         }
         out.update(
             {f.name: getattr(self, f.name) for f in fields(self) if f.name in ("fires", "mass", "hist", "tokens")}
@@ -289,9 +322,13 @@ class ExampleAccumulator:
         cls, t: dict[str, Tensor], context: int, device: str | torch.device = "cpu"
     ) -> "ExampleAccumulator":
         g = {k: v.to(device) for k, v in t.items()}
+        if "sample_ids" not in g:  # written before the quantile samples were kept: none
+            empty = TopExamples.empty(g["hist"].numel(), 1, device)
+            g["sample_keys"], g["sample_ids"] = empty.values, empty.ids
         return cls(
             TopExamples(g["overall_values"], g["overall_ids"]),
             TopExamples(g["layer_values"], g["layer_ids"]),
+            TopExamples(g["sample_keys"], g["sample_ids"]),
             g["fires"],
             g["mass"],
             g["hist"],
@@ -329,6 +366,53 @@ class ExampleAccumulator:
             for a, w, b in zip(v[filled].tolist(), where[filled].tolist(), lay[filled].tolist())
         ]
 
+    def quantile_samples(self, latent: int, groups: int = QUANTILES) -> list[dict[str, Any]]:
+        """The latent's firing values split into about `groups` activation-quantile groups, strongest first:
+        runs of histogram bins each holding ~1/groups of its firing (token, layer) vectors (a bin is never
+        split), each with its value range, its share of the vectors (q_lo..q_hi, from the top), its count and
+        up to S vectors drawn at random from it (seq, pos, layer position; the value is not kept)."""
+        self.flush_()
+        (F, L), C = self.shape, self.context
+        counts = self.hist[latent].tolist()
+        B, total = len(counts), sum(counts)
+        if total == 0:
+            return []
+        edges = hist_edges().tolist() + [math.inf]
+        bins = self.samples.values.shape[0] // F
+        keys = self.samples.values[latent * bins : (latent + 1) * bins]
+        ids = self.samples.ids[latent * bins : (latent + 1) * bins]
+        runs: list[list[int]] = []
+        above, last = 0, None
+        for b in range(B - 1, -1, -1):  # strongest bins first
+            if counts[b] == 0:
+                continue
+            g = min(groups - 1, int(groups * (above + counts[b] / 2) / total))
+            if g != last:
+                runs.append([])
+                last = g
+            runs[-1].append(b)
+            above += counts[b]
+        out, above = [], 0
+        for run in runs:
+            n = sum(counts[b] for b in run)
+            k, i = keys[run].reshape(-1), ids[run].reshape(-1)
+            filled = i >= 0
+            k, i = k[filled], i[filled]
+            order = sorted(range(len(i)), key=lambda x: (-float(k[x]), int(i[x])))[: keys.shape[1]]
+            picked = [int(i[x]) for x in order]
+            out.append(
+                {
+                    "lo": edges[run[-1]],
+                    "hi": edges[run[0] + 1],
+                    "q_lo": above / total,
+                    "q_hi": (above + n) / total,
+                    "count": n,
+                    "examples": [{"seq": w // L // C, "pos": w // L % C, "layer_pos": w % L} for w in sorted(picked)],
+                }
+            )
+            above += n
+        return out
+
 
 # ---------------------------------------------------------------------------------------------
 # cache + SAE -> examples.safetensors, examples.json, the browser
@@ -353,7 +437,7 @@ def run_examples(
     cache_path: str | Path | None = None,
     tokens: int | None = None,
     top: int = 32,
-    context: int = 8,
+    context: int = 12,
     out_dir: str | Path | None = None,
     device: str = "auto",
     model: str | None = None,
@@ -362,6 +446,7 @@ def run_examples(
     heldout: bool = False,
     seed: int = 0,
     rows: int = 4096,
+    samples: int = SAMPLES,
     checkpoint_seconds: float = 60.0,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -382,8 +467,11 @@ def run_examples(
     record = load_run(sae_dir)
     if tokens is not None and tokens < 1:
         raise SpecError(f"--tokens must be positive, got {tokens}")
-    if top < 1 or context < 0 or logits < 0:
-        raise SpecError(f"need --top >= 1, --context >= 0 and --logits >= 0; got {top}, {context}, {logits}")
+    if top < 1 or context < 0 or logits < 0 or samples < 1:
+        raise SpecError(
+            f"need --top >= 1, --samples >= 1, --context >= 0 and --logits >= 0; got {top}, {samples}, {context}, "
+            f"{logits}"
+        )
     out_dir = Path(out_dir) if out_dir is not None else sae_dir / "latents"
     layers = record.layers
     cache = open_cache(cache_path or record.cache.path)
@@ -405,10 +493,12 @@ def run_examples(
 
     with _distributed() as (rank, world):
         budget = None if tokens is None else tokens // world + (rank < tokens % world)
-        key = _work_key(record, tokens=tokens, top=top, seed=seed, world=world, special=special.mode, held=heldout)
+        key = _work_key(
+            record, tokens=tokens, top=top, samples=samples, seed=seed, world=world, special=special.mode, held=heldout
+        )
         work = out_dir / WORK_DIR
         ckpt = work / f"rank{rank}.safetensors"
-        acc, skip, resumed = ExampleAccumulator.zeros(F, L, top, C, dev), 0, False
+        acc, skip, resumed = ExampleAccumulator.zeros(F, L, top, C, dev, samples), 0, False
         if ckpt.is_file():
             state = load_file(str(ckpt))
             meta = json.loads(state.pop("_meta").numpy().tobytes().decode())
@@ -454,6 +544,7 @@ def run_examples(
         "seconds": seconds,
         "resumed": resumed,
         "top": top,
+        "samples": samples,
         "context": context,
         "layers": layers,
         "n_latents": F,
@@ -479,6 +570,9 @@ def run_examples(
             "density": "fraction of tokens on which the latent fires (value > 1e-3), per layer",
             "p_layer_given_latent": "P(L=l|J=j): the latent's firing activation mass at layer l / its total mass",
             "histogram": "firing values per log-spaced bin (edges 1e-3 .. 1e3, 8 per decade; last bin >= 1e3)",
+            "samples": "per (latent, histogram bin), up to `samples` firing (token, layer) vectors drawn at random "
+            "(the largest hash keys of (latent, id); id = (seq * context + pos) * L + layer); the browser groups "
+            "bins into activation quantiles",
         },
     }
     if rank == 0:
@@ -501,7 +595,13 @@ def run_examples(
         if browser:
             from analyze.browser import write_browser
 
-            data = browser_data(acc, summary, tensors, cache, sae, model=model, n_logits=logits, log=log)
+            shown = {**summary, "run_name": sae_dir.resolve().name, "cache_name": _last_part(str(cache.path))}
+            ident = cache.meta["model"].get("identity", {})
+            shown["model"] = ident.get("hub_id") or _last_part(summary["model"])  # never a local path
+            shown["quantiles"] = QUANTILES
+            data = browser_data(
+                acc, shown, tensors, cache, sae, special, model=model, n_logits=logits, device=dev, rows=rows, log=log
+            )
             summary["browser"] = write_browser(out_dir, data, progress=progress)
             files.append(summary["browser"]["index"])
         summary["files"] = files
@@ -518,6 +618,11 @@ def run_examples(
         ).save(out_dir)
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _last_part(path: str) -> str:
+    """A cache's name for the browser: the last part of its path or URL (the browser names no machine path)."""
+    return path.rstrip("/").rsplit("/", 1)[-1] or path
 
 
 def format_examples(res: dict[str, Any]) -> str:
@@ -600,37 +705,98 @@ class TokenText:
         return self.cache[int(i)]
 
 
+@torch.no_grad()
+def context_activations(
+    sae: Any,
+    cache: Any,
+    layers: Sequence[int],
+    special: SpecialTokens,
+    items: Tensor,
+    width: int,
+    device: str = "cpu",
+    rows: int = 4096,
+) -> tuple[Tensor, Tensor]:
+    """The whole context of each item, with the latent's activation at every token of it.
+
+    items [N, 4]: (seq, pos, latent, layer position). Returns token ids [N, 2 width + 1] (-1 outside the
+    window; the item's token in the middle) and the latent's TopK value at that layer [N, 2 width + 1]
+    (0 where it does not fire, NaN for tokens that are not encoded, e.g. special tokens). One pass over the
+    chunks that hold those windows (a shuffled write block spreads a window over its block's chunks),
+    encoding only their tokens, the same way as the streaming pass (`iter_latents`, the run's special-token
+    mode)."""
+    from train.latents import iter_latents
+
+    C, L, F = cache.layout.context, len(layers), sae.cfg.n_latents
+    W = 2 * width + 1
+    items = items.long().reshape(-1, 4)
+    seq, pos, lat, lp = items.unbind(1)
+    p = pos.unsqueeze(1) + torch.arange(-width, width + 1)
+    inside = (p >= 0) & (p < C)
+    pc = p.clamp(0, C - 1)
+    windows = cache.windows() if len(items) else torch.zeros(0, C, dtype=torch.int32)
+    tokens = torch.where(inside, windows[seq.unsqueeze(1).expand(-1, W), pc].long(), -1)
+    token_key = seq.unsqueeze(1) * C + pc  # [N, W] position id
+    entry_key = (token_key * L + lp.unsqueeze(1)) * F + lat.unsqueeze(1)
+    uk, inv = torch.unique(entry_key[inside], return_inverse=True)
+    tk, tinv = torch.unique(token_key[inside], return_inverse=True)
+    vals = torch.zeros(len(uk), dtype=torch.float32)
+    encoded = torch.zeros(len(tk), dtype=torch.bool)
+    need = torch.unique(seq)
+    if len(need):
+        at = torch.isin(cache.read_tokens("seq").long(), need).nonzero().squeeze(1)
+        chunks = torch.unique(at // cache.layout.chunk_tokens).tolist()
+        layer_ids = torch.arange(L).view(L, 1, 1)
+        for b in iter_latents(
+            sae, cache, layers, chunks=chunks, rows=rows, device=device, special=special,
+            select=lambda s: torch.isin(s, need),
+        ):  # fmt: skip
+            where = (b.seq.cpu() * C + b.pos.cpu()).long()
+            hit = torch.searchsorted(tk, where).clamp_(max=max(len(tk) - 1, 0))
+            encoded[hit[tk[hit] == where]] = True
+            v, i = b.values.cpu(), b.indices.cpu()
+            key = (where.view(1, -1, 1) * L + layer_ids) * F + i
+            on = v > FIRE_THRESHOLD
+            key, v = key[on], v[on]
+            j = torch.searchsorted(uk, key).clamp_(max=max(len(uk) - 1, 0))
+            ok = uk[j] == key
+            vals[j[ok]] = v[ok].float()
+    acts = torch.zeros(len(items), W, dtype=torch.float32)
+    acts[inside] = torch.where(encoded[tinv], vals[inv], math.nan)
+    return tokens, acts
+
+
 def browser_data(
     acc: ExampleAccumulator,
     summary: dict[str, Any],
     tensors: dict[str, Tensor],
     cache: Any,
     sae: Any,
+    special: SpecialTokens,
     model: str | None = None,
     n_logits: int = 10,
+    device: str = "cpu",
+    rows: int = 4096,
     log: Callable[[str], None] = print,
 ) -> Any:
-    """Everything the browser shows: decoded contexts of every kept example, and the direct logits (model
-    space only: through a tuned lens the decoder directions are not in the unembedding's basis)."""
-    import numpy as np
-
+    """Everything the browser shows: decoded contexts of the examples it shows (with the latent's activation
+    at every token), quantile samples, and the direct logits (model space only: through a tuned lens the
+    decoder directions are not in the unembedding's basis)."""
     from analyze.browser import BrowserData
     from analyze.delta_ce import _resolve
     from harvest.models import load_tokenizer
 
     acc = ExampleAccumulator.from_tensors({k: tensors[k] for k in acc.to_tensors()}, acc.context)
-    L, C, c = acc.shape[1], acc.context, summary["context"]
     source = _resolve(model, cache)
-    text = TokenText(load_tokenizer(source))
-    ids = torch.cat([acc.overall.ids.reshape(-1) // L, acc.per_layer.ids.reshape(-1)])
-    seqs = torch.unique(ids[ids >= 0] // C).numpy()
-    all_windows = cache.windows().numpy()  # checked reads; n_tokens x 4 bytes
-    windows = {int(s): all_windows[s] for s in seqs}
-    text.add(np.unique(np.concatenate([r for r in windows.values()])) if windows else [])
+    tokenizer = load_tokenizer(source)
+    text = TokenText(tokenizer)
+    layers = list(summary["layers"])
 
-    def context(seq: int, pos: int) -> tuple[list[str], int]:
-        lo = max(0, pos - c)
-        return [text[t] for t in windows[seq][lo : pos + c + 1]], pos - lo
+    def token_text(ids: list[int]) -> dict[int, str]:
+        text.add(ids)
+        return {int(i): text[i] for i in ids}
+
+    def contexts(items: Tensor) -> tuple[Tensor, Tensor]:
+        return context_activations(sae, cache, layers, special, items, summary["context"], device, rows)
 
     logits, note = None, ""
     if n_logits == 0:
@@ -646,21 +812,14 @@ def browser_data(
             note = "not shown: no final norm found in this model architecture"
         else:
             tv, ti, bv, bi = res
-            text.add(torch.cat([ti.reshape(-1), bi.reshape(-1)]).tolist())
-            logits = [
-                {
-                    "top": [(text[t], float(v)) for t, v in zip(ti[j].tolist(), tv[j].tolist())],
-                    "bottom": [(text[t], float(v)) for t, v in zip(bi[j].tolist(), bv[j].tolist())],
-                }
-                for j in range(len(tv))
-            ]
+            logits = (ti, tv, bi, bv)
             note = (
                 "direct effect of the decoder direction on the next-token logits: through the final norm and "
                 "the unembedding, skipping every later block (a logit-lens reading; model space)"
             )
     return BrowserData(
         summary=summary,
-        layers=list(summary["layers"]),
+        layers=layers,
         p_layer=tensors["p_layer_given_latent"],
         mean_layer=tensors["mean_layer"],
         var_layer=tensors["var_layer"],
@@ -668,7 +827,10 @@ def browser_data(
         hist=tensors["hist"],
         hist_edges=tensors["hist_edges"],
         examples=acc.examples,
-        context=context,
+        samples=acc.quantile_samples,
+        contexts=contexts,
+        token_text=token_text,
+        vocab_size=len(tokenizer),
         logits=logits,
         logits_note=note,
     )

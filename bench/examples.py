@@ -149,11 +149,12 @@ def main() -> None:
         t = time.perf_counter()
         res = run_examples(args.sae, CACHE, args.tokens, out_dir=args.out / "pages", device=device, progress=False)
         wall = time.perf_counter() - t
-        pages = sum(f.stat().st_size for f in (args.out / "pages" / "browser").rglob("*") if f.is_file())
+        files = [f for f in (args.out / "pages" / "browser").rglob("*") if f.is_file()]
+        pages = sum(f.stat().st_size for f in files)
         rows.append(
             (
                 "whole call with the browser",
-                f"{wall:.1f} s ({res['seconds']:.1f} s streaming; {res['browser']['pages']:,} pages, "
+                f"{wall:.1f} s ({res['seconds']:.1f} s streaming; {res['browser']['latents']:,} latents in {len(files)} files, "
                 f"{pages / 2**20:.1f} MiB)",
             )
         )

@@ -39,16 +39,29 @@ def fsync_file(path: str | Path) -> None:
     _fsync(path, os.O_NOFOLLOW)
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` less the process's umask: what open() or mkdir() would give (0o644 / 0o755 under umask 022)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextmanager
 def _replacing(path: Path) -> Iterator[Path]:
-    """A fresh empty temporary file next to `path` (O_EXCL, random name); after the block, fsynced and
-    renamed over `path`; removed if the block raised."""
+    """A fresh empty temporary file next to `path` (O_EXCL, random name); after the block, given the
+    permissions an ordinary open() would give it (mkstemp makes it private: 0600; what we write is shared as
+    the umask allows), fsynced and renamed over `path`; removed if the block raised."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
-        fsync_file(tmp)
+        fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)  # after the block: some writers replace the file
+        try:
+            os.fchmod(fd, umask_mode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -135,7 +148,5 @@ def fresh_folder(parent: str | Path, prefix: str) -> Path:
     symlink or folder cannot stand in for it), with the permissions an ordinary mkdir would give it (mkdtemp
     makes it private), so it can be renamed into place as a cache or model folder."""
     folder = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=parent))
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    os.chmod(folder, umask_mode(0o777))
     return folder

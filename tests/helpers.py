@@ -86,9 +86,9 @@ def hf_block_outputs(model_dir: Path, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def harvest_and_train(
-    root: Path, model_dir: Path, context: int = 32, windows: int = 64, **train: object
+    root: Path, model_dir: Path, context: int = 32, windows: int = 64, dataset: str = "sotu", **train: object
 ) -> tuple[Path, Path]:
-    """A tiny cache (sotu through `model_dir`, chunks of 256 tokens) and a short MLSAE run on it: (cache, run)."""
+    """A tiny cache (`dataset` through `model_dir`, chunks of 256 tokens) and a short MLSAE run on it: (cache, run)."""
     from harvest.run import harvest
     from harvest.spec import CacheSpec
     from train.config import TrainConfig
@@ -98,7 +98,7 @@ def harvest_and_train(
     spec = dict(chunk_tokens=256, shard_tokens=1024, shuffle_tokens=1024, batch_size=8)
     harvest(
         CacheSpec(
-            model=str(model_dir), dataset="sotu", out=str(cache), context=context, tokens=context * windows, **spec
+            model=str(model_dir), dataset=dataset, out=str(cache), context=context, tokens=context * windows, **spec
         ),
         show_progress=False,
     )

@@ -47,6 +47,31 @@ def brute_tops(h: torch.Tensor, where: list[int], top: int) -> tuple[dict, dict]
     return overall, per_layer
 
 
+def brute_samples(h: torch.Tensor, where: list[int], samples: int) -> dict:
+    """{(latent, bin): [ids]}: per latent and histogram bin, the `samples` firing (token, layer) vectors with
+    the largest sample_key (ties: id asc), id = where * L + layer."""
+    from analyze.examples import hist_edges, sample_key
+
+    L, T, F = h.shape
+    edges, out = hist_edges(), {}
+    for layer in range(L):
+        for t in range(T):
+            for j in range(F):
+                v = float(h[layer, t, j])
+                if v > 1e-3:
+                    b = min(max(int(torch.bucketize(torch.tensor(v), edges, right=True)) - 1, 0), len(edges) - 1)
+                    ident = where[t] * L + layer
+                    key = float(sample_key(torch.tensor([j]), torch.tensor([ident]))[0])
+                    out.setdefault((j, b), []).append((-key, ident))
+    return {g: [i for _, i in sorted(rows)[:samples]] for g, rows in out.items()}
+
+
+def stream_samples(acc: ExampleAccumulator) -> dict:
+    F, B = acc.shape[0], acc.hist.shape[1]
+    ids = acc.flush_().samples.ids.view(F, B, -1)
+    return {(j, b): [i for i in ids[j, b].tolist() if i >= 0] for j in range(F) for b in range(B) if ids[j, b, 0] >= 0}
+
+
 def stream_tops(acc: ExampleAccumulator) -> tuple[dict, dict]:
     (F, L), C = acc.shape, acc.context
     overall = {j: [(e["value"], e["seq"] * C + e["pos"], e["layer_pos"]) for e in acc.examples(j)] for j in range(F)}
@@ -70,15 +95,17 @@ def test_streamed_tops_equal_brute_force_with_ties_in_any_batching_and_order():
     values, indices = synthetic(L, T, F=F)
     seq, pos = torch.arange(T) // C, torch.arange(T) % C
     want = brute_tops(dense(values, indices, F), (seq * C + pos).tolist(), top)
+    want_samples = brute_samples(dense(values, indices, F), (seq * C + pos).tolist(), 2)
     results = []
     for batches in ([slice(0, T)], [slice(s, s + 7) for s in range(0, T, 7)]):
         for perm in (torch.arange(T), torch.randperm(T, generator=torch.Generator().manual_seed(1))):
-            acc = ExampleAccumulator.zeros(F, L, top, C)
+            acc = ExampleAccumulator.zeros(F, L, top, C, samples=2)
             for b in batches:
                 p = perm[b]
                 acc.update(values[:, p], indices[:, p], seq[p], pos[p])
             got = stream_tops(acc)
             assert got == want
+            assert stream_samples(acc) == want_samples  # the quantile samples: any batching, any order
             results.append(acc)
     h = dense(values, indices, F)
     for acc in results:
@@ -147,28 +174,72 @@ def test_examples_of_a_real_sae_equal_the_dense_computation_and_the_browser_show
         for e in acc.examples(j):
             assert int(windows[e["seq"], e["pos"]]) == tok_at[e["seq"] * 32 + e["pos"]]
 
-    # the browser: valid JSON, one page per latent, pages parse, contexts decoded with the cache's tokenizer
+    # the browser: every latent in the index and in its shard, its top examples as kept, each context's
+    # shading equal to the dense activations, contexts decoded with the cache's tokenizer
+    from analyze.browser import shard_of
+
     b = out / "browser"
-    index = json.loads((b / "latents.json").read_text())
-    assert [r["latent"] for r in index["latents"]] == list(range(F))
-    assert all((b / "latent" / f"{j}.html").is_file() for j in range(F))
-    assert "next-token logits" in index["logits"]
+    index = read_data(b / "data" / "index.js")
+    assert [r[0] for r in index["rows"]] == list(range(F))
+    tokens = read_data(b / "data" / "tokens.js")
     from transformers import AutoTokenizer
 
     tk = AutoTokenizer.from_pretrained(cache.meta["model"]["path"])
-    live = next(r for r in index["latents"] if r["max"] is not None)
-    best = acc.examples(live["latent"])[0]
-    page = (b / "latent" / f"{live['latent']}.html").read_text()
-    mark = page.split("<mark", 1)[1].split(">", 1)[1].split("</mark>", 1)[0]
-    import html
-
-    assert html.unescape(mark).replace("↵", "\n") == tk.decode([int(windows[best["seq"], best["pos"]])])
-    assert f"{best['value']:.3f}" in page
-    for name in ["index.html", *(f"latent/{j}.html" for j in range(F))]:
+    L = len(index["layers"])
+    col = {w: i for i, w in enumerate(where)}
+    checked = 0
+    for j in range(F):
+        shard = read_data(b / "data" / f"shard-{shard_of(j)}.js")
+        rec = shard["latents"][j - shard["first"]]
+        top = acc.examples(j)
+        assert [rec["c"][i][:3] for i in rec["t"]] == [
+            [e["seq"], e["pos"], e["layer_pos"]] for e in top[: len(rec["t"])]
+        ]
+        assert rec["f"] == int(t["hist"][j].sum()) and len(rec["p"]) == L
+        for seq, pos, layer_pos, value, at, toks, acts in rec["c"]:
+            ids = decode_ids(toks, tokens["w"])
+            assert ids[at] == int(windows[seq, pos])
+            assert tokens["t"][str(ids[at])] == tk.decode([ids[at]]) or ids[at] == 0
+            shown = {i: v for i, v in acts} | {at: value}
+            for i in range(len(ids)):  # every token's shading is the latent's activation there (or 0)
+                c = col.get(seq * 32 + pos - at + i)
+                want = None if c is None else float(h[layer_pos, c, j])
+                got = shown.get(i, 0.0)
+                if want is None:  # not encoded (a special token): shown as such
+                    assert got == -1
+                else:
+                    assert got == pytest.approx(want, rel=5e-3, abs=1e-6), (j, seq, pos, i)
+                checked += 1
+        # quantile groups: strongest first, their counts the histogram's, each sample's value inside its range
+        assert sum(g[4] for g in rec["q"]) == rec["f"]
+        for lo, hi, _q_lo, _q_hi, _count, refs in rec["q"]:
+            for i in refs:
+                v = rec["c"][i][3]
+                assert lo * (1 - 1e-3) <= v and (hi is None or v < hi * (1 + 1e-3)), (j, lo, hi, v)
+    assert checked > 100
+    for name in [p.relative_to(b) for p in b.rglob("*.html")]:
         parser = LinkCollector()
         parser.feed((b / name).read_text())
+        assert parser.links
         for href in parser.links:
-            assert (b / Path(name).parent / href).is_file(), (name, href)
+            assert not href.startswith(("/", "file:", "http")), (name, href)
+            target = href.split("#")[0] or Path(name).name  # "#12": this page
+            assert (b / Path(name).parent / target).is_file(), (name, href)
+
+
+def read_data(path: Path):
+    """The JSON value of a browser data file (one call MLSAE.<name>(...))."""
+    text = path.read_text(encoding="ascii")
+    body = text[text.index("(") + 1 : text.rindex(")")]
+    if path.name.startswith("shard-"):
+        body = body[body.index(",") + 1 :]
+    return json.loads(body)
+
+
+def decode_ids(s: str, width: int) -> list[int]:
+    from analyze.browser import B64
+
+    return [sum(B64.index(s[i + k]) << (6 * (width - 1 - k)) for k in range(width)) for i in range(0, len(s), width)]
 
 
 def test_heldout_examples_come_only_from_the_runs_heldout_tokens(tiny_run, tmp_path):
@@ -196,8 +267,7 @@ class LinkCollector(html.parser.HTMLParser):
         self.links = []
 
     def handle_starttag(self, tag, attrs):
-        if tag == "a":
-            self.links += [v for k, v in attrs if k == "href"]
+        self.links += [v for k, v in attrs if k in ("href", "src") and v is not None]
 
 
 def test_an_interrupted_pass_resumes_to_the_uninterrupted_result(tiny_run, tmp_path, monkeypatch):
@@ -287,8 +357,123 @@ def test_cli_writes_the_browser_and_bad_input_is_one_line(tiny_run, tmp_path, ca
         (["examples", "--sae", no_sae], "not a finished training run"),
         (["examples", "--sae", run, "--tokens", "0"], "--tokens"),
         (["examples", "--sae", run, "--top", "0"], "--top"),
+        (["examples", "--sae", run, "--samples", "0"], "--samples"),
         (["examples", "--sae", run, "--out", "/proc/no-such-dir/latents"], "choose a writable --out"),
     ]:
         code, out, err = run_analyze(argv, capsys)
         lines = [l for l in err.strip().splitlines() if l.strip()]
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], err
+
+
+# ---------------------------------------------------------------------------------------------
+# a browser that can be shared: a hostile vocabulary, permissions, no machine paths, real Chromium
+
+
+@pytest.fixture(scope="module")
+def hostile_browser(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """`analyze examples` (the CLI) under umask 022 on a tiny model whose vocabulary holds bidi overrides,
+    zero-width characters, controls and HTML: (root of everything made, the browser, paths to look for)."""
+    from tiny import hostile_documents, make_neox, write_text_folder
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from analyze.cli import app
+
+    root = tmp_path_factory.mktemp("hostile")
+    docs = hostile_documents()
+    model = make_neox(root / "model", docs=docs)
+    data = write_text_folder(root / "docs", docs)
+    _cache, run = harvest_and_train(root, model, dataset=str(data))
+    tok = AutoTokenizer.from_pretrained(model)
+    vocab = [tok.decode([i]) for i in range(len(tok))]
+    for ch in "\u202e\u200b\ufeff":  # the tokenizer really holds these as (parts of) tokens
+        assert any(ch in t for t in vocab), hex(ord(ch))
+    old = os.umask(0o022)
+    try:
+        res = CliRunner().invoke(app, ["examples", "--sae", str(run), "--top", "6", "--out", str(root / "latents")])
+        assert res.exit_code == 0, res.output
+    finally:
+        os.umask(old)
+    return root, root / "latents" / "browser", [str(root), str(Path.home()), os.getcwd(), "file://"]
+
+
+HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def test_the_browser_can_be_shared_and_shows_every_token_as_what_it_is(hostile_browser):
+    import stat
+    import unicodedata
+
+    root, b, paths = hostile_browser
+    files = [p for p in (root / "latents").rglob("*")]
+    assert len([p for p in files if p.is_file()]) > 8
+    for p in [root / "latents", *files]:  # readable by others: 0644 files, 0755 folders under umask 022
+        mode = stat.S_IMODE(p.lstat().st_mode)
+        assert mode == (0o755 if p.is_dir() else 0o644), (p, oct(mode))
+    for p in b.rglob("*"):
+        if not p.is_file():
+            continue
+        text = p.read_bytes().decode("utf-8")
+        for path in paths:  # no path of this machine, no absolute link
+            assert path not in text, (p, path)
+        raw = {c for c in text if unicodedata.category(c) in HIDDEN and c != "\n"}
+        raw |= {c for c in text if unicodedata.category(c) == "Zs" and c != " "}
+        assert not raw, (p, [hex(ord(c)) for c in raw])
+    # the hostile tokens are there as data (JSON escapes), and the pages show them as tags
+    tokens = read_data(b / "data" / "tokens.js")["t"]
+    assert any("\u202e" in t for t in tokens.values()) and any("\u200b" in t for t in tokens.values())
+    pages = "".join(p.read_text() for p in (b / "latents").glob("*.html"))
+    assert "U+202E" in pages or "U+200B" in pages or "U+2066" in pages
+    assert "&lt;script" in pages and "<script>alert" not in pages
+
+
+def test_visible_shows_hidden_characters_as_tags_and_isolates_nothing_raw():
+    from analyze.browser import _e, visible
+
+    for s in ["\u202e and which", "zero\u200bwidth", "\x00nul", "\ufeff", "a\u2028b", "\u00a0", "<b>&amp;</b>"]:
+        out = visible(s) + _e(s)
+        assert not set(out) & set("\u202e\u200b\x00\ufeff\u2028\u00a0"), repr(out)
+        assert "<b>" not in out
+    assert "U+202E" in visible("\u202e") and "RIGHT-TO-LEFT OVERRIDE" in visible("\u202e")
+    assert visible(" a\n", chip=True).count("ws") == 2
+
+
+def chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def dump_dom(url: str) -> str:
+    cmd = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.mark.skipif(chromium() is None, reason="needs a headless chromium (apt-get install chromium)")
+def test_the_browser_renders_in_chromium_from_disk_and_from_a_static_web_server(hostile_browser):
+    import functools
+    import http.server
+    import threading
+    import unicodedata
+
+    from analyze.browser import shard_of
+
+    _root, b, _paths = hostile_browser
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(b))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        index = read_data(b / "data" / "index.js")
+        j = index["rows"][len(index["rows"]) // 2][0]
+        for base in (b.as_uri(), f"http://127.0.0.1:{server.server_address[1]}"):
+            dom = dump_dom(f"{base}/index.html")
+            assert 'data-ready="1"' in dom and f'href="latents/{shard_of(j)}.html#{j}"' in dom, base
+            dom = dump_dom(f"{base}/index.html#q=%23{j}")  # a search by number, kept in the address
+            first = dom.split("<tbody>", 1)[1].split("</tr>", 1)[0]
+            assert f'href="latents/{shard_of(j)}.html#{j}"' in first, base
+            dom = dump_dom(f"{base}/latents/{shard_of(j)}.html#{j}")
+            assert f'data-ready="{j}"' in dom and f"Latent {j}" in dom, base
+            assert "Examples by activation quantile" in dom and "<svg" in dom
+            assert not {c for c in dom if unicodedata.category(c) in HIDDEN and c != "\n"}
+    finally:
+        server.shutdown()

@@ -5,6 +5,7 @@ one-line refusals (no SAE, lens space, unknown format, offline or unreachable Hu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -33,7 +34,12 @@ def saelens_forward(folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["normalize_activations"] == "layer_norm"
     assert cfg["apply_b_dec_to_input"] is True and not cfg["rescale_acts_by_decoder_norm"]
-    assert int(cfg["metadata"]["sae_lens_version"].split(".")[0]) >= 6  # else SAELens rewrites it as pre-6
+    # SAELens reads a config whose version is missing or below 6 as a pre-6 one, with the metadata keys at the
+    # top level (sae_lens handle_config_defaulting / handle_pre_6_0_config): both readings give the same
+    version = cfg["metadata"]["sae_lens_version"]
+    pre6 = version is None or int(version.split(".")[0]) < 6
+    meta = {k: cfg[k] for k in cfg["metadata"] if k in cfg} if pre6 else cfg["metadata"]
+    assert meta["hook_name"] == cfg["metadata"]["hook_name"] and meta["model_name"] == cfg["metadata"]["model_name"]
     w = {k: v.double() for k, v in load_file(str(folder / "sae_weights.safetensors")).items()}
     assert w["W_enc"].shape == (cfg["d_in"], cfg["d_sae"]) and w["W_dec"].shape == (cfg["d_sae"], cfg["d_in"])
     x = x.double()
@@ -66,12 +72,18 @@ def test_saelens_export_equals_our_sae_including_the_fold(tiny_run, tmp_path):
     assert res["parts"] == [f"blocks.{l}.hook_resid_post" for l in record.layers]
     # an MLSAE: one folder per layer, each with its hook and the same weights
     w0 = (tmp_path / "sl" / res["parts"][0] / "sae_weights.safetensors").read_bytes()
+    from train.export import installed_version
+
     for layer, part in zip(record.layers, res["parts"]):
         cfg = json.loads((tmp_path / "sl" / part / "cfg.json").read_text())
         assert cfg["metadata"]["hook_name"] == f"blocks.{layer}.hook_resid_post" and cfg["k"] == sae.cfg.k
+        assert cfg["metadata"]["sae_lens_version"] == installed_version("sae-lens")  # None where it is absent
+        assert cfg["hook_name"] == cfg["metadata"]["hook_name"]  # for a pre-6 reading
         assert (tmp_path / "sl" / part / "sae_weights.safetensors").read_bytes() == w0
     card = (tmp_path / "sl" / "README.md").read_text()
     assert "library_name: saelens" in card and "held-out FVU" in card and record.cache.fingerprint in card
+    assert "base_model" not in card  # a local model has no Hub id (and its path is no one else's)
+    assert str(tmp_path) not in card and str(run) not in (tmp_path / "sl" / "mlsae_export.json").read_text()
 
     # real cache vectors of every layer, plus vectors with a large mean offset and near-tied pre-activations
     cache = open_cache(cache_path)
@@ -107,6 +119,11 @@ def test_delphi_files_hold_exactly_the_nonzero_activations(tiny_run, tmp_path):
     record = load_run(run)
     sae = record.load_sae()
     res = export_run(run, "delphi", tmp_path / "dl", splits=3, progress=False)
+    # delphi lists the latents folder for its modules when given none: only module folders with a config there
+    latents = tmp_path / "dl" / "latents"
+    assert sorted(os.listdir(latents)) == sorted(res["modules"])
+    assert all((latents / m / "config.json").is_file() for m in res["modules"])
+    assert "LatentDataset" in (tmp_path / "dl" / "README.md").read_text()
     cache = open_cache(cache_path)
     C, F = cache.layout.context, sae.cfg.n_latents
     want = {l: {} for l in record.layers}  # (seq, pos, latent) -> fp16 value, straight from a dense encode
@@ -120,7 +137,7 @@ def test_delphi_files_hold_exactly_the_nonzero_activations(tiny_run, tmp_path):
                     want[layer][(seq[t], pos[t], j)] = np.float16(h[t, j].item())
     assert res["tokens"] == int(cache.read_tokens("keep").sum())
     for layer, module in zip(record.layers, res["modules"]):
-        folder = tmp_path / "dl" / module
+        folder = latents / module
         cfg = json.loads((folder / "config.json").read_text())
         assert cfg["cache_ctx_len"] == C and cfg["n_splits"] == 3 and cfg["model_name"]
         files = sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[0]))
@@ -138,6 +155,41 @@ def test_delphi_files_hold_exactly_the_nonzero_activations(tiny_run, tmp_path):
             for (s, q, j), a in zip(loc.tolist(), d["activations"]):
                 got[(s, q, j + start)] = a
         assert got == want[layer], f"layer {layer}"
+
+
+def test_delphi_with_fewer_tokens_encodes_whole_windows(tiny_run, tmp_path):
+    from harvest import ChunkReader, open_cache
+
+    cache_path, run = tiny_run
+    cache = open_cache(cache_path)
+    C = cache.layout.context
+    res = export_run(run, "delphi", tmp_path / "dl", splits=1, tokens=2 * C + 5, progress=False)
+    assert res["windows"] == 3  # ceil((2 C + 5) / C): the first three windows, whole
+    kept = {
+        (s, p)
+        for ch in ChunkReader(cache)
+        for s, p, k in zip(ch.seq.tolist(), ch.pos.tolist(), ch.keep.tolist())
+        if k and s < 3
+    }
+    assert res["tokens"] == len(kept)
+    module = tmp_path / "dl" / "latents" / res["modules"][0]
+    d = load_np(str(next(module.glob("*.safetensors"))))
+    assert d["tokens"].shape == (3, C) and np.array_equal(d["tokens"], cache.windows().numpy()[:3])
+    found = {(int(s), int(p)) for s, p, _ in d["locations"]}
+    assert found == kept  # every kept token of those windows has its k activations, no other token has any
+    assert json.loads((module / "config.json").read_text())["n_windows"] == 3
+
+
+def test_model_card_names_the_base_model_and_library():
+    from train.export import base_model
+
+    assert base_model(
+        {"model": {"name": "EleutherAI/pythia-70m", "identity": {"hub_id": "EleutherAI/pythia-70m"}}}
+    ) == ("EleutherAI/pythia-70m")
+    assert base_model({"model": {"name": "gemma-3-270m", "identity": {"embedded": "gemma-3-270m"}}}) == (
+        "google/gemma-3-270m"
+    )
+    assert base_model({"model": {"name": "/some/folder", "identity": {}}}) is None
 
 
 # ---------------------------------------------------------------------------------------------

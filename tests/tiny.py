@@ -14,6 +14,23 @@ CORPUS = [
 ]
 
 
+# text a browser must show as it is: bidi overrides and isolates, marks, zero-width characters, a BOM,
+# controls (NUL, ESC) and HTML; repeated so that BPE merges them into tokens of their own
+HOSTILE = [
+    "Price \u202e and which \u202c is it? \u2066isolated\u2069 \u200eleft\u200f right.",
+    "zero\u200bwidth join\u200cer \u200djoin\ufeffbom word\u2060joiner, line\u2028break.",
+    "<script>alert(1)</script> <b onclick='x'>&amp; bold</b> <!-- c --> a < b > c.",
+    "control \x00nul \x1b[31mred\x1b[0m \x07bell \x7fdel and tab\tafter.",
+]
+
+
+def hostile_documents(n: int = 60) -> list[str]:
+    """Documents mixing ordinary sentences with HOSTILE ones."""
+    return [
+        f"Document {i}. {HOSTILE[i % len(HOSTILE)]} {CORPUS[i % len(CORPUS)]} {HOSTILE[(i + 1) % 4]}" for i in range(n)
+    ]
+
+
 def documents(n: int = 60) -> list[str]:
     """Deterministic varied documents of different lengths."""
     docs = []
@@ -23,7 +40,7 @@ def documents(n: int = 60) -> list[str]:
     return docs
 
 
-def make_tokenizer(add_bos: bool):
+def make_tokenizer(add_bos: bool, docs: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -32,7 +49,7 @@ def make_tokenizer(add_bos: bool):
     tk.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<unk>", "<pad>", "<bos>"]
     tk.train_from_iterator(
-        documents() * 3,
+        (docs or documents()) * 3,
         trainers.BpeTrainer(
             vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         ),
@@ -50,11 +67,12 @@ def make_tokenizer(add_bos: bool):
     )
 
 
-def make_neox(folder: Path, n_layers: int = 3, d_model: int = 32, seed: int = 0) -> Path:
-    """A random GPT-NeoX (Pythia's architecture) with a Pythia-like tokenizer (no BOS added)."""
+def make_neox(folder: Path, n_layers: int = 3, d_model: int = 32, seed: int = 0, docs: list[str] | None = None) -> Path:
+    """A random GPT-NeoX (Pythia's architecture) with a Pythia-like tokenizer (no BOS added), trained on
+    `docs` (default: documents())."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    tok = make_tokenizer(add_bos=False)
+    tok = make_tokenizer(add_bos=False, docs=docs)
     cfg = GPTNeoXConfig(
         vocab_size=len(tok),
         hidden_size=d_model,

@@ -10,8 +10,13 @@ saelens   one folder per layer, `blocks.<l>.hook_<hook>/` with cfg.json + sae_we
           (SAELens: x' = c x~, pre-activations (x' - b_dec) W_enc' = (x~ - b_pre) W_enc^T: the same TopK;
           output (z W_dec' + b_dec) std_bessel + mean = (z W_dec + b_pre) std + mean.) Without the fold ~1%
           of vectors get another top-k set and every reconstruction is off by a factor 1/c. Lens-space SAEs
-          are refused: SAELens cannot apply a tuned lens before the SAE.
-delphi    EleutherAI delphi's latent cache, streamed from our cache (no model forward): per module (one per
+          are refused: SAELens cannot apply a tuned lens before the SAE. The config is in SAELens 6's layout;
+          `metadata.sae_lens_version` is the sae-lens installed where the export ran (null when none is), and
+          because SAELens reads a config without a version >= 6 as a pre-6 one (whose hook, model and dataset
+          keys are top-level), those keys are written at the top level too: either way it loads the same.
+delphi    EleutherAI delphi's latent cache under `latents/` (delphi lists that folder for its modules when
+          given none, so nothing else is in it), streamed from our cache (no model forward) over whole
+          context windows (with --tokens: the first ceil(tokens / context) windows): per module (one per
           layer, shared latent ids) `<start>_<end>.safetensors` files over `splits` latent ranges with
           `locations` [N, 3] (window, position, latent - start; uint16 when both fit, else uint32, sorted by
           window, position, latent), `activations` [N] fp16 (values > 1e-5, delphi's rule) and `tokens`
@@ -28,7 +33,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -36,15 +40,17 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 
-from harvest.atomic import atomic_write_json, atomic_write_text, fsync_dir
+from harvest.atomic import atomic_write, atomic_write_json, atomic_write_text, fresh_folder, fsync_dir
 from harvest.errors import UserError
 from train.record import RunRecord, load_run
 
 Format = Literal["saelens", "delphi"]
 FORMATS: tuple[str, ...] = ("saelens", "delphi")
 MARKER = "mlsae_export.json"  # identifies a folder as an export of ours (so a new export may replace it)
-SAELENS_VERSION = "6.0.0"  # the config layout written (metadata dict); SAELens rewrites configs below 6
+SAELENS_LAYOUT = "6"  # the config layout written (metadata dict); SAELens reads configs below 6 as pre-6 ones
 DELPHI_MIN_ACTIVATION = 1e-5  # delphi keeps |activation| > 1e-5
+DELPHI_LATENTS = "latents"  # the folder to pass to delphi (its modules, nothing else)
+EMBEDDED_BASE = {"gemma-3-270m": "google/gemma-3-270m"}  # the Hub model an embedded GGUF quantizes
 
 
 class ExportError(UserError):
@@ -58,6 +64,16 @@ def fold_constant(d_model: int) -> float:
 
 def hook_name(layer: int, hook: str | None) -> str:
     return f"blocks.{layer}.hook_{hook or 'resid_post'}"
+
+
+def installed_version(dist: str) -> str | None:
+    """The installed version of a distribution, None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,6 +145,19 @@ def saelens_config(record: RunRecord, cache: Any, layer: int, held_out: dict | N
     cache_meta = cache.meta
     spec, tok = cache_meta["spec"], cache_meta.get("tokenizer", {})
     special = SpecialTokens.of(record.special_tokens, cache)
+    metadata = {
+        "sae_lens_version": installed_version("sae-lens"),
+        "sae_lens_training_version": None,
+        "model_name": _model_id(cache_meta),
+        "hook_name": hook_name(layer, record.cache.hook),
+        "hook_head_index": None,
+        "context_size": spec["context"],
+        "prepend_bos": tok.get("prepend_bos"),
+        "dataset_path": spec["dataset"],
+        # the ids the SAE never saw (mode exclude); in reference/include-real modes it saw them
+        "exclude_special_tokens": list(special.ids) if special.mode == "exclude" else False,
+        "neuronpedia_id": None,
+    }
     return {
         "architecture": "topk",
         "d_in": record.sae.d_model,
@@ -140,20 +169,10 @@ def saelens_config(record: RunRecord, cache: Any, layer: int, held_out: dict | N
         "normalize_activations": "layer_norm",
         "reshape_activations": "none",
         "rescale_acts_by_decoder_norm": False,
-        "metadata": {
-            "sae_lens_version": SAELENS_VERSION,
-            "sae_lens_training_version": None,
-            "model_name": _model_id(cache_meta),
-            "hook_name": hook_name(layer, record.cache.hook),
-            "hook_head_index": None,
-            "context_size": spec["context"],
-            "prepend_bos": tok.get("prepend_bos"),
-            "dataset_path": spec["dataset"],
-            # the ids the SAE never saw (mode exclude); in reference/include-real modes it saw them
-            "exclude_special_tokens": list(special.ids) if special.mode == "exclude" else False,
-            "neuronpedia_id": None,
-        },
+        "metadata": metadata,
+        **{k: v for k, v in metadata.items() if k != "sae_lens_version"},  # what a pre-6 reading looks for
         "mlsae": {  # provenance; SAELens ignores keys it does not know
+            "config_layout": f"sae_lens {SAELENS_LAYOUT}",
             "run": record.dir.name,
             "trained_layers": record.layers,
             "multi_layer": record.multi_layer,
@@ -169,6 +188,12 @@ def _model_id(cache_meta: dict[str, Any]) -> str:
     """The model's Hub id where it has one, else its name as the cache records it (embedded or local)."""
     m = cache_meta["model"]
     return m.get("identity", {}).get("hub_id") or m["name"]
+
+
+def base_model(cache_meta: dict[str, Any]) -> str | None:
+    """The Hub model the SAE reads (an embedded GGUF: the model it quantizes); None for a local model."""
+    ident = cache_meta["model"].get("identity", {})
+    return ident.get("hub_id") or EMBEDDED_BASE.get(ident.get("embedded", ""))
 
 
 def _model_note(cache_meta: dict[str, Any]) -> str:
@@ -198,10 +223,11 @@ def write_saelens(record: RunRecord, sae: Any, cache: Any, folder: Path) -> list
         sub = folder / name
         sub.mkdir()
         cfg = saelens_config(record, cache, layer, _held_out_at(summary, layer))
-        (sub / "cfg.json").write_text(json.dumps(cfg, indent=1))
+        atomic_write_json(sub / "cfg.json", cfg)
         weights = sub / "sae_weights.safetensors"
         if first is None:
-            save_file(saelens_tensors(sae), str(weights))
+            tensors = saelens_tensors(sae)
+            atomic_write(weights, lambda tmp, t=tensors: save_file(t, str(tmp)))
             first = weights
         else:
             try:
@@ -232,9 +258,10 @@ def write_delphi(
     device: str,
     progress: bool,
 ) -> dict[str, Any]:
-    """Stream the cache through the SAE once, spilling each (layer, split)'s nonzero entries to raw files,
-    then sort each split by (window, position, latent) and write it as safetensors. Memory: one split at a
-    time (about tokens * k / splits entries of 14 bytes, plus the sort's index)."""
+    """Stream whole windows of the cache through the SAE once (all of them, or with `tokens` the first
+    ceil(tokens / context)), spilling each (layer, split)'s nonzero entries to raw files, then sort each
+    split by (window, position, latent) and write it as safetensors under folder/latents. Memory: one split
+    at a time (about tokens * k / splits entries of 14 bytes, plus the sort's index)."""
     from safetensors.numpy import save_file
 
     from harvest.progress import progress_bar
@@ -242,6 +269,13 @@ def write_delphi(
     from train.special import SpecialTokens
 
     F, C = record.sae.n_latents, cache.layout.context
+    n_windows = cache.layout.n_sequences if tokens is None else min(cache.layout.n_sequences, -(-tokens // C))
+    chunks, select = None, None
+    if n_windows < cache.layout.n_sequences:  # the chunks holding the first n_windows windows (write blocks
+        # shuffle a window's positions over their chunks), and only those windows' tokens
+        at = (cache.read_tokens("seq").long() < n_windows).nonzero().squeeze(1)
+        chunks = torch.unique(at // cache.layout.chunk_tokens).tolist()
+        select = lambda seq: seq < n_windows
     ranges = delphi_splits(F, splits)
     starts = torch.tensor([s for s, _ in ranges])
     spill = folder / ".spill"
@@ -254,9 +288,12 @@ def write_delphi(
     streamed = 0
     try:
         special = SpecialTokens.of(record.special_tokens, cache)
-        total = tokens or cache.layout.n_tokens
+        total = n_windows * C  # an upper bound: special tokens are not encoded
         with progress_bar("delphi", total, "tokens", enabled=progress, rate_unit="tok/s") as bar:
-            for b in iter_latents(sae, cache, record.layers, tokens=tokens, device=device, special=special):
+            stream = iter_latents(
+                sae, cache, record.layers, chunks=chunks, select=select, device=device, special=special
+            )
+            for b in stream:
                 streamed += b.n
                 bar.advance(b.n)
                 for li in range(len(record.layers)):
@@ -276,12 +313,13 @@ def write_delphi(
         for floc, fact in files.values():
             floc.close()
             fact.close()
-    windows = cache.windows().numpy()
+    windows = np.ascontiguousarray(cache.windows().numpy()[:n_windows])
     spec = cache.meta["spec"]
     modules = []
+    (folder / DELPHI_LATENTS).mkdir()
     for li, layer in enumerate(record.layers):
         module = hook_name(layer, record.cache.hook)
-        (folder / module).mkdir()
+        (folder / DELPHI_LATENTS / module).mkdir()
         for si, (start, end) in enumerate(ranges):
             loc = np.fromfile(spill / f"{li}_{si}.loc", dtype=np.int32).reshape(-1, 3)
             act = np.fromfile(spill / f"{li}_{si}.act", dtype=np.float16)
@@ -293,7 +331,10 @@ def write_delphi(
                 "activations": np.ascontiguousarray(act[order]),
                 "tokens": windows,
             }
-            save_file(data, str(folder / module / f"{start}_{end}.safetensors"))
+            atomic_write(
+                folder / DELPHI_LATENTS / module / f"{start}_{end}.safetensors",
+                lambda tmp, data=data: save_file(data, str(tmp)),
+            )
             (spill / f"{li}_{si}.loc").unlink()
             (spill / f"{li}_{si}.act").unlink()
         config = {
@@ -308,16 +349,23 @@ def write_delphi(
             "cache_ctx_len": C,
             "ctx_len": C,  # older delphi releases
             "n_tokens": streamed,
+            "n_windows": n_windows,
             "n_splits": len(ranges),
             "width": F,
             "mlsae_cache_fingerprint": cache.fingerprint,
             "note": "streamed from an mlsae-cache activation cache: `tokens` are its context windows; tokens "
             "excluded from the cache's keep mask (special tokens) have no activations",
         }
-        (folder / module / "config.json").write_text(json.dumps(config, indent=1))
+        atomic_write_json(folder / DELPHI_LATENTS / module / "config.json", config)
         modules.append(module)
     shutil.rmtree(spill)
-    return {"modules": modules, "splits": [list(r) for r in ranges], "tokens": streamed}
+    return {
+        "modules": modules,
+        "latents_dir": DELPHI_LATENTS,
+        "splits": [list(r) for r in ranges],
+        "tokens": streamed,
+        "windows": n_windows,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,15 +376,15 @@ def model_card(record: RunRecord, fmt: str, cache_meta: dict[str, Any], repo: st
     summary = record.summary() or {}
     h = summary.get("held_out") or {}
     spec = cache_meta["spec"]
-    lines = ["---"]
-    if fmt == "saelens":
-        lines.append("library_name: saelens")
+    from huggingface_hub import ModelCardData
+
+    card = ModelCardData(
+        library_name="saelens" if fmt == "saelens" else "delphi",
+        base_model=base_model(cache_meta),
+        tags=["sparse-autoencoder", "mlsae" if record.multi_layer else "sae", fmt],
+    )
+    lines = ["---", card.to_yaml(), "---"]
     lines += [
-        "tags:",
-        "- sparse-autoencoder",
-        "- mlsae" if record.multi_layer else "- sae",
-        f"- {fmt}",
-        "---",
         "",
         f"# {record.label()} of {_model_id(cache_meta)}: TopK sparse autoencoder"
         + (" shared by every layer" if record.multi_layer else f" on layer {record.layers[0]}"),
@@ -389,10 +437,20 @@ def model_card(record: RunRecord, fmt: str, cache_meta: dict[str, Any], repo: st
         lines += [
             "## Loading with delphi",
             "",
-            f"A latent cache in delphi's layout: one module per layer ({', '.join(parts[:3])}"
-            f"{', ...' if len(parts) > 3 else ''}), `<start>_<end>.safetensors` files with `locations`, "
-            "`activations` and `tokens`, and a `config.json` per module; pass this folder as delphi's latents "
-            "directory.",
+            f"A latent cache in delphi's layout under `{DELPHI_LATENTS}/`: one module per layer "
+            f"({', '.join(parts[:3])}{', ...' if len(parts) > 3 else ''}), `<start>_<end>.safetensors` files "
+            "with `locations`, `activations` and `tokens` (whole context windows), and a `config.json` per "
+            f"module. Pass `{DELPHI_LATENTS}/` to delphi's Python API (its command line needs a sparsify-format "
+            "coder and a model on CUDA):",
+            "",
+            "```python",
+            "from delphi.config import ConstructorConfig, SamplerConfig",
+            "from delphi.latents import LatentDataset",
+            "",
+            f'dataset = LatentDataset("{DELPHI_LATENTS}", SamplerConfig(), ConstructorConfig())  # every module',
+            "for record in dataset:  # a LatentRecord per latent and module, with its examples",
+            "    ...",
+            "```",
         ]
     return "\n".join(lines) + "\n"
 
@@ -433,7 +491,7 @@ def export_run(
     cache_meta = cache.meta
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = fresh_folder(out.parent, f".{out.name}.")
     except OSError as e:
         raise ExportError(f"cannot write next to {out} ({e.strerror or e}): choose a writable --out")
     try:
@@ -445,8 +503,7 @@ def export_run(
         atomic_write_text(tmp / "README.md", model_card(record, fmt, cache_meta, push_to_hub, parts))
         result = {
             "format": fmt,
-            "run": str(record.dir.resolve()),
-            "out": str(out),
+            "run": record.dir.resolve().name,  # a name, not a path of this machine: the folder is shared
             "parts": parts,
             "layers": record.layers,
             "cache_fingerprint": record.cache.fingerprint,
@@ -454,6 +511,7 @@ def export_run(
             **extra,
         }
         atomic_write_json(tmp / MARKER, result)
+        result["out"] = str(out)
         fsync_dir(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
