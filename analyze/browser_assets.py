@@ -105,7 +105,7 @@ function ctxHtml(c,vmax){ // c = [seq,pos,layer_pos,value,start,tokens,acts]
  var lo=Math.max(0,at-width),hi=Math.min(t.length-1,at+width),o='';
  for(var i=lo;i<=hi;i++){var v=acts[i],cls='t'+(i===at?' at':'')+(v===-1?' ne':'');
   var title=v===-1?'not encoded (special token)':(v===undefined?'0':num(v,4))+' at layer '+layers[c[2]];
-  o+='<span class="'+cls+'" style="'+shade(v,vmax)+'" title="'+esc(title)+'">'+tokHtml(text(t[i]))+'</span>'}
+  o+='<span class="'+cls+'" style="'+shade(v,vmax)+'" title="'+esc(title)+'">'+tokHtml(text(t[i]),/^ +$/.test(text(t[i])))+'</span>'}
  return'<span class=ctx>'+o+'</span>'}
 function exTable(L,list,vmax,withLayer){if(!list.length)return'<p class=muted>none</p>';
  return'<table><tr><th>value</th>'+(withLayer?'<th>layer</th>':'')+'<th>window:pos</th><th>context (hover a token for its activation)</th></tr>'
