@@ -477,3 +477,20 @@ def test_the_browser_renders_in_chromium_from_disk_and_from_a_static_web_server(
             assert not {c for c in dom if unicodedata.category(c) in HIDDEN and c != "\n"}
     finally:
         server.shutdown()
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import stat
+
+    from harvest.atomic import atomic_write_text, fresh_folder
+
+    old = os.umask(0o022)
+    try:
+        for umask, file_mode, dir_mode in [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)]:
+            os.umask(umask)
+            f = tmp_path / f"f{umask:o}.txt"
+            atomic_write_text(f, "x")
+            d = fresh_folder(tmp_path, f"d{umask:o}")
+            assert stat.S_IMODE(f.stat().st_mode) == file_mode and stat.S_IMODE(d.stat().st_mode) == dir_mode
+    finally:
+        os.umask(old)
