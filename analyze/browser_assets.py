@@ -46,7 +46,8 @@ function tokHtml(s,chip){var o='';for(var c of String(s)){
  else if(HIDDEN.test(c))o+='<span class=u title="'+hex(c)+'">'+hex(c)+'</span>';
  else o+=esc(c)}return o}
 function chip(s){return'<span class=tk>'+tokHtml(s,true)+'</span>'}
-function num(v,d){if(v===null||v===undefined||!isFinite(v))return'\u2013';return Number(v).toPrecision(d||3).replace(/\.?0+(e|$)/,'$1')}
+function num(v,d){if(v===null||v===undefined||!isFinite(v))return'\u2013';var s=Number(v).toPrecision(d||3);
+ return s.indexOf('.')<0||s.indexOf('e')>=0?s:s.replace(/0+$/,'').replace(/\.$/,'')}
 function sci(v){if(v===null||!isFinite(v))return'\u2013';if(v===0)return'0';return v.toExponential(2)}
 MLSAE.onload=function(name,f){var k='_'+name;if(MLSAE[k]!==undefined)f(MLSAE[k]);else(MLSAE['_w'+name]=MLSAE['_w'+name]||[]).push(f)};
 function provide(name,v){MLSAE['_'+name]=v;(MLSAE['_w'+name]||[]).forEach(function(f){f(v)})}
