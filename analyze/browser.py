@@ -96,7 +96,7 @@ def _hex(c: str) -> str:
 
 def visible(s: str, chip: bool = False) -> str:
     """HTML of a token's text: escaped, each hidden character as a small U+XXXX tag (name on hover), newline
-    and tab as arrows, and (`chip`, a token on its own) spaces as middle dots."""
+    and tab as arrows, and (`chip`: a token on its own, or one made only of spaces) spaces as middle dots."""
     out = []
     for c in s:
         if c == "\n":
@@ -258,7 +258,8 @@ def _static_context(ids: list[int], text: dict[int, str]) -> str:
     side = lambda r: "".join(visible(text[ids[i]]) for i in r if ids[i] >= 0)
     left = side(range(max(0, mid - STATIC_CONTEXT), mid))
     right = side(range(mid + 1, min(len(ids), mid + STATIC_CONTEXT + 1)))
-    return f"<bdi>{left}</bdi><mark class=t>{visible(text[ids[mid]])}</mark><bdi>{right}</bdi>"
+    at = text[ids[mid]]
+    return f"<bdi>{left}</bdi><mark class=t>{visible(at, chip=not at.strip(' '))}</mark><bdi>{right}</bdi>"
 
 
 def _static_latent(data: BrowserData, j: int, rec: dict, ctx: list, text: dict[int, str]) -> str:

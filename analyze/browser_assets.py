@@ -46,7 +46,8 @@ function tokHtml(s,chip){var o='';for(var c of String(s)){
  else if(HIDDEN.test(c))o+='<span class=u title="'+hex(c)+'">'+hex(c)+'</span>';
  else o+=esc(c)}return o}
 function chip(s){return'<span class=tk>'+tokHtml(s,true)+'</span>'}
-function num(v,d){if(v===null||v===undefined||!isFinite(v))return'\u2013';return Number(v).toPrecision(d||3).replace(/\.?0+(e|$)/,'$1')}
+function num(v,d){if(v===null||v===undefined||!isFinite(v))return'\u2013';var s=Number(v).toPrecision(d||3);
+ return s.indexOf('.')<0||s.indexOf('e')>=0?s:s.replace(/0+$/,'').replace(/\.$/,'')}
 function sci(v){if(v===null||!isFinite(v))return'\u2013';if(v===0)return'0';return v.toExponential(2)}
 MLSAE.onload=function(name,f){var k='_'+name;if(MLSAE[k]!==undefined)f(MLSAE[k]);else(MLSAE['_w'+name]=MLSAE['_w'+name]||[]).push(f)};
 function provide(name,v){MLSAE['_'+name]=v;(MLSAE['_w'+name]||[]).forEach(function(f){f(v)})}
@@ -105,7 +106,7 @@ function ctxHtml(c,vmax){ // c = [seq,pos,layer_pos,value,start,tokens,acts]
  var lo=Math.max(0,at-width),hi=Math.min(t.length-1,at+width),o='';
  for(var i=lo;i<=hi;i++){var v=acts[i],cls='t'+(i===at?' at':'')+(v===-1?' ne':'');
   var title=v===-1?'not encoded (special token)':(v===undefined?'0':num(v,4))+' at layer '+layers[c[2]];
-  o+='<span class="'+cls+'" style="'+shade(v,vmax)+'" title="'+esc(title)+'">'+tokHtml(text(t[i]))+'</span>'}
+  o+='<span class="'+cls+'" style="'+shade(v,vmax)+'" title="'+esc(title)+'">'+tokHtml(text(t[i]),/^ +$/.test(text(t[i])))+'</span>'}
  return'<span class=ctx>'+o+'</span>'}
 function exTable(L,list,vmax,withLayer){if(!list.length)return'<p class=muted>none</p>';
  return'<table><tr><th>value</th>'+(withLayer?'<th>layer</th>':'')+'<th>window:pos</th><th>context (hover a token for its activation)</th></tr>'

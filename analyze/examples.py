@@ -600,8 +600,9 @@ def run_examples(
             shown["model"] = ident.get("hub_id") or _last_part(summary["model"])  # never a local path
             shown["quantiles"] = QUANTILES
             data = browser_data(
-                acc, shown, tensors, cache, sae, special, model=model, n_logits=logits, device=dev, rows=rows, log=log
-            )
+                acc, shown, tensors, cache, sae, special, model=model, n_logits=logits, device=dev, rows=rows,
+                log=log, progress=progress,
+            )  # fmt: skip
             summary["browser"] = write_browser(out_dir, data, progress=progress)
             files.append(summary["browser"]["index"])
         summary["files"] = files
@@ -715,6 +716,7 @@ def context_activations(
     width: int,
     device: str = "cpu",
     rows: int = 4096,
+    progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The whole context of each item, with the latent's activation at every token of it.
 
@@ -724,6 +726,7 @@ def context_activations(
     chunks that hold those windows (a shuffled write block spreads a window over its block's chunks),
     encoding only their tokens, the same way as the streaming pass (`iter_latents`, the run's special-token
     mode)."""
+    from harvest.progress import progress_bar
     from train.latents import iter_latents
 
     C, L, F = cache.layout.context, len(layers), sae.cfg.n_latents
@@ -746,23 +749,32 @@ def context_activations(
         at = torch.isin(cache.read_tokens("seq").long(), need).nonzero().squeeze(1)
         chunks = torch.unique(at // cache.layout.chunk_tokens).tolist()
         layer_ids = torch.arange(L).view(L, 1, 1)
-        for b in iter_latents(
+        stream = iter_latents(
             sae, cache, layers, chunks=chunks, rows=rows, device=device, special=special,
             select=lambda s: torch.isin(s, need),
-        ):  # fmt: skip
-            where = (b.seq.cpu() * C + b.pos.cpu()).long()
-            hit = torch.searchsorted(tk, where).clamp_(max=max(len(tk) - 1, 0))
-            encoded[hit[tk[hit] == where]] = True
-            v, i = b.values.cpu(), b.indices.cpu()
-            key = (where.view(1, -1, 1) * L + layer_ids) * F + i
-            on = v > FIRE_THRESHOLD
-            key, v = key[on], v[on]
-            j = torch.searchsorted(uk, key).clamp_(max=max(len(uk) - 1, 0))
-            ok = uk[j] == key
-            vals[j[ok]] = v[ok].float()
+        )  # fmt: skip
+        with progress_bar("contexts", len(chunks), "chunks", enabled=progress) as bar:
+            for b in stream:
+                bar.advance(int(b.last_of_chunk))
+                _mark(b, tk, encoded, uk, vals, C, L, F, layer_ids)
     acts = torch.zeros(len(items), W, dtype=torch.float32)
     acts[inside] = torch.where(encoded[tinv], vals[inv], math.nan)
     return tokens, acts
+
+
+def _mark(b: Any, tk: Tensor, encoded: Tensor, uk: Tensor, vals: Tensor, C: int, L: int, F: int, layer_ids: Tensor):
+    """One batch of the context pass: flag its tokens that a context needs as encoded (position ids `tk`),
+    and store the firing values a context needs (ids of (position, layer, latent) `uk`)."""
+    where = (b.seq.cpu() * C + b.pos.cpu()).long()
+    hit = torch.searchsorted(tk, where).clamp_(max=max(len(tk) - 1, 0))
+    encoded[hit[tk[hit] == where]] = True
+    v, i = b.values.cpu(), b.indices.cpu()
+    key = (where.view(1, -1, 1) * L + layer_ids) * F + i
+    on = v > FIRE_THRESHOLD
+    key, v = key[on], v[on]
+    j = torch.searchsorted(uk, key).clamp_(max=max(len(uk) - 1, 0))
+    ok = uk[j] == key
+    vals[j[ok]] = v[ok].float()
 
 
 def browser_data(
@@ -777,6 +789,7 @@ def browser_data(
     device: str = "cpu",
     rows: int = 4096,
     log: Callable[[str], None] = print,
+    progress: bool = False,
 ) -> Any:
     """Everything the browser shows: decoded contexts of the examples it shows (with the latent's activation
     at every token), quantile samples, and the direct logits (model space only: through a tuned lens the
@@ -796,7 +809,7 @@ def browser_data(
         return {int(i): text[i] for i in ids}
 
     def contexts(items: Tensor) -> tuple[Tensor, Tensor]:
-        return context_activations(sae, cache, layers, special, items, summary["context"], device, rows)
+        return context_activations(sae, cache, layers, special, items, summary["context"], device, rows, progress)
 
     logits, note = None, ""
     if n_logits == 0:

@@ -40,9 +40,14 @@ def fsync_file(path: str | Path) -> None:
 
 
 def umask_mode(mode: int = 0o666) -> int:
-    """`mode` less the process's umask: what open() or mkdir() would give (0o644 / 0o755 under umask 022)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    """`mode` less the process's umask: what open() or mkdir() would give (0o644 / 0o755 under umask 022).
+    Read from /proc (Linux): os.umask() can only be read by setting it, which races with other threads."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
     return mode & ~umask
 
 

@@ -477,3 +477,38 @@ def test_the_browser_renders_in_chromium_from_disk_and_from_a_static_web_server(
             assert not {c for c in dom if unicodedata.category(c) in HIDDEN and c != "\n"}
     finally:
         server.shutdown()
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import stat
+
+    from harvest.atomic import atomic_write_text, fresh_folder
+
+    old = os.umask(0o022)
+    try:
+        for umask, file_mode, dir_mode in [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)]:
+            os.umask(umask)
+            f = tmp_path / f"f{umask:o}.txt"
+            atomic_write_text(f, "x")
+            d = fresh_folder(tmp_path, f"d{umask:o}")
+            assert stat.S_IMODE(f.stat().st_mode) == file_mode and stat.S_IMODE(d.stat().st_mode) == dir_mode
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.skipif(__import__("shutil").which("node") is None, reason="needs node to run the browser's script")
+def test_the_scripts_show_hidden_characters_as_tags_and_format_numbers(tmp_path):
+    from analyze.browser_assets import COMMON_JS
+
+    cases = ["\u202e and which", "zero\u200bwidth", "\x00nul\x1b[31m", "\ufeff\u2066x\u2069", "a\u2028b\u00a0", "<b>&"]
+    script = tmp_path / "t.js"
+    script.write_text(
+        "var window={};" + COMMON_JS + f"console.log(JSON.stringify([{json.dumps(cases)}.map(function(s){{"
+        "return tokHtml(s)}), [170.4, 16.5, 2, 0.000123, -178.2].map(function(v){return num(v)})]))"
+    )
+    html_out, nums = json.loads(subprocess.run(["node", str(script)], capture_output=True, text=True).stdout)
+    hidden = "\u202e\u200b\x00\x1b\ufeff\u2066\u2069\u2028\u00a0"
+    for s, out in zip(cases, html_out):
+        assert not set(out) & set(hidden) and "<b>" not in out, (s, out)
+    assert "U+202E" in html_out[0] and "U+200B" in html_out[1] and "U+0000" in html_out[2] and "U+2066" in html_out[3]
+    assert nums == ["170", "16.5", "2", "0.000123", "-178"]
