@@ -158,7 +158,8 @@ def delta_ce(
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
     device: str = DEVICE,
 ) -> None:
-    """Per-layer delta CE and KL: splice each layer's reconstruction into block l's output, vs the clean model."""
+    """Per-layer delta CE and KL: splice each layer's reconstruction into block l's output, vs the clean model
+    (--special-tokens reference: vs the model with the special positions zeroed, as the reference code)."""
     _delta_ce(sae, model, dataset, tokens, cache, out or sae, device)
 
 

@@ -247,6 +247,34 @@ def check_logits(bridge: Any, ids: Tensor, n: int = 16) -> None:
         )
 
 
+class _RowSums:
+    """Streaming sums over vocabulary slices for one block of rows with targets t, per state: the running
+    maximum m, sum exp(z - m) and the target's logit."""
+
+    def __init__(self, n_states: int, t: Tensor):
+        self.t = t
+        zeros = lambda: torch.zeros(len(t), dtype=torch.float64, device=t.device)
+        self.m = [torch.full((len(t),), -math.inf, dtype=torch.float64, device=t.device) for _ in range(n_states)]
+        self.total = [zeros() for _ in range(n_states)]
+        self.picked = [zeros() for _ in range(n_states)]
+
+    def add(self, i: int, z: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Fold state i's logits z [rows, width] of the slice from `start` in; returns exp(z - new max) and
+        the factor that rescales sums taken under the old maximum."""
+        top = torch.maximum(self.m[i], z.max(-1).values.double())  # float32 values: exact in float64
+        scale = torch.exp(self.m[i] - top)
+        e = torch.exp(z - top.float()[:, None])
+        self.total[i] = self.total[i] * scale + e.sum(-1, dtype=torch.float64)
+        inside = (self.t >= start) & (self.t < start + z.shape[1])
+        got = z.gather(1, (self.t - start).clamp(0, z.shape[1] - 1)[:, None])[:, 0].double()
+        self.picked[i] += torch.where(inside, got, 0.0)
+        self.m[i] = top
+        return e, scale
+
+    def lse(self, i: int) -> Tensor:
+        return self.m[i] + torch.log(self.total[i])
+
+
 def next_token_sums(
     unembed: Unembedding,
     states: Sequence[Tensor],
@@ -256,43 +284,39 @@ def next_token_sums(
 ) -> tuple[Tensor, Tensor]:
     """(per state: sum over rows of the CE of `targets` [n]; per pair (p, q): sum of KL(p || q)), float64,
     for final states [n, d] each. The logits are formed in blocks of `rows` x a vocabulary slice (at most
-    ~LOGIT_FLOATS floats per state) with a streaming log-sum-exp:
-        lse = m + log sum exp(z - m),   KL(p || q) = sum_v exp(z_p - lse_p) (z_p - z_q) - lse_p + lse_q."""
+    ~LOGIT_FLOATS floats; a few blocks alive at a time, however many states) with a streaming log-sum-exp:
+        lse = m + log sum exp(z - m),   KL(p || q) = sum_v exp(z_p - lse_p) (z_p - z_q) - lse_p + lse_q.
+    Each q appears in one pair and never as a p (a p may be shared: the clean model)."""
+    qs = [q for _, q in kl_pairs]
+    assert len(set(qs)) == len(qs) and not set(qs) & {p for p, _ in kl_pairs}, kl_pairs
     n, dev = targets.shape[0], targets.device
     rows = max(1, min(rows or ROW_BLOCK, n or 1))
     width = max(1, LOGIT_FLOATS // rows)
+    last_as_p = {p: max(j for j, (pp, _) in enumerate(kl_pairs) if pp == p) for p, _ in kl_pairs}
+    unpaired = [i for i in range(len(states)) if all(i not in pair for pair in kl_pairs)]
     ce = torch.zeros(len(states), dtype=torch.float64, device=dev)
     kl = torch.zeros(len(kl_pairs), dtype=torch.float64, device=dev)
     with torch.inference_mode():
         for r in range(0, n, rows):
-            t = targets[r : r + rows]
             hs = [h[r : r + rows] for h in states]
-            m = [torch.full((len(t),), -math.inf, dtype=torch.float64, device=dev) for _ in hs]
-            total = [torch.zeros(len(t), dtype=torch.float64, device=dev) for _ in hs]
-            picked = [torch.zeros(len(t), dtype=torch.float64, device=dev) for _ in hs]
-            cross = [torch.zeros(len(t), dtype=torch.float64, device=dev) for _ in kl_pairs]
+            sums = _RowSums(len(hs), targets[r : r + rows])
+            cross = [torch.zeros(len(sums.t), dtype=torch.float64, device=dev) for _ in kl_pairs]
             for v in range(0, unembed.vocab, width):
-                z = [unembed(h, v, v + width) for h in hs]
-                top = [torch.maximum(mi, zi.max(-1).values.double()) for mi, zi in zip(m, z)]
-                e = []
-                for i, zi in enumerate(z):
-                    scale = torch.exp(m[i] - top[i])  # rescale what was summed under the old maximum
-                    ei = torch.exp(zi - top[i].float()[:, None])
-                    total[i] = total[i] * scale + ei.sum(-1, dtype=torch.float64)
-                    inside = (t >= v) & (t < v + zi.shape[1])
-                    picked[i] += torch.where(
-                        inside, zi.gather(1, (t - v).clamp(0, zi.shape[1] - 1)[:, None])[:, 0].double(), 0.0
-                    )
-                    e.append((ei, scale))
+                held: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # p-states needed by a later pair
                 for j, (p, q) in enumerate(kl_pairs):
-                    ep, scale = e[p]
-                    cross[j] = cross[j] * scale + (ep * (z[p] - z[q])).sum(-1, dtype=torch.float64)
-                m = top
-            lse = [mi + torch.log(si) for mi, si in zip(m, total)]
+                    if p not in held:
+                        z = unembed(hs[p], v, v + width)
+                        held[p] = (z, *sums.add(p, z, v))
+                    zp, ep, scale = held[p] if last_as_p[p] > j else held.pop(p)
+                    zq = unembed(hs[q], v, v + width)
+                    sums.add(q, zq, v)
+                    cross[j] = cross[j] * scale + (ep * (zp - zq)).sum(-1, dtype=torch.float64)
+                for i in unpaired:
+                    sums.add(i, unembed(hs[i], v, v + width), v)
             for i in range(len(hs)):
-                ce[i] += (lse[i] - picked[i]).sum()
+                ce[i] += (sums.lse(i) - sums.picked[i]).sum()
             for j, (p, q) in enumerate(kl_pairs):
-                kl[j] += (cross[j] / total[p] - lse[p] + lse[q]).sum()
+                kl[j] += (cross[j] / sums.total[p] - sums.lse(p) + sums.lse(q)).sum()
     return ce, kl
 
 
