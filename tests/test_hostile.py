@@ -639,9 +639,12 @@ def test_open_log_refuses_links_and_files_of_other_kinds(tmp_path):
     (tmp_path / "link").symlink_to(victim)
     with pytest.raises(StorageError, match="symbolic link"):
         open_log(tmp_path / "link", fresh=False)
-    (tmp_path / "fifo").mkdir()
+    (tmp_path / "folder").mkdir()
     with pytest.raises((StorageError, OSError)):
-        open_log(tmp_path / "fifo", fresh=False)
+        open_log(tmp_path / "folder", fresh=False)
+    os.link(victim, tmp_path / "hard")
+    with pytest.raises(StorageError, match="one name"):
+        open_log(tmp_path / "hard", fresh=False)
     with open_log(tmp_path / "link", fresh=True) as f:  # a fresh log replaces the link, never its target
         f.write("x\n")
     assert victim.read_text() == "precious" and (tmp_path / "link").read_text() == "x\n"
