@@ -764,6 +764,7 @@ def test_a_foreign_lock_with_a_far_future_lease_tells_the_truth(train_cache, tmp
         (["--aux-coef", "-1"], "aux_coef = -1.0 must be >= 0"),
         (["--seed", str(2**63)], "seed = 9223372036854775808 is out of range"),
         (["--heldout-seed", "-1"], "heldout_seed = -1 is out of range"),
+        (["--dead-tokens", str(10**23)], "dead_tokens = 100000000000000000000000 is out of range"),
     ],
 )
 def test_numeric_train_flags_out_of_range_are_one_line(extra, fragment, train_cache, tmp_path, capsys):
