@@ -118,7 +118,7 @@ def open_log(path: str | Path, fresh: bool) -> IO[str]:
     """A text file to append lines to for the whole command (metrics.jsonl). `fresh`: a new empty file
     replaces whatever is at `path` (a planted link included, never its target). Otherwise the existing
     file is opened for appending without following a link (O_NOFOLLOW) and only if it is a regular file
-    owned by this user; anything else is a StorageError naming it and how to fix it."""
+    owned by this user with no other hard link; anything else is a StorageError naming it and the fix."""
     path = Path(path)
     if fresh:
         atomic_write_bytes(path, b"")
@@ -129,9 +129,9 @@ def open_log(path: str | Path, fresh: bool) -> IO[str]:
             raise StorageError(f"{path} is a symbolic link this run did not make: remove the link, then rerun")
         raise
     st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-        os.close(fd)
-        raise StorageError(f"{path} is not a regular file of this user: remove it, then rerun")
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        os.close(fd)  # (a second hard link would be another name for the same bytes: someone else's file)
+        raise StorageError(f"{path} is not a regular file of this user with one name: remove it, then rerun")
     return os.fdopen(fd, "a")
 
 

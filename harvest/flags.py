@@ -102,6 +102,8 @@ def check_value(name: str, value: Any, hint: Any) -> Any:
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         if hint is int and (name == "seed" or name.endswith("_seed")) and not 0 <= value <= SEED_MAX:
             raise SpecError(f"{name} = {value} is out of range: use an integer from 0 to 2^63-1")
+        if hint is int and not -SEED_MAX <= value <= SEED_MAX:  # every count ends up in an int64 somewhere
+            raise SpecError(f"{name} = {value} is out of range: use an integer below 2^63")
         return value
     if typing.get_origin(hint) is list and isinstance(value, (list, tuple)):
         (item,) = typing.get_args(hint)

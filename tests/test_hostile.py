@@ -639,9 +639,12 @@ def test_open_log_refuses_links_and_files_of_other_kinds(tmp_path):
     (tmp_path / "link").symlink_to(victim)
     with pytest.raises(StorageError, match="symbolic link"):
         open_log(tmp_path / "link", fresh=False)
-    (tmp_path / "fifo").mkdir()
+    (tmp_path / "folder").mkdir()
     with pytest.raises((StorageError, OSError)):
-        open_log(tmp_path / "fifo", fresh=False)
+        open_log(tmp_path / "folder", fresh=False)
+    os.link(victim, tmp_path / "hard")
+    with pytest.raises(StorageError, match="one name"):
+        open_log(tmp_path / "hard", fresh=False)
     with open_log(tmp_path / "link", fresh=True) as f:  # a fresh log replaces the link, never its target
         f.write("x\n")
     assert victim.read_text() == "precious" and (tmp_path / "link").read_text() == "x\n"
@@ -761,6 +764,7 @@ def test_a_foreign_lock_with_a_far_future_lease_tells_the_truth(train_cache, tmp
         (["--aux-coef", "-1"], "aux_coef = -1.0 must be >= 0"),
         (["--seed", str(2**63)], "seed = 9223372036854775808 is out of range"),
         (["--heldout-seed", "-1"], "heldout_seed = -1 is out of range"),
+        (["--dead-tokens", str(10**23)], "dead_tokens = 100000000000000000000000 is out of range"),
     ],
 )
 def test_numeric_train_flags_out_of_range_are_one_line(extra, fragment, train_cache, tmp_path, capsys):

@@ -210,6 +210,16 @@ def _setup(configs: list[TrainConfig], dist: Dist, locks: ExitStack, log: Callab
     return p
 
 
+def sae_config(cfg: TrainConfig, d_model: int) -> SaeConfig:
+    """The SAE a config trains on vectors of width d_model; SpecError if its k does not fit."""
+    try:
+        return SaeConfig.from_expansion(
+            d_model, cfg.expansion_factor, cfg.k, k_aux=cfg.k_aux, aux_coef=cfg.aux_coef, dead_tokens=cfg.dead_tokens
+        )
+    except ValueError as e:
+        raise SpecError(f"{e}: lower -k or raise --expansion-factor")
+
+
 def training_bytes(configs: list[TrainConfig], p: Pass, world_size: int = 1) -> int:
     """What a pass allocates on its device, estimated from the shapes before anything is allocated: per SAE
     its weights, their gradients and Adam's two moments (float32), the pre-activation chunk, and one batch's
@@ -218,7 +228,7 @@ def training_bytes(configs: list[TrainConfig], p: Pass, world_size: int = 1) -> 
     per_rank = p.batch_tokens // world_size
     need = 0
     for cfg in configs:
-        n_latents, layers = cfg.expansion_factor * d, len(cfg.layer_list(p.cache.layers))
+        n_latents, layers = sae_config(cfg, d).n_latents, len(cfg.layer_list(p.cache.layers))
         need += 16 * (2 * n_latents * d + d) + 8 * n_latents  # weights, gradients, Adam moments; dead counters
         need += min(n_latents * per_rank * layers, 2**25) * 4  # the encoder's pre-activation chunk
         need += per_rank * layers * (4 * d * 4 + cfg.k * 12 * 3)  # x, x~, x_hat, their gradients; TopK
@@ -288,17 +298,7 @@ def _open_run(
         raise SpecError(f"--out {out} is a file: choose a folder")
     held: list[Lock | None] = []
     dist.run_on_rank0(lambda: held.append(locks.enter_context(exclusive(out, "train run"))))
-    try:
-        sae_cfg = SaeConfig.from_expansion(
-            p.cache.layout.d_model,
-            cfg.expansion_factor,
-            cfg.k,
-            k_aux=cfg.k_aux,
-            aux_coef=cfg.aux_coef,
-            dead_tokens=cfg.dead_tokens,
-        )
-    except ValueError as e:
-        raise SpecError(f"{e}: lower -k or raise --expansion-factor")
+    sae_cfg = sae_config(cfg, p.cache.layout.d_model)
     record = RunRecord(
         dir=out,
         train=cfg,
