@@ -969,7 +969,11 @@ def metadata_problem(cache: Cache) -> str | None:
         ints = [lay.n_tokens, lay.context, lay.d_model, lay.chunk_tokens, lay.shard_tokens, lay.block_tokens]
         if any(type(x) is not int or x <= 0 for x in ints) or not lay.layers:
             return "the layout's sizes must be positive integers"
-        if lay.dtype not in STORAGE_DTYPES or lay.compression not in ("none", "blosc"):
+        from typing import get_args
+
+        from .spec import Compression
+
+        if lay.dtype not in STORAGE_DTYPES or lay.compression not in get_args(Compression):
             return f"unknown dtype {lay.dtype!r} or compression {lay.compression!r}"
         if lay.shard_tokens % lay.chunk_tokens or lay.block_tokens % lay.shard_tokens or lay.n_tokens % lay.context:
             return "chunks, shards, blocks and windows do not nest"
@@ -1089,13 +1093,11 @@ def _shard_problem(data: bytes, pieces: list, array: str, shard: int, lay: Layou
         if p[0] != pos:
             return "its inner chunks do not tile the file"
         pos += p[1]
-        if compressed:
-            from numcodecs.blosc import cbuffer_sizes
-
-            try:
-                n = cbuffer_sizes(data[p[0] : p[0] + p[1]])[0]
-            except Exception:
-                return f"inner chunk {j} is not a blosc buffer"
+        if compressed:  # a blosc buffer's 16-byte header: decoded size at bytes 4-8, its own size at 12-16
+            head = data[p[0] : p[0] + 16]
+            n = int.from_bytes(head[4:8], "little") if len(head) == 16 else -1
+            if p[1] != int.from_bytes(head[12:16], "little"):
+                return f"inner chunk {j} is not a blosc buffer of its size"
         else:
             n = p[1]
         if n != lay.chunk_tokens * row_bytes:

