@@ -416,8 +416,9 @@ class Cache:
         self._windows_entries: dict[str, FileEntry] | None = None
         self._lens_folder: Path | None = None
         store = location if isinstance(location, Store) else open_store(location)
-        local_cache = local_cache or os.environ.get("MLSAE_LOCAL_CACHE") or None
-        if local_cache is not None and not store.is_local:
+        if not local_cache and not isinstance(location, Store):  # a store given is used as it is (writers, verify)
+            local_cache = os.environ.get("MLSAE_LOCAL_CACHE") or None
+        if local_cache and not store.is_local:
             store = ReadThroughStore(store, local_cache, expected=self._expected_piece, check=range_ok)
         self.store = store
         self.location = store.location
