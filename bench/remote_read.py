@@ -393,7 +393,7 @@ def main() -> None:
 
         cache = open_cache(url)  # stores made now: the endpoint in the environment now
         raw = from_url(url)  # one client for the raw requests, like the reader's (its connections are reused)
-        base_reader = ChunkReader(cache, seed=0, prefetch=8)
+        base_reader = ChunkReader(cache, seed=0, prefetch=1)  # only its byte ranges are used (any depth: same order)
         raw_get_ranges(raw, base_reader)  # warm the server and the client's connections
         for depth in [None, *(int(d) for d in args.depths.split(",") if d)]:
             reader = ChunkReader(cache, seed=0, prefetch=depth)

@@ -416,8 +416,9 @@ class Cache:
         self._windows_entries: dict[str, FileEntry] | None = None
         self._lens_folder: Path | None = None
         store = location if isinstance(location, Store) else open_store(location)
-        local_cache = local_cache or os.environ.get("MLSAE_LOCAL_CACHE") or None
-        if local_cache is not None and not store.is_local:
+        if not local_cache and not isinstance(location, Store):  # a store given is used as it is (writers, verify)
+            local_cache = os.environ.get("MLSAE_LOCAL_CACHE") or None
+        if local_cache and not store.is_local:
             store = ReadThroughStore(store, local_cache, expected=self._expected_piece, check=range_ok)
         self.store = store
         self.location = store.location
@@ -969,7 +970,11 @@ def metadata_problem(cache: Cache) -> str | None:
         ints = [lay.n_tokens, lay.context, lay.d_model, lay.chunk_tokens, lay.shard_tokens, lay.block_tokens]
         if any(type(x) is not int or x <= 0 for x in ints) or not lay.layers:
             return "the layout's sizes must be positive integers"
-        if lay.dtype not in STORAGE_DTYPES or lay.compression not in ("none", "blosc"):
+        from typing import get_args
+
+        from .spec import Compression
+
+        if lay.dtype not in STORAGE_DTYPES or lay.compression not in get_args(Compression):
             return f"unknown dtype {lay.dtype!r} or compression {lay.compression!r}"
         if lay.shard_tokens % lay.chunk_tokens or lay.block_tokens % lay.shard_tokens or lay.n_tokens % lay.context:
             return "chunks, shards, blocks and windows do not nest"
@@ -1089,13 +1094,11 @@ def _shard_problem(data: bytes, pieces: list, array: str, shard: int, lay: Layou
         if p[0] != pos:
             return "its inner chunks do not tile the file"
         pos += p[1]
-        if compressed:
-            from numcodecs.blosc import cbuffer_sizes
-
-            try:
-                n = cbuffer_sizes(data[p[0] : p[0] + p[1]])[0]
-            except Exception:
-                return f"inner chunk {j} is not a blosc buffer"
+        if compressed:  # a blosc buffer's 16-byte header: decoded size at bytes 4-8, its own size at 12-16
+            head = data[p[0] : p[0] + 16]
+            n = int.from_bytes(head[4:8], "little") if len(head) == 16 else -1
+            if p[1] != int.from_bytes(head[12:16], "little"):
+                return f"inner chunk {j} is not a blosc buffer of its size"
         else:
             n = p[1]
         if n != lay.chunk_tokens * row_bytes:

@@ -127,10 +127,11 @@ def verify(path: str = typer.Argument(..., help="Cache folder or URL.")) -> None
     """Re-read every file a reader trusts (acts, token arrays, windows, stats, lens copy) and check it against
     the manifests (size, crc32, shard index crc32c, every inner chunk's xxh3) and the metadata hash; exit 1
     listing missing, truncated or corrupt files or blocks. On a bucket: ranged reads, several in flight."""
-    from .cache import open_cache, verify_cache
+    from .cache import Cache, verify_cache
     from .progress import progress_bar
+    from .store import open_store
 
-    cache = open_cache(path)
+    cache = Cache(open_store(path))  # the location itself, never a read-through copy ($MLSAE_LOCAL_CACHE)
     total = cache.size_on_disk()
     with progress_bar("verify", total, bytes_=True, console=err_console) as bar:
         problems = verify_cache(cache, progress=bar.advance)
@@ -145,12 +146,12 @@ def verify(path: str = typer.Argument(..., help="Cache folder or URL.")) -> None
 
 
 def _copy(src_location: str, dst_location: str, what: str) -> None:
-    from .cache import copy_cache, open_cache
+    from .cache import Cache, copy_cache
     from .lock import Lock
     from .progress import progress_bar
     from .store import open_store
 
-    src = open_cache(src_location)
+    src = Cache(open_store(src_location))  # the source itself, never a read-through copy ($MLSAE_LOCAL_CACHE)
     total = sum(f.size for m in src.manifests().values() for f in m.files.values())
     lock = Lock(open_store(dst_location), what)
     with lock, progress_bar(what.split()[-1], total, bytes_=True, console=err_console) as bar:
@@ -188,10 +189,11 @@ def upgrade(path: str = typer.Argument(..., help="Cache folder or URL harvested 
     """Add chunk checksums and the metadata hash to a cache harvested before they existed: every file is
     first checked against the crc32 its manifest recorded, the windows against the token arrays. Safe to
     rerun; run it after the harvest has finished (it takes the cache's lock)."""
-    from .cache import open_cache, upgrade_cache
+    from .cache import Cache, upgrade_cache
     from .lock import Lock
+    from .store import open_store
 
-    cache = open_cache(path)
+    cache = Cache(open_store(path))  # it writes manifests: the location itself, never a read-through copy
     with Lock(cache.store, "harvest upgrade"):
         n = upgrade_cache(cache, log=_log)
     done = len(cache.complete_blocks())

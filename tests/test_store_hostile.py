@@ -170,6 +170,16 @@ def test_upgrade_refuses_edited_metadata_and_writes_nothing(kind, pristine, tmp_
     assert snapshot(cache) == before  # not one manifest blessed
 
 
+def test_upgrade_of_an_unedited_compressed_old_cache_still_works(neox_dir, tmp_path):
+    cache = tmp_path / "blosc"
+    spec = CacheSpec(model=str(neox_dir), dataset="sotu", out=str(cache), compression="blosc-zstd", **SPEC)
+    harvest(spec, show_progress=False)
+    make_old(cache)
+    done = cli(["upgrade", cache])
+    assert done.returncode == 0 and "8 manifests upgraded" in " ".join(done.stdout.split()), done.stderr[-2000:]
+    assert verify_cache(open_cache(cache)) == []
+
+
 def test_upgrade_of_an_unedited_old_cache_in_a_bucket_still_works(pristine, remote, tmp_path):
     store = open_store(remote)
     for key in store.list("manifest"):
@@ -379,3 +389,25 @@ def test_requests_in_flight_are_chosen_for_the_store(pristine, remote, tmp_path,
     assert TrainConfig().prefetch == 0 and TrainConfig(prefetch=0).validate().prefetch == 0
     with pytest.raises(UserError, match="prefetch = -1"):
         TrainConfig(prefetch=-1).validate()
+
+
+def test_writers_and_verify_use_the_bucket_itself_when_a_local_cache_is_set(neox_dir, remote, tmp_path, capsys):
+    """$MLSAE_LOCAL_CACHE is for readers: `harvest run` into a bucket writes there (it was refused as
+    "read-only through a local cache"), and `verify` checks the bucket's objects, not the copies."""
+    folder = tmp_path / "lc"
+    os.environ["MLSAE_LOCAL_CACHE"] = str(folder)
+    try:
+        url = remote.rsplit("/", 1)[0] + "/fresh"
+        run = ["run", "--quiet", "--model", neox_dir, "--dataset", "sotu", "--out", url]
+        run += [str(a) for k, v in SPEC.items() for a in (f"--{k.replace('_', '-')}", v)]
+        code, _, err = run_cli(run, capsys)
+        assert code == 0, err
+        read_through(remote, folder)  # good copies of every object
+        flip(remote, "acts/c/1/1/0", 33)  # then the bucket's object is damaged
+        code, _, err = run_cli(["verify", remote], capsys)
+        assert code == 1 and "acts/c/1/1/0: crc32 mismatch" in " ".join(err.split()), err
+        code, out, err = run_cli(["pull", url, tmp_path / "pulled"], capsys)
+        assert code == 0 and "complete" in out, err
+    finally:
+        del os.environ["MLSAE_LOCAL_CACHE"]
+    assert {p.name for p in folder.iterdir()} == {copy_root(folder).name}  # only the read copies, of `remote`
