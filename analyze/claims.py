@@ -122,7 +122,7 @@ def claims(a: Analyses) -> list[Claim]:
                 f"partly: <= {hi} on the poster's definition only; per feature {_f(h.fvu_feature_mean)} > {hi} "
                 f"(the scalar-variance denominator also counts the spread of the features' means)"
             )
-        legacy = ", legacy split: their windows were partly trained on" if rec.held_out_set.is_legacy else ""
+        legacy = "; legacy split: their windows were partly trained on" if rec.held_out_set.is_legacy else ""
         rows.append(
             _gated(
                 Claim(
@@ -130,7 +130,7 @@ def claims(a: Analyses) -> list[Claim]:
                     f"{lo}-{hi} ({POSTER_BUDGET}); the reference code's FVU: MSE / variance of all of a "
                     f"layer's scalars",
                     f"{_f(h.fvu_mean)} on the poster's definition; per-feature FVU {_f(h.fvu_feature_mean)} "
-                    f"({h.tokens:,} held-out tokens{legacy}; {_budget(a, mlsae.n_latents, mlsae.k, curve)})",
+                    f"({h.tokens:,} held-out tokens; {_budget(a, mlsae.n_latents, mlsae.k, curve)}{legacy})",
                     "",
                     verdict,
                     f"the FVU crossing {hi} on the poster's definition (or per feature); the poster's model and "

@@ -28,6 +28,8 @@ whole context windows in text order (`WindowOrder`; the chunks are read block by
 tokens never leave its write block), consecutive windows filling each batch of 2,048 tokens (the
 reference's one sequence of 2,048), zeros at BOS/EOS/PAD in `reference` mode. In `exclude` mode the
 special positions are missing from those windows (the reference has zeros there): the result says so.
+With `--reference-formulas` both columns use the same tokens: the leading whole windows of seeded blocks
+(`_whole_windows`) holding at least `--tokens` used tokens, never a window cut by the budget.
 """
 
 from __future__ import annotations
@@ -573,15 +575,7 @@ def run_variance(
         special = SpecialTokens.of(record.special_tokens, cache)
         order, windows = reader.order(0), None
         if ref is not None:  # the reference's formulas on whole windows in text order: read block by block
-            everyone = np.random.default_rng([seed, 0]).permutation(reader.chunks)  # reader.order(0) of one rank
-            order = block_grouped(everyone, cache.layout)
-            if world > 1:  # whole blocks per rank, so that every window completes on one rank
-                blocks = list(dict.fromkeys(cache.layout.chunk_range(c)[0] // cache.layout.block_tokens for c in order))
-                mine = set(blocks[rank::world])
-                order = [c for c in order if cache.layout.chunk_range(c)[0] // cache.layout.block_tokens in mine]
-            usable = special.usable(cache.read_tokens("keep"), cache.read_tokens("token_ids"))
-            seq = cache.read_tokens("seq").to(torch.int64)[usable]
-            windows = WindowOrder(torch.bincount(seq, minlength=cache.layout.n_sequences))
+            order, windows, budget = _whole_windows(cache, reader, special, seed, rank, world, budget)
         _stream(sae, reader, order, budget, rows, dev, acc, ref, windows, progress and rank == 0, special)
         seconds = time.perf_counter() - t0
         acc.all_reduce_()
@@ -618,6 +612,35 @@ def run_variance(
     return result
 
 
+def _whole_windows(
+    cache: Any, reader: ChunkReader, special: SpecialTokens, seed: int, rank: int, world: int, budget: int
+) -> tuple[list[int], WindowOrder, int]:
+    """For the reference's formulas: the chunks of this rank's blocks (the seeded chunk order regrouped
+    block by block; whole blocks per rank, so that every window completes on one rank), the leading
+    windows of those blocks in text order holding at least `budget` used tokens (a WindowOrder that
+    passes on only those), and their token count, the new budget: no window is cut by the budget."""
+    layout = cache.layout
+    order = block_grouped(np.random.default_rng([seed, 0]).permutation(reader.chunks), layout)
+    blocks = list(dict.fromkeys(layout.chunk_range(c)[0] // layout.block_tokens for c in order))[rank::world]
+    usable = special.usable(cache.read_tokens("keep"), cache.read_tokens("token_ids"))
+    expected = torch.bincount(cache.read_tokens("seq").to(torch.int64)[usable], minlength=layout.n_sequences)
+    chosen, total, used = [], 0, []
+    for b in blocks:
+        if total >= budget:
+            break
+        start, stop = layout.block_range(b)
+        used.append(b)
+        for w in range(start // layout.context, stop // layout.context):
+            if total >= budget:
+                break
+            chosen.append(w)
+            total += int(expected[w])
+    order = [c for c in order if layout.chunk_range(c)[0] // layout.block_tokens in set(used)]
+    wanted = torch.zeros(layout.n_sequences, dtype=torch.int64)
+    wanted[chosen] = expected[chosen]  # 0 for every other window: never collected
+    return order, WindowOrder(wanted), total
+
+
 def _tokens_seen(mode: str, batch_tokens: int, context: int) -> str:
     """What the reference formulas' batches held, in words (ReferenceFormulas.tokens_seen)."""
     special = {
@@ -652,7 +675,10 @@ def _stream(
     done = 0
     with progress_bar("variance", upper, "tokens", enabled=progress, rate_unit="tok/s") as bar:
         for chunk in reader.iter_chunks(order):
-            kept = special.usable(chunk.keep, chunk.token_ids).nonzero().squeeze(1)[: budget - done]
+            use = special.usable(chunk.keep, chunk.token_ids)
+            if windows is not None:  # whole windows only (the reference's formulas)
+                use &= windows.expected[chunk.seq.to(torch.int64)] > 0
+            kept = use.nonzero().squeeze(1)[: budget - done]
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
             x_all = chunk.acts[:, kept] if dev == "cpu" else chunk.acts.to(dev, non_blocking=True)[:, kept.to(dev)]
             x_all = special.vectors(x_all, chunk.token_ids[kept])  # zeros at BOS/EOS/PAD in `reference` mode

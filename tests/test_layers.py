@@ -327,26 +327,32 @@ def test_run_variance_writes_files_whose_numbers_recompute(tiny_run, tmp_path):
     saved = VarianceResult.load(out)
     assert saved == summary
     layers = json.loads((run / "config.json").read_text())["layers"]
-    assert saved.tokens == 1500 and saved.layers == layers and saved.definitions
+    assert saved.layers == layers and saved.definitions
     assert "NOT proper" in saved.reference.label and "text order" in saved.reference.tokens_seen
 
-    # recompute from scratch: the same kept tokens (the reader's seeded chunk order, regrouped block by
-    # block for the reference formulas), a dense h, definitions
+    # recompute from scratch. With the reference formulas the tokens are whole windows: the blocks in the
+    # order the reader's seeded chunk order first reaches them, each block's windows in text order, until
+    # at least 1500 kept tokens; both columns on exactly those tokens, a dense h, definitions
     cache, sae = open_cache(cache_path), load_sae(run)
-    n_lat = sae.cfg.n_latents
-    reader = ChunkReader(cache, layers=layers)
-    blocks = [cache.layout.chunk_range(int(c))[0] // cache.layout.block_tokens for c in reader.order(0)]
-    first_seen = {b: blocks.index(b) for b in blocks}
-    order = sorted(reader.order(0).tolist(), key=lambda c: first_seen[c * 256 // cache.layout.block_tokens])
-    xs, used, left = [], [], 1500
-    for ch in reader.iter_chunks(order):
-        rows = ch.keep.nonzero().squeeze(1)[:left]
-        xs.append(ch.acts[:, rows].float())
-        used.append(ch.start + rows)
-        left -= len(rows)
-        if left == 0:
-            break
-    x, used = torch.cat(xs, 1), torch.cat(used)
+    n_lat, ctx = sae.cfg.n_latents, cache.layout.context
+    seq, pos, keep = (cache.read_tokens(n).long() for n in ("seq", "pos", "keep"))
+    blocks = [cache.layout.chunk_range(int(c))[0] // cache.layout.block_tokens for c in ChunkReader(cache).order(0)]
+    per_block = cache.layout.block_tokens // ctx
+    chosen, total = [], 0
+    for b in dict.fromkeys(blocks):
+        for w in range(b * per_block, (b + 1) * per_block):
+            if total < 1500:
+                chosen.append(w)
+                total += int((keep & (seq == w)).sum())
+    assert saved.tokens == total >= 1500 and len(set(blocks)) > 1
+    rank = {w: chosen.index(w) for w in chosen}  # blocks in the order reached, windows in text order
+    used = torch.tensor(
+        sorted(
+            torch.nonzero(keep & torch.isin(seq, torch.tensor(chosen))).squeeze(1).tolist(),
+            key=lambda i: (rank[int(seq[i])], int(pos[i])),
+        ),
+    )
+    x = torch.cat([cache.read(layer)[used].float().unsqueeze(0) for layer in layers])
     with torch.no_grad():
         values, indices = sae.encode(x)
     want = brute_force(dense(values, indices, n_lat))
@@ -354,28 +360,23 @@ def test_run_variance_writes_files_whose_numbers_recompute(tiny_run, tmp_path):
         assert getattr(saved.variances, key) == pytest.approx(want[key], rel=1e-6), key
     for key in ("per_token_mean", "per_token_pooled", "aggregated"):
         assert getattr(saved.multi_layer, key) == pytest.approx(want[key], rel=1e-6), key
-    # the reference formulas: windows whose every kept token was used, in text order (by window, then
-    # position), consecutive tokens cut into batches of 256; windows cut off by the budget left out
-    seq, pos, keep = (cache.read_tokens(n).long() for n in ("seq", "pos", "keep"))
-    complete = [w for w in seq[used].unique().tolist() if int((keep & (seq == w)).sum()) == int((seq[used] == w).sum())]
-    assert 0 < len(complete) < len(seq[used].unique())  # the budget does cut a window short here
-    text_order = sorted(range(len(used)), key=lambda i: (int(seq[used[i]]), int(pos[used[i]])))
-    text_order = [i for i in text_order if int(seq[used[i]]) in complete]
-    rv, ri = values[:, text_order], indices[:, text_order]
-    n_batches = len(text_order) // 256
+    # the reference formulas: those windows in text order, consecutive tokens cut into batches of 256
+    n_batches = len(used) // 256
     ref_batches = [
-        reference_metric_dense(dense(rv[:, s : s + 256], ri[:, s : s + 256], n_lat))
+        reference_metric_dense(dense(values[:, s : s + 256], indices[:, s : s + 256], n_lat))
         for s in range(0, n_batches * 256, 256)
     ]
     assert saved.reference.batches == n_batches >= 2
     for key in ("exp_var_l_f", "rel_var_f", "rel_var_t"):
         assert getattr(saved.reference, key) == pytest.approx(sum(b[key] for b in ref_batches) / n_batches, rel=1e-6)
-    # shuffled batches of the same tokens give another number: the order is what this checks
-    shuffled = [
-        reference_metric_dense(dense(values[:, s : s + 256], indices[:, s : s + 256], n_lat))
+    # batches of the same tokens in the cache's shuffled order give another number: the order is what this checks
+    shuffled = torch.argsort(used)
+    sv, si = values[:, shuffled], indices[:, shuffled]
+    other = [
+        reference_metric_dense(dense(sv[:, s : s + 256], si[:, s : s + 256], n_lat))
         for s in range(0, n_batches * 256, 256)
     ]
-    assert sum(b["rel_var_t"] for b in shuffled) / n_batches != pytest.approx(saved.reference.rel_var_t, rel=1e-6)
+    assert sum(b["rel_var_t"] for b in other) / n_batches != pytest.approx(saved.reference.rel_var_t, rel=1e-6)
 
     t = load_file(str(out / "layer_distribution.safetensors"))
     h = dense(values, indices, n_lat)
@@ -383,7 +384,7 @@ def test_run_variance_writes_files_whose_numbers_recompute(tiny_run, tmp_path):
     m = t["mass"].sum(1)
     assert torch.allclose(t["p_layer_given_latent"][m > 0], (h.sum(1).T / h.sum((0, 1)).unsqueeze(1))[m > 0], rtol=1e-6)
     assert t["mean_layer"].shape == t["var_layer"].shape == (n_lat,)
-    assert summary.tokens == 1500 and summary.tokens_per_s > 0
+    assert summary.tokens == total and summary.tokens_per_s > 0
     assert not any(isinstance(v, float) and math.isnan(v) for v in asdict(summary.variances).values())
 
 
