@@ -124,7 +124,7 @@ def check_same_space(record: RunRecord, cache: Any, purpose: str) -> None:
         raise CacheMismatchError(
             f"{what} with d_model {theirs['d_model']}, but {trained} with d_model {record.sae.d_model}: {fix}"
         )
-    if mine["identity"] is not None:
+    if mine["identity"]:  # else (None or {}: an old record or cache that names its model only) by name, below
         shared = sorted(set(mine["identity"]) & set(theirs["identity"]))
         differ = [k for k in shared if mine["identity"][k] != theirs["identity"][k]]
         if differ or not shared:

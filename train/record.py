@@ -70,7 +70,7 @@ class CacheRef:
             lens=cache.lens_record,
             dtype=cache.layout.dtype,
             n_tokens=cache.layout.n_tokens,
-            model_identity=json.loads(json.dumps(meta["model"].get("identity") or {})),
+            model_identity=json.loads(json.dumps(meta["model"].get("identity") or None)),
         )
 
 
