@@ -93,7 +93,10 @@ def _delta_ce(
 
 def _resid(cache: str, sae: Optional[Path], tokens: Optional[int], out: Path, device: str) -> None:
     from analyze.geometry import format_resid, run_mmcs, run_resid
+    from train.inputs import open_inputs
 
+    if sae is not None:  # the decoder's MMCS is reported next to this cache's geometry: the same space
+        open_inputs(sae, cache, purpose="analyze resid --run")
     res = run_resid(cache, out, tokens=tokens, device=device)
     _show(format_resid(res, run_mmcs(sae, out, device) if sae is not None else None))
 
@@ -184,13 +187,14 @@ def prompt(
     text: str = typer.Argument(..., help="The prompt."),
     sae: Path = SAE,
     model: Optional[str] = MODEL,
+    cache: Optional[str] = CACHE,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: the run folder)."),
     device: str = DEVICE,
 ) -> None:
     """The latent x layer heatmap of one prompt, and which latents fire at which layers for each token."""
     from analyze.prompt import run_prompt
 
-    run_prompt(sae, text, model=model, out_dir=out or sae, device=device, console=console)
+    run_prompt(sae, text, model=model, out_dir=out or sae, device=device, cache=cache, console=console)
 
 
 @app.command()
@@ -242,10 +246,12 @@ def report(
     from analyze.prompt import run_prompt
     from analyze.report import clear_results, find_browser, provenance, report_folder
     from analyze.training import run_training
+    from train.inputs import open_inputs
 
     dirs = [*sae, *(runs or [])]
     main_run = dirs[0]
     cache_path = _cache_of(main_run, cache)
+    open_inputs(main_run, cache_path, purpose="analyze report", heldout=True)  # before any earlier result is cleared
     folder = out if out is not None else main_run / "analysis"
     prov = provenance(dirs, cache_path)
     clear_results(folder)  # results of an earlier report must not pass for this one's

@@ -55,13 +55,12 @@ import torch
 from torch import Tensor
 
 from analyze.results import DELTA_CE_BASELINES, DeltaCeResult, WindowSource
-from harvest import open_cache
 from harvest.atomic import atomic_savefig
 from harvest.errors import ModelError, UserError
 from harvest.models import ModelSource, load_bridge, load_tokenizer, resolve_device, resolve_model
 from harvest.run import TORCH_DTYPES
 from harvest.text import iter_documents, make_windows, resolve_dataset
-from train.record import RunError, load_run
+from train.inputs import open_inputs
 from train.special import SpecialTokens
 from train.split import HeldOut
 
@@ -530,12 +529,8 @@ def run_delta_ce(
     The cache (default: the one recorded by the run) supplies the model, hook, tokenization settings and,
     unless `dataset` is given, the windows; `split`/`text_column`/`dataset_config` default to the cache's."""
     t0 = time.time()
-    record = load_run(run_dir)
-    cache = open_cache(cache_path or record.cache.path)
-    if cache.fingerprint != record.cache.fingerprint:
-        raise RunError(
-            f"{run_dir} was trained on cache {record.cache.path}, not on {cache.path}: pass its own cache with --cache"
-        )
+    inputs = open_inputs(run_dir, cache_path, purpose="analyze delta-ce", heldout=True)
+    record, cache = inputs.record, inputs.cache
     spec = cache.meta["spec"]
     if tokens < 1:
         raise DeltaCeError(f"tokens = {tokens}: pass --tokens >= 1")

@@ -44,12 +44,12 @@ from torch import Tensor
 
 from analyze.layers import LayerDistribution, _distributed
 from analyze.results import ExamplesSummary, to_jsonable
-from harvest import open_cache
 from harvest.atomic import atomic_write, atomic_write_json
-from harvest.errors import CacheError, SpecError
+from harvest.errors import SpecError
 from harvest.memory import require
+from train.inputs import open_inputs
 from train.objectives import FIRE_THRESHOLD
-from train.record import RunError, RunRecord, load_run
+from train.record import RunError, RunRecord
 from train.special import SpecialTokens
 
 EXAMPLES_JSON = "examples.json"
@@ -422,11 +422,11 @@ class ExamplesError(RunError):
     """Bad input to `analyze examples`."""
 
 
-def _work_key(record: RunRecord, **args: Any) -> str:
+def _work_key(record: RunRecord, cache_fingerprint: str, **args: Any) -> str:
     """What a checkpoint must match to be resumed: the SAE file, the cache and every argument."""
     st = (record.dir / "sae.safetensors").stat()
     return json.dumps(
-        {"sae": [str(record.dir.resolve()), st.st_size, st.st_mtime_ns], "cache": record.cache.fingerprint, **args},
+        {"sae": [str(record.dir.resolve()), st.st_size, st.st_mtime_ns], "cache": cache_fingerprint, **args},
         sort_keys=True,
     )
 
@@ -464,7 +464,6 @@ def run_examples(
     from train.latents import iter_latents
 
     sae_dir = Path(sae_dir)
-    record = load_run(sae_dir)
     if tokens is not None and tokens < 1:
         raise SpecError(f"--tokens must be positive, got {tokens}")
     if top < 1 or context < 0 or logits < 0 or samples < 1:
@@ -473,17 +472,13 @@ def run_examples(
             f"{logits}"
         )
     out_dir = Path(out_dir) if out_dir is not None else sae_dir / "latents"
-    layers = record.layers
-    cache = open_cache(cache_path or record.cache.path)
+    inputs = open_inputs(sae_dir, cache_path, purpose="analyze examples" + " --heldout" * heldout, heldout=heldout)
+    record, cache, layers = inputs.record, inputs.cache, inputs.record.layers
+    if not inputs.trained_on:
+        log(f"reading {inputs.describe()}")
     cache.require_complete()
-    if cache.fingerprint != record.cache.fingerprint:
-        raise ExamplesError(
-            f"{sae_dir} was trained on cache {record.cache.path}, not on {cache.path}: pass its own cache with --cache"
-        )
     dev = resolve_device(device)
     sae = record.load_sae(dev)
-    if sae.cfg.d_model != cache.layout.d_model:
-        raise CacheError(f"the SAE has d_model {sae.cfg.d_model}, {cache.path} holds {cache.layout.d_model}")
     special = SpecialTokens.of(record.special_tokens, cache)  # the tokens (and vectors) the run trained on
     F, L, C = sae.cfg.n_latents, len(layers), cache.layout.context
     # the top lists (a float32 value and an int64 id per entry, over all layers and per layer), about 3x over
@@ -494,7 +489,15 @@ def run_examples(
     with _distributed() as (rank, world):
         budget = None if tokens is None else tokens // world + (rank < tokens % world)
         key = _work_key(
-            record, tokens=tokens, top=top, samples=samples, seed=seed, world=world, special=special.mode, held=heldout
+            record,
+            cache.fingerprint,
+            tokens=tokens,
+            top=top,
+            samples=samples,
+            seed=seed,
+            world=world,
+            special=special.mode,
+            held=heldout,
         )
         work = out_dir / WORK_DIR
         ckpt = work / f"rank{rank}.safetensors"

@@ -48,9 +48,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from analyze.results import LayerVariances, MultiLayer, ReferenceFormulas, VarianceResult
-from harvest import ChunkReader, open_cache
+from harvest import ChunkReader
 from harvest.atomic import atomic_write
-from harvest.errors import CacheError, SpecError
+from harvest.errors import SpecError
 from train.objectives import FIRE_THRESHOLD
 from train.special import SpecialTokens
 
@@ -543,21 +543,17 @@ def run_variance(
     over ranks, and rank 0 alone writes. Writes variance.json, layer_distribution.safetensors and two
     PNG figures into `out_dir`; returns the result (the content of variance.json)."""
     from harvest.models import resolve_device
-    from train.record import load_run
+    from train.inputs import open_inputs
 
     if tokens < 1:
         raise SpecError(f"--tokens must be positive, got {tokens}")
     sae_dir, out_dir = Path(sae_dir), Path(out_dir)
-    record = load_run(sae_dir)
-    layers = record.layers
-    cache = open_cache(cache_path)
+    inputs = open_inputs(sae_dir, cache_path, purpose="analyze variance")
+    record, cache, layers = inputs.record, inputs.cache, inputs.record.layers
+    if not inputs.trained_on:
+        log(f"reading {inputs.describe()}")
     dev = resolve_device(device)
     sae = record.load_sae(dev)
-    if sae.cfg.d_model != cache.layout.d_model:
-        raise CacheError(
-            f"the SAE in {sae_dir} has d_model {sae.cfg.d_model} but {cache.path} holds "
-            f"d_model {cache.layout.d_model}: pass the cache the SAE was trained on"
-        )
     with _distributed() as (rank, world):
         reader = ChunkReader(
             cache,

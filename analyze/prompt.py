@@ -27,9 +27,9 @@ import torch
 
 from analyze.layers import DEFINITIONS
 from analyze.results import PromptLatents, PromptResult, PromptToken, TopLatent
-from harvest import UserError, open_cache
+from harvest import UserError
 from harvest.atomic import atomic_savefig
-from harvest.errors import CacheError, ModelError
+from harvest.errors import ModelError
 
 PROMPT_PNG = "prompt.png"
 
@@ -108,22 +108,15 @@ def run_prompt(
     (default: the run folder, as the other analyses) and, when `show`, print the per-token table.
 
     `model` overrides the cache's model (same architecture and d_model); `cache` overrides the cache path
-    recorded in the run's config.json (when the cache was moved)."""
+    recorded in the run's config.json: its new location, or another harvest of the same model (train/inputs.py)."""
     from harvest.models import load_bridge, load_tokenizer, resolve_device, resolve_model
     from harvest.run import TORCH_DTYPES, forward_layers
-    from train.record import load_run
+    from train.inputs import open_inputs
 
     sae_dir = Path(sae_dir)
-    record = load_run(sae_dir)
-    layers = record.layers
-    cache_path = cache or record.cache.path  # a path or a URL
-    try:
-        c = open_cache(cache_path)
-    except CacheError:
-        raise PromptError(
-            f"the run's cache {cache_path} is not readable (its metadata holds the tokenization): "
-            f"pass --cache with its current location"
-        )
+    inputs = open_inputs(sae_dir, cache, purpose="analyze prompt")  # the cache's metadata holds the tokenization
+    record, c, layers = inputs.record, inputs.cache, inputs.record.layers
+    cache_path = cache or record.cache.path  # a path or a URL, as given
     spec, tok_meta = c.meta.get("spec", {}), c.meta.get("tokenizer", {})
     device = resolve_device(device)
     sae = record.load_sae(device)

@@ -24,10 +24,10 @@ from analyze.results import (
     ReconstructionResult,
     RunReconstruction,
 )
-from harvest import open_cache
 from harvest.atomic import atomic_open, atomic_savefig
 from harvest.models import resolve_device
 from train.evaluate import evaluate
+from train.inputs import open_inputs
 from train.record import RunError, RunRecord, load_run
 from train.special import SpecialTokens
 
@@ -86,8 +86,8 @@ def run_reconstruction(
     `special_tokens` (train/special.py) to the first run's training mode."""
     if not run_dirs:
         raise RunError("no run given: pass at least one --sae RUN folder")
-    records = [load_run(d) for d in run_dirs]
-    cache = open_cache(cache_path or records[0].cache.path)
+    lead = open_inputs(run_dirs[0], cache_path, purpose="analyze reconstruction", heldout=True)
+    records, cache = [lead.record, *(load_run(d) for d in run_dirs[1:])], lead.cache
     cache.require_complete()
     check_same_cache(records, cache)
     heldout = records[0].heldout.limited(tokens, cache)

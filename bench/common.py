@@ -1,13 +1,22 @@
-"""Timing helpers shared by the benchmarks (imported as `bench.common`; each script puts the repo root
-on sys.path). Other jobs on a small machine skew wall times, so every timing comes with a CPU share."""
+"""Timing helpers shared by the benchmarks (imported as `bench.common`: scripts run as modules from the repo
+root, `python -m bench.NAME`, or put the repo root on sys.path themselves). Other jobs on a small machine
+skew wall times, so every timing comes with a CPU share."""
 
 from __future__ import annotations
 
 import os
 import statistics
+import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
+
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:  # run by its path
+    raise SystemExit(
+        f"bench/ is first on sys.path, where bench/harvest.py and bench/analyze.py shadow the packages of those "
+        f"names: run it from the repository root as a module, python -m bench.{Path(sys.argv[0]).stem}"
+    )
 
 
 def sync(device: str) -> None:

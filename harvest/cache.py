@@ -509,9 +509,6 @@ class Cache:
     def manifest_path(self, b: int) -> Path:
         return self.path / self.manifest_key(b)
 
-    def stats_path(self, b: int) -> Path:
-        return self.path / self.stats_key(b)
-
     def manifests(self, refresh: bool | str = False) -> dict[int, BlockManifest]:
         """Every committed block's manifest, parsed and checked against the cache's metadata: THE definition
         of a complete block, for every command. `refresh` lists again and fetches only new manifests (they
@@ -567,9 +564,6 @@ class Cache:
 
     def manifest_block(self, key: str) -> int:
         return int(key.rsplit("-", 1)[1].split(".")[0])
-
-    def block_entry(self, b: int) -> BlockManifest | None:
-        return self.manifests().get(b)
 
     def complete_blocks(self) -> list[int]:
         return sorted(self.manifests(refresh=True))

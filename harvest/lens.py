@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_copy, atomic_torch_save, atomic_write_json
+from .atomic import atomic_torch_save, atomic_write_json
 from .errors import UserError
 
 HUB_REPO = "AlignmentResearch/tuned-lens"  # a Hugging Face *space*; lenses live under lens/<model id>/
@@ -332,11 +332,6 @@ class LensSource:
             "translators": {str(l): translator_for_block_output(l, n_layers) for l in layers},
             "config": json.loads((self.folder / CONFIG_FILE).read_text()),
         }
-
-    def copy_to(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        for f in (CONFIG_FILE, PARAMS_FILE):
-            atomic_copy(self.folder / f, folder / f)
 
 
 def resolve_lens(value: str, model_hub_id: str | None) -> LensSource | None:

@@ -140,7 +140,6 @@ class ChunkReader:
         self._codec = {name: _inner_codec(cache.array_meta[name]) for name in ["acts", *TOKEN_ARRAYS]}
         if not all(self._codec.values()):
             raise CacheError(f"{cache.location} uses codecs this reader does not know: re-harvest it")
-        self.fast = True
         self._checked_index: set[str] = set()
         self._fix = f"run `harvest verify {cache.location}` and re-harvest the damaged blocks"
         # one chunk's ranged GETs in flight together on an object store (latency, not bandwidth, is the limit)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from analyze.prompt import PromptError, prompt_stats, run_prompt, tokenize_promp
 from analyze.report import provenance, report_folder
 from analyze.results import MmcsResult, PromptResult, ResidResult
 from harvest import open_cache
+from harvest.errors import CacheError
 from harvest.run import harvest
 from harvest.spec import CacheSpec
 from train.config import TrainConfig
@@ -193,8 +196,15 @@ def test_prompt_user_errors(gsae, neox_dir, tmp_path):
         tokenize_prompt(PROMPT * 20, tok, False, max_tokens=32)
     with pytest.raises(RunError, match="train run"):
         run_prompt(tmp_path, PROMPT, out_dir=tmp_path, device="cpu", show=False)
-    with pytest.raises(PromptError, match="--cache"):
+    with pytest.raises(CacheError, match="not a cache"):  # the cache given, as every analysis says it (train/inputs.py)
         run_prompt(gsae, PROMPT, out_dir=tmp_path, device="cpu", cache=tmp_path / "gone", show=False)
+    moved = tmp_path / "moved"  # the run's recorded cache is gone: the run's own error names --cache
+    shutil.copytree(gsae, moved)
+    record = json.loads((moved / "config.json").read_text())
+    record["cache"]["path"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(record))
+    with pytest.raises(RunError, match="--cache"):
+        run_prompt(moved, PROMPT, out_dir=tmp_path, device="cpu", show=False)
 
 
 # ---------------------------------------------------------------------------------------------

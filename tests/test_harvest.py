@@ -127,7 +127,6 @@ def test_include_real_keeps_the_real_special_vectors_and_include_is_its_old_name
 def test_fast_reader_equals_zarr_python(cache_path):
     cache = open_cache(cache_path)
     reader = ChunkReader(cache, seed=3, prefetch=3)
-    assert reader.fast
     seen = []
     for chunk in reader:
         s = chunk.start

@@ -105,6 +105,9 @@ def export(
     push_to_hub: Optional[str] = typer.Option(
         None, "--push-to-hub", help="Also upload it to this Hub repo (NAME/REPO)."
     ),
+    cache: Optional[str] = typer.Option(
+        None, "--cache", help="Cache folder or URL (default: the run's; or another harvest of its model)."
+    ),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="delphi: kept tokens to stream (default: all)."),
     splits: int = typer.Option(5, "--splits", help="delphi: latent ranges per module (files; memory per split)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda or cuda:N."),
@@ -119,6 +122,7 @@ def export(
         format,
         out if out is not None else run / format,
         push_to_hub=push_to_hub,
+        cache_path=cache,
         tokens=tokens,
         splits=splits,
         device=device,

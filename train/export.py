@@ -460,14 +460,18 @@ def export_run(
     fmt: str,
     out: str | Path,
     push_to_hub: str | None = None,
+    cache_path: str | Path | None = None,
     tokens: int | None = None,
     splits: int = 5,
     device: str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Export a finished run as `fmt` into `out` (see the module doc); optionally upload it to `push_to_hub`."""
+    """Export a finished run as `fmt` into `out` (see the module doc); optionally upload it to `push_to_hub`.
+    `cache_path` (default: the run's) supplies the model's metadata, and delphi's windows: any harvest of the
+    run's model (train/inputs.py)."""
     from harvest.models import resolve_device
+    from train.inputs import open_inputs
 
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
@@ -485,7 +489,10 @@ def export_run(
     t0 = time.time()
     dev = resolve_device(device)
     sae = record.load_sae(dev)
-    cache = _open_cache(record)
+    inputs = open_inputs(record, cache_path, purpose="train export")
+    cache = inputs.cache
+    if not inputs.trained_on:
+        log(f"reading {inputs.describe()}")
     if fmt == "delphi":
         cache.require_complete()
     cache_meta = cache.meta
@@ -507,6 +514,7 @@ def export_run(
             "parts": parts,
             "layers": record.layers,
             "cache_fingerprint": record.cache.fingerprint,
+            "read_cache_fingerprint": cache.fingerprint,  # the training cache's, or another harvest's of its model
             "seconds": time.time() - t0,
             **extra,
         }
@@ -535,16 +543,3 @@ def export_run(
         result["hub"] = str(url)
         log(f"uploaded to {url}")
     return result
-
-
-def _open_cache(record: RunRecord) -> Any:
-    """The run's cache (its metadata: model, spec, tokenizer; and its tokens for delphi)."""
-    from harvest import open_cache
-
-    try:
-        return open_cache(record.cache.path)
-    except UserError:
-        raise ExportError(
-            f"the run's cache {record.cache.path} is not readable from here: the export records its model, "
-            f"hook and tokenizer settings; restore the cache (its metadata suffices) or run where it is"
-        )

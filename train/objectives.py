@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from harvest.moments import Moments
@@ -177,19 +176,6 @@ class FvuAccumulator:
 
     def to(self, device: str | torch.device) -> FvuAccumulator:
         return FvuAccumulator(self.sse.to(device), self.moments.to(device))
-
-    def synced(self, group=None) -> FvuAccumulator:
-        """Merged over all ranks of `group` (every rank gets the same result; merged in rank order)."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        packed = torch.cat([self.sse[:, None], self.n[:, None], self.mean, self.m2], 1)
-        parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, packed, group=group)
-        d = self.mean.shape[1]
-        acc = FvuAccumulator.zeros(*self.mean.shape, device=packed.device)
-        for p in parts:
-            acc = acc.merge(FvuAccumulator(p[:, 0], Moments(p[:, 1], p[:, 2 : 2 + d], p[:, 2 + d :])))
-        return acc
 
     def denominators(self) -> tuple[Tensor, Tensor]:
         """(scalar-variance, per-feature) sums of squared deviations, [L] each."""

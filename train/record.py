@@ -56,6 +56,7 @@ class CacheRef:
     lens: dict[str, Any] | None = None  # the tuned lens the vectors went through (harvest's record), or None
     dtype: str | None = None
     n_tokens: int | None = None
+    model_identity: dict[str, Any] | None = None  # the harvest's model identity (train/inputs.py compares it)
 
     @classmethod
     def of(cls, cache: Any) -> CacheRef:
@@ -69,6 +70,7 @@ class CacheRef:
             lens=cache.lens_record,
             dtype=cache.layout.dtype,
             n_tokens=cache.layout.n_tokens,
+            model_identity=json.loads(json.dumps(meta["model"].get("identity") or None)),
         )
 
 

@@ -1,8 +1,11 @@
 """Training benchmark, run by hand: prints numbers, asserts nothing (not part of the test suite).
 
-    python bench/train.py --cache caches/gemma-3-270m-sotu [--expansion-factor 8] [-k 32] [--batch-tokens 256]
-                          [--steps 20] [--layers all|L] [--device auto] [--eval-tokens 0] [--dead-tokens N]
-                          [--sweep-expansion 4,8] [--sweep-k 16,32] [--repeats 1] [--out DIR]
+    python -m bench.train_loop --cache caches/gemma-3-270m-sotu [--expansion-factor 8] [-k 32] [--batch-tokens 256]
+                               [--steps 20] [--layers all|L] [--device auto] [--eval-tokens 0] [--dead-tokens N]
+                               [--sweep-expansion 4,8] [--sweep-k 16,32] [--repeats 1] [--out DIR]
+
+(from the repository root, as a module: run by its path, bench/ would come first on sys.path, where
+bench/harvest.py and bench/analyze.py shadow the packages of those names).
 
 Everything runs on the SAME cache, the same shapes (d = the cache's d_model, n_latents = expansion_factor
 x d, k) and the same batches (batch_tokens tokens x n_layers vectors):
@@ -32,42 +35,34 @@ Run outputs go to a temporary folder (removed afterwards) unless --out is given.
 
 from __future__ import annotations
 
+import argparse
+import gc
+import json
 import os
-import sys
+import shutil
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
-# `python bench/train.py` puts bench/ first on sys.path, where bench/harvest.py would shadow the
-# `harvest` package: put the repository root there instead.
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
-sys.path.insert(0, str(_BENCH_DIR.parent))
+import torch
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
-
-import torch  # noqa: E402
-
-import train.loop as tloop  # noqa: E402
-from bench.common import cpu_seconds, cpu_share, fmt_rate, print_summary, sync  # noqa: E402
-from harvest import open_cache  # noqa: E402
-from harvest.env import Dist  # noqa: E402
-from harvest.models import resolve_device  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
-from train.data import MinibatchStream  # noqa: E402
-from train.record import CacheRef, RunRecord  # noqa: E402
-from train.sae import SaeConfig  # noqa: E402
-from train.special import SpecialTokens  # noqa: E402
-from train.split import HeldOut, choose_heldout  # noqa: E402
+from bench.common import cpu_seconds, cpu_share, fmt_rate, print_summary, sync
+from harvest import open_cache
+from harvest.env import Dist
+from harvest.models import resolve_device
+from train import loop as tloop
+from train.config import TrainConfig
+from train.data import MinibatchStream
+from train.record import CacheRef, RunRecord
+from train.sae import SaeConfig
+from train.special import SpecialTokens
+from train.split import HeldOut, choose_heldout
 
 ORIG = {name: getattr(tloop, name) for name in ["_step", "evaluate", "_init_b_pre", "_checkpoint", "MinibatchStream"]}
 
@@ -104,7 +99,7 @@ def tree_note() -> str:
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--", "train", "harvest"],
-            cwd=_BENCH_DIR.parent,
+            cwd=Path(__file__).resolve().parent.parent,
             capture_output=True,
             text=True,
             timeout=10,
