@@ -40,6 +40,9 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 
 
+_WARNED: set[Path] = set()  # run folders of an older format this process already warned about (once each)
+
+
 class RunError(UserError):
     """A run folder is missing, unfinished, corrupt, or does not match the other runs or the cache."""
 
@@ -170,6 +173,9 @@ class RunRecord:
         checking the weights' sha256 against the record's."""
         weights = self.dir / WEIGHTS_FILE
         if self.format_version < 3:
+            if self.dir in _WARNED:
+                return None
+            _WARNED.add(self.dir)
             print(
                 f"warning: {self.dir} is a run folder of format {self.format_version}, written before weights "
                 f"were bound to their record: {WEIGHTS_FILE} is not checked against {CONFIG} (retrain to bind them)",
