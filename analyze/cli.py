@@ -123,7 +123,7 @@ def convergence(
     sae: Path = SAE,
     tokens: int = typer.Option(10_000_000, "--tokens", help="Kept tokens for each point's variance ratios."),
     seeds: Optional[list[Path]] = typer.Option(
-        None, "--seeds", help="Runs trained like one point of --sae with other seeds: error bars there (repeat)."
+        None, "--seeds", help="Runs trained like --sae with other seeds: error bars where they have a point (repeat)."
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <sae>/analysis/convergence)."),
     device: str = DEVICE,

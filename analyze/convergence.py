@@ -4,9 +4,9 @@
 <RUN>/snapshots/tokens-<n>) and the run itself are the points along training. At each point: the held-out
 FVU (both definitions, from the point's summary.json) and both variance ratios, proper and by the
 reference code's formulas (`analyze variance --reference-formulas` on the point's folder, run where its
-variance.json is missing or holds fewer tokens). `--seeds` adds runs trained like one of the points with
-other seeds: the spread (mean +- sample standard deviation over the point's run and the seeds) becomes
-error bars at that point. Writes convergence.json, convergence.csv and convergence.png.
+variance.json is missing or holds fewer tokens). `--seeds` adds runs trained like it with other seeds: at
+every point they all have (snapshot or end), the spread (mean +- sample standard deviation over the run
+and the seeds) becomes error bars. Writes convergence.json, convergence.csv and convergence.png.
 
 `seed_spread` is the spread alone (docs/results_seeds.md's table).
 """
@@ -124,18 +124,18 @@ def run_convergence(
     convergence.json / .csv / .png into `out_dir` and returns the JSON's content."""
     out_dir = Path(out_dir)
     points = [measure(f, tokens, device, log) for f in training_points(run)]
-    seeded = [measure(f, tokens, device, log) for f in seeds]
-    spread = None
-    if seeded:
-        at = {s.tokens for s in seeded}
-        match = [p for p in points if p.tokens in at]
-        if len(at) != 1 or not match:
-            raise ResultError(
-                f"--seeds must be runs of one training-token count that is a point of {run} "
-                f"({sorted(p.tokens for p in points)}); got {sorted(at)}"
-            )
-        spread = {"tokens": match[0].tokens, "runs": [match[0].run, *(s.run for s in seeded)]}
-        spread["spread"] = [asdict(s) for s in seed_spread([match[0], *seeded])]
+    seeded = [[measure(f, tokens, device, log) for f in training_points(s)] for s in seeds]
+    spread = []  # at every point that each seed run also has (its snapshots and its end)
+    for p in points:
+        same = [next((q for q in pts if q.tokens == p.tokens), None) for pts in seeded]
+        if seeded and all(same):
+            runs = [p.run, *(q.run for q in same)]
+            spread.append({"tokens": p.tokens, "runs": runs, "spread": [asdict(x) for x in seed_spread([p, *same])]})
+    if seeded and not spread:
+        raise ResultError(
+            f"--seeds must be runs with a point (snapshot or end) at a training-token count of {run} "
+            f"({sorted(p.tokens for p in points)}): train them like it with other seeds"
+        )
     result = {"run": str(run), "points": [asdict(p) for p in points], "seeds": spread, "quantities": QUANTITIES}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / JSON, result)
@@ -153,14 +153,13 @@ def _csv(points: list[Point]) -> str:
     return buf.getvalue()
 
 
-def _figure(points: list[Point], spread: dict | None, path: Path) -> None:
+def _figure(points: list[Point], spread: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x = [p.tokens for p in points]
-    bars = {s["quantity"]: s for s in spread["spread"]} if spread else {}
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     panels = [
         (a, ["ratio_token", "ref_ratio_token", "ratio_latent", "ref_ratio_latent"], "variance ratio"),
@@ -169,16 +168,16 @@ def _figure(points: list[Point], spread: dict | None, path: Path) -> None:
     for ax, names, label in panels:
         for q in names:
             ax.plot(x, [getattr(p, q) for p in points], "o--" if q.startswith("ref") else "o-", label=QUANTITIES[q])
-            if q in bars:
-                s = bars[q]
-                ax.errorbar([spread["tokens"]], [s["mean"]], yerr=[s["std"]], fmt="none", ecolor="k", capsize=4)
+            for at in spread:  # mean +- std over the seeds at that point
+                s = next(x for x in at["spread"] if x["quantity"] == q)
+                ax.errorbar([at["tokens"]], [s["mean"]], yerr=[s["std"]], fmt="none", ecolor="k", capsize=4)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("training tokens")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     a.axhline(0.1, color="grey", lw=0.8, ls=":")  # the claim's threshold
-    title = "along training" + (f"; error bars: {len(spread['runs'])} seeds (mean +- std)" if spread else "")
+    title = "along training" + (f"; error bars: {len(spread[0]['runs'])} seeds (mean +- std)" if spread else "")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
@@ -191,8 +190,7 @@ def format_convergence(result: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in result["points"]:
         lines.append(f"| {p['tokens']:,} | " + " | ".join(f"{p[q]:.4f}" for q in QUANTITIES) + " |")
-    if result["seeds"]:
-        s = result["seeds"]
+    for s in result["seeds"]:
         cells = " | ".join(f"{x['mean']:.4f} +- {x['std']:.4f}" for x in s["spread"])
         lines.append(f"| {s['tokens']:,}, {len(s['runs'])} seeds | {cells} |")
     return "\n".join(lines)

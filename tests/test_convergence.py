@@ -38,9 +38,10 @@ def test_points_along_training_and_the_seed_spread_recompute(docs_cache, tmp_pat
         )
     assert points[0]["fvu"] != points[-1]["fvu"]
     # the spread at 512 tokens: the run's snapshot there and the other seed
-    spread = {s["quantity"]: s for s in res["seeds"]["spread"]}
+    [at] = res["seeds"]  # the one point all runs have
+    spread = {s["quantity"]: s for s in at["spread"]}
     both = [points[1]["ratio_token"], VarianceResult.load(seed).variances.ratio_token]
-    assert res["seeds"]["tokens"] == 512 and spread["ratio_token"]["n"] == 2
+    assert at["tokens"] == 512 and spread["ratio_token"]["n"] == 2
     assert spread["ratio_token"]["mean"] == pytest.approx(statistics.mean(both))
     assert spread["ratio_token"]["std"] == pytest.approx(statistics.stdev(both)) and spread["ratio_token"]["std"] > 0
     with open(tmp_path / "conv" / "convergence.csv") as f:
@@ -48,6 +49,8 @@ def test_points_along_training_and_the_seed_spread_recompute(docs_cache, tmp_pat
     assert rows[0][:3] == ["tokens", "fvu", "fvu_feature"] and [r[0] for r in rows[1:]] == ["256", "512", "1024"]
     assert (tmp_path / "conv" / "convergence.png").stat().st_size > 1000
     assert "| 512, 2 seeds |" in format_convergence(res)
-    # seeds must match a point
-    with pytest.raises(ResultError, match="--seeds must be runs of one training-token count"):
-        run_convergence(seed, 10**9, tmp_path / "bad", seeds=[run], log=lambda s: None)
+    # seeds must share a point with the run
+    with pytest.raises(ResultError, match="--seeds must be runs with a point"):
+        run_convergence(
+            seed, 10**9, tmp_path / "bad", seeds=[run / "snapshots" / "tokens-000000256"], log=lambda s: None
+        )
