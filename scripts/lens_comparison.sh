@@ -14,5 +14,5 @@ RUN=runs/lens/gemma-3-270m-sotu-lens-mlsae-x8-k32
 [ -f "$LENS/params.pt" ] || harvest lens train --out "$LENS"
 harvest run --config cache_spec.yaml --lens "$LENS" --out caches/gemma-3-270m-sotu-lens
 train run --config train_config.yaml --cache caches/gemma-3-270m-sotu-lens --out "$RUN"
-analyze report --sae "$RUN" --tokens 40960 --delta-ce-tokens 1024
+analyze report --run "$RUN" --tokens 40960 --delta-ce-tokens 1024
 analyze compare "$PLAIN/analysis" "$RUN/analysis" --label "no lens" --label "tuned lens" --out runs/lens/compare

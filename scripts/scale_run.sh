@@ -20,7 +20,7 @@ train sweep --cache "$C" --layers all,4,9,14 --expansion-factor 8 -k 32 --tokens
   --lr 5e-4 --dead-tokens 250000 --eval-tokens 65536 --eval-every 64 --checkpoint-every 64 --log-every 16 \
   --out runs/scale
 R=runs/scale/$(basename "$C")
-analyze report --sae "$R-mlsae-x8-k32" "$R-layer4-x8-k32" "$R-layer9-x8-k32" "$R-layer14-x8-k32" \
+analyze report --run "$R-mlsae-x8-k32" "$R-layer4-x8-k32" "$R-layer9-x8-k32" "$R-layer14-x8-k32" \
   --tokens "$TOKENS" --delta-ce-tokens 2048 --reference-formulas
 Q=runs/quickstart/gemma-3-270m-sotu-mlsae-x8-k32/analysis
 if [ -f "$Q/variance.json" ]; then
