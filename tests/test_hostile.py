@@ -689,7 +689,7 @@ def test_bad_store_settings_name_the_variable_not_the_url(name, value, fragment,
         if name == "MLSAE_READ_REQUESTS":
             read_requests()
         elif name == "MLSAE_LOCAL_CACHE_GB":
-            ReadThroughStore(open_store("/tmp"), "/tmp/nowhere", lambda k: None)
+            ReadThroughStore(open_store("/tmp"), "/tmp/nowhere", lambda k: None, lambda k, data: None)
         else:
             ObjectStore("s3://some-bucket/x")
     msg = str(e.value)
