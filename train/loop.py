@@ -541,8 +541,7 @@ def _snapshot_all(p: Pass, dist: Dist, step: int, clock: Throughput) -> None:
             continue
         folder = run.out / SNAPSHOTS / f"tokens-{step * p.batch_tokens:09d}"
         folder.mkdir(parents=True, exist_ok=True)
-        run.sae.save(folder)
-        replace(run.record, dir=folder, steps=step).save()
+        replace(run.record, dir=folder, steps=step).save_with_weights(run.sae)  # bound like the run's own weights
         summary = {"out": str(folder), "snapshot_of": str(run.out), "layers": run.layers, "steps": step}
         summary |= {"tokens": step * p.batch_tokens, "held_out_initial": run.fvu_initial, "held_out": result}
         atomic_write_json(folder / SUMMARY, summary)
