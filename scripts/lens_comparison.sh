@@ -8,11 +8,13 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 LENS=lenses/gemma-3-270m-sotu
-PLAIN=runs/quickstart/gemma-3-270m-sotu-mlsae-x8-k32
-RUN=runs/lens/gemma-3-270m-sotu-lens-mlsae-x8-k32
+PLAIN=runs/quickstart/quickstart-mlsae-x8-k32
+RUN=runs/lens/quickstart-lens-mlsae-x8-k32
+QS_TOKENS=${QS_TOKENS:-20480} QS_TRAIN=${QS_TRAIN:-49152} QS_HELDOUT=${QS_HELDOUT:-4096}  # the quickstart's budgets
 [ -d "$PLAIN/analysis" ] || { echo "error: run scripts/quickstart.sh first (no $PLAIN/analysis)" >&2; exit 2; }
 [ -f "$LENS/params.pt" ] || harvest lens train --out "$LENS"
-harvest run --config cache_spec.yaml --lens "$LENS" --out caches/gemma-3-270m-sotu-lens
-train run --config train_config.yaml --cache caches/gemma-3-270m-sotu-lens --out "$RUN"
-analyze report --run "$RUN" --tokens 40960 --delta-ce-tokens 1024
+harvest run --config cache_spec.yaml --lens "$LENS" --tokens "$QS_TOKENS" --out caches/quickstart-lens
+train run --config train_config.yaml --cache caches/quickstart-lens --tokens "$QS_TRAIN" --eval-tokens "$QS_HELDOUT" \
+  --out "$RUN"
+analyze report --run "$RUN" --tokens "$QS_TOKENS" --delta-ce-tokens 1024
 analyze compare "$PLAIN/analysis" "$RUN/analysis" --label "no lens" --label "tuned lens" --out runs/lens/compare

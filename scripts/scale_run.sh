@@ -22,9 +22,9 @@ train sweep --cache "$C" --layers all,4,9,14 --expansion-factor 8 -k 32 --tokens
 R=runs/scale/$(basename "$C")
 analyze report --run "$R-mlsae-x8-k32" "$R-layer4-x8-k32" "$R-layer9-x8-k32" "$R-layer14-x8-k32" \
   --tokens "$TOKENS" --delta-ce-tokens 2048 --reference-formulas
-Q=runs/quickstart/gemma-3-270m-sotu-mlsae-x8-k32/analysis
+Q=runs/quickstart/quickstart-mlsae-x8-k32/analysis
 if [ -f "$Q/variance.json" ]; then
-  analyze compare "$Q" "$R-mlsae-x8-k32/analysis" --label 40k --label 1M --out "$R-mlsae-x8-k32/analysis/compare"
+  analyze compare "$Q" "$R-mlsae-x8-k32/analysis" --label quickstart --label 1M --out "$R-mlsae-x8-k32/analysis/compare"
 else
   echo "no quickstart analysis at $Q: run scripts/quickstart.sh, then rerun this script to compare (the rest is done)"
 fi

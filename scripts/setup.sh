@@ -4,7 +4,8 @@
 # torch: where `nvidia-smi` sees a GPU, the CUDA build of the locked version; otherwise the locked version
 # (torch==2.13.0, which these machines serve as a local CPU wheel). Override with MLSAE_TORCH="torch==X ..."
 # (pip arguments). MLSAE_VENV: another venv folder; MLSAE_LOCK=none: resolve the newest allowed versions
-# instead (scripts/refresh_lock.sh does that in a scratch venv).
+# instead (scripts/refresh_lock.sh does that in a scratch venv). MLSAE_EXTRAS: the optional dependencies
+# to install (default "test"; empty: the runtime only, as the quickstart does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -38,4 +39,5 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install "${CONSTRAINTS[@]}" "$CPU_TORCH"
   fi
 fi
-python -m pip install -q "${CONSTRAINTS[@]}" -e ".[test]"
+EXTRAS=${MLSAE_EXTRAS-test}
+python -m pip install -q "${CONSTRAINTS[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
