@@ -59,7 +59,7 @@ from harvest.atomic import atomic_savefig
 from harvest.errors import ModelError, UserError
 from harvest.models import ModelSource, load_bridge, load_tokenizer, resolve_device, resolve_model
 from harvest.run import TORCH_DTYPES
-from harvest.text import iter_documents, make_windows, resolve_dataset
+from harvest.text import iter_documents, make_windows, resolve_dataset, special_token_ids
 from train.inputs import open_inputs
 from train.special import SpecialTokens
 from train.split import HeldOut
@@ -508,6 +508,14 @@ def _resolve(model: str | None, cache: Any) -> ModelSource:
 # the analysis
 
 
+def special_positions(windows: np.ndarray, tokenizer: Any, mode: str) -> np.ndarray:
+    """[n, ctx] bool: the positions a special-token mode treats as special. `reference` zeroes BOS/EOS/PAD
+    only, as the reference code (unk, mask, ... keep their real vectors); `exclude` leaves out every special
+    id. `tokenizer`: a tokenizer or a cache's tokenizer record."""
+    ids = special_token_ids(tokenizer, "reference" if mode == "reference" else "exclude")
+    return np.isin(windows, np.asarray(ids, dtype=np.int64))
+
+
 def run_delta_ce(
     run_dir: str | Path,
     model: str | None = None,
@@ -542,7 +550,7 @@ def run_delta_ce(
     n_windows = -(-tokens // ctx)
     if dataset is None:
         windows, info = cache_windows(cache, record.heldout, n_windows)
-        special = cache.meta["tokenizer"]["special_ids"]
+        tokenizer_ids = cache.meta["tokenizer"]
     else:
         data = resolve_dataset(dataset)
         same = dataset == spec["dataset"]
@@ -561,8 +569,8 @@ def run_delta_ce(
             dataset_name=f"dataset {dataset!r}",
         )
         info = WindowSource("dataset", [], dataset, None, None)
-        special = sorted(set(tokenizer.all_special_ids))
-    is_special = np.isin(windows, np.asarray(special, dtype=np.int64))
+        tokenizer_ids = tokenizer
+    is_special = special_positions(windows, tokenizer_ids, mode)
     keep_all = ~is_special if mode == "exclude" else np.ones(windows.shape, bool)
 
     sae = record.load_sae(device)

@@ -306,3 +306,14 @@ def test_run_delta_ce_uses_held_out_cache_windows_and_writes_outputs(runs, tmp_p
     # the reference's special-token mode: the SAE sees zeros at special positions, every prediction counts
     ref = run_delta_ce(runs["mlsae"], tokens=64, device="cpu", special_tokens="reference", write=False)
     assert res.special_tokens == "exclude" and ref.special_tokens == "reference" and ref.tokens == 2 * 31
+
+
+def test_reference_mode_zeroes_only_bos_eos_pad_in_delta_ce():
+    """The positions delta CE zeroes in reference mode are the reference's (BOS/EOS/PAD), not every special id:
+    an <unk> keeps its real vector there, while exclude mode leaves it out like any special token."""
+    from analyze.delta_ce import special_positions
+
+    record = {"bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "special_ids": [0, 1, 2, 3]}  # 3: <unk>
+    windows = np.array([[2, 7, 3, 8, 1, 9]])
+    assert special_positions(windows, record, "reference").tolist() == [[True, False, False, False, True, False]]
+    assert special_positions(windows, record, "exclude").tolist() == [[True, False, True, False, True, False]]
