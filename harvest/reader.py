@@ -31,6 +31,7 @@ from .cache import (
     TOKEN_ARRAYS,
     BlockManifest,
     Cache,
+    Decoder,
     FileEntry,
     chunk_hash,
     chunk_hasher,
@@ -47,11 +48,27 @@ IO_THREADS = int(os.environ.get("MLSAE_READ_REQUESTS", "32"))  # ranged GETs in 
 class Chunk:
     index: int  # chunk number in the cache
     start: int  # first cache position
-    acts: torch.Tensor  # [n_layers, n, d] in the cache's dtype (bf16 by default)
+    acts: torch.Tensor  # [n_layers, n, d] the STORED values (bf16 by default; float8: uint8 codes): use `vectors`
     token_ids: torch.Tensor  # [n] int32
     keep: torch.Tensor  # [n] bool: False for special tokens (unless harvested with special_tokens=include)
     seq: torch.Tensor  # [n] int32: context window of each vector
     pos: torch.Tensor  # [n] int32: position inside that window
+    decoder: Decoder | None = None  # the reader's (None: the stored values are the vectors)
+
+    def vectors(self, rows: torch.Tensor | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The vectors [n_layers, len(rows), d] at chunk rows `rows` (all if None), on `device`, decoded
+        (cache.Decoder: bf16 for a float8 cache) and copied out of the reader's reusable buffer. On a GPU the
+        whole chunk's stored bytes are copied (asynchronously from pinned memory), indexed and decoded there;
+        on the CPU the rows are indexed first and only they are decoded."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            if rows is None:
+                return self.acts.clone() if self.decoder is None else self.decoder(self.acts)
+            x = self.acts[:, rows]  # advanced indexing copies
+        else:
+            x = self.acts.to(device, non_blocking=True)
+            x = x if rows is None else x[:, rows.to(device)]
+        return x if self.decoder is None else self.decoder(x)
 
 
 def _inner_codec(array_meta: dict) -> str | None:
@@ -110,6 +127,7 @@ class ChunkReader:
         self.cache, self.layout, self.store = cache, cache.layout, cache.store
         self.layers = list(cache.layers if layers is None else layers)
         self.layer_idx = [self.layout.layer_index(l) for l in self.layers]
+        self.decoder = cache.decoder(self.layers) if cache.layout.dtype == "float8" else None
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.prefetch, self.hold = max(1, prefetch), max(1, hold)
         if chunks is None:
@@ -258,6 +276,7 @@ class ChunkReader:
             start,
             from_storage(acts[:, :n], lay.dtype),
             *(torch.from_numpy(toks[name][:n]) for name in ["token_ids", "keep", "seq", "pos"]),
+            self.decoder,
         )
         return chunk, planned
 
