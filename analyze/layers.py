@@ -563,7 +563,7 @@ def _stream(
         for chunk in reader.epoch(0):
             kept = special.usable(chunk.keep, chunk.token_ids).nonzero().squeeze(1)[: budget - done]
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
-            x_all = chunk.vectors(kept, dev)
+            x_all = chunk.vectors(kept, dev, non_blocking=True)
             x_all = special.vectors(x_all, chunk.token_ids[kept])  # zeros at special tokens in `reference` mode
             for s in range(0, x_all.shape[1], rows):
                 values, indices = sae.encode(x_all[:, s : s + rows].float())

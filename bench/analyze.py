@@ -127,7 +127,7 @@ def kept_chunks(reader: ChunkReader, budget: int, device: str) -> Iterator[torch
     done = 0
     for chunk in reader.epoch(0):
         kept = chunk.keep.nonzero().squeeze(1)[: budget - done]
-        x_all = chunk.vectors(kept, device)
+        x_all = chunk.vectors(kept, device, non_blocking=True)
         yield x_all
         done += len(kept)
         if device != "cpu":

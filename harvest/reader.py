@@ -55,18 +55,21 @@ class Chunk:
     pos: torch.Tensor  # [n] int32: position inside that window
     decoder: Decoder | None = None  # the reader's (None: the stored values are the vectors)
 
-    def vectors(self, rows: torch.Tensor | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    def vectors(
+        self, rows: torch.Tensor | None = None, device: str | torch.device = "cpu", non_blocking: bool = False
+    ) -> torch.Tensor:
         """The vectors [n_layers, len(rows), d] at chunk rows `rows` (all if None), on `device`, decoded
         (cache.Decoder: bf16 for a float8 cache) and copied out of the reader's reusable buffer. On a GPU the
-        whole chunk's stored bytes are copied (asynchronously from pinned memory), indexed and decoded there;
-        on the CPU the rows are indexed first and only they are decoded."""
+        whole chunk's stored bytes are copied (`non_blocking`: asynchronously from pinned memory; the caller
+        then keeps the buffer until the copy lands: the reader's `hold`), indexed and decoded there; on the
+        CPU the rows are indexed first and only they are decoded."""
         device = torch.device(device)
         if device.type == "cpu":
             if rows is None:
                 return self.acts.clone() if self.decoder is None else self.decoder(self.acts)
             x = self.acts[:, rows]  # advanced indexing copies
         else:
-            x = self.acts.to(device, non_blocking=True)
+            x = self.acts.to(device, non_blocking=non_blocking)
             x = x if rows is None else x[:, rows.to(device)]
         return x if self.decoder is None else self.decoder(x)
 
