@@ -146,7 +146,7 @@ def resid_sums(
         if budget is not None:
             idx = idx[: budget - total.n]
         for s in range(0, len(idx), rows):
-            x = chunk.acts[:, idx[s : s + rows]].to(device)
+            x = chunk.vectors(idx[s : s + rows]).to(device)
             total = total.merge(ResidSums.of(x, mu))
         if budget is not None and total.n >= budget:
             break

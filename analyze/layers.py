@@ -676,7 +676,7 @@ def _stream(
                 use &= windows.expected[chunk.seq.to(torch.int64)] > 0
             kept = use.nonzero().squeeze(1)[: budget - done]
             # a copy out of the reader's reusable buffer (on a GPU: the whole chunk, then index there)
-            x_all = chunk.acts[:, kept] if dev == "cpu" else chunk.acts.to(dev, non_blocking=True)[:, kept.to(dev)]
+            x_all = chunk.vectors(kept, dev, non_blocking=True)  # decoded (float8 caches) on the device
             x_all = special.vectors(x_all, chunk.token_ids[kept])  # zeros at BOS/EOS/PAD in `reference` mode
             encoded = []
             for s in range(0, x_all.shape[1], rows):

@@ -127,7 +127,7 @@ def kept_chunks(reader: ChunkReader, budget: int, device: str) -> Iterator[torch
     done = 0
     for chunk in reader.epoch(0):
         kept = chunk.keep.nonzero().squeeze(1)[: budget - done]
-        x_all = chunk.acts[:, kept] if device == "cpu" else chunk.acts.to(device, non_blocking=True)[:, kept.to(device)]
+        x_all = chunk.vectors(kept, device, non_blocking=True)
         yield x_all
         done += len(kept)
         if device != "cpu":
@@ -304,7 +304,7 @@ def main() -> None:
     print(f"# warm-up took {time.perf_counter() - t:.1f} s", flush=True)
 
     # the kept tokens on the device, for the encode-only path
-    preload_bytes = args.tokens * L * d * getattr(torch, cache.layout.dtype).itemsize
+    preload_bytes = args.tokens * L * d * cache.dtype.itemsize
     chunks: list[torch.Tensor] | None = None
     if preload_bytes <= args.preload_gb * 1e9:
         reader = ChunkReader(cache, layers=layers, seed=seed, pin_memory=device.startswith("cuda"))

@@ -10,7 +10,12 @@ Three measurements:
      tokenization, cache creation) timed separately so the loop compares fairly with (1);
   3. fast-reader GB/s: `ChunkReader` over every chunk of a cache against `os.preadv` of the same chunks in
      the same order into a reused buffer (the baseline), with and without its per-chunk checksum, and a
-     sequential read of the same shard files, with a warm and a cold page cache.
+     sequential read of the same shard files, with a warm and a cold page cache;
+  4. float8 vs bfloat16 (`--skip float8` leaves it out): the harvest loop of each dtype (same spec, in
+     turn), then the reader's chunks/s and tokens/s over two synthetic caches of the same shape (one byte
+     vs two per value), warm and cold local, and from a loopback S3 bucket (moto in its own process:
+     direct, and through the read-through copy: first epoch downloads, second reads the local copy); each
+     as stored (what crosses to a GPU) and decoded on this CPU (`Chunk.vectors()`: bf16 either way).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import harvest.cache as hcache  # noqa: E402
+import harvest.float8 as hfloat8  # noqa: E402
 import harvest.run as hrun  # noqa: E402
 from bench.common import best_median, cpu_seconds, cpu_share, fmt_rate, print_summary, sync  # noqa: E402
 from harvest.cache import CacheWriter, Layout, create_cache, open_cache  # noqa: E402
@@ -285,16 +291,24 @@ def measure_harvest(spec: CacheSpec) -> HarvestResult:
 
 
 def synthetic_cache(
-    path: Path, n_layers: int, d_model: int, n_tokens: int, chunk: int, shard: int, context: int = 1024
+    path: Path,
+    n_layers: int,
+    d_model: int,
+    n_tokens: int,
+    chunk: int,
+    shard: int,
+    context: int = 1024,
+    dtype: str = "bfloat16",
 ) -> tuple[Path, float | None]:
-    """A complete bf16 cache of random values written through CacheWriter; reused if already there."""
+    """A complete bf16 (or float8: random codes, unit scales) cache of random values written through
+    CacheWriter; reused if already there."""
     block = shard  # one shard per write block keeps the in-memory block small (18 x 65536 x 640 bf16 = 1.5 GB)
     layout = Layout(
         n_tokens=n_tokens,
         context=context,
         layers=tuple(range(n_layers)),
         d_model=d_model,
-        dtype="bfloat16",
+        dtype=dtype,
         chunk_tokens=chunk,
         shard_tokens=shard,
         block_tokens=block,
@@ -309,12 +323,17 @@ def synthetic_cache(
     shutil.rmtree(path, ignore_errors=True)
     t = time.perf_counter()
     meta = {"fingerprint": "synthetic", "identity": {"synthetic": True}, "spec": {}, "model": {}}
-    create_cache(path, meta, layout, np.zeros((n_tokens // context, context), np.int32))
+    scales = torch.ones(n_layers, d_model) if dtype == "float8" else None
+    create_cache(path, meta, layout, np.zeros((n_tokens // context, context), np.int32), scales=scales)
     writer = CacheWriter(path)
     gen = torch.Generator().manual_seed(0)
     # Values do not matter for uncompressed reads: one random chunk, tiled over a block, written to every block.
-    piece = torch.randn((n_layers, chunk, d_model), generator=gen).to(torch.bfloat16).view(torch.int16).numpy()
-    data = np.tile(piece.view(np.uint16), (1, block // chunk, 1))
+    piece = torch.randn((n_layers, chunk, d_model), generator=gen)
+    if dtype == "float8":
+        piece = hfloat8.encode(piece, scales)[0].numpy()
+    else:
+        piece = piece.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    data = np.tile(piece, (1, block // chunk, 1))
     stats = LayerStats.zeros(n_layers, d_model)
     for b in range(layout.n_blocks):
         start, stop = layout.block_range(b)
@@ -525,10 +544,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--read-chunk-tokens", type=int, default=4096)
     p.add_argument("--read-shard-tokens", type=int, default=65_536)
     p.add_argument("--prefetch", type=int, default=8)
+    p.add_argument("--f8-tokens", type=int, default=65_536, help="tokens of each synthetic cache of (4), local")
+    p.add_argument("--f8-remote-tokens", type=int, default=32_768, help="tokens of each cache of (4) in the bucket")
+    p.add_argument("--f8-harvest-tokens", type=int, default=4096, help="tokens of each harvest of (4)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--skip",
-        choices=["forward", "harvest", "reads"],
+        choices=["forward", "harvest", "reads", "float8"],
         action="append",
         default=[],
         help="skip a measurement (repeatable)",
@@ -716,7 +738,123 @@ def main() -> None:
             "      load average."
         )
 
+    if "float8" not in args.skip:
+        rows += measure_float8(args, spec, out)
+
     print_summary(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. float8 vs bfloat16
+
+
+def epoch_rates(reader: ChunkReader, epoch: int, decode: bool) -> tuple[int, int]:
+    """(chunks, tokens) of one epoch; `decode`: each chunk's vectors decoded on this CPU (a bf16 copy for a
+    bf16 cache), as CPU training gets them."""
+    chunks = tokens = 0
+    for chunk in reader.epoch(epoch):
+        if decode:
+            chunk.vectors()
+        chunks, tokens = chunks + 1, tokens + chunk.acts.shape[1]
+    return chunks, tokens
+
+
+def measure_float8(args: argparse.Namespace, spec: CacheSpec, out: Path) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    print("\n== 4a. harvest loop, bfloat16 vs float8 (the same spec, in turn) ==", flush=True)
+    n = -(-args.f8_harvest_tokens // spec.context) * spec.context
+    loops: dict[str, float] = {}
+    for dtype in ["bfloat16", "float8", "bfloat16", "float8"]:
+        chunk, shard, shuffle = choose_layout(n, spec.context)
+        layout = dict(chunk_tokens=chunk, shard_tokens=shard, shuffle_tokens=shuffle)
+        hv = measure_harvest(spec.replace(dtype=dtype, tokens=n, out=str(out / f"h-{dtype}"), **layout))
+        loops[dtype] = max(loops.get(dtype, 0.0), hv.loop_tps)
+        print(
+            f"{dtype:9s} loop {fmt_rate(hv.loop_tps, 'tok/s')}  setup {hv.setup_s:.1f} s  acts+tokens "
+            f"{hv.bytes_on_disk / 1e6:.1f} MB  CPU share {hv.cpu_share:.2f}",
+            flush=True,
+        )
+    ratio = loops["float8"] / loops["bfloat16"]
+    print(f"harvest loop float8 / bfloat16 (best of 2 each): {ratio:.2f}  (goal >= 1: no slower)")
+    rows.append(("float8 / bf16 harvest loop", f"{ratio:.2f}  (best of 2 each; goal >= 1)"))
+
+    print("\n== 4b. reader, bfloat16 vs float8: local warm and cold ==", flush=True)
+    L, d, ct, st = args.read_layers, args.read_d_model, args.read_chunk_tokens, args.read_shard_tokens
+    paths = {}
+    for dtype in ["bfloat16", "float8"]:
+        paths[dtype], _ = synthetic_cache(
+            out / f"f8-{dtype}-{L}x{d}x{args.f8_tokens}", L, d, args.f8_tokens, ct, st, dtype=dtype
+        )
+    rates: dict[str, float] = {}
+
+    def timed_epochs(label: str, reader: ChunkReader, decode: bool, evict_files: list[Path] | None, epochs) -> None:
+        xs, cpu_s, wall = [], 0.0, 0.0
+        for e in epochs:
+            if evict_files is not None:
+                evict(evict_files)
+            c0, t = cpu_seconds(), time.perf_counter()
+            chunks, tokens = epoch_rates(reader, e, decode)
+            dt = time.perf_counter() - t
+            xs.append(tokens / dt)
+            wall, cpu_s = wall + dt, cpu_s + cpu_seconds() - c0
+        b, m = best_median(xs)
+        rates[label] = m
+        per_chunk = tokens / chunks
+        print(
+            f"{label:52s} median {m:10,.0f} tok/s  {m / per_chunk:7.2f} chunks/s  (best {b:,.0f}; "
+            f"{len(xs)} runs; CPU {cpu_s / max(wall, 1e-9):.2f} cores)",
+            flush=True,
+        )
+
+    for temp in ["warm", "cold"]:
+        for decode in [False, True]:
+            for dtype in ["bfloat16", "float8"]:
+                cache = open_cache(paths[dtype])
+                reader = ChunkReader(cache, seed=0, prefetch=args.prefetch)
+                epoch_rates(reader, 0, decode)  # warm the page cache and the buffers
+                files = [f for f in cache.path.rglob("*") if f.is_file()] if temp == "cold" else None
+                what = "decoded" if decode else "stored"
+                timed_epochs(f"local {temp} {what} {dtype}", reader, decode, files, range(args.repeats))
+
+    print("\n== 4c. reader, bfloat16 vs float8: loopback S3 bucket (moto in its own process) ==", flush=True)
+    from bench.remote_read import start_server
+    from harvest.cache import copy_cache
+    from harvest.store import open_store
+
+    bucket, _ = start_server()
+    lc = out / "f8-read-through"
+    for dtype in ["bfloat16", "float8"]:
+        src, _ = synthetic_cache(
+            out / f"f8-{dtype}-{L}x{d}x{args.f8_remote_tokens}", L, d, args.f8_remote_tokens, ct, st, dtype=dtype
+        )
+        url = f"{bucket}/{dtype}"
+        copy_cache(open_cache(src), open_store(url), log=lambda s: None)
+        for decode in [False, True]:
+            what = "decoded" if decode else "stored"
+            reader = ChunkReader(open_cache(url), seed=0, prefetch=args.prefetch)
+            epoch_rates(reader, 0, False)  # shard indexes fetched once per reader: not timed
+            timed_epochs(f"bucket {what} {dtype}", reader, decode, None, range(args.repeats))
+            reader.close()
+            shutil.rmtree(lc, ignore_errors=True)
+            through = ChunkReader(open_cache(url, local_cache=lc), seed=0, prefetch=args.prefetch)
+            timed_epochs(f"read-through cold (downloads) {what} {dtype}", through, decode, None, [0])
+            timed_epochs(
+                f"read-through warm (local copy) {what} {dtype}", through, decode, None, range(1, 1 + args.repeats)
+            )
+            through.close()
+    shutil.rmtree(lc, ignore_errors=True)
+    print()
+    for key in dict.fromkeys(k.rsplit(" ", 1)[0] for k in rates):  # each measurement, in order
+        r = rates[f"{key} float8"] / rates[f"{key} bfloat16"]
+        print(f"float8 / bf16 tokens/s, {key:40s} {r:5.2f}  (goal >= 1.8)")
+        rows.append((f"float8 / bf16 tok/s, {key}", f"{r:.2f}  (f8 {rates[f'{key} float8']:,.0f} tok/s)"))
+    print(
+        "note: 'stored' is what the reader hands over (the bytes a GPU copies; it decodes after the copy),\n"
+        "      'decoded' adds Chunk.vectors() on this CPU (float8: codes -> bf16 x scales; bf16: a copy), as CPU\n"
+        "      training and analyses get them. Synthetic caches of random values with the harvest's layout.\n"
+        "      Medians; the machine is shared: see the CPU column and the load average."
+    )
+    return rows
 
 
 if __name__ == "__main__":

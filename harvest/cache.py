@@ -17,6 +17,10 @@ permuted with one permutation for all layers, flushed by exactly one process. A 
 readers only once its manifest file exists: zarr reads missing chunks as zeros without complaint.
 
 bfloat16 is stored as uint16 bits (zarr 3.1 has no bfloat16) with the logical dtype in the metadata.
+float8 is stored as uint8 float8_e4m3fn codes, decoded with the per-channel `scales` array
+(harvest/float8.py, docs/float8.md):
+
+    scales/                    [n_layers, d_model] float32, one chunk, checksummed in manifest/windows.json
 """
 
 from __future__ import annotations
@@ -50,11 +54,14 @@ FORMAT_VERSION = 1
 META_KEY = "mlsae_cache"
 TOKEN_ARRAYS = {"token_ids": "int32", "keep": "bool", "seq": "int32", "pos": "int32"}
 LENS_DIR = "lens"  # the tuned lens the vectors went through (config.json + params.pt), when there was one
-STORAGE_DTYPES = {  # logical dtype -> (numpy storage dtype, torch dtype)
+STORAGE_DTYPES = {  # logical dtype -> (numpy storage dtype, torch dtype of the stored values)
     "bfloat16": (np.dtype("uint16"), torch.bfloat16),
     "float32": (np.dtype("float32"), torch.float32),
     "float16": (np.dtype("float16"), torch.float16),
+    "float8": (np.dtype("uint8"), torch.uint8),  # float8_e4m3fn codes; decoded with the scales (float8.py)
 }
+VECTOR_DTYPES = {"float8": torch.bfloat16}  # decoded vectors' dtype where it is not the stored one (exact)
+SCALES_KEY = "scales/c/0/0"  # the float8 scales' one chunk
 FLOAT16_MAX = 65504.0
 
 
@@ -63,7 +70,7 @@ FLOAT16_MAX = 65504.0
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
-    """A float tensor (any device) -> numpy array of the storage dtype, on the CPU."""
+    """A float tensor (any device; float8: its uint8 codes) -> numpy array of the storage dtype, on the CPU."""
     np_dtype, torch_dtype = STORAGE_DTYPES[dtype]
     y = x.to(torch_dtype).cpu()
     if dtype == "bfloat16":
@@ -71,8 +78,34 @@ def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
     return y.numpy()
 
 
+def vector_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype of decoded vectors of a cache of logical dtype `dtype`."""
+    return VECTOR_DTYPES.get(dtype, STORAGE_DTYPES[dtype][1])
+
+
+class Decoder:
+    """Stored values -> vectors: THE decode path of every reader (chunks, reference reads). The identity for
+    bfloat16/float16/float32; float8 codes times their layer's scales (harvest/float8.py), computed on the
+    device the codes are on (after the copy, on a GPU). `scale` [n_layers read, d] float32, or None."""
+
+    def __init__(self, dtype: str, scale: torch.Tensor | None):
+        self.dtype, self.scale = vector_dtype(dtype), scale
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, stored: torch.Tensor) -> torch.Tensor:
+        """stored [n_layers, n, d] (the layers this decoder was made for) -> vectors of `self.dtype`."""
+        if self.scale is None:
+            return stored
+        from .float8 import decode
+
+        scale = self._on.get(stored.device)
+        if scale is None:
+            scale = self._on.setdefault(stored.device, self.scale.to(stored.device, self.dtype))
+        return decode(stored, scale, self.dtype)
+
+
 def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """Zero-copy view of stored values as a torch tensor of the logical dtype."""
+    """Zero-copy view of stored values as a torch tensor of the logical dtype (float8: its uint8 codes)."""
     if dtype == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
@@ -339,6 +372,9 @@ def _zarr_documents(meta: dict[str, Any], layout: Layout, n_windows: int) -> dic
         chunks=(windows_chunk_rows(layout, n_windows), layout.context),
         compressors=None,
     )
+    if layout.dtype == "float8":
+        shape = (len(layout.layers), d)
+        root.create_array("scales", shape=shape, dtype="float32", chunks=shape, compressors=None)
     return {k: v.to_bytes() for k, v in docs.items()}
 
 
@@ -346,7 +382,7 @@ def windows_chunk_rows(layout: Layout, n_windows: int) -> int:
     return min(max(1, (1 << 20) // layout.context), n_windows)
 
 
-CACHE_NAMES = {"zarr.json", "acts", "windows", "manifest", LENS_DIR, LOCK_KEY, *TOKEN_ARRAYS}
+CACHE_NAMES = {"zarr.json", "acts", "windows", "scales", "manifest", LENS_DIR, LOCK_KEY, *TOKEN_ARRAYS}
 
 
 def location_state(store: Store) -> str:
@@ -368,11 +404,16 @@ def create_cache(
     layout: Layout,
     windows: np.ndarray,
     lens: "LensSource | None" = None,
+    scales: torch.Tensor | None = None,
 ) -> None:
-    """Create an empty cache: array metadata, token windows (checksummed in manifest/windows.json), a copy of
-    its tuned lens, and the root zarr.json LAST, only if absent: the creation's commit point, on a disk as
-    in a bucket. Leftovers of an interrupted creation are replaced. The lens copy keeps the cache
-    self-contained: analyses read it from there."""
+    """Create an empty cache: array metadata, token windows and (float8) the scales, both checksummed in
+    manifest/windows.json, a copy of its tuned lens, and the root zarr.json LAST, only if absent: the
+    creation's commit point, on a disk as in a bucket. Leftovers of an interrupted creation are replaced.
+    The lens copy keeps the cache self-contained: analyses read it from there."""
+    if (scales is not None) != (layout.dtype == "float8") or (
+        scales is not None and tuple(scales.shape) != (len(layout.layers), layout.d_model)
+    ):
+        raise ValueError(f"scales {None if scales is None else tuple(scales.shape)} do not fit dtype {layout.dtype}")
     store = location if isinstance(location, Store) else open_store(location)
     state = location_state(store)
     if state in ("cache", "foreign"):
@@ -395,6 +436,10 @@ def create_cache(
         key = f"windows/c/{i // rows}/0"
         store.put(key, data)
         files[key] = whole_file(data)
+    if scales is not None:
+        data = scales.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+        store.put(SCALES_KEY, data)
+        files[SCALES_KEY] = whole_file(data)
     attrs_hash = meta_hash(json.loads(root)["attributes"][META_KEY])
     store.put(WINDOWS_MANIFEST, json.dumps({"meta_sha256": attrs_hash, "files": files}, indent=1).encode())
     if lens is not None:
@@ -459,7 +504,26 @@ class Cache:
 
     @property
     def dtype(self) -> torch.dtype:
-        return STORAGE_DTYPES[self.layout.dtype][1]
+        """The dtype of the vectors readers get (decoded: bfloat16 for a float8 cache)."""
+        return vector_dtype(self.layout.dtype)
+
+    @cached_property
+    def scales(self) -> torch.Tensor | None:
+        """float8 caches: the per-channel scales [n_layers, d] float32 (checked against manifest/windows.json);
+        None for other dtypes."""
+        if self.layout.dtype != "float8":
+            return None
+        data = self.read_whole(SCALES_KEY, self.windows_manifest().get(SCALES_KEY))
+        shape = (len(self.layers), self.layout.d_model)
+        if len(data) != 4 * shape[0] * shape[1]:
+            raise self.corrupt(SCALES_KEY, " (size)")
+        return torch.from_numpy(np.frombuffer(data, "<f4").reshape(shape).copy())
+
+    def decoder(self, layers: Iterable[int] | None = None) -> Decoder:
+        """The decoder of stored values of these model layers (all of the cache's, in storage order, if None)."""
+        idx = list(range(len(self.layers))) if layers is None else [self.layout.layer_index(l) for l in layers]
+        scales = self.scales
+        return Decoder(self.layout.dtype, None if scales is None else scales[idx])
 
     @property
     def lens_record(self) -> dict[str, Any] | None:
@@ -631,9 +695,9 @@ class Cache:
     def _expected_piece(self, key: str) -> FileEntry | None:
         """The manifest entry of a data file (for the read-through cache's check of whole downloads); None for
         metadata, which is always read from the source."""
-        if key.endswith("zarr.json") or key.split("/", 1)[0] not in ("acts", "windows", *TOKEN_ARRAYS):
+        if key.endswith("zarr.json") or key.split("/", 1)[0] not in ("acts", "windows", "scales", *TOKEN_ARRAYS):
             return None
-        if key.startswith("windows/"):
+        if key.startswith(("windows/", "scales/")):
             return self.windows_manifest().get(key)
         array = key.split("/", 1)[0]
         sep = self.array_meta[array]["chunk_key_encoding"]["configuration"]["separator"]
@@ -752,8 +816,12 @@ class Cache:
     def read(self, layer: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Vectors [stop-start, d] of one model layer at cache positions [start, stop) (zarr-python, unchecked:
         the reference the fast reader is tested against)."""
-        a = self.group["acts"][self.layout.layer_index(layer), start:stop]
-        return from_storage(np.ascontiguousarray(a), self.layout.dtype)
+        li = self.layout.layer_index(layer)
+        a = from_storage(np.ascontiguousarray(self.group["acts"][li, start:stop]), self.layout.dtype)
+        if self.layout.dtype != "float8":
+            return a
+        scale = torch.from_numpy(np.asarray(self.group["scales"][li : li + 1]))  # zarr's own read of them, too
+        return Decoder(self.layout.dtype, scale)(a[None])[0]
 
 
 def load_bytes(raw: bytes) -> dict[str, torch.Tensor]:
@@ -873,6 +941,8 @@ def verify_cache(cache: Cache, progress: Any = None) -> list[str]:
             for i in range(-(-cache.layout.n_sequences // rows)):
                 if f"windows/c/{i}/0" not in windows:
                     problems.append(f"{WINDOWS_MANIFEST} does not list windows/c/{i}/0")
+            if cache.layout.dtype == "float8" and SCALES_KEY not in windows:
+                problems.append(f"{WINDOWS_MANIFEST} does not list the float8 scales {SCALES_KEY}")
             checks += list(windows.items())
         except CacheError as e:
             problems.append(str(e))

@@ -99,11 +99,20 @@ def info(path: str = typer.Argument(..., help="Cache folder or URL (s3://, gs://
     console.print(f"blocks {done}/{lay.n_blocks} {state}")
     if old:
         console.print(f"[yellow]{len(old)} blocks have no chunk checksums[/]: run `harvest upgrade {path}` once")
+    if lay.dtype == "float8":
+        rec = meta.get("float8") or {}
+        console.print(
+            f"float8 e4m3 codes x per-channel scales (the `scales` array; headroom {rec.get('headroom')}, calibrated "
+            f"on {rec.get('calibration_tokens')} tokens): {_human(lay.bytes_per_token())} per token of acts"
+        )
     stats = cache.stats()
     nonfinite = bool(stats.nonfinite.any())  # only with --allow-nonfinite
+    out_of_range = bool(stats.out_of_range.any())  # only with --allow-out-of-range
     table = Table("layer", "kept vectors", "mean norm", "mean feature std", "max |mean|")
     if nonfinite:
         table.add_column("NaN/inf values")
+    if out_of_range:
+        table.add_column("out-of-range values")
     for i, l in enumerate(lay.layers):
         table.add_row(
             str(l),
@@ -112,12 +121,18 @@ def info(path: str = typer.Argument(..., help="Cache folder or URL (s3://, gs://
             f"{stats.var[i].sqrt().mean():.4g}",
             f"{stats.mean[i].abs().max():.4g}",
             *([f"{int(stats.nonfinite[i]):,}"] if nonfinite else []),
+            *([f"{int(stats.out_of_range[i]):,}"] if out_of_range else []),
         )
     console.print(table)
     if nonfinite:
         console.print(
             f"[yellow]{int(stats.nonfinite.sum()):,} NaN/inf values stored[/] (harvested with --allow-nonfinite; "
             f"the statistics above leave out the vectors holding them)"
+        )
+    if out_of_range:
+        console.print(
+            f"[yellow]{int(stats.out_of_range.sum()):,} values beyond the float8 scales' range stored saturated[/] "
+            f"(harvested with --allow-out-of-range)"
         )
     console.print("spec: " + ", ".join(f"{k}={v}" for k, v in meta["spec"].items()))
 

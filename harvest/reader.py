@@ -29,6 +29,7 @@ from .cache import (
     TOKEN_ARRAYS,
     BlockManifest,
     Cache,
+    Decoder,
     FileEntry,
     chunk_hash,
     chunk_hasher,
@@ -66,11 +67,30 @@ def default_prefetch(store: Store, chunk_bytes: int) -> int:
 class Chunk:
     index: int  # chunk number in the cache
     start: int  # first cache position
-    acts: torch.Tensor  # [n_layers, n, d] in the cache's dtype (bf16 by default)
+    acts: torch.Tensor  # [n_layers, n, d] the STORED values (bf16 by default; float8: uint8 codes): use `vectors`
     token_ids: torch.Tensor  # [n] int32
     keep: torch.Tensor  # [n] bool: False for special tokens (unless harvested with special_tokens=include)
     seq: torch.Tensor  # [n] int32: context window of each vector
     pos: torch.Tensor  # [n] int32: position inside that window
+    decoder: Decoder | None = None  # the reader's (None: the stored values are the vectors)
+
+    def vectors(
+        self, rows: torch.Tensor | None = None, device: str | torch.device = "cpu", non_blocking: bool = False
+    ) -> torch.Tensor:
+        """The vectors [n_layers, len(rows), d] at chunk rows `rows` (all if None), on `device`, decoded
+        (cache.Decoder: bf16 for a float8 cache) and copied out of the reader's reusable buffer. On a GPU the
+        whole chunk's stored bytes are copied (`non_blocking`: asynchronously from pinned memory; the caller
+        then keeps the buffer until the copy lands: the reader's `hold`), indexed and decoded there; on the
+        CPU the rows are indexed first and only they are decoded."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            if rows is None:
+                return self.acts.clone() if self.decoder is None else self.decoder(self.acts)
+            x = self.acts[:, rows]  # advanced indexing copies
+        else:
+            x = self.acts.to(device, non_blocking=non_blocking)
+            x = x if rows is None else x[:, rows.to(device)]
+        return x if self.decoder is None else self.decoder(x)
 
 
 def _inner_codec(array_meta: dict) -> str | None:
@@ -129,6 +149,7 @@ class ChunkReader:
         self.cache, self.layout, self.store = cache, cache.layout, cache.store
         self.layers = list(cache.layers if layers is None else layers)
         self.layer_idx = [self.layout.layer_index(l) for l in self.layers]
+        self.decoder = cache.decoder(self.layers) if cache.layout.dtype == "float8" else None
         self.seed, self.rank, self.world_size = seed, rank, world_size
         if not prefetch:  # None or 0: chosen for the store
             row_bytes = self.layout.d_model * STORAGE_DTYPES[self.layout.dtype][0].itemsize
@@ -281,6 +302,7 @@ class ChunkReader:
             start,
             from_storage(acts[:, :n], lay.dtype),
             *(torch.from_numpy(toks[name][:n]) for name in ["token_ids", "keep", "seq", "pos"]),
+            self.decoder,
         )
         return chunk, planned
 

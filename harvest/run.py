@@ -18,12 +18,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import float8
 from .cache import (
     CACHE_NAMES,
     FLOAT16_MAX,
     LOCK_KEY,
     STORAGE_DTYPES,
     CacheWriter,
+    Decoder,
     Layout,
     create_cache,
     location_state,
@@ -32,7 +34,7 @@ from .cache import (
 )
 from .env import Dist, library_versions
 from .errors import CacheError, NonFiniteError, SpecError, StorageError, human_bytes
-from .lens import LensSource, resolve_lens
+from .lens import Lens, LensSource, resolve_lens
 from .lock import Lock
 from .models import (
     ModelSource,
@@ -160,6 +162,12 @@ class HarvestPlan:
     identity: dict[str, Any]  # what the fingerprint hashes: the spec's data fields + model/data/lens identities
     fingerprint: str
     layout: Layout
+    bridge: Any = None  # the model, once loaded (a float8 creation loads it for the scales; the harvest reuses it)
+
+    def load_bridge(self) -> Any:
+        if self.bridge is None:
+            self.bridge = load_bridge(self.model, self.tokenizer, self.device, TORCH_DTYPES[self.spec.model_dtype])
+        return self.bridge
 
 
 def plan_harvest(spec: CacheSpec, dist: Dist, lock: Lock) -> HarvestPlan:
@@ -275,6 +283,15 @@ def _metadata(plan: HarvestPlan) -> dict[str, Any]:
         },
         "hooks": [f"blocks.{l}.hook_{spec.hook}" for l in plan.layers],
         "storage_dtype": str(STORAGE_DTYPES[spec.dtype][0]),
+        "float8": None
+        if spec.dtype != "float8"
+        else {
+            "format": "float8_e4m3fn",
+            "decode": "value = float8_e4m3fn(acts code) * scales[layer, dim]",
+            "scales": "scales",
+            "headroom": float8.HEADROOM,
+            "calibration_tokens": _calibration_windows(plan.layout) * plan.layout.context,
+        },
         "versions": library_versions(),
         "lens": None if plan.lens is None else plan.lens.record(plan.layers, cfg.num_hidden_layers),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -293,8 +310,18 @@ def create_or_resume(plan: HarvestPlan, show_progress: bool, log: Callable[[str]
         windows = read_windows(
             docs, plan.tokenizer, spec.context, layout.n_sequences, plan.prepend_bos, bar.advance, log
         )
-    create_cache(out, _metadata(plan), layout, windows, plan.lens)
+    scales = None
+    if spec.dtype == "float8":  # fixed before the cache (and so before any block) exists
+        lens = None if plan.lens is None else plan.lens.load(layout.d_model, plan.config.num_hidden_layers)
+        scales = BlockComputer(plan, windows, lens, None).calibrate()
+    create_cache(out, _metadata(plan), layout, windows, plan.lens, scales)
     return True
+
+
+def _calibration_windows(layout: Layout) -> int:
+    """Context windows (the first of block 0) whose absolute maxima set the float8 scales."""
+    start, stop = layout.block_range(0)
+    return max(1, min(float8.CALIBRATION_TOKENS, stop - start) // layout.context)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +371,8 @@ def _harvest(spec: CacheSpec, dist: Dist, lock: Lock, show_progress: bool, log: 
     t_loop = time.time()
     try:
         if todo:
-            compute = BlockComputer(plan, writer)  # loads the model: before the loop's clock starts
+            # loads the model (unless creating a float8 cache did): before the loop's clock starts
+            compute = BlockComputer(plan, writer.windows().numpy(), writer.lens(), writer.scales)
             label = f"harvest{f' rank 0/{dist.world_size}' if dist.world_size > 1 else ''}"
             t_loop = time.time()
             with (
@@ -385,21 +413,37 @@ def _tokens_in(layout: Layout, blocks: list[int]) -> int:
 
 
 class BlockComputer:
-    """The model (and the cache's lens) loaded; calling it with b turns write block b into a Block."""
+    """The model (and the cache's lens) loaded; calling it with b turns write block b into a Block.
+    `windows`, `lens` (the cache's own copy: a resume uses the lens the cache was begun with) and `scales`
+    (float8; None while calibrating them) come from the cache."""
 
-    def __init__(self, plan: HarvestPlan, writer: CacheWriter):
+    def __init__(self, plan: HarvestPlan, windows: np.ndarray, lens: Lens | None, scales: torch.Tensor | None):
         spec = plan.spec
         self.spec, self.layout, self.device = spec, plan.layout, plan.device
-        self.bridge = load_bridge(plan.model, plan.tokenizer, plan.device, TORCH_DTYPES[spec.model_dtype])
+        self.bridge = plan.load_bridge()
         hooks = [f"blocks.{l}.hook_{spec.hook}" for l in plan.layers]
         missing = [h for h in hooks if h not in self.bridge.hook_dict]
         if missing:
             raise SpecError(f"{plan.model.name!r} has no hook point {missing[0]}: use --hook resid_post")
-        self.windows = writer.windows().numpy()
-        lens = writer.lens()  # the cache's own copy: a resume uses the lens the cache was begun with
+        self.windows = windows
         self.lens = None if lens is None else lens.to(plan.device)
         # exclude: every special id (keep=False); reference: the reference's BOS/EOS/PAD (zeroed, kept)
         self.special_ids = np.array(special_token_ids(plan.tokenizer, spec.special_tokens), dtype=np.int64)
+        self.scales = None if scales is None else scales.to(plan.device)
+        self.decoder = Decoder(spec.dtype, self.scales)  # statistics are of the decoded values, as readers see them
+
+    def calibrate(self) -> torch.Tensor:
+        """float8 scales [L, d] from the absolute maxima over the first windows of block 0, every position as
+        it will be stored (special tokens too); non-finite values are left out."""
+        n = _calibration_windows(self.layout)
+        seqs = self.windows[:n]
+        special = np.isin(seqs, self.special_ids)
+        absmax = torch.zeros(len(self.layout.layers), self.layout.d_model)
+        for i in range(0, n, self.spec.batch_size):
+            x = self._values(seqs[i : i + self.spec.batch_size], special[i : i + self.spec.batch_size])
+            x = torch.nan_to_num(x.abs(), nan=0.0, posinf=0.0)
+            absmax = torch.maximum(absmax, x.amax(dim=1).cpu())
+        return float8.scales_from_absmax(absmax)
 
     def __call__(self, b: int, advance: Callable[[int], None]) -> Block:
         spec, layout = self.spec, self.layout
@@ -418,9 +462,11 @@ class BlockComputer:
         stats = LayerStats.zeros(len(layout.layers), layout.d_model)
         for i in range(0, len(seqs), spec.batch_size):
             rows = slice(i, i + spec.batch_size)
-            stored = self._stored(seqs[rows], special[rows], b)  # [L, rows x ctx, d]
+            stored, out_of_range = self._stored(seqs[rows], special[rows], b)  # [L, rows x ctx, d]
             kept = torch.from_numpy(keep[rows].reshape(-1)).to(self.device)
-            stats = stats.merge(LayerStats.of(stored, kept))  # statistics of the values as stored
+            block_stats = LayerStats.of(self.decoder(stored), kept)  # statistics of the values as stored
+            block_stats.out_of_range = out_of_range
+            stats = stats.merge(block_stats)
             buf.index_copy_(1, dest[i * ctx : i * ctx + stored.shape[1]], stored.cpu())
             advance(stored.shape[1])
         seq = (first_seq + perm // ctx).astype(np.int32)  # perm: the source position of every cache position
@@ -433,9 +479,9 @@ class BlockComputer:
         }
         return Block(b, to_storage(buf, spec.dtype), tokens, stats)
 
-    def _stored(self, ids: np.ndarray, special: np.ndarray, b: int) -> torch.Tensor:
-        """The values stored for windows `ids` [B, ctx]: block outputs, through the lens, special positions
-        zeroed in `reference` mode, in the storage dtype; stops on values the storage cannot hold."""
+    def _values(self, ids: np.ndarray, special: np.ndarray) -> torch.Tensor:
+        """The values to store for windows `ids` [B, ctx], float32 [L, B*ctx, d]: block outputs, through the
+        lens, special positions zeroed in `reference` mode."""
         spec, layers = self.spec, list(self.layout.layers)
         x = forward_layers(self.bridge, torch.from_numpy(ids.astype(np.int64)).to(self.device), layers, spec.hook)
         x = x.flatten(1, 2)  # [L, B*ctx, d]
@@ -444,6 +490,13 @@ class BlockComputer:
                 x = torch.stack([self.lens.transform(x[j], l) for j, l in enumerate(layers)])
         if spec.special_tokens == "reference":  # the reference code zeroes BOS/EOS/PAD vectors and keeps them
             x[:, torch.from_numpy(special.reshape(-1)).to(self.device)] = 0
+        return x
+
+    def _stored(self, ids: np.ndarray, special: np.ndarray, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values stored for windows `ids` [B, ctx] in the storage dtype (float8: uint8 codes), and the
+        number of values per layer beyond the float8 scales' range; stops on values the storage cannot hold."""
+        spec, layers = self.spec, list(self.layout.layers)
+        x = self._values(ids, special)
         if spec.dtype == "float16":
             peak = x.abs().amax(dim=(1, 2))
             if (peak > FLOAT16_MAX).any():
@@ -452,7 +505,7 @@ class BlockComputer:
                     f"layer {layers[l]} reaches |x| = {peak[l]:.3g}, beyond float16's maximum "
                     f"{FLOAT16_MAX:.0f}: use --dtype bfloat16 (default) or float32"
                 )
-        stored = x.to(STORAGE_DTYPES[spec.dtype][1])
+        stored = x if spec.dtype == "float8" else x.to(STORAGE_DTYPES[spec.dtype][1])
         if not spec.allow_nonfinite:
             bad = (~torch.isfinite(stored)).sum(dim=(1, 2))
             if bad.any():
@@ -462,4 +515,15 @@ class BlockComputer:
                     f"(in {int((bad > 0).sum())} of {len(layers)} layers): check the model's weights and "
                     f"--model-dtype, or pass --allow-nonfinite to store them (counted in `harvest info`)"
                 )
-        return stored
+        out_of_range = torch.zeros(len(layers), dtype=torch.float64)
+        if spec.dtype == "float8":
+            stored, out_of_range = float8.encode(x, self.scales)
+            if out_of_range.any() and not spec.allow_out_of_range:
+                l = int(out_of_range.nonzero()[0])
+                raise StorageError(
+                    f"block {b}, layer {layers[l]}: {int(out_of_range[l]):,} values lie beyond the float8 range their "
+                    f"channels' scales allow (|x / scale| > {float8.E4M3_MAX:.0f}; in "
+                    f"{int((out_of_range > 0).sum())} of {len(layers)} layers): use --dtype bfloat16, or pass "
+                    f"--allow-out-of-range to store them saturated (counted in `harvest info`)"
+                )
+        return stored, out_of_range

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from .errors import SpecError
 from .flags import FlagConfig, flag_field
 
-StorageDtype = Literal["bfloat16", "float32", "float16"]
+StorageDtype = Literal["bfloat16", "float32", "float16", "float8"]
 ModelDtype = Literal["float32", "bfloat16", "float16"]
 Compression = Literal["none", "blosc-zstd"]
 Hook = Literal["resid_post", "resid_pre", "resid_mid"]
@@ -24,9 +24,9 @@ Hook = Literal["resid_post", "resid_pre", "resid_mid"]
 SpecialTokens = Literal["exclude", "reference", "include-real", "include"]
 BosPolicy = Literal["auto", "always", "never"]
 
-# Fields that do not change the cached data: a resume may change them freely. (strict_text and
-# allow_nonfinite only decide whether a run stops; the bytes of a run that finishes are the same.)
-RUNTIME_FIELDS = frozenset({"out", "batch_size", "device", "strict_text", "allow_nonfinite"})
+# Fields that do not change the cached data: a resume may change them freely. (strict_text, allow_nonfinite
+# and allow_out_of_range only decide whether a run stops; the bytes of a run that finishes are the same.)
+RUNTIME_FIELDS = frozenset({"out", "batch_size", "device", "strict_text", "allow_nonfinite", "allow_out_of_range"})
 
 
 _f = flag_field
@@ -56,7 +56,11 @@ class CacheSpec(ModelText):
     tokens: int = _f(40_960, "Token budget: rounded UP to whole context windows.")
     layers: str = _f("all", "Blocks to cache: 'all' or a comma list such as '0,3,5'.")
     hook: Hook = _f("resid_post", "Hook point per block: resid_post (paper), resid_pre or resid_mid.")
-    dtype: StorageDtype = _f("bfloat16", "Storage dtype: bfloat16 (default), float32, or float16 (errors on overflow).")
+    dtype: StorageDtype = _f(
+        "bfloat16",
+        "Storage dtype: bfloat16 (default), float32, float16 (errors on overflow), or float8 (one byte per value: "
+        "e4m3 codes with per-channel scales fixed before the first block; docs/float8.md).",
+    )
     model_dtype: ModelDtype = _f("float32", "dtype the model runs in: float32, bfloat16 or float16.")
     lens: str = _f(
         "none",
@@ -81,6 +85,11 @@ class CacheSpec(ModelText):
     seed: int = _f(0, "Seed of the write-shuffle permutations.")
     allow_nonfinite: bool = _f(
         False, "Store NaN/inf activations (counted per layer in the stats and `harvest info`) instead of stopping."
+    )
+    allow_out_of_range: bool = _f(
+        False,
+        "float8: store values beyond the scales' range saturated (counted per layer in the stats and `harvest "
+        "info`) instead of stopping.",
     )
     device: str = _f("auto", "auto (cuda if present), cpu, cuda or cuda:N.")
     out: str = _f("caches/gemma-3-270m-sotu", "Output folder of the cache.")

@@ -1,5 +1,5 @@
-"""Per-layer running statistics of cached vectors: count, per-feature mean and variance, mean L2 norm, and
-the number of non-finite values stored.
+"""Per-layer running statistics of cached vectors: count, per-feature mean and variance, mean L2 norm, the
+number of non-finite values stored, and (float8) the number of values beyond the scales' range.
 
 Kept per write block and merged (harvest.moments), so the totals do not depend on how blocks were split
 over processes or interrupted runs. Only kept tokens count: BOS carries a ~1e5 "massive activation" in
@@ -22,10 +22,14 @@ class LayerStats:
     moments: Moments  # count [L], mean [L, d], m2 [L, d], float64 on the CPU
     norm_sum: torch.Tensor  # [L] float64, sum of L2 norms
     nonfinite: torch.Tensor = field(default=None)  # type: ignore[assignment]  # [L] float64, NaN/inf values
+    # [L] float64: float8 values beyond their channel's range, stored saturated (only with --allow-out-of-range)
+    out_of_range: torch.Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.nonfinite is None:  # statistics written before the count existed
             self.nonfinite = torch.zeros_like(self.norm_sum)
+        if self.out_of_range is None:  # statistics of other dtypes, or written before float8 existed
+            self.out_of_range = torch.zeros_like(self.norm_sum)
 
     @classmethod
     def zeros(cls, n_layers: int, d_model: int) -> LayerStats:
@@ -57,7 +61,10 @@ class LayerStats:
 
     def merge(self, other: LayerStats) -> LayerStats:
         return LayerStats(
-            self.moments.merge(other.moments), self.norm_sum + other.norm_sum, self.nonfinite + other.nonfinite
+            self.moments.merge(other.moments),
+            self.norm_sum + other.norm_sum,
+            self.nonfinite + other.nonfinite,
+            self.out_of_range + other.out_of_range,
         )
 
     @property
@@ -79,8 +86,11 @@ class LayerStats:
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         m = self.moments
-        return {"count": m.count, "mean": m.mean, "m2": m.m2, "norm_sum": self.norm_sum, "nonfinite": self.nonfinite}
+        out = {"count": m.count, "mean": m.mean, "m2": m.m2, "norm_sum": self.norm_sum, "nonfinite": self.nonfinite}
+        if bool(self.out_of_range.any()):  # other caches' statistics files stay byte-identical to before
+            out["out_of_range"] = self.out_of_range
+        return out
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> LayerStats:
-        return cls(Moments(t["count"], t["mean"], t["m2"]), t["norm_sum"], t.get("nonfinite"))
+        return cls(Moments(t["count"], t["mean"], t["m2"]), t["norm_sum"], t.get("nonfinite"), t.get("out_of_range"))

@@ -62,9 +62,11 @@ def tmpfs(folder: Path, options: str) -> Iterator[Path]:
 
 
 def read_all(cache: Cache) -> dict[str, np.ndarray]:
-    """Every array of a cache through zarr-python, as raw numpy (bf16 as uint16 bits)."""
+    """Every array of a cache through zarr-python, as raw numpy (bf16 as uint16 bits, float8 as uint8 codes;
+    a float8 cache's scales too)."""
     g = cache.group
-    return {name: np.asarray(g[name][...]) for name in ["acts", "token_ids", "keep", "seq", "pos", "windows"]}
+    names = ["acts", "token_ids", "keep", "seq", "pos", "windows", *(["scales"] if "scales" in g else [])]
+    return {name: np.asarray(g[name][...]) for name in names}
 
 
 def hf_block_outputs(model_dir: Path, ids: torch.Tensor) -> list[torch.Tensor]:

@@ -21,8 +21,8 @@ from harvest.spec import CacheSpec
 BIG = dict(context=16, tokens=16 * 640, chunk_tokens=32, shard_tokens=64, shuffle_tokens=128, batch_size=4)
 
 
-def cli_args(neox_dir: Path, text_dir: Path, out: Path) -> list[str]:
-    args = ["run", "--quiet", "--model", neox_dir, "--dataset", "sotu", "--out", out]
+def cli_args(neox_dir: Path, text_dir: Path, out: Path, dtype: str = "bfloat16") -> list[str]:
+    args = ["run", "--quiet", "--model", neox_dir, "--dataset", "sotu", "--out", out, "--dtype", dtype]
     for k, v in BIG.items():
         args += [f"--{k.replace('_', '-')}", v]
     return [str(a) for a in args]
@@ -39,6 +39,13 @@ def reference(neox_dir, text_dir, tmp_path_factory) -> dict[str, np.ndarray]:
     return read_all(open_cache(out))
 
 
+@pytest.fixture(scope="module")
+def reference_float8(neox_dir, text_dir, tmp_path_factory) -> dict[str, np.ndarray]:
+    out = tmp_path_factory.mktemp("ref8") / "cache"
+    harvest(CacheSpec(model=str(neox_dir), dataset="sotu", out=str(out), dtype="float8", **BIG), show_progress=False)
+    return read_all(open_cache(out))
+
+
 def assert_same(cache_dir: Path, reference: dict[str, np.ndarray]) -> None:
     cache = open_cache(cache_dir)
     assert cache.complete
@@ -47,13 +54,17 @@ def assert_same(cache_dir: Path, reference: dict[str, np.ndarray]) -> None:
         assert np.array_equal(got[k], reference[k]), f"{k} differs from the uninterrupted run"
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_cache(neox_dir, text_dir, tmp_path, reference):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8"])
+def test_kill_9_then_resume_gives_the_uninterrupted_cache(neox_dir, text_dir, tmp_path, request, dtype):
+    """float8 too: the resumed run decodes with the scales the killed one fixed, so the codes (and the scales,
+    in read_all) equal the uninterrupted run's byte for byte."""
+    reference = request.getfixturevalue("reference" if dtype == "bfloat16" else "reference_float8")
     out = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "harvest", *cli_args(neox_dir, text_dir, out)]
+    cmd = [sys.executable, "-m", "harvest", *cli_args(neox_dir, text_dir, out, dtype)]
     kills = 0
     for wait_blocks in (3, 30):  # kill early, then again later in the resumed run
         proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a shared, loaded machine can take minutes to the first blocks
         while time.time() < deadline and proc.poll() is None:
             manifests = list((out / "manifest").glob("block-*.json")) if (out / "manifest").exists() else []
             if len(manifests) >= wait_blocks:

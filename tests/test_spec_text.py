@@ -41,10 +41,12 @@ def test_overrides_and_validation():
 
 def test_fingerprint_ignores_runtime_fields_only():
     base = CacheSpec()
-    assert {"out", "batch_size", "device", "strict_text", "allow_nonfinite"} == RUNTIME_FIELDS
-    runtime = base.replace(batch_size=9, out="x", device="cpu", strict_text=True, allow_nonfinite=True)
+    assert {"out", "batch_size", "device", "strict_text", "allow_nonfinite", "allow_out_of_range"} == RUNTIME_FIELDS
+    runtime = base.replace(
+        batch_size=9, out="x", device="cpu", strict_text=True, allow_nonfinite=True, allow_out_of_range=True
+    )
     assert fingerprint(runtime.identity()) == fingerprint(base.identity())
-    changes = [{"seed": 1}, {"tokens": 1}, {"dtype": "float32"}, {"layers": "1"}, {"context": 512}]
+    changes = [{"seed": 1}, {"tokens": 1}, {"dtype": "float32"}, {"dtype": "float8"}, {"layers": "1"}, {"context": 512}]
     for change in [*changes, {"special_tokens": "reference"}, {"special_tokens": "include-real"}]:
         assert fingerprint(base.replace(**change).identity()) != fingerprint(base.identity())
 

@@ -117,13 +117,9 @@ class MinibatchStream:
         return self.reader.order(epoch)[r * self.round_chunks : (r + 1) * self.round_chunks]
 
     def _kept_rows(self, ch: Chunk, rows: torch.Tensor) -> torch.Tensor:
-        """Copy rows out of the reader's reusable buffer onto the device (indexing on the device), as the
-        special-token mode has the SAE see them."""
-        if self.device.type == "cpu":
-            acts = ch.acts[:, rows]  # advanced indexing copies
-        else:
-            acts = ch.acts.to(self.device)[:, rows.to(self.device)]
-        return self.special.vectors(acts, ch.token_ids[rows])
+        """Copy rows out of the reader's reusable buffer onto the device (indexing and decoding on the device),
+        as the special-token mode has the SAE see them."""
+        return self.special.vectors(ch.vectors(rows, self.device), ch.token_ids[rows])
 
     def _carry_from_disk(self, carry: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """On resume only: re-read the carried tokens (normally they are handed over in memory)."""

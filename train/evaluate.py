@@ -80,7 +80,7 @@ def evaluate(
     reader = ChunkReader(cache, layers=layers, chunks=heldout.chunks, prefetch=2)
     for chunk in reader.iter_chunks(heldout.chunks):
         used = (special.usable(chunk.keep, chunk.token_ids) & heldout.mask(chunk.seq)).nonzero().squeeze(1)
-        x_all = special.vectors(chunk.acts[:, used], chunk.token_ids[used])
+        x_all = special.vectors(chunk.vectors(used), chunk.token_ids[used])
         for s in range(0, x_all.shape[1], rows):
             x = x_all[:, s : s + rows].to(device=device, dtype=torch.float32)
             _require_finite(x, layers, chunk.index, cache)

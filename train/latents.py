@@ -82,11 +82,8 @@ def iter_latents(
         idx = mask.nonzero().squeeze(1)
         if tokens is not None:
             idx = idx[: tokens - done]
-        # a copy out of the reader's reusable buffer (on a GPU: the whole chunk moves, then is indexed there)
-        if device == "cpu":
-            x_all = chunk.acts[:, idx]
-        else:
-            x_all = chunk.acts.to(device, non_blocking=True)[:, idx.to(device)]
+        # a copy out of the reader's reusable buffer (on a GPU: the whole chunk moves, is indexed and decoded there)
+        x_all = chunk.vectors(idx, device, non_blocking=True)
         if special is not None:
             x_all = special.vectors(x_all, chunk.token_ids[idx])  # zeros at special tokens in `reference` mode
         meta = [t[idx].long().to(device) for t in (chunk.token_ids, chunk.seq, chunk.pos)]
