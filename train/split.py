@@ -186,8 +186,8 @@ def cheapest_span(
 ) -> np.ndarray:
     """n consecutive windows in [start, stop) whose guards cost few windows: a seeded choice among the
     spans costing at most two (its two end windows) or, where none does, the fewest. `lo`, `hi` [n_windows]:
-    the first and last document of each window's text (both nondecreasing). A span's guards are the windows before it that reach its first document and the
-    windows after it that reach back into its last one."""
+    the first and last document of each window's text (both nondecreasing). A span's guards are the windows
+    before it that reach its first document and the windows after it that reach back into its last one."""
     s = np.arange(start, stop - n + 1)
     e = s + n - 1
     left = s - np.searchsorted(hi, lo[s], side="left")  # windows before s whose text reaches document lo[s]
