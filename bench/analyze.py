@@ -231,7 +231,9 @@ def instrument(timers: dict[str, float], device: str) -> Iterator[None]:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sae", type=Path, required=True, help="a trained run folder (train run --out)")
+    p.add_argument(
+        "--run", "--sae", dest="sae", type=Path, required=True, help="a trained run folder (train run --out)"
+    )
     p.add_argument("--cache", type=Path, help="cache (default: the one named in the run's config.json)")
     p.add_argument("--tokens", type=int, default=8192, help="kept tokens per measurement")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda or cuda:N")

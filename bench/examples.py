@@ -94,7 +94,7 @@ print(json.dumps({{"peak_mib": int(hwm.split()[1]) / 1024, "tps": tps}}))
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sae", type=Path, required=True, help="a trained run folder")
+    p.add_argument("--run", "--sae", dest="sae", type=Path, required=True, help="a trained run folder")
     p.add_argument("--tokens", type=int, default=4096, help="kept tokens per throughput measurement")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--rows", type=int, default=4096, help="tokens per encoded sub-batch (x layers vectors)")

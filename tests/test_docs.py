@@ -80,8 +80,8 @@ def test_the_readme_python_snippet_runs(neox_dir, tmp_path):
     cache, run = harvest_and_train(tmp_path, neox_dir)
     text = (ROOT / "README.md").read_text()
     snippet = text.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    snippet = snippet.replace('"caches/gemma-3-270m-sotu"', repr(str(cache)))
-    snippet = snippet.replace('"runs/quickstart/gemma-3-270m-sotu-mlsae-x8-k32"', repr(str(run)))
+    snippet = snippet.replace('"caches/quickstart"', repr(str(cache)))
+    snippet = snippet.replace('"runs/quickstart/quickstart-mlsae-x8-k32"', repr(str(run)))
     snippet = snippet.replace("layer=5", "layer=1")
     scope: dict = {}
     exec(compile(snippet, "README.md", "exec"), scope)
