@@ -87,6 +87,20 @@ class _Stop(Exception):
 def final_states(bridge: Any, ids: Tensor, fwd_hooks: Sequence[tuple[str, Callable]] = (), **run_kw: Any) -> Tensor:
     """The final normed residual [batch, ctx, d] of a forward pass with `fwd_hooks`; no logits. `run_kw`
     goes to run_with_hooks (start_at_layer: `ids` is then the residual entering that block)."""
+    out = _capture(bridge, ids, FINAL_HOOK, fwd_hooks, **run_kw)
+    if out is None:
+        raise DeltaCeError(
+            f"the model has no {FINAL_HOOK} hook that fires: delta CE needs a TransformerLens 4 "
+            f"bridge with an unembedding component"
+        )
+    return out
+
+
+def _capture(
+    bridge: Any, ids: Tensor, hook_name: str, fwd_hooks: Sequence[tuple[str, Callable]] = (), **run_kw: Any
+) -> Tensor | None:
+    """The value at `hook_name` of a forward pass with `fwd_hooks` (None if it never fires); the pass stops
+    there, so nothing after it runs."""
     out: list[Tensor] = []
 
     def grab(x: Tensor, hook: Any) -> Tensor:
@@ -95,15 +109,10 @@ def final_states(bridge: Any, ids: Tensor, fwd_hooks: Sequence[tuple[str, Callab
 
     try:
         with torch.inference_mode():
-            bridge.run_with_hooks(ids, fwd_hooks=[*fwd_hooks, (FINAL_HOOK, grab)], return_type=None, **run_kw)
+            bridge.run_with_hooks(ids, fwd_hooks=[*fwd_hooks, (hook_name, grab)], return_type=None, **run_kw)
     except _Stop:
         pass
-    if not out:
-        raise DeltaCeError(
-            f"the model has no {FINAL_HOOK} hook that fires: delta CE needs a TransformerLens 4 "
-            f"bridge with an unembedding component"
-        )
-    return out[0]
+    return out[0] if out else None
 
 
 def _block_input(layer: int) -> str:
@@ -121,18 +130,10 @@ class Resumer:
 
     def embeddings(self, ids: Tensor) -> Tensor:
         """The residual entering block 0 (token and position embeddings, scaled as the model does)."""
-        out: list[Tensor] = []
-
-        def grab(x: Tensor, hook: Any) -> Tensor:
-            out.append(x.detach().clone())
-            raise _Stop
-
-        try:
-            with torch.inference_mode():
-                self.bridge.run_with_hooks(ids, fwd_hooks=[(_block_input(0), grab)], return_type=None)
-        except _Stop:
-            pass
-        return out[0]
+        out = _capture(self.bridge, ids, _block_input(0))
+        if out is None:
+            raise DeltaCeError(f"the model has no {_block_input(0)} hook that fires: use a TransformerLens 4 bridge")
+        return out
 
     def clean(self, ids: Tensor, layers: Sequence[int]) -> tuple[Tensor, dict[int, Tensor]]:
         """(final state, {l: residual entering block l}) of the clean model, on the resumed path."""
